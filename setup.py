@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="simzmq",
+    version="0.1.0",
+    description="Instant-messaging back end on a ZeroMQ-brokered message bus",
+    python_requires=">=3.11",
+    packages=find_packages(include=["simzmq", "simzmq.*"]),
+    package_data={"simzmq": ["default.toml"]},
+    install_requires=[
+        "pyzmq>=25",
+        "tornado>=6.3",
+        "sqlite-utils>=3.35",
+        "pynacl>=1.5",
+        "click>=8.1",
+        "psycopg[binary]>=3.1",
+        "prometheus-client>=0.17",
+        # The msgpack codec of the client protocol: a C-accelerated, well-kept
+        # implementation beats a hand-written one on speed and correctness.
+        "msgpack>=1.0",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6.80"],
+    },
+    entry_points={"console_scripts": ["simzmq = simzmq.cli:main"]},
+)
