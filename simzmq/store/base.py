@@ -1,0 +1,224 @@
+"""The storage interface shared by the SQLite and Postgres back ends.
+
+The IM worker is the only writer. It opens one write transaction per batch of
+requests (group commit) and wraps each request in a savepoint, so a request
+that fails leaves no trace while the rest of the batch still commits.
+
+Every method runs inside the caller's current transaction; none of them
+commits on its own. Time is always passed in (`now_ms`, `ts_ms`): the store
+never reads a clock.
+
+Idempotency records are the messages themselves: the pair (sender, cmid) is
+unique in the messages table, and messages are never deleted, so a Send's cmid
+is remembered forever (protocol.md asks for at least `token_ttl`).
+`purge_expired` therefore only removes expired resume tokens.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple
+
+try:  # the wire's record types, so the worker can encode them as they are
+    from simzmq.wire.messages import Conv, Msg
+except ImportError:  # the wire package is not there (yet): same fields, same order
+
+    class Msg(NamedTuple):  # type: ignore[no-redef]
+        msg_id: int
+        seq: int
+        sender: str
+        to: str
+        kind: int
+        ts_ms: int
+        cmid: bytes
+        body: bytes
+
+    class Conv(NamedTuple):  # type: ignore[no-redef]
+        peer: str
+        last_msg_id: int
+        unread: int
+        peer_read: int
+
+
+# A history entry is a Msg whose seq is the seq in the asking user's inbox.
+HistoryMsg = Msg
+
+# protocol.md: Sync's limit of 0, or anything above this, means this.
+SYNC_LIMIT_MAX = 500
+# protocol.md section 6: a history page holds at most this many messages.
+HISTORY_LIMIT_MAX = 100
+
+
+class SentRecord(NamedTuple):
+    """What a Send stored, for answering its retry with the first SendOk."""
+
+    msg_id: int
+    sender_seq: int
+    ts_ms: int
+    to: str
+    kind: int
+    body: bytes
+
+
+class Appended(NamedTuple):
+    msg_id: int
+    ts_ms: int
+    sender_seq: int
+    recipient_seq: int  # == sender_seq when the sender wrote to itself
+
+
+class StoreError(Exception):
+    """Base of the errors a store raises on purpose."""
+
+
+class UnknownUser(StoreError):
+    """The sender or recipient of a message does not exist."""
+
+
+class DuplicateSend(StoreError):
+    """(sender, cmid) is already stored; look it up with find_send."""
+
+
+class StoreBusy(StoreError):
+    """A transient conflict (lock timeout, deadlock, serialization failure).
+
+    The request had no effect (its savepoint or transaction is rolled back);
+    it may be retried, or answered with `unavailable`.
+    """
+
+
+def msg_wire_size(sender: str, to: str, cmid: bytes, body: bytes) -> int:
+    """Bytes a Msg takes in the bin codec, to fill a Batch up to max_frame."""
+    return (
+        8 + 8
+        + 4 + len(sender.encode())
+        + 4 + len(to.encode())
+        + 1 + 8
+        + 4 + len(cmid)
+        + 4 + len(body)
+    )
+
+
+def clamp_sync_limit(limit: int) -> int:
+    if limit <= 0 or limit > SYNC_LIMIT_MAX:
+        return SYNC_LIMIT_MAX
+    return limit
+
+
+def clamp_history_limit(limit: int) -> int:
+    if limit <= 0 or limit > HISTORY_LIMIT_MAX:
+        return HISTORY_LIMIT_MAX
+    return limit
+
+
+class Store:
+    """The interface; see sqlite.py and postgres.py."""
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One write transaction: commit on normal exit, roll back on exception."""
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Inside a transaction: on exception roll back only this block, re-raise."""
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # users and credentials
+
+    def create_user(self, user: str, pw_hash: str, now_ms: int) -> bool:
+        """False if the id is taken."""
+        raise NotImplementedError
+
+    def get_password_hash(self, user: str) -> str | None:
+        raise NotImplementedError
+
+    def user_exists(self, user: str) -> bool:
+        raise NotImplementedError
+
+    def add_token(self, user: str, token_hash: bytes, device: str, expires_ms: int) -> None:
+        raise NotImplementedError
+
+    def check_token(self, user: str, token_hash: bytes, now_ms: int) -> bool:
+        raise NotImplementedError
+
+    def token_user(self, token_hash: bytes, now_ms: int) -> str | None:
+        raise NotImplementedError
+
+    def revoke_token(self, token_hash: bytes) -> None:
+        raise NotImplementedError
+
+    def purge_expired(self, now_ms: int) -> int:
+        """Delete expired tokens; returns how many. Messages (and with them the
+        idempotency records) are kept."""
+        raise NotImplementedError
+
+    # inbox
+
+    def max_seq(self, user: str) -> int:
+        raise NotImplementedError
+
+    def delivered_mark(self, user: str) -> int:
+        raise NotImplementedError
+
+    def find_send(self, sender: str, cmid: bytes) -> SentRecord | None:
+        raise NotImplementedError
+
+    def append_message(
+        self, sender: str, to: str, cmid: bytes, kind: int, body: bytes, ts_ms: int
+    ) -> Appended:
+        """Store a message in both inboxes. Raises UnknownUser, DuplicateSend."""
+        raise NotImplementedError
+
+    def sync(
+        self, user: str, since: int, limit: int, max_bytes: int
+    ) -> tuple[list[Msg], bool]:
+        raise NotImplementedError
+
+    def raise_delivered(self, user: str, since: int) -> None:
+        """Raise the delivered mark to `since` (capped at max_seq); never lowers it."""
+        raise NotImplementedError
+
+    # conversations
+
+    def conversation_of(self, user: str, peer: str, msg_id: int) -> bool:
+        raise NotImplementedError
+
+    def raise_read_mark(self, user: str, peer: str, msg_id: int) -> bool:
+        raise NotImplementedError
+
+    def peer_read_mark(self, user: str, peer: str) -> int:
+        raise NotImplementedError
+
+    def conversations(self, user: str, limit: int | None = None) -> list[Conv]:
+        raise NotImplementedError
+
+    def history(
+        self, user: str, peer: str, before: int, limit: int
+    ) -> tuple[list[HistoryMsg], bool]:
+        raise NotImplementedError
+
+    # helpers shared by the back ends
+
+    @staticmethod
+    def _fill_batch(rows, limit: int, max_bytes: int) -> tuple[list[Msg], bool]:
+        """Take rows (seq order, at most limit + 1 of them) into a Batch.
+
+        Each row is (msg_id, seq, sender, to, kind, ts_ms, cmid, body).
+        """
+        msgs: list[Msg] = []
+        used = 0
+        for row in rows:
+            if len(msgs) == limit:
+                return msgs, True
+            size = msg_wire_size(row[2], row[3], row[6], row[7])
+            if msgs and used + size > max_bytes:
+                return msgs, True
+            used += size
+            msgs.append(Msg(row[0], row[1], row[2], row[3], row[4], row[5], bytes(row[6]), bytes(row[7])))
+        return msgs, False
