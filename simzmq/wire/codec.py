@@ -1,0 +1,461 @@
+"""Codecs derived from the declarations in ``messages.py`` (protocol.md section 4).
+
+At import each codec compiles, for every declared message and struct, an
+encode and a decode closure from the field kinds; nothing here knows any
+message by name. Codecs are looked up by their protocol id in ``CODECS``.
+
+A payload is ``u8 type | u32 ref | body``. ``decode`` raises ``ShortPayload``
+for fewer than 5 bytes and ``ProtocolError(code=1, ref=ref)`` for an unknown
+type or a malformed body; ``encode`` raises ``ProtocolError(code=1)`` for a
+message whose values do not fit their declared kinds.
+"""
+
+from __future__ import annotations
+
+import operator
+import struct
+from typing import Any, Callable
+
+import msgpack
+
+from .errors import ProtocolError, ShortPayload
+from .messages import MESSAGES, FieldSpec, field_specs
+
+_BAD_REQUEST = 1
+
+HEADER = struct.Struct(">BI")
+_U32 = struct.Struct(">I")
+
+_FIXED_FORMAT = {"u8": "B", "u16": "H", "u32": "I", "u64": "Q", "bool": "B"}
+_UINT_MAX = {"u8": 0xFF, "u16": 0xFFFF, "u32": 0xFFFFFFFF, "u64": 0xFFFFFFFFFFFFFFFF}
+
+
+class _Malformed(ValueError):
+    """A body that breaks section 4; turned into ProtocolError with the ref."""
+
+
+def peek_header(payload: bytes) -> tuple[int, int]:
+    """``(type, ref)`` of a payload without decoding its body."""
+    if len(payload) < HEADER.size:
+        raise ShortPayload()
+    return HEADER.unpack_from(payload, 0)
+
+
+class Codec:
+    """A message codec: ``encode(msg, ref) -> payload``, ``decode(payload) -> (ref, msg)``."""
+
+    id: int
+    name: str
+
+    def __init__(self) -> None:
+        self._encoders: dict[type, Callable[[Any], bytes]] = {}
+        self._decoders: dict[int, Callable[[bytes], Any]] = {}
+        for type_id, cls in MESSAGES.items():
+            self._encoders[cls], self._decoders[type_id] = self._compile(cls)
+
+    def _compile(self, cls: type) -> tuple[Callable[[Any], bytes], Callable[[bytes], Any]]:
+        raise NotImplementedError
+
+    def encode(self, msg: object, ref: int) -> bytes:
+        encoder = self._encoders.get(type(msg))
+        if encoder is None:
+            raise ProtocolError(_BAD_REQUEST, f"not a protocol message: {type(msg).__name__}", ref)
+        try:
+            return HEADER.pack(msg.TYPE, ref) + encoder(msg)
+        except (struct.error, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise ProtocolError(
+                _BAD_REQUEST, f"cannot encode {type(msg).__name__}: {exc}", 0
+            ) from exc
+
+    def decode(self, payload: bytes) -> tuple[int, object]:
+        if len(payload) < HEADER.size:
+            raise ShortPayload()
+        if type(payload) is not bytes:
+            payload = bytes(payload)
+        type_id, ref = HEADER.unpack_from(payload, 0)
+        decoder = self._decoders.get(type_id)
+        if decoder is None:
+            raise ProtocolError(_BAD_REQUEST, f"unknown message type {type_id}", ref)
+        try:
+            return ref, decoder(payload)
+        except (_Malformed, struct.error, UnicodeDecodeError) as exc:
+            raise ProtocolError(
+                _BAD_REQUEST, f"malformed {MESSAGES[type_id].__name__}: {exc}", ref
+            ) from exc
+
+    def __repr__(self) -> str:
+        return f"<Codec {self.id} {self.name}>"
+
+
+# --- bin (id 1) --------------------------------------------------------------
+#
+# A struct compiles to a list of steps. Consecutive fixed-width fields share one
+# struct.Struct; str, bytes, list and nested struct fields get a step each.
+# Encode steps append chunks to a list; decode steps append values and return
+# the new offset.
+
+
+def _group_runs(specs: tuple[FieldSpec, ...]) -> list[list[FieldSpec]]:
+    runs: list[list[FieldSpec]] = []
+    for spec in specs:
+        fixed = spec.kind in _FIXED_FORMAT
+        if fixed and runs and runs[-1][0].kind in _FIXED_FORMAT:
+            runs[-1].append(spec)
+        else:
+            runs.append([spec])
+    return runs
+
+
+def _bin_min_size(cls: type) -> int:
+    """Fewest bytes any value of ``cls`` takes; bounds hostile list counts."""
+    size = 0
+    for spec in field_specs(cls):
+        if spec.kind in _FIXED_FORMAT:
+            size += struct.calcsize(">" + _FIXED_FORMAT[spec.kind])
+        elif spec.kind == "struct":
+            size += _bin_min_size(spec.struct)
+        else:
+            size += 4
+    return size
+
+
+def _bin_fixed_steps(run: list[FieldSpec]):
+    packer = struct.Struct(">" + "".join(_FIXED_FORMAT[s.kind] for s in run))
+    names = [s.name for s in run]
+    bools = tuple(i for i, s in enumerate(run) if s.kind == "bool")
+    size = packer.size
+    if len(names) == 1:
+        single = operator.attrgetter(names[0])
+        getter = lambda obj: (single(obj),)  # noqa: E731
+    else:
+        getter = operator.attrgetter(*names)
+
+    if bools:
+
+        def encode(obj, out):
+            values = getter(obj)
+            for i in bools:
+                if type(values[i]) is not bool:
+                    raise TypeError(f"{names[i]} must be a bool")
+            out.append(packer.pack(*values))
+
+        def decode(buf, off, values):
+            raw = list(packer.unpack_from(buf, off))
+            for i in bools:
+                if raw[i] > 1:
+                    raise _Malformed(f"{names[i]}: bool byte {raw[i]} is not 0 or 1")
+                raw[i] = raw[i] == 1
+            values.extend(raw)
+            return off + size
+
+    else:
+
+        def encode(obj, out):
+            out.append(packer.pack(*getter(obj)))
+
+        def decode(buf, off, values):
+            values.extend(packer.unpack_from(buf, off))
+            return off + size
+
+    return encode, decode
+
+
+def _bin_var_steps(spec: FieldSpec, struct_codecs: dict):
+    get = operator.attrgetter(spec.name)
+    name = spec.name
+    pack_u32 = _U32.pack
+    unpack_u32 = _U32.unpack_from
+
+    if spec.kind == "str":
+
+        def encode(obj, out):
+            raw = get(obj).encode("utf-8")
+            out.append(pack_u32(len(raw)))
+            out.append(raw)
+
+        def decode(buf, off, values):
+            (n,) = unpack_u32(buf, off)
+            start = off + 4
+            end = start + n
+            if end > len(buf):
+                raise _Malformed(f"{name}: str length past end")
+            values.append(str(buf[start:end], "utf-8"))
+            return end
+
+    elif spec.kind == "bytes":
+
+        def encode(obj, out):
+            raw = get(obj)
+            if not isinstance(raw, (bytes, bytearray)):
+                raise TypeError(f"{name} must be bytes")
+            out.append(pack_u32(len(raw)))
+            out.append(raw)
+
+        def decode(buf, off, values):
+            (n,) = unpack_u32(buf, off)
+            start = off + 4
+            end = start + n
+            if end > len(buf):
+                raise _Malformed(f"{name}: bytes length past end")
+            values.append(buf[start:end])
+            return end
+
+    elif spec.kind == "struct":
+        item_cls = spec.struct
+
+        def encode(obj, out):
+            item = get(obj)
+            if type(item) is not item_cls:
+                raise TypeError(f"{name} must be a {item_cls.__name__}")
+            struct_codecs[item_cls][0](item, out)
+
+        def decode(buf, off, values):
+            item, off = struct_codecs[item_cls][1](buf, off)
+            values.append(item)
+            return off
+
+    elif spec.kind == "list":
+        item_cls = spec.struct
+        min_item = max(1, _bin_min_size(item_cls))
+
+        def encode(obj, out):
+            items = get(obj)
+            if not isinstance(items, (list, tuple)):
+                raise TypeError(f"{name} must be a list")
+            out.append(pack_u32(len(items)))
+            encode_item = struct_codecs[item_cls][0]
+            for item in items:
+                if type(item) is not item_cls:
+                    raise TypeError(f"{name} items must be {item_cls.__name__}")
+                encode_item(item, out)
+
+        def decode(buf, off, values):
+            (n,) = unpack_u32(buf, off)
+            off += 4
+            if n * min_item > len(buf) - off:
+                raise _Malformed(f"{name}: list count past end")
+            decode_item = struct_codecs[item_cls][1]
+            items = []
+            append = items.append
+            for _ in range(n):
+                item, off = decode_item(buf, off)
+                append(item)
+            values.append(items)
+            return off
+
+    else:  # pragma: no cover - field_specs admits no other kind
+        raise TypeError(f"unknown kind {spec.kind}")
+    return encode, decode
+
+
+class BinCodec(Codec):
+    id = 1
+    name = "bin"
+
+    def __init__(self) -> None:
+        # (encode(obj, out), decode(buf, off) -> (obj, off)) per class, shared by
+        # nested structs; filled lazily so declaration order does not matter.
+        self._structs: dict[type, tuple[Callable, Callable]] = {}
+        super().__init__()
+
+    def _struct_codec(self, cls: type) -> tuple[Callable, Callable]:
+        if cls in self._structs:
+            return self._structs[cls]
+        encoders = []
+        decoders = []
+        for run in _group_runs(field_specs(cls)):
+            if run[0].kind in _FIXED_FORMAT:
+                enc, dec = _bin_fixed_steps(run)
+            else:
+                enc, dec = _bin_var_steps(run[0], self._structs)
+                if run[0].struct is not None:
+                    self._struct_codec(run[0].struct)
+            encoders.append(enc)
+            decoders.append(dec)
+
+        def encode(obj, out):
+            for step in encoders:
+                step(obj, out)
+
+        def decode(buf, off):
+            values: list = []
+            for step in decoders:
+                off = step(buf, off, values)
+            return cls(*values), off
+
+        self._structs[cls] = (encode, decode)
+        return encode, decode
+
+    def _compile(self, cls: type):
+        encode_struct, decode_struct = self._struct_codec(cls)
+
+        def encode(msg) -> bytes:
+            out: list = []
+            encode_struct(msg, out)
+            return b"".join(out)
+
+        def decode(payload: bytes):
+            msg, end = decode_struct(payload, HEADER.size)
+            if end != len(payload):
+                raise _Malformed(f"{len(payload) - end} trailing bytes")
+            return msg
+
+        return encode, decode
+
+
+# --- msgpack (id 2) ----------------------------------------------------------
+#
+# Encoding: each declaration compiles to a function building a dict in declared
+# order with values checked against their kinds, packed by msgpack (which
+# writes the shortest forms). Decoding: msgpack parses with maps kept as lists
+# of pairs (so duplicate keys are visible) and a converter per kind checks each
+# value strictly.
+
+
+class _MapPairs(list):
+    """A msgpack map as its list of (key, value) pairs, told apart from arrays."""
+
+
+def _mp_uint_checks(kind: str):
+    limit = _UINT_MAX[kind]
+
+    def to_wire(value):
+        if type(value) is not int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{kind} must be an int, not {type(value).__name__}")
+            value = int(value)  # IntEnum and other int subclasses
+        if not 0 <= value <= limit:
+            raise ValueError(f"{value} out of range for {kind}")
+        return value
+
+    def from_wire(value):
+        if type(value) is not int:
+            raise _Malformed(f"expected {kind}, got {_mp_kind_name(value)}")
+        if not 0 <= value <= limit:
+            raise _Malformed(f"{value} out of range for {kind}")
+        return value
+
+    return to_wire, from_wire
+
+
+def _mp_kind_name(value) -> str:
+    if value is None:
+        return "nil"
+    if type(value) is _MapPairs:
+        return "map"
+    return type(value).__name__
+
+
+def _mp_exact_checks(kind: str, py_type: type, accept: tuple[type, ...]):
+    def to_wire(value):
+        if not isinstance(value, accept):
+            raise TypeError(f"{kind} must be {py_type.__name__}, not {type(value).__name__}")
+        return value
+
+    def from_wire(value):
+        if type(value) is not py_type:
+            raise _Malformed(f"expected {kind}, got {_mp_kind_name(value)}")
+        return value
+
+    return to_wire, from_wire
+
+
+_MP_SCALARS = {
+    "u8": _mp_uint_checks("u8"),
+    "u16": _mp_uint_checks("u16"),
+    "u32": _mp_uint_checks("u32"),
+    "u64": _mp_uint_checks("u64"),
+    "str": _mp_exact_checks("str", str, (str,)),
+    "bytes": _mp_exact_checks("bytes", bytes, (bytes, bytearray)),
+    "bool": _mp_exact_checks("bool", bool, (bool,)),
+}
+
+
+class MsgpackCodec(Codec):
+    id = 2
+    name = "msgpack"
+
+    def __init__(self) -> None:
+        self._structs: dict[type, tuple[Callable, Callable]] = {}
+        super().__init__()
+
+    def _struct_codec(self, cls: type) -> tuple[Callable, Callable]:
+        """(to_wire(obj) -> dict, from_wire(map pairs) -> obj) for one class."""
+        if cls in self._structs:
+            return self._structs[cls]
+        fields = []
+        for spec in field_specs(cls):
+            if spec.kind == "struct":
+                to_wire, from_wire = self._struct_codec(spec.struct)
+            elif spec.kind == "list":
+                to_wire, from_wire = self._list_codec(spec.struct)
+            else:
+                to_wire, from_wire = _MP_SCALARS[spec.kind]
+            fields.append((spec.name, operator.attrgetter(spec.name), to_wire, from_wire))
+
+        def to_wire(obj):
+            if type(obj) is not cls:
+                raise TypeError(f"expected {cls.__name__}, got {type(obj).__name__}")
+            return {name: conv(get(obj)) for name, get, conv, _ in fields}
+
+        def from_wire(pairs):
+            if type(pairs) is not _MapPairs:
+                raise _Malformed(f"{cls.__name__} must be a map, got {_mp_kind_name(pairs)}")
+            by_key = dict(pairs)
+            if len(by_key) != len(pairs):
+                raise _Malformed(f"duplicate key in {cls.__name__}")
+            values = []
+            for name, _, _, conv in fields:
+                if name not in by_key:
+                    raise _Malformed(f"missing field {name}")
+                try:
+                    values.append(conv(by_key[name]))
+                except _Malformed as exc:
+                    raise _Malformed(f"{name}: {exc}") from None
+            return cls(*values)
+
+        self._structs[cls] = (to_wire, from_wire)
+        return to_wire, from_wire
+
+    def _list_codec(self, item_cls: type) -> tuple[Callable, Callable]:
+        item_to_wire, item_from_wire = self._struct_codec(item_cls)
+
+        def to_wire(items):
+            if not isinstance(items, (list, tuple)):
+                raise TypeError("expected a list")
+            return [item_to_wire(item) for item in items]
+
+        def from_wire(items):
+            if type(items) is not list:
+                raise _Malformed(f"expected an array, got {_mp_kind_name(items)}")
+            return [item_from_wire(item) for item in items]
+
+        return to_wire, from_wire
+
+    def _compile(self, cls: type):
+        to_wire, from_wire = self._struct_codec(cls)
+        packb = msgpack.packb
+        unpackb = msgpack.unpackb
+
+        def encode(msg) -> bytes:
+            return packb(to_wire(msg), use_bin_type=True)
+
+        def decode(payload: bytes):
+            try:
+                tree = unpackb(
+                    memoryview(payload)[HEADER.size :],
+                    raw=False,
+                    use_list=True,
+                    strict_map_key=True,
+                    object_pairs_hook=_MapPairs,
+                )
+            except Exception as exc:  # msgpack raises many types for bad input
+                raise _Malformed(f"bad msgpack: {exc}") from exc
+            return from_wire(tree)
+
+        return encode, decode
+
+
+BIN = BinCodec()
+MSGPACK = MsgpackCodec()
+CODECS: dict[int, Codec] = {codec.id: codec for codec in (BIN, MSGPACK)}

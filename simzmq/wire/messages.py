@@ -1,0 +1,315 @@
+"""The message catalog of shared/protocol.md section 3, declared once.
+
+Each message is a slotted dataclass whose fields are annotated with the wire
+kinds below (``U8``, ``U16``, ``U32``, ``U64``, ``Str``, ``Bytes``, ``Bool``,
+``List[Struct]`` or a struct class). The codecs in ``codec.py`` are derived
+from these declarations; adding a message means adding a class here and
+nothing else. Field order is wire order. Defaults are the zero value of each
+kind so that callers can name only the fields they need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Annotated, ClassVar
+
+# --- wire kinds --------------------------------------------------------------
+
+U8 = Annotated[int, "u8"]
+U16 = Annotated[int, "u16"]
+U32 = Annotated[int, "u32"]
+U64 = Annotated[int, "u64"]
+Str = Annotated[str, "str"]
+Bytes = Annotated[bytes, "bytes"]
+Bool = Annotated[bool, "bool"]
+
+SCALAR_KINDS = frozenset({"u8", "u16", "u32", "u64", "str", "bytes", "bool"})
+
+
+class List:
+    """``List[Msg]``: a wire list of a struct (``u32 count`` + items in bin)."""
+
+    def __class_getitem__(cls, item: type) -> object:
+        return Annotated[list[item], "list"]
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """One declared field: its name, wire kind and, for list/struct, the struct class."""
+
+    name: str
+    kind: str  # one of SCALAR_KINDS, "list" or "struct"
+    struct: type | None = None
+
+
+_SPEC_CACHE: dict[type, tuple[FieldSpec, ...]] = {}
+
+
+def field_specs(cls: type) -> tuple[FieldSpec, ...]:
+    """The wire fields of a message or struct class, in declared order."""
+    cached = _SPEC_CACHE.get(cls)
+    if cached is not None:
+        return cached
+    hints = typing.get_type_hints(cls, include_extras=True)
+    specs = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if typing.get_origin(hint) is Annotated:
+            base, kind = typing.get_args(hint)[:2]
+            if kind == "list":
+                (item,) = typing.get_args(base)
+                if not dataclasses.is_dataclass(item):
+                    raise TypeError(f"{cls.__name__}.{f.name}: List[...] must hold a struct")
+                specs.append(FieldSpec(f.name, "list", item))
+            elif kind in SCALAR_KINDS:
+                specs.append(FieldSpec(f.name, kind))
+            else:
+                raise TypeError(f"{cls.__name__}.{f.name}: unknown wire kind {kind!r}")
+        elif dataclasses.is_dataclass(hint):
+            specs.append(FieldSpec(f.name, "struct", hint))
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: not a wire kind: {hint!r}")
+    result = tuple(specs)
+    _SPEC_CACHE[cls] = result
+    return result
+
+
+MESSAGES: dict[int, type] = {}
+
+
+def _message(cls: type) -> type:
+    """Make ``cls`` a slotted dataclass and register it under its TYPE."""
+    cls = dataclass(slots=True)(cls)
+    if cls.TYPE in MESSAGES:
+        raise TypeError(f"message type {cls.TYPE} declared twice")
+    MESSAGES[cls.TYPE] = cls
+    field_specs(cls)  # fail at import on a bad declaration
+    return cls
+
+
+# --- codes -------------------------------------------------------------------
+
+
+class ErrorCode(IntEnum):
+    BAD_REQUEST = 1
+    AUTH_FAILED = 2
+    NOT_LOGGED_IN = 3
+    NO_SUCH_USER = 4
+    RATE_LIMITED = 5
+    TOO_LARGE = 6
+    UNAVAILABLE = 7
+    INTERNAL = 8
+    FORBIDDEN = 9
+    EXISTS = 10
+
+
+class KickCode(IntEnum):
+    SHUTDOWN = 0
+    PROTOCOL_VIOLATION = 1
+    REPLACED = 2
+    IDLE = 3
+    SLOW_CONSUMER = 4
+    ABUSE = 5
+
+
+# --- structs -----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Msg:
+    msg_id: U64 = 0
+    seq: U64 = 0
+    sender: Str = ""
+    to: Str = ""
+    kind: U8 = 0
+    ts_ms: U64 = 0
+    cmid: Bytes = b""
+    body: Bytes = b""
+
+
+@dataclass(slots=True)
+class Conv:
+    peer: Str = ""
+    last_msg_id: U64 = 0
+    unread: U32 = 0
+    peer_read: U64 = 0
+
+
+# --- client protocol messages (protocol.md section 3) ------------------------
+
+
+@_message
+class Login:
+    TYPE: ClassVar[int] = 1
+    user: Str = ""
+    password: Str = ""
+    token: Bytes = b""
+    device: Str = ""
+
+
+@_message
+class LoginOk:
+    TYPE: ClassVar[int] = 2
+    user: Str = ""
+    session: Bytes = b""
+    token: Bytes = b""
+    max_seq: U64 = 0
+    server_ms: U64 = 0
+
+
+@_message
+class Error:
+    TYPE: ClassVar[int] = 3
+    code: U16 = 0
+    reason: Str = ""
+
+
+@_message
+class Send:
+    TYPE: ClassVar[int] = 4
+    to: Str = ""
+    cmid: Bytes = b""
+    kind: U8 = 0
+    body: Bytes = b""
+
+
+@_message
+class SendOk:
+    TYPE: ClassVar[int] = 5
+    msg_id: U64 = 0
+    seq: U64 = 0
+    ts_ms: U64 = 0
+
+
+@_message
+class Sync:
+    TYPE: ClassVar[int] = 6
+    since: U64 = 0
+    limit: U32 = 0
+
+
+@_message
+class Batch:
+    TYPE: ClassVar[int] = 7
+    msgs: List[Msg] = field(default_factory=list)
+    more: Bool = False
+
+
+@_message
+class NewMsg:
+    TYPE: ClassVar[int] = 8
+    msg: Msg = field(default_factory=Msg)
+
+
+@_message
+class Read:
+    TYPE: ClassVar[int] = 9
+    peer: Str = ""
+    msg_id: U64 = 0
+
+
+@_message
+class Ok:
+    TYPE: ClassVar[int] = 10
+
+
+@_message
+class ReadNotice:
+    TYPE: ClassVar[int] = 11
+    reader: Str = ""
+    peer: Str = ""
+    msg_id: U64 = 0
+    ts_ms: U64 = 0
+
+
+@_message
+class Ping:
+    TYPE: ClassVar[int] = 12
+    ts_ms: U64 = 0
+
+
+@_message
+class Pong:
+    TYPE: ClassVar[int] = 13
+    ts_ms: U64 = 0
+
+
+@_message
+class Logout:
+    TYPE: ClassVar[int] = 14
+
+
+@_message
+class Register:
+    TYPE: ClassVar[int] = 15
+    user: Str = ""
+    password: Str = ""
+
+
+@_message
+class Convs:
+    TYPE: ClassVar[int] = 16
+
+
+@_message
+class ConvList:
+    TYPE: ClassVar[int] = 17
+    convs: List[Conv] = field(default_factory=list)
+
+
+@_message
+class Kick:
+    TYPE: ClassVar[int] = 18
+    code: U16 = 0
+    reason: Str = ""
+
+
+@_message
+class Ready:
+    TYPE: ClassVar[int] = 19
+    server_ms: U64 = 0
+    max_frame: U32 = 0
+    max_body: U32 = 0
+    idle_timeout_s: U32 = 0
+
+
+# --- internal messages (docs/internal-protocol.md), never from a client -------
+
+
+@_message
+class Revoke:
+    TYPE: ClassVar[int] = 128
+    token: Bytes = b""
+
+
+@_message
+class History:
+    TYPE: ClassVar[int] = 129
+    token: Bytes = b""
+    peer: Str = ""
+    before: U64 = 0
+    limit: U32 = 0
+
+
+@_message
+class HistoryPage:
+    TYPE: ClassVar[int] = 130
+    msgs: List[Msg] = field(default_factory=list)
+    more: Bool = False
+
+
+@_message
+class SessionStarted:
+    TYPE: ClassVar[int] = 131
+    user: Str = ""
+    device: Str = ""
+    session: Bytes = b""
+
+
+# The types a client may send; anything else from a client is bad_request.
+CLIENT_REQUESTS: frozenset[int] = frozenset(
+    cls.TYPE for cls in (Login, Send, Sync, Read, Ping, Pong, Logout, Register, Convs)
+)
