@@ -1,0 +1,3 @@
+from simzmq.cli import main
+
+main()

@@ -1,0 +1,345 @@
+"""The `simzmq` command: run a region or one of its processes, manage users and
+keys, chat, monitor and benchmark."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from simzmq import config as config_mod
+from simzmq import keys as keys_mod
+
+log = logging.getLogger("simzmq.up")
+
+LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
+# A child that dies is restarted after this delay, doubled on each quick
+# death up to the maximum, so a crash loop does not spin the CPU.
+RESTART_DELAY_S = 0.2
+RESTART_DELAY_MAX_S = 5.0
+# A child that ran this long before dying counts as healthy: its delay resets.
+HEALTHY_RUN_S = 10.0
+STOP_GRACE_S = 5.0
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+
+
+def load_config(ctx: click.Context, overrides=None) -> config_mod.Config:
+    try:
+        return config_mod.load(ctx.obj.get("config_path"), overrides=overrides)
+    except config_mod.ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def data_option(f):
+    return click.option("--data", "data", type=click.Path(file_okay=False), default=None,
+                        help="Data directory (default: region.data from the config).")(f)
+
+
+@click.group()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), envvar="SIMZMQ_CONFIG",
+              default=None, help="A TOML file overriding conf/simzmq.toml (env SIMZMQ_CONFIG).")
+@click.pass_context
+def main(ctx, config_path):
+    """simzmq: an instant-messaging back end on a ZeroMQ message bus."""
+    ctx.ensure_object(dict)
+    ctx.obj["config_path"] = config_path
+
+
+# ---------------------------------------------------------------------------
+# simzmq up: the supervisor of a whole local region.
+# ---------------------------------------------------------------------------
+
+class Child:
+    def __init__(self, name: str, argv: list[str], env: dict, run_dir: Path):
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.pid_file = run_dir / f"{name}.pid"
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+        self.delay = RESTART_DELAY_S
+        self.restart_at: float | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL)
+        self.started = time.monotonic()
+        self.restart_at = None
+        tmp = self.pid_file.with_suffix(".tmp")
+        tmp.write_text(f"{self.proc.pid}\n")
+        os.replace(tmp, self.pid_file)
+        log.info("started %s (pid %d)", self.name, self.proc.pid)
+
+    def check(self, now: float) -> None:
+        """Notice a death and schedule or perform the restart."""
+        if self.proc is not None and self.proc.poll() is not None:
+            code = self.proc.returncode
+            ran = now - self.started
+            self.delay = RESTART_DELAY_S if ran > HEALTHY_RUN_S else min(self.delay * 2, RESTART_DELAY_MAX_S)
+            log.warning("%s (pid %d) exited with %s after %.1f s; restarting in %.1f s",
+                        self.name, self.proc.pid, code, ran, self.delay)
+            self.proc = None
+            self.restart_at = now + self.delay
+        if self.proc is None and self.restart_at is not None and now >= self.restart_at:
+            self.start()
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, deadline: float) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in time; killing it", self.name)
+            self.proc.kill()
+            self.proc.wait()
+        self.pid_file.unlink(missing_ok=True)
+
+
+def raise_fd_limit() -> int:
+    """Many connections need many descriptors: lift the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+@main.command()
+@data_option
+@click.option("--gate-port", type=int, default=None, help="Client TCP port of the first gate.")
+@click.option("--http-port", type=int, default=None, help="HTTP port of the first gate.")
+@click.option("--workers", type=int, default=None, help="How many IM workers.")
+@click.option("--gates", type=int, default=None, help="How many gates.")
+@click.option("--open-registration/--closed-registration", default=None,
+              help="Whether clients may Register (default: gate.allow_register).")
+@click.pass_context
+def up(ctx, data, gate_port, http_port, workers, gates, open_registration):
+    """Start a whole region as supervised processes: broker, IM workers, gates."""
+    setup_logging()
+    overrides = {"region": {"data": str(Path(data).resolve()) if data else None},
+                 "gate": {"port": gate_port, "http_port": http_port, "gates": gates,
+                          "allow_register": open_registration},
+                 "im": {"workers": workers}}
+    cfg = load_config(ctx, overrides)
+    data_dir = cfg.data_dir
+    run_dir = data_dir / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # The key exists before any gate accepts a connection, so a client that
+    # reads keys/gate.pub right after `up` printed it can pin it.
+    _, gate_pk = keys_mod.ensure_gate_key(data_dir)
+    fds = raise_fd_limit()
+    env = dict(os.environ)
+    env.update(config_mod.env_for(overrides))
+    env["SIMZMQ_REGION_DATA"] = str(data_dir)
+    if ctx.obj.get("config_path"):
+        env["SIMZMQ_CONFIG"] = str(Path(ctx.obj["config_path"]).resolve())
+    base = [sys.executable, "-m", "simzmq"]
+    children = [Child("broker-primary", base + ["broker", "--role", "primary"], env, run_dir)]
+    for i in range(1, cfg["im"]["workers"] + 1):
+        children.append(Child(f"im-{i}", base + ["im", "--name", f"im-{i}"], env, run_dir))
+    g = cfg["gate"]
+    for i in range(1, g["gates"] + 1):
+        children.append(Child(f"gate-{i}", base + ["gate", "--name", f"gate-{i}", "--port", str(g["port"] + i - 1),
+                                                  "--http-port", str(g["http_port"] + i - 1)], env, run_dir))
+    log.info("region starting: data %s, config %s, fd limit %d", data_dir, cfg.describe(), fds)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
+    for child in children:
+        child.start()
+    click.echo(
+        f"\nsimzmq region up. Clients connect to {g['host']}:{g['port']} and pin the gate key\n"
+        f"  {gate_pk.hex()}   (in {data_dir / 'keys' / 'gate.pub'})\n"
+        f"HTTP (health, history, metrics): http://{g['http_host']}:{g['http_port']}/v1/health\n"
+        f"Talk:   simzmq chat --data {data_dir} --user alice --register\n"
+        f"        simzmq chat --data {data_dir} --user bob --register   (in another terminal)\n"
+        f"Stop:   Ctrl-C\n", err=True)
+    try:
+        while not stopping:
+            now = time.monotonic()
+            for child in children:
+                child.check(now)
+            time.sleep(0.1)
+    finally:
+        log.info("region stopping")
+        # Gates first (clients get Kick{shutdown}), then workers, then brokers.
+        for group in (("gate-",), ("im-",), ("broker-",)):
+            members = [c for c in children if c.name.startswith(group)]
+            for c in members:
+                c.restart_at = None
+                c.terminate()
+            deadline = time.monotonic() + STOP_GRACE_S
+            for c in members:
+                c.wait(deadline)
+        log.info("region stopped")
+
+
+# ---------------------------------------------------------------------------
+# One process of a region.
+# ---------------------------------------------------------------------------
+
+@main.command()
+@click.option("--role", type=click.Choice(["primary", "backup"]), default="primary")
+@click.pass_context
+def broker(ctx, role):
+    """Run one broker of the region's pair."""
+    setup_logging()
+    cfg = load_config(ctx)
+    from simzmq.broker import Broker
+    b = cfg["broker"]
+    mine = b[role]
+    peer = b["backup" if role == "primary" else "primary"]
+    logging.getLogger("simzmq.broker").info("broker %s: config %s", role, cfg.describe())
+    Broker(frontend=mine["frontend"], backend=mine["backend"], notify_in=mine["notify_in"],
+           notify_out=mine["notify_out"], role=role, heartbeat_interval=b["heartbeat_ms"] / 1000,
+           liveness=b["liveness"], keyed_services=set(b["keyed_services"]),
+           metrics_port=mine["metrics_port"]).run()
+
+
+def store_url(cfg) -> str:
+    store = cfg["im"]["store"]
+    if store == "sqlite":
+        return "sqlite:///" + str(cfg.data_dir / cfg["im"]["sqlite_path"])
+    return store
+
+
+@main.command()
+@click.option("--name", default="im-1", help="Process name: im-N serves metrics on im.metrics_port + N - 1.")
+@click.pass_context
+def im(ctx, name):
+    """Run one IM worker."""
+    setup_logging()
+    cfg = load_config(ctx)
+    from simzmq import im as im_mod
+    b = cfg["broker"]
+    index = int(name.rsplit("-", 1)[-1]) if name.rsplit("-", 1)[-1].isdigit() else 1
+    logging.getLogger("simzmq.im").info("im worker %s: config %s", name, cfg.describe())
+    worker = im_mod.IMWorker(
+        name=name, store_url=store_url(cfg), im_cfg=cfg["im"], max_frame=cfg["gate"]["max_frame"],
+        backends=[b["primary"]["backend"]], notify_ins=[b["primary"]["notify_in"]],
+        heartbeat_ms=b["heartbeat_ms"], liveness=b["liveness"],
+        metrics_port=cfg["im"]["metrics_port"] + index - 1 if cfg["im"]["metrics_port"] else None,
+        sqlite_synchronous=cfg["im"]["sqlite_synchronous"])
+    im_mod.run(worker)
+
+
+@main.command()
+@click.option("--name", default="gate-1")
+@click.option("--port", type=int, default=None, help="Client TCP port (default gate.port).")
+@click.option("--http-port", type=int, default=None, help="HTTP port (default gate.http_port).")
+@click.pass_context
+def gate(ctx, name, port, http_port):
+    """Run one gate."""
+    setup_logging()
+    cfg = load_config(ctx)
+    from simzmq import gate as gate_mod
+    g = cfg["gate"]
+    b = cfg["broker"]
+    sk, pk = keys_mod.ensure_gate_key(cfg.data_dir)
+    logging.getLogger("simzmq.gate").info("gate %s: config %s, key %s", name, cfg.describe(), pk.hex())
+    gate_mod.run(name, g, sk, b["primary"]["frontend"], b["primary"]["notify_out"],
+                 g["host"], port or g["port"], g["http_host"], http_port or g["http_port"])
+
+
+# ---------------------------------------------------------------------------
+# Users and keys.
+# ---------------------------------------------------------------------------
+
+@main.group()
+def user():
+    """Manage users."""
+
+
+@user.command("add")
+@click.argument("name")
+@data_option
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@click.pass_context
+def user_add(ctx, name, data, password_stdin):
+    """Create user NAME (password from a prompt, or stdin with --password-stdin)."""
+    from simzmq.im import hash_password
+    from simzmq.store import open_store
+    from simzmq.wire.rules import is_valid_user_id
+    cfg = load_config(ctx, {"region": {"data": str(Path(data).resolve()) if data else None}})
+    if not is_valid_user_id(name):
+        raise click.ClickException("user ids are 1-64 characters of A-Z a-z 0-9 _ . -")
+    if password_stdin or not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if not 1 <= len(password.encode()) <= 256:
+        raise click.ClickException("passwords are 1-256 bytes")
+    pw_hash = hash_password(password, cfg["im"]["pwhash_strength"])
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(store_url(cfg))
+    try:
+        with store.transaction():
+            created = store.create_user(name, pw_hash, int(time.time() * 1000))
+    finally:
+        store.close()
+    if not created:
+        raise click.ClickException(f"user {name} exists")
+    click.echo(f"created user {name}")
+
+
+@main.command()
+@data_option
+@click.pass_context
+def keys(ctx, data):
+    """Make the region's keys if missing, and show the public ones."""
+    cfg = load_config(ctx, {"region": {"data": str(Path(data).resolve()) if data else None}})
+    _, pk = keys_mod.ensure_gate_key(cfg.data_dir)
+    click.echo(f"gate  {pk.hex()}  ({cfg.data_dir / 'keys' / 'gate.pub'})")
+
+
+# ---------------------------------------------------------------------------
+# Clients.
+# ---------------------------------------------------------------------------
+
+@main.command()
+@data_option
+@click.option("--host", default=None, help="Gate host (default gate.host).")
+@click.option("--port", type=int, default=None, help="Gate port (default gate.port).")
+@click.option("--gate-key", default=None, help="The gate's public key, 64 hex (default: DATA/keys/gate.pub).")
+@click.option("--user", "user_id", required=True)
+@click.option("--device", default="terminal")
+@click.option("--register", is_flag=True, help="Create the account first.")
+@click.pass_context
+def chat(ctx, data, host, port, gate_key, user_id, device, register):
+    """Chat in the terminal: /to PEER, then type; /convs; /read; /quit."""
+    from simzmq.chat import run_chat
+    cfg = load_config(ctx, {"region": {"data": str(Path(data).resolve()) if data else None}})
+    if gate_key:
+        try:
+            pk = bytes.fromhex(gate_key)
+        except ValueError:
+            raise click.ClickException("--gate-key must be 64 hex characters") from None
+    else:
+        try:
+            pk = keys_mod.load_gate_public(cfg.data_dir)
+        except keys_mod.KeyFileError as exc:
+            raise click.ClickException(str(exc)) from None
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"Password for {user_id}: ")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    g = cfg["gate"]
+    asyncio.run(run_chat(host or g["host"], port or g["port"], pk, user_id, password, device, register))
+
+
+if __name__ == "__main__":
+    main()

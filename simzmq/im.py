@@ -1,0 +1,272 @@
+"""The IM worker: an 18/MDP worker for service `im`, the only writer of the store.
+
+A thin I/O shell around simzmq.service. Its loop:
+
+1. wait for input on any broker session (a worker holds one per broker of the
+   pair) or for finished password work;
+2. take everything that is waiting — that is the batch;
+3. run the whole batch in ONE transaction, each request in its own savepoint
+   (group commit: one fsync for the batch, and one bad request spoils nothing);
+4. commit, and only then send the replies and publish the notifications.
+
+Argon2id hashing and verification take tens of milliseconds, so they run on a
+small thread pool and their requests join a later batch.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import queue
+import signal
+import time
+from typing import NamedTuple
+
+import nacl.exceptions
+import nacl.pwhash
+import zmq
+from prometheus_client import Counter, Histogram, start_http_server
+
+from simzmq.mdpworker import WorkerSession
+from simzmq.service import IMService, Outcome, error
+from simzmq.store import open_store
+from simzmq.wire import messages as m
+from simzmq.wire.codec import BIN
+from simzmq.wire.errors import ProtocolError
+from simzmq.wire.messages import ErrorCode
+
+log = logging.getLogger("simzmq.im")
+
+SERVICE = b"im"
+POLL_MS = 100
+
+REQUESTS = Counter("simzmq_im_requests_total", "Requests handled by type and outcome", ["type", "outcome"])
+BATCH_SIZE = Histogram("simzmq_im_batch_requests", "Requests per group commit",
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+COMMIT_SECONDS = Histogram("simzmq_im_commit_seconds", "Time to run and commit one batch",
+                           buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1))
+
+PWHASH_STRENGTH = {
+    "interactive": (nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE, nacl.pwhash.argon2id.MEMLIMIT_INTERACTIVE),
+    "moderate": (nacl.pwhash.argon2id.OPSLIMIT_MODERATE, nacl.pwhash.argon2id.MEMLIMIT_MODERATE),
+    "sensitive": (nacl.pwhash.argon2id.OPSLIMIT_SENSITIVE, nacl.pwhash.argon2id.MEMLIMIT_SENSITIVE),
+}
+
+
+class Job(NamedTuple):
+    """One decoded request and where its reply goes."""
+    session: WorkerSession
+    request: object          # the session's request handle (client envelope)
+    corr: bytes
+    key: str
+    origin: bytes
+    msg: object
+    prepared: object = None  # result of the password work, once done
+
+
+def hash_password(password: str, strength: str) -> str:
+    ops, mem = PWHASH_STRENGTH[strength]
+    return nacl.pwhash.argon2id.str(password.encode(), opslimit=ops, memlimit=mem).decode()
+
+
+def verify_password(pw_hash: str | None, password: str) -> bool:
+    if pw_hash is None:
+        return False
+    try:
+        return nacl.pwhash.verify(pw_hash.encode(), password.encode())
+    except nacl.exceptions.InvalidkeyError:
+        return False
+
+
+class IMWorker:
+    def __init__(self, name: str, store_url: str, im_cfg: dict, max_frame: int, backends: list[str],
+                 notify_ins: list[str], heartbeat_ms: int, liveness: int, metrics_port: int | None,
+                 sqlite_synchronous: str = "FULL"):
+        self.name = name
+        self.store_url = store_url
+        self.im_cfg = im_cfg
+        self.max_frame = max_frame
+        self.backends = backends
+        self.notify_ins = notify_ins
+        self.heartbeat_s = heartbeat_ms / 1000
+        self.liveness = liveness
+        self.metrics_port = metrics_port
+        self.sqlite_synchronous = sqlite_synchronous
+        self.running = True
+        self.done: queue.SimpleQueue[Job] = queue.SimpleQueue()
+
+    def stop(self, *_):
+        self.running = False
+
+    def run(self) -> None:
+        store = open_store(self.store_url, synchronous=self.sqlite_synchronous)
+        service = IMService(store, self.im_cfg["token_ttl_s"] * 1000, self.max_frame)
+        ctx = zmq.Context.instance()
+        sessions = [WorkerSession(ctx, ep, SERVICE, credit=self.im_cfg["credit"],
+                                  heartbeat_interval=self.heartbeat_s, liveness=self.liveness)
+                    for ep in self.backends]
+        pub = ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 1000)
+        pub.setsockopt(zmq.SNDHWM, 0)
+        for ep in self.notify_ins:
+            pub.connect(ep)
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        self.wake_w = wake_w
+        pool = concurrent.futures.ThreadPoolExecutor(self.im_cfg["pwhash_threads"], thread_name_prefix="pwhash")
+        if self.metrics_port:
+            start_http_server(self.metrics_port, "127.0.0.1")
+        log.info("im worker %s: store %s, brokers %s, notifications to %s, metrics %s, credit %d",
+                 self.name, store.describe() if hasattr(store, "describe") else self.store_url,
+                 ",".join(self.backends), ",".join(self.notify_ins),
+                 f"http://127.0.0.1:{self.metrics_port}/metrics" if self.metrics_port else "off",
+                 self.im_cfg["credit"])
+        poller = zmq.Poller()
+        by_socket = {}
+        for s in sessions:
+            poller.register(s.socket, zmq.POLLIN)
+            by_socket[s.socket] = s
+        poller.register(wake_r, zmq.POLLIN)
+        try:
+            while self.running:
+                events = dict(poller.poll(POLL_MS))
+                now = time.monotonic()
+                jobs: list[Job] = []
+                for s in sessions:
+                    self._drain(s, now, jobs)
+                if wake_r in events:
+                    try:
+                        os.read(wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                while True:
+                    try:
+                        jobs.append(self.done.get_nowait())
+                    except queue.Empty:
+                        break
+                if jobs:
+                    self.process(store, service, pool, pub, jobs)
+                for s in sessions:
+                    old = s.socket
+                    s.tick(time.monotonic())
+                    if s.socket is not old:
+                        poller.unregister(old)
+                        poller.register(s.socket, zmq.POLLIN)
+        finally:
+            log.info("im worker %s stopping", self.name)
+            for s in sessions:
+                s.close()
+            pool.shutdown(wait=False, cancel_futures=True)
+            pub.close()
+            store.close()
+            log.info("im worker %s stopped", self.name)
+
+    def _drain(self, session: WorkerSession, now: float, jobs: list[Job]) -> None:
+        sock = session.socket
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            for req in session.handle_incoming(frames, now):
+                job = self._decode(session, req)
+                if job is not None:
+                    jobs.append(job)
+
+    def _decode(self, session, req) -> Job | None:
+        body = req.body
+        if len(body) != 4:
+            log.info("dropping an im request with %d body frames", len(body))
+            return None
+        key, corr, origin, payload = body
+        try:
+            _, msg = BIN.decode(payload)
+            key_str = key.decode("utf-8")
+        except (ProtocolError, UnicodeDecodeError) as exc:
+            log.info("bad im request: %s", exc)
+            session.reply(req, [corr, BIN.encode(m.Error(code=int(ErrorCode.BAD_REQUEST),
+                                                         reason="undecodable request"), 0)])
+            return None
+        return Job(session, req, corr, key_str, origin, msg)
+
+    def process(self, store, service: IMService, pool, pub, jobs: list[Job]) -> None:
+        started = time.monotonic()
+        now_ms = int(time.time() * 1000)
+        answered: list[tuple[Job, Outcome]] = []
+        deferred: list[tuple[Job, str | None]] = []
+        with store.transaction():
+            for job in jobs:
+                msg = job.msg
+                if job.prepared is None:
+                    if isinstance(msg, m.Register):
+                        deferred.append((job, None))
+                        continue
+                    if isinstance(msg, m.Login) and not msg.token:
+                        deferred.append((job, store.get_password_hash(msg.user)))
+                        continue
+                answered.append((job, self._handle_one(store, service, job, now_ms)))
+        COMMIT_SECONDS.observe(time.monotonic() - started)
+        BATCH_SIZE.observe(len(jobs))
+        # Committed: now the world may hear of it.
+        for job, outcome in answered:
+            job.session.reply(job.request, [job.corr, BIN.encode(outcome.reply, 0)])
+            REQUESTS.labels(type(job.msg).__name__, _outcome(outcome.reply)).inc()
+            for notice in outcome.notices:
+                pub.send_multipart([notice.user.encode() + b"\0", notice.origin, BIN.encode(notice.msg, 0)])
+        for job, pw_hash in deferred:
+            fut = pool.submit(self._password_work, job, pw_hash)
+            fut.add_done_callback(self._password_done)
+
+    def _handle_one(self, store, service: IMService, job: Job, now_ms: int) -> Outcome:
+        try:
+            with store.savepoint():
+                outcome = service.handle(job.key, job.origin, job.msg, now_ms, job.prepared)
+                if isinstance(outcome.reply, m.Error):
+                    raise _Undo(outcome)
+                return outcome
+        except _Undo as undo:
+            return undo.outcome
+        except Exception:
+            log.exception("request %s failed", type(job.msg).__name__)
+            return error(ErrorCode.INTERNAL, "internal error")
+
+    def _password_work(self, job: Job, pw_hash: str | None) -> Job:
+        if isinstance(job.msg, m.Register):
+            return job._replace(prepared=hash_password(job.msg.password, self.im_cfg["pwhash_strength"]))
+        return job._replace(prepared=verify_password(pw_hash, job.msg.password))
+
+    def _password_done(self, fut) -> None:
+        try:
+            self.done.put(fut.result())
+        except concurrent.futures.CancelledError:
+            return
+        except Exception:
+            log.exception("password work failed")
+            return
+        try:
+            os.write(self.wake_w, b"x")
+        except OSError:
+            pass
+
+
+class _Undo(Exception):
+    """Roll back a request's savepoint and answer its Error."""
+
+    def __init__(self, outcome):
+        self.outcome = outcome
+
+
+def _outcome(reply) -> str:
+    if isinstance(reply, m.Error):
+        try:
+            return ErrorCode(reply.code).name.lower()
+        except ValueError:
+            return str(reply.code)
+    return "ok"
+
+
+def run(worker: IMWorker) -> None:
+    signal.signal(signal.SIGTERM, worker.stop)
+    signal.signal(signal.SIGINT, worker.stop)
+    worker.run()
