@@ -1,0 +1,845 @@
+"""The Majordomo broker: a pure routing core and a thin ZeroMQ shell.
+
+:class:`BrokerCore` holds all the policy — workers, services, credit,
+rendezvous routing with per-key stickiness, queues, heartbeats and expiry —
+and never touches a socket or a clock: every method takes ``now`` and returns
+the frames to send as ``(FRONTEND | BACKEND, [identity, …])`` pairs.
+
+:class:`Broker` owns the sockets (ROUTER frontend for gates, ROUTER backend
+for workers, XSUB→XPUB for notifications, PUB/SUB with the Binary Star peer)
+and runs a blocking ``zmq.Poller`` loop around the core.
+
+See docs/internal-protocol.md for what goes over the wire.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import signal
+import struct
+import threading
+import time
+from collections import deque
+from typing import Callable, Iterable
+
+import zmq
+
+from simzmq import mdp
+from simzmq.bstar import BinaryStar, BStarError, State
+
+log = logging.getLogger("simzmq.broker")
+
+FRONTEND = 0
+BACKEND = 1
+Out = tuple  # (FRONTEND | BACKEND, list[bytes]) — first frame is the ROUTER identity
+
+DEFAULT_HEARTBEAT_INTERVAL = 0.25
+DEFAULT_LIVENESS = 3
+# The gate gives up on a request after its own timeout and fails over; a
+# request the broker could not hand to any worker for this long has been
+# given up on already, so holding it longer only wastes memory.
+DEFAULT_REQUEST_TIMEOUT = 5.0
+# Bound on requests waiting for a worker, over all services, so a flood of
+# requests for a service nobody serves cannot exhaust the broker's memory.
+DEFAULT_MAX_QUEUED = 200_000
+# The rendezvous winner of a key is cached until the set of workers changes;
+# past this many keys the cache is simply dropped and rebuilt on demand.
+WINNER_CACHE_LIMIT = 100_000
+# A gate counts as connected if it sent a request this recently.
+GATE_SEEN_WINDOW = 10.0
+
+_RID = struct.Struct(">Q")
+_HEARTBEAT_TAIL = [b"", mdp.W_WORKER, mdp.HEARTBEAT]
+_DISCONNECT_TAIL = [b"", mdp.W_WORKER, mdp.DISCONNECT]
+
+
+class _Request:
+    __slots__ = ("rid", "client", "service", "key", "body", "address", "deadline")
+
+    def __init__(self, rid, client, service, key, body, deadline):
+        self.rid = rid
+        self.client = client
+        self.service = service
+        self.key = key
+        self.body = body
+        # The client address the worker sees and echoes back in REPLY: the
+        # client's ROUTER identity followed by the request id, so a reply is
+        # matched to exactly one outstanding request even when one gate has
+        # many requests at one worker. Opaque to workers, as spec 18 wants.
+        self.address = client + _RID.pack(rid)
+        self.deadline = deadline
+
+
+class _Worker:
+    __slots__ = ("identity", "service", "credit", "in_flight", "backlog", "expiry", "last_sent", "since")
+
+    def __init__(self, identity, service, credit, now, expiry):
+        self.identity = identity
+        self.service = service
+        self.credit = credit
+        self.in_flight: dict[int, _Request] = {}  # rid -> request, in dispatch order
+        self.backlog: deque[_Request] = deque()   # keyed requests bound here, beyond credit
+        self.expiry = expiry
+        self.last_sent = now
+        self.since = now
+
+
+class _Service:
+    __slots__ = ("name", "keyed", "workers", "waiting", "bindings", "winners", "requests")
+
+    def __init__(self, name: bytes, keyed: bool):
+        self.name = name
+        self.keyed = keyed
+        self.workers: dict[bytes, _Worker] = {}
+        # Requests no worker has been chosen for yet, oldest first: for keyed
+        # services only while the service has no worker at all; for the
+        # others whenever every worker is out of credit.
+        self.waiting: deque[_Request] = deque()
+        # key -> [worker, number of requests with that key in flight or in
+        # that worker's backlog]. While the count is above zero the key stays
+        # with that worker, which is what keeps one key's requests in order.
+        self.bindings: dict[bytes, list] = {}
+        self.winners: dict[bytes, _Worker] = {}
+        self.requests = 0
+
+
+def rendezvous_score(key: bytes, identity: bytes) -> bytes:
+    """Highest-random-weight score of a worker for a key (highest wins)."""
+    return hashlib.blake2b(key + b"|" + identity, digest_size=8).digest()
+
+
+class BrokerCore:
+    """Pure Majordomo routing: no sockets, no clock.
+
+    All methods return a list of ``(FRONTEND | BACKEND, frames)`` where
+    ``frames[0]`` is the ROUTER identity to send to.
+    """
+
+    def __init__(
+        self,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        liveness: int = DEFAULT_LIVENESS,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        keyed_services: Iterable[str | bytes] = ("im",),
+        max_queued: int = DEFAULT_MAX_QUEUED,
+    ) -> None:
+        self.heartbeat_interval = heartbeat_interval
+        self.liveness = liveness
+        self.worker_timeout = heartbeat_interval * liveness
+        self.request_timeout = request_timeout
+        self.keyed_services = {s.encode() if isinstance(s, str) else bytes(s) for s in keyed_services}
+        self.max_queued = max_queued
+        self.workers: dict[bytes, _Worker] = {}
+        self.services: dict[bytes, _Service] = {}
+        self.gates: dict[bytes, float] = {}
+        self._next_rid = 1
+        self._queued = 0  # requests in services' waiting queues
+        # Counters the shell exports as metrics.
+        self.requests_total = 0
+        self.replies_total = 0
+        self.worker_expiries_total = 0
+        self.worker_disconnects_total = 0
+        self.requests_timed_out_total = 0
+        self.requests_dropped_total = 0
+        self.requests_requeued_total = 0
+        self.malformed_total = 0
+
+    # --- input --------------------------------------------------------------
+
+    def on_client(self, identity: bytes, frames: list[bytes], now: float) -> list[Out]:
+        """A message from a client (gate) on the frontend, after its identity."""
+        try:
+            service_name, body = mdp.parse_client_request(frames)
+        except mdp.MDPError as exc:
+            self.malformed_total += 1
+            log.info("dropped malformed client message from %s: %s", identity.hex(), exc)
+            return []
+        self.gates[identity] = now
+        self.requests_total += 1
+        out: list[Out] = []
+        if service_name.startswith(mdp.MMI_PREFIX):
+            self._mmi(identity, service_name, body, out)
+            return out
+        service = self.services.get(service_name)
+        if service is None:
+            service = self._service(service_name)
+        service.requests += 1
+        if service.keyed:
+            if not body:
+                self.malformed_total += 1
+                log.info("dropped request for keyed service %r without a routing key from %s",
+                         service_name, identity.hex())
+                return out
+            key = body[0]
+        else:
+            key = None
+        rid = self._next_rid
+        self._next_rid = rid + 1
+        request = _Request(rid, identity, service_name, key, body, now + self.request_timeout)
+        if service.keyed:
+            self._route_keyed(service, request, now, out)
+        else:
+            self._enqueue(service, request)
+            self._dispatch_unkeyed(service, now, out)
+        return out
+
+    def on_worker(self, identity: bytes, frames: list[bytes], now: float) -> list[Out]:
+        """A message from a worker on the backend, after its identity."""
+        try:
+            cmd = mdp.parse_worker_message(frames)
+        except mdp.MDPError as exc:
+            self.malformed_total += 1
+            log.info("dropped malformed worker message from %s: %s", identity.hex(), exc)
+            return []
+        out: list[Out] = []
+        worker = self.workers.get(identity)
+        command = cmd.command
+        if command == mdp.REPLY:
+            if worker is None:
+                out.append((BACKEND, [identity, *_DISCONNECT_TAIL]))
+                return out
+            worker.expiry = now + self.worker_timeout
+            self._on_reply(worker, cmd.client, cmd.body, now, out)
+        elif command == mdp.HEARTBEAT:
+            if worker is None:
+                # Spec 18: anything but READY from a worker we do not know
+                # gets DISCONNECT, so a worker that outlived our memory of it
+                # (broker restart, expiry) comes back with READY.
+                out.append((BACKEND, [identity, *_DISCONNECT_TAIL]))
+            else:
+                worker.expiry = now + self.worker_timeout
+        elif command == mdp.READY:
+            if worker is not None:
+                log.info("worker %s sent READY twice; disconnecting it", identity.hex())
+                self._remove_worker(worker, now, out)
+                out.append((BACKEND, [identity, *_DISCONNECT_TAIL]))
+            elif cmd.service.startswith(mdp.MMI_PREFIX):
+                log.info("worker %s offered reserved service %r; disconnecting it", identity.hex(), cmd.service)
+                out.append((BACKEND, [identity, *_DISCONNECT_TAIL]))
+            else:
+                self._add_worker(identity, cmd.service, cmd.credit, now, out)
+        else:  # DISCONNECT
+            if worker is not None:
+                self.worker_disconnects_total += 1
+                log.info("worker %s (%s) disconnected", identity.hex(), worker.service.decode(errors="replace"))
+                self._remove_worker(worker, now, out)
+        return out
+
+    def tick(self, now: float) -> list[Out]:
+        """Heartbeats to workers, expiry of silent workers and stale requests.
+
+        Call about once per heartbeat interval.
+        """
+        out: list[Out] = []
+        expired = [w for w in self.workers.values() if w.expiry <= now]
+        for worker in expired:
+            self.worker_expiries_total += 1
+            log.info("worker %s (%s) expired: silent for %.3fs with %d in flight",
+                     worker.identity.hex(), worker.service.decode(errors="replace"),
+                     self.worker_timeout, len(worker.in_flight))
+            self._remove_worker(worker, now, out)
+        # Heartbeat workers we have sent nothing to for half an interval, so
+        # no worker goes more than 1.5 intervals without hearing from us.
+        quiet_since = now - self.heartbeat_interval * 0.5
+        for worker in self.workers.values():
+            if worker.last_sent <= quiet_since:
+                worker.last_sent = now
+                out.append((BACKEND, [worker.identity, *_HEARTBEAT_TAIL]))
+        if self._queued:
+            for service in self.services.values():
+                waiting = service.waiting
+                while waiting and waiting[0].deadline <= now:
+                    request = waiting.popleft()
+                    self._queued -= 1
+                    self.requests_timed_out_total += 1
+                    log.info("request for %r from %s timed out waiting for a worker",
+                             request.service, request.client.hex())
+        # Forget services nobody serves or waits for, so requests for made-up
+        # service names do not grow the table forever.
+        idle = [name for name, s in self.services.items() if not s.workers and not s.waiting]
+        for name in idle:
+            del self.services[name]
+        if len(self.gates) > 64:
+            stale = now - GATE_SEEN_WINDOW
+            for identity in [g for g, seen in self.gates.items() if seen < stale]:
+                del self.gates[identity]
+        return out
+
+    def disconnect_all(self) -> list[Out]:
+        """DISCONNECT to every worker, for a clean shutdown."""
+        return [(BACKEND, [identity, *_DISCONNECT_TAIL]) for identity in self.workers]
+
+    # --- read-only views for the shell and the monitor -------------------
+
+    def queue_depth(self) -> int:
+        return self._queued + sum(len(w.backlog) for w in self.workers.values())
+
+    def in_flight(self) -> int:
+        return sum(len(w.in_flight) for w in self.workers.values())
+
+    def gate_count(self, now: float) -> int:
+        stale = now - GATE_SEEN_WINDOW
+        return sum(1 for seen in self.gates.values() if seen >= stale)
+
+    def snapshot(self, now: float) -> dict:
+        return {
+            "workers": [
+                {
+                    "identity": w.identity.hex(),
+                    "service": w.service.decode(errors="replace"),
+                    "credit": w.credit,
+                    "in_flight": len(w.in_flight),
+                    "backlog": len(w.backlog),
+                    "heard_ago": round(max(0.0, now - (w.expiry - self.worker_timeout)), 3),
+                    "up_for": round(now - w.since, 3),
+                }
+                for w in self.workers.values()
+            ],
+            "services": {
+                s.name.decode(errors="replace"): {
+                    "workers": len(s.workers),
+                    "waiting": len(s.waiting),
+                    "requests": s.requests,
+                }
+                for s in self.services.values()
+            },
+            "gates": self.gate_count(now),
+            "queue_depth": self.queue_depth(),
+            "in_flight": self.in_flight(),
+            "requests_total": self.requests_total,
+            "replies_total": self.replies_total,
+        }
+
+    # --- internals --------------------------------------------------------
+
+    def _service(self, name: bytes) -> _Service:
+        service = _Service(name, name in self.keyed_services)
+        self.services[name] = service
+        return service
+
+    def _mmi(self, client: bytes, service_name: bytes, body: list[bytes], out: list[Out]) -> None:
+        if service_name == mdp.MMI_SERVICE:
+            if not body:
+                self.malformed_total += 1
+                log.info("dropped mmi.service request without a service name from %s", client.hex())
+                return
+            service = self.services.get(body[0])
+            code = mdp.MMI_FOUND if service is not None and service.workers else mdp.MMI_NOT_FOUND
+        else:
+            code = mdp.MMI_NOT_IMPLEMENTED
+        out.append((FRONTEND, [client, b"", mdp.C_CLIENT, service_name, code]))
+
+    def _enqueue(self, service: _Service, request: _Request) -> bool:
+        if self._queued >= self.max_queued:
+            self.requests_dropped_total += 1
+            log.info("dropped request for %r from %s: %d requests already waiting",
+                     request.service, request.client.hex(), self._queued)
+            return False
+        service.waiting.append(request)
+        self._queued += 1
+        return True
+
+    def _send(self, worker: _Worker, request: _Request, now: float, out: list[Out]) -> None:
+        worker.in_flight[request.rid] = request
+        worker.last_sent = now
+        out.append((BACKEND, [worker.identity, b"", mdp.W_WORKER, mdp.REQUEST,
+                              request.address, b"", *request.body]))
+
+    def _winner(self, service: _Service, key: bytes) -> _Worker:
+        worker = service.winners.get(key)
+        if worker is None:
+            best = None
+            for candidate in service.workers.values():
+                score = (rendezvous_score(key, candidate.identity), candidate.identity)
+                if best is None or score > best:
+                    best = score
+                    worker = candidate
+            if len(service.winners) >= WINNER_CACHE_LIMIT:
+                service.winners.clear()
+            service.winners[key] = worker
+        return worker
+
+    def _route_keyed(self, service: _Service, request: _Request, now: float, out: list[Out]) -> None:
+        key = request.key
+        binding = service.bindings.get(key)
+        if binding is not None:
+            worker = binding[0]
+            binding[1] += 1
+        elif service.workers:
+            worker = self._winner(service, key)
+            service.bindings[key] = [worker, 1]
+        else:
+            self._enqueue(service, request)
+            return
+        if not worker.backlog and len(worker.in_flight) < worker.credit:
+            self._send(worker, request, now, out)
+        else:
+            worker.backlog.append(request)
+
+    def _dispatch_unkeyed(self, service: _Service, now: float, out: list[Out]) -> None:
+        waiting = service.waiting
+        workers = service.workers
+        while waiting:
+            chosen = None
+            for worker in workers.values():
+                if len(worker.in_flight) < worker.credit:
+                    chosen = worker
+                    break
+            if chosen is None:
+                return
+            # Move the chosen worker to the back so work spreads round-robin.
+            del workers[chosen.identity]
+            workers[chosen.identity] = chosen
+            while waiting and len(chosen.in_flight) < chosen.credit:
+                self._queued -= 1
+                self._send(chosen, waiting.popleft(), now, out)
+
+    def _on_reply(self, worker: _Worker, address: bytes, body: list[bytes], now: float, out: list[Out]) -> None:
+        request = None
+        if len(address) > _RID.size:
+            request = worker.in_flight.pop(_RID.unpack_from(address, len(address) - _RID.size)[0], None)
+        if request is None:
+            log.info("dropped reply from worker %s for a request it does not hold", worker.identity.hex())
+            return
+        self.replies_total += 1
+        out.append((FRONTEND, [request.client, b"", mdp.C_CLIENT, request.service, *body]))
+        service = self.services[worker.service]
+        if service.keyed:
+            binding = service.bindings.get(request.key)
+            if binding is not None:
+                binding[1] -= 1
+                if binding[1] <= 0:
+                    del service.bindings[request.key]
+            backlog = worker.backlog
+            while backlog and len(worker.in_flight) < worker.credit:
+                self._send(worker, backlog.popleft(), now, out)
+        else:
+            self._dispatch_unkeyed(service, now, out)
+
+    def _add_worker(self, identity: bytes, service_name: bytes, credit: int, now: float, out: list[Out]) -> None:
+        worker = _Worker(identity, service_name, credit, now, now + self.worker_timeout)
+        self.workers[identity] = worker
+        service = self.services.get(service_name) or self._service(service_name)
+        service.workers[identity] = worker
+        service.winners.clear()
+        log.info("worker %s ready for %r with credit %d (%d workers for it)",
+                 identity.hex(), service_name, credit, len(service.workers))
+        self._drain(service, now, out)
+
+    def _remove_worker(self, worker: _Worker, now: float, out: list[Out]) -> None:
+        del self.workers[worker.identity]
+        service = self.services[worker.service]
+        del service.workers[worker.identity]
+        service.winners.clear()
+        # What the worker held, oldest first: in flight in dispatch order,
+        # then its backlog. Re-routing them before anything newer keeps each
+        # key's order; the keys' bindings to this worker go with it.
+        held = list(worker.in_flight.values())
+        held.extend(worker.backlog)
+        worker.in_flight.clear()
+        worker.backlog.clear()
+        if not held:
+            return
+        self.requests_requeued_total += len(held)
+        if service.keyed:
+            for request in held:
+                binding = service.bindings.get(request.key)
+                if binding is not None and binding[0] is worker:
+                    del service.bindings[request.key]
+            if not service.workers:
+                # Nobody left: they wait, ahead of anything newer.
+                for request in held:
+                    request.deadline = now + self.request_timeout
+                service.waiting.extendleft(reversed(held))
+                self._queued += len(held)
+                return
+            for request in held:
+                self._route_keyed(service, request, now, out)
+        else:
+            for request in held:
+                request.deadline = now + self.request_timeout
+            service.waiting.extendleft(reversed(held))
+            self._queued += len(held)
+            self._dispatch_unkeyed(service, now, out)
+
+    def _drain(self, service: _Service, now: float, out: list[Out]) -> None:
+        """Hand requests that were waiting for a worker to the workers now there."""
+        if not service.waiting:
+            return
+        if service.keyed:
+            waiting = service.waiting
+            service.waiting = deque()
+            self._queued -= len(waiting)
+            for request in waiting:
+                self._route_keyed(service, request, now, out)
+        else:
+            self._dispatch_unkeyed(service, now, out)
+
+
+# --- the shell --------------------------------------------------------------
+
+
+class Broker:
+    """A Majordomo broker process: sockets and a Poller loop around BrokerCore.
+
+    ``state_pub`` is where this broker publishes its state (for the Binary
+    Star peer and for ``simzmq monitor``); ``peer_state`` is the peer's
+    ``state_pub`` endpoint. Without ``peer_state`` the broker runs alone and
+    is simply active. ``configure_socket(socket, name)`` is called on every
+    socket before it binds or connects (CURVE, for instance); ``name`` is one
+    of frontend, backend, notify_in, notify_out, state_pub, peer_state.
+    """
+
+    def __init__(
+        self,
+        frontend: str = "tcp://127.0.0.1:7701",
+        backend: str = "tcp://127.0.0.1:7702",
+        notify_in: str = "tcp://127.0.0.1:7703",
+        notify_out: str = "tcp://127.0.0.1:7704",
+        state_pub: str | None = None,
+        peer_state: str | None = None,
+        role: str = "primary",
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        liveness: int = DEFAULT_LIVENESS,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        keyed_services: Iterable[str | bytes] = ("im",),
+        peer_heartbeat: float = 1.0,
+        metrics_port: int | None = None,
+        metrics_addr: str = "127.0.0.1",
+        context: zmq.Context | None = None,
+        configure_socket: Callable[[zmq.Socket, str], None] | None = None,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        install_signal_handlers: bool = True,
+    ) -> None:
+        if role not in ("primary", "backup"):
+            raise ValueError(f"role must be 'primary' or 'backup', not {role!r}")
+        self.endpoints = {
+            "frontend": frontend,
+            "backend": backend,
+            "notify_in": notify_in,
+            "notify_out": notify_out,
+            "state_pub": state_pub,
+            "peer_state": peer_state,
+        }
+        self.role = role
+        self.heartbeat_interval = heartbeat_interval
+        self.peer_heartbeat = peer_heartbeat
+        self.metrics_port = metrics_port
+        self.metrics_addr = metrics_addr
+        self.core = BrokerCore(heartbeat_interval, liveness, request_timeout, keyed_services, max_queued)
+        self.bstar: BinaryStar | None = None
+        self._context = context
+        self._configure_socket = configure_socket
+        self._install_signal_handlers = install_signal_handlers
+        self._stop = threading.Event()
+        self.ready = threading.Event()  # set once every socket is bound
+        self.fatal: BStarError | None = None
+        self.state = State.ACTIVE
+        self._metrics = None
+        self._dropped_passive = 0
+        self._bound: dict[str, str] = {}
+
+    def stop(self) -> None:
+        """Ask the loop to end; safe from another thread or a signal handler."""
+        self._stop.set()
+
+    @property
+    def bound(self) -> dict[str, str]:
+        """The endpoints actually bound (tcp ports chosen by ``:*`` resolved)."""
+        return dict(self._bound)
+
+    def run(self) -> None:
+        """Serve until stop(), SIGTERM or SIGINT. Raises BStarError on a fatal
+        Binary Star condition (dual active/passive) after closing the sockets."""
+        if self._install_signal_handlers and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: self._stop.set())
+        ctx = self._context or zmq.Context.instance()
+        sockets: list[zmq.Socket] = []
+
+        def make(kind: int, name: str) -> zmq.Socket:
+            sock = ctx.socket(kind)
+            sock.linger = 0
+            sockets.append(sock)
+            if self._configure_socket is not None:
+                self._configure_socket(sock, name)
+            return sock
+
+        try:
+            frontend = make(zmq.ROUTER, "frontend")
+            backend = make(zmq.ROUTER, "backend")
+            for sock in (frontend, backend):
+                # A gate or worker that reconnects with the same identity
+                # takes over its old slot instead of being refused.
+                sock.router_handover = 1
+                sock.sndhwm = 100_000
+                sock.rcvhwm = 100_000
+            notify_in = make(zmq.XSUB, "notify_in")
+            notify_out = make(zmq.XPUB, "notify_out")
+            notify_out.sndhwm = 100_000
+            notify_in.rcvhwm = 100_000
+            for name, sock in (("frontend", frontend), ("backend", backend),
+                               ("notify_in", notify_in), ("notify_out", notify_out)):
+                sock.bind(self.endpoints[name])
+                self._bound[name] = sock.last_endpoint.decode()
+            state_pub = peer_sub = None
+            if self.endpoints["state_pub"]:
+                state_pub = make(zmq.PUB, "state_pub")
+                state_pub.bind(self.endpoints["state_pub"])
+                self._bound["state_pub"] = state_pub.last_endpoint.decode()
+            if self.endpoints["peer_state"]:
+                peer_sub = make(zmq.SUB, "peer_state")
+                peer_sub.setsockopt(zmq.SUBSCRIBE, b"")
+                peer_sub.connect(self.endpoints["peer_state"])
+            self._start_metrics()
+            self._loop(frontend, backend, notify_in, notify_out, state_pub, peer_sub)
+        finally:
+            for sock in sockets:
+                sock.close(linger=0)
+            log.info("broker stopped")
+        if self.fatal is not None:
+            raise self.fatal
+
+    # --- loop ---------------------------------------------------------------
+
+    def _loop(self, frontend, backend, notify_in, notify_out, state_pub, peer_sub) -> None:
+        core = self.core
+        now = time.monotonic()
+        if peer_sub is not None:
+            self.bstar = BinaryStar(self.role == "primary", now, 2 * self.peer_heartbeat)
+            self.state = self.bstar.state
+        log.info("broker %s (%s) serving: frontend %s, backend %s, notify %s -> %s%s",
+                 self.role, self.state.value, self._bound["frontend"], self._bound["backend"],
+                 self._bound["notify_in"], self._bound["notify_out"],
+                 f", state {self._bound['state_pub']}" if state_pub is not None else "")
+        if peer_sub is not None:
+            log.info("binary star peer state at %s", self.endpoints["peer_state"])
+        self.ready.set()
+
+        poller = zmq.Poller()
+        poller.register(frontend, zmq.POLLIN)
+        poller.register(backend, zmq.POLLIN)
+        poller.register(notify_in, zmq.POLLIN)
+        poller.register(notify_out, zmq.POLLIN)
+        if peer_sub is not None:
+            poller.register(peer_sub, zmq.POLLIN)
+        sockets_by_dest = (frontend, backend)
+        batch = 512  # messages drained per socket per poll, so one busy socket cannot starve the rest
+        next_tick = now + self.heartbeat_interval
+        next_state = now
+        stop = self._stop
+        bstar = self.bstar
+        NOBLOCK = zmq.NOBLOCK
+        Again = zmq.Again
+
+        def send(outs):
+            for dest, frames in outs:
+                sockets_by_dest[dest].send_multipart(frames)
+
+        while not stop.is_set():
+            timeout = max(0.0, min(next_tick, next_state if state_pub is not None else next_tick) - now)
+            ready = dict(poller.poll(timeout * 1000))
+            now = time.monotonic()
+
+            if backend in ready:
+                for _ in range(batch):
+                    try:
+                        frames = backend.recv_multipart(NOBLOCK)
+                    except Again:
+                        break
+                    outs = core.on_worker(frames[0], frames[1:], now)
+                    if outs:
+                        send(outs)
+
+            if frontend in ready:
+                for _ in range(batch):
+                    try:
+                        frames = frontend.recv_multipart(NOBLOCK)
+                    except Again:
+                        break
+                    if bstar is not None and not bstar.accepting:
+                        accepted = bstar.on_client_request(now)
+                        self._state_changed()
+                        if not accepted:
+                            # A passive broker drops requests; the gate times
+                            # out and fails over to the active one.
+                            self._dropped_passive += 1
+                            continue
+                    outs = core.on_client(frames[0], frames[1:], now)
+                    if outs:
+                        send(outs)
+
+            if notify_in in ready:
+                for _ in range(batch):
+                    try:
+                        notify_out.send_multipart(notify_in.recv_multipart(NOBLOCK))
+                    except Again:
+                        break
+
+            if notify_out in ready:
+                # Subscriptions flow upstream so workers' PUB sockets filter
+                # at the source.
+                for _ in range(batch):
+                    try:
+                        notify_in.send_multipart(notify_out.recv_multipart(NOBLOCK))
+                    except Again:
+                        break
+
+            if peer_sub is not None and peer_sub in ready:
+                for _ in range(batch):
+                    try:
+                        frames = peer_sub.recv_multipart(NOBLOCK)
+                    except Again:
+                        break
+                    peer = parse_state_message(frames)
+                    if peer is None:
+                        log.info("dropped malformed state message from the peer")
+                        continue
+                    try:
+                        bstar.on_peer_state(peer, now)
+                    except BStarError as exc:
+                        log.error("fatal: %s; stopping", exc)
+                        self.fatal = exc
+                        stop.set()
+                        break
+                    self._state_changed()
+
+            if now >= next_tick:
+                outs = core.tick(now)
+                if outs:
+                    send(outs)
+                self._update_metrics(now)
+                next_tick = now + self.heartbeat_interval
+
+            if state_pub is not None and now >= next_state:
+                state_pub.send_multipart([b"state", json.dumps(self.status(now)).encode()])
+                next_state = now + self.peer_heartbeat
+
+        outs = core.disconnect_all()
+        if outs and self.fatal is None:
+            send(outs)
+
+    def _state_changed(self) -> None:
+        new = self.bstar.state
+        if new is not self.state:
+            peer = self.bstar.peer_state.value if self.bstar.peer_state else "unseen"
+            log.info("binary star: %s -> %s (peer %s)", self.state.value, new.value, peer)
+            if new is State.ACTIVE and self.state is State.PASSIVE:
+                log.info("failover: %s broker is now active", self.role)
+            self.state = new
+
+    def status(self, now: float) -> dict:
+        """What this broker publishes on its state socket (docs/internal-protocol.md)."""
+        status = {
+            "role": self.role,
+            "state": self.state.value,
+            "peer_state": None,
+            "peer_heard_ago": None,
+        }
+        if self.bstar is not None:
+            if self.bstar.peer_state is not None:
+                status["peer_state"] = self.bstar.peer_state.value
+            if self.bstar.peer_seen is not None:
+                status["peer_heard_ago"] = round(now - self.bstar.peer_seen, 3)
+        status.update(self.core.snapshot(now))
+        return status
+
+    # --- metrics ------------------------------------------------------------
+
+    def _start_metrics(self) -> None:
+        import prometheus_client as prom
+
+        registry = prom.CollectorRegistry(auto_describe=True)
+        m = {
+            "requests": prom.Counter("simzmq_broker_requests", "Client requests received, by service",
+                                     ["service"], registry=registry),
+            "replies": prom.Counter("simzmq_broker_replies", "Replies forwarded to clients", registry=registry),
+            "expiries": prom.Counter("simzmq_broker_worker_expiries", "Workers expired for silence",
+                                     registry=registry),
+            "disconnects": prom.Counter("simzmq_broker_worker_disconnects", "Workers that sent DISCONNECT",
+                                        registry=registry),
+            "timeouts": prom.Counter("simzmq_broker_request_timeouts",
+                                     "Requests dropped after waiting request_timeout for a worker",
+                                     registry=registry),
+            "requeued": prom.Counter("simzmq_broker_requests_requeued",
+                                     "Requests re-sent after their worker went away", registry=registry),
+            "malformed": prom.Counter("simzmq_broker_malformed_messages", "Malformed messages dropped",
+                                      registry=registry),
+            "passive_drops": prom.Counter("simzmq_broker_passive_drops",
+                                          "Client requests dropped while passive", registry=registry),
+            "workers": prom.Gauge("simzmq_broker_workers", "Live workers, by service", ["service"],
+                                  registry=registry),
+            "queue": prom.Gauge("simzmq_broker_queue_depth", "Requests waiting for a worker or its credit",
+                                registry=registry),
+            "in_flight": prom.Gauge("simzmq_broker_in_flight", "Requests held by workers", registry=registry),
+            "gates": prom.Gauge("simzmq_broker_gates", "Gates that sent a request in the last 10 s",
+                                registry=registry),
+            "active": prom.Gauge("simzmq_broker_active", "1 if this broker serves clients (Binary Star active)",
+                                 registry=registry),
+        }
+        self._metrics = m
+        self._metrics_last: dict = {}
+        self.metrics_registry = registry
+        if self.metrics_port is not None:
+            prom.start_http_server(self.metrics_port, self.metrics_addr, registry=registry)
+            log.info("metrics on http://%s:%d/metrics", self.metrics_addr, self.metrics_port)
+
+    def _update_metrics(self, now: float) -> None:
+        # The core counts with plain ints; they are copied into prometheus
+        # once per tick, which keeps the per-message path free of it.
+        m = self._metrics
+        if m is None:
+            return
+        core = self.core
+        last = self._metrics_last
+
+        def bump(name, value, labels=None):
+            previous = last.get((name, labels), 0)
+            if value > previous:
+                metric = m[name] if labels is None else m[name].labels(labels)
+                metric.inc(value - previous)
+                last[(name, labels)] = value
+
+        for service in core.services.values():
+            # Per-service counts restart when an idle service is forgotten;
+            # count only what is new since the last tick.
+            name = service.name.decode(errors="replace")
+            key = ("requests", name)
+            previous = last.get(key, 0)
+            if service.requests < previous:
+                previous = 0
+            if service.requests > previous:
+                m["requests"].labels(name).inc(service.requests - previous)
+            last[key] = service.requests
+        bump("replies", core.replies_total)
+        bump("expiries", core.worker_expiries_total)
+        bump("disconnects", core.worker_disconnects_total)
+        bump("timeouts", core.requests_timed_out_total)
+        bump("requeued", core.requests_requeued_total)
+        bump("malformed", core.malformed_total)
+        bump("passive_drops", self._dropped_passive)
+        seen = set()
+        for service in core.services.values():
+            name = service.name.decode(errors="replace")
+            seen.add(name)
+            m["workers"].labels(name).set(len(service.workers))
+        for name in last.get("worker_labels", set()) - seen:
+            m["workers"].labels(name).set(0)
+        last["worker_labels"] = seen | {n for n in last.get("worker_labels", set())}
+        m["queue"].set(core.queue_depth())
+        m["in_flight"].set(core.in_flight())
+        m["gates"].set(core.gate_count(now))
+        m["active"].set(1 if self.state is State.ACTIVE else 0)
+
+
+def parse_state_message(frames: list[bytes]) -> State | None:
+    """The peer's Binary Star state from a state message, or None if malformed."""
+    if len(frames) != 2 or frames[0] != b"state":
+        return None
+    try:
+        status = json.loads(frames[1])
+        return State(status["state"])
+    except (ValueError, KeyError, TypeError):
+        return None
