@@ -1,0 +1,207 @@
+"""Codecs derived from the declarations: round trips, strictness, hostile bytes."""
+
+import struct
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from simzmq.wire import messages as M
+from simzmq.wire.codec import BIN, CODECS, MSGPACK, peek_header
+from simzmq.wire.errors import ProtocolError, ShortPayload
+
+_SCALARS = {
+    "u8": st.integers(0, 2**8 - 1),
+    "u16": st.integers(0, 2**16 - 1),
+    "u32": st.integers(0, 2**32 - 1),
+    "u64": st.integers(0, 2**64 - 1),
+    "str": st.text(max_size=20),
+    "bytes": st.binary(max_size=20),
+    "bool": st.booleans(),
+}
+
+
+def instances(cls):
+    """A strategy for any value of a declared message or struct class."""
+    fields = {}
+    for spec in M.field_specs(cls):
+        if spec.kind == "struct":
+            fields[spec.name] = instances(spec.struct)
+        elif spec.kind == "list":
+            fields[spec.name] = st.lists(instances(spec.struct), max_size=3)
+        else:
+            fields[spec.name] = _SCALARS[spec.kind]
+    return st.builds(cls, **fields)
+
+
+any_message = st.one_of([instances(cls) for cls in M.MESSAGES.values()])
+
+
+@pytest.mark.parametrize("codec", [BIN, MSGPACK], ids=lambda c: c.name)
+@settings(max_examples=300, deadline=None)
+@given(msg=any_message, ref=st.integers(0, 2**32 - 1))
+def test_round_trip(codec, msg, ref):
+    payload = codec.encode(msg, ref)
+    assert peek_header(payload) == (msg.TYPE, ref)
+    assert codec.decode(payload) == (ref, msg)
+
+
+@pytest.mark.parametrize("cls", list(M.MESSAGES.values()), ids=lambda c: c.__name__)
+def test_every_type_round_trips_with_defaults(cls):
+    for codec in CODECS.values():
+        assert codec.decode(codec.encode(cls(), 7)) == (7, cls())
+
+
+@pytest.mark.parametrize("codec", [BIN, MSGPACK], ids=lambda c: c.name)
+@settings(max_examples=500, deadline=None)
+@given(data=st.binary(max_size=200))
+def test_random_bytes_only_raise_protocol_error(codec, data):
+    try:
+        codec.decode(data)
+    except ProtocolError:
+        pass
+
+
+@pytest.mark.parametrize("codec", [BIN, MSGPACK], ids=lambda c: c.name)
+@settings(max_examples=300, deadline=None)
+@given(msg=any_message, data=st.data())
+def test_mutated_payloads_only_raise_protocol_error(codec, msg, data):
+    payload = bytearray(codec.encode(msg, 1))
+    position = data.draw(st.integers(0, len(payload) - 1))
+    payload[position] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(payload)))
+    try:
+        codec.decode(bytes(payload[:cut]))
+    except ProtocolError:
+        pass
+
+
+@pytest.mark.parametrize("codec", [BIN, MSGPACK], ids=lambda c: c.name)
+def test_short_payload(codec):
+    for n in range(5):
+        with pytest.raises(ShortPayload):
+            codec.decode(b"\x0c" * n)
+    with pytest.raises(ShortPayload):
+        peek_header(b"\x01\x00")
+
+
+@pytest.mark.parametrize("codec", [BIN, MSGPACK], ids=lambda c: c.name)
+@pytest.mark.parametrize("type_id", [0, 20, 63, 64, 127, 132, 255])
+def test_unknown_type_is_bad_request_with_ref(codec, type_id):
+    with pytest.raises(ProtocolError) as info:
+        codec.decode(bytes([type_id]) + b"\x00\x00\x01\x02" + b"\x80")
+    assert info.value.code == 1
+    assert info.value.ref == 0x0102
+    assert type(info.value) is ProtocolError
+
+
+def test_empty_message_encodings():
+    assert BIN.encode(M.Ok(), 1) == b"\x0a\x00\x00\x00\x01"
+    assert MSGPACK.encode(M.Ok(), 1) == b"\x0a\x00\x00\x00\x01\x80"
+
+
+def test_bin_rejects_trailing_and_short():
+    good = BIN.encode(M.Ping(ts_ms=5), 3)
+    for bad in (good + b"\x00", good[:-1]):
+        with pytest.raises(ProtocolError) as info:
+            BIN.decode(bad)
+        assert info.value.ref == 3
+
+
+def mp_payload(type_id: int, body: bytes, ref: int = 1) -> bytes:
+    return struct.pack(">BI", type_id, ref) + body
+
+
+def test_msgpack_accepts_any_key_order_and_ignores_unknown_keys():
+    body = msgpack.packb({"extra": [1, 2.5, None], "msg_id": 9, "peer": "bob"})
+    assert MSGPACK.decode(mp_payload(9, body)) == (1, M.Read(peer="bob", msg_id=9))
+
+
+READ = 9
+KICK = 18
+
+
+@pytest.mark.parametrize(
+    "why, type_id, body",
+    [
+        ("not a map", READ, msgpack.packb(["bob", 9])),
+        ("bool for int", READ, msgpack.packb({"peer": "bob", "msg_id": True})),
+        ("u16 out of range", KICK, msgpack.packb({"code": 70000, "reason": "x"})),
+        ("bin for str", READ, msgpack.packb({"peer": b"bob", "msg_id": 1}, use_bin_type=True)),
+        ("invalid utf-8", READ, b"\x82\xa4peer\xa3\xff\xfe\xfd\xa6msg_id\x01"),
+        ("truncated", READ, msgpack.packb({"peer": "bob", "msg_id": 1})[:-1]),
+        ("empty body", READ, b""),
+        ("ext type", READ, msgpack.packb({"peer": "bob", "msg_id": msgpack.ExtType(1, b"x")})),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_msgpack_strictness(why, type_id, body):
+    with pytest.raises(ProtocolError):
+        MSGPACK.decode(mp_payload(type_id, body))
+
+
+def test_msgpack_bool_must_be_bool():
+    body = msgpack.packb({"msgs": [], "more": 1})
+    with pytest.raises(ProtocolError):
+        MSGPACK.decode(mp_payload(7, body))
+
+
+def test_msgpack_nested_struct_checked():
+    body = msgpack.packb({"msg": {"msg_id": 1}})
+    with pytest.raises(ProtocolError, match="missing field"):
+        MSGPACK.decode(mp_payload(8, body))
+
+
+def test_msgpack_shortest_integer_forms():
+    payload = MSGPACK.encode(M.Ping(ts_ms=0x7F), 0)
+    assert payload[5:] == b"\x81\xa5ts_ms\x7f"
+    payload = MSGPACK.encode(M.Ping(ts_ms=0x100), 0)
+    assert payload[5:] == b"\x81\xa5ts_ms\xcd\x01\x00"
+
+
+@pytest.mark.parametrize("codec", [BIN, MSGPACK], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "msg",
+    [
+        M.Ping(ts_ms=-1),
+        M.Ping(ts_ms=2**64),
+        M.Ping(ts_ms="1"),
+        M.Error(code=70000),
+        M.Send(to=b"bob"),
+        M.Send(cmid="abc"),
+        M.Batch(more=1),
+        M.Batch(msgs=[M.Conv()]),
+        M.Batch(msgs="no"),
+        M.NewMsg(msg=None),
+        M.Read(peer="\ud800"),
+    ],
+)
+def test_encode_rejects_values_outside_their_kinds(codec, msg):
+    with pytest.raises(ProtocolError):
+        codec.encode(msg, 1)
+
+
+@pytest.mark.parametrize("codec", [BIN, MSGPACK], ids=lambda c: c.name)
+def test_encode_rejects_non_messages(codec):
+    with pytest.raises(ProtocolError):
+        codec.encode(M.Msg(), 1)
+    with pytest.raises(ProtocolError):
+        codec.encode(object(), 1)
+
+
+def test_int_enums_encode_as_ints():
+    msg = M.Kick(code=M.KickCode.REPLACED, reason="x")
+    for codec in CODECS.values():
+        assert codec.decode(codec.encode(msg, 0))[1] == M.Kick(code=2, reason="x")
+
+
+def test_codec_registry():
+    assert CODECS[1] is BIN and BIN.name == "bin"
+    assert CODECS[2] is MSGPACK and MSGPACK.name == "msgpack"
+
+
+def test_bin_hostile_list_count_rejected_without_allocating():
+    payload = struct.pack(">BII", 7, 1, 0xFFFFFFFF) + b"\x00" * 50
+    with pytest.raises(ProtocolError, match="count past end"):
+        BIN.decode(payload)
