@@ -19,25 +19,9 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator, NamedTuple
 
-try:  # the wire's record types, so the worker can encode them as they are
-    from simzmq.wire.messages import Conv, Msg
-except ImportError:  # the wire package is not there (yet): same fields, same order
 
-    class Msg(NamedTuple):  # type: ignore[no-redef]
-        msg_id: int
-        seq: int
-        sender: str
-        to: str
-        kind: int
-        ts_ms: int
-        cmid: bytes
-        body: bytes
-
-    class Conv(NamedTuple):  # type: ignore[no-redef]
-        peer: str
-        last_msg_id: int
-        unread: int
-        peer_read: int
+# The wire's record types, so the worker encodes what the store returns as is.
+from simzmq.wire.messages import Conv, Msg
 
 
 # A history entry is a Msg whose seq is the seq in the asking user's inbox.

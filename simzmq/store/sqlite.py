@@ -54,9 +54,9 @@ def _create_v1(db: sqlite_utils.Database) -> None:
         defaults={"max_seq": 0, "delivered": 0},
     )
     db["tokens"].create(
-        {"token_hash": bytes, "user": str, "device": str, "expires_ms": int},
+        {"token_hash": bytes, "user_id": str, "device": str, "expires_ms": int},
         pk="token_hash",
-        not_null={"user", "device", "expires_ms"},
+        not_null={"user_id", "device", "expires_ms"},
     )
     db["tokens"].create_index(["expires_ms"])
     # msg_id is the rowid: allocated max + 1 inside the exclusive write
@@ -86,15 +86,15 @@ def _create_v1(db: sqlite_utils.Database) -> None:
     # instead of a table plus an index.
     inbox_sql = db.create_table_sql(
         "inbox",
-        {"user": str, "seq": int, "msg_id": int},
-        pk=("user", "seq"),
+        {"user_id": str, "seq": int, "msg_id": int},
+        pk=("user_id", "seq"),
         not_null={"msg_id"},
     )
     db.execute(inbox_sql.rstrip().rstrip(";") + " WITHOUT ROWID")
     conv_sql = db.create_table_sql(
         "conversations",
-        {"user": str, "peer": str, "last_msg_id": int, "read_mark": int, "unread": int},
-        pk=("user", "peer"),
+        {"user_id": str, "peer": str, "last_msg_id": int, "read_mark": int, "unread": int},
+        pk=("user_id", "peer"),
         not_null={"last_msg_id", "read_mark", "unread"},
         defaults={"read_mark": 0, "unread": 0},
     )
@@ -223,22 +223,22 @@ class SQLiteStore(Store):
 
     def add_token(self, user: str, token_hash: bytes, device: str, expires_ms: int) -> None:
         self.conn.execute(
-            "INSERT INTO tokens (token_hash, user, device, expires_ms) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (token_hash) DO UPDATE SET user = excluded.user,"
+            "INSERT INTO tokens (token_hash, user_id, device, expires_ms) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (token_hash) DO UPDATE SET user_id = excluded.user_id,"
             " device = excluded.device, expires_ms = excluded.expires_ms",
             (bytes(token_hash), user, device, expires_ms),
         )
 
     def check_token(self, user: str, token_hash: bytes, now_ms: int) -> bool:
         row = self.conn.execute(
-            "SELECT 1 FROM tokens WHERE token_hash = ? AND user = ? AND expires_ms > ?",
+            "SELECT 1 FROM tokens WHERE token_hash = ? AND user_id = ? AND expires_ms > ?",
             (bytes(token_hash), user, now_ms),
         ).fetchone()
         return row is not None
 
     def token_user(self, token_hash: bytes, now_ms: int) -> str | None:
         row = self.conn.execute(
-            "SELECT user FROM tokens WHERE token_hash = ? AND expires_ms > ?",
+            "SELECT user_id FROM tokens WHERE token_hash = ? AND expires_ms > ?",
             (bytes(token_hash), now_ms),
         ).fetchone()
         return row[0] if row else None
@@ -309,26 +309,26 @@ class SQLiteStore(Store):
         msg_id = rows[0][0]
         if sender == to:
             self.conn.execute(
-                "INSERT INTO inbox (user, seq, msg_id) VALUES (?, ?, ?)", (sender, sender_seq, msg_id)
+                "INSERT INTO inbox (user_id, seq, msg_id) VALUES (?, ?, ?)", (sender, sender_seq, msg_id)
             )
             # Messages to oneself are one's own: they never count as unread.
             self.conn.execute(
-                "INSERT INTO conversations (user, peer, last_msg_id, read_mark, unread)"
+                "INSERT INTO conversations (user_id, peer, last_msg_id, read_mark, unread)"
                 " VALUES (?, ?, ?, 0, 0)"
-                " ON CONFLICT (user, peer) DO UPDATE SET last_msg_id = excluded.last_msg_id",
+                " ON CONFLICT (user_id, peer) DO UPDATE SET last_msg_id = excluded.last_msg_id",
                 (sender, sender, msg_id),
             )
         else:
             self.conn.execute(
-                "INSERT INTO inbox (user, seq, msg_id) VALUES (?, ?, ?), (?, ?, ?)",
+                "INSERT INTO inbox (user_id, seq, msg_id) VALUES (?, ?, ?), (?, ?, ?)",
                 (sender, sender_seq, msg_id, to, recipient_seq, msg_id),
             )
             # The new msg_id is above any read mark, so it is unread for the
             # recipient and not for the sender.
             self.conn.execute(
-                "INSERT INTO conversations (user, peer, last_msg_id, read_mark, unread)"
+                "INSERT INTO conversations (user_id, peer, last_msg_id, read_mark, unread)"
                 " VALUES (?, ?, ?, 0, 0), (?, ?, ?, 0, 1)"
-                " ON CONFLICT (user, peer) DO UPDATE SET last_msg_id = excluded.last_msg_id,"
+                " ON CONFLICT (user_id, peer) DO UPDATE SET last_msg_id = excluded.last_msg_id,"
                 " unread = unread + excluded.unread",
                 (sender, to, msg_id, to, sender, msg_id),
             )
@@ -339,7 +339,7 @@ class SQLiteStore(Store):
         cur = self.conn.execute(
             "SELECT m.msg_id, i.seq, m.sender, m.recipient, m.kind, m.ts_ms, m.cmid, m.body"
             " FROM inbox i JOIN messages m ON m.msg_id = i.msg_id"
-            " WHERE i.user = ? AND i.seq > ? ORDER BY i.seq LIMIT ?",
+            " WHERE i.user_id = ? AND i.seq > ? ORDER BY i.seq LIMIT ?",
             (user, since, limit + 1),
         )
         try:
@@ -374,22 +374,22 @@ class SQLiteStore(Store):
             params = (msg_id, peer, user, msg_id, user, peer, msg_id, msg_id)
         cur = self.conn.execute(
             f"UPDATE conversations SET read_mark = ?, unread = {unread_sql}"
-            " WHERE user = ? AND peer = ? AND read_mark < ? AND last_msg_id >= ?",
+            " WHERE user_id = ? AND peer = ? AND read_mark < ? AND last_msg_id >= ?",
             params,
         )
         return cur.rowcount == 1
 
     def peer_read_mark(self, user: str, peer: str) -> int:
         row = self.conn.execute(
-            "SELECT read_mark FROM conversations WHERE user = ? AND peer = ?", (peer, user)
+            "SELECT read_mark FROM conversations WHERE user_id = ? AND peer = ?", (peer, user)
         ).fetchone()
         return row[0] if row else 0
 
     def conversations(self, user: str, limit: int | None = None) -> list[Conv]:
         rows = self.conn.execute(
             "SELECT c.peer, c.last_msg_id, c.unread, COALESCE(p.read_mark, 0)"
-            " FROM conversations c LEFT JOIN conversations p ON p.user = c.peer AND p.peer = c.user"
-            " WHERE c.user = ? ORDER BY c.last_msg_id DESC LIMIT ?",
+            " FROM conversations c LEFT JOIN conversations p ON p.user_id = c.peer AND p.peer = c.user_id"
+            " WHERE c.user_id = ? ORDER BY c.last_msg_id DESC LIMIT ?",
             (user, -1 if limit is None else limit),
         ).fetchall()
         return [Conv(*row) for row in rows]

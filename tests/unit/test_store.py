@@ -1,0 +1,438 @@
+"""The store's contract, run against SQLite and a real throwaway Postgres."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pg import pg_cluster  # noqa: E402,F401  (session fixture)
+
+from simzmq.store import (  # noqa: E402
+    Conv,
+    DuplicateSend,
+    Msg,
+    StoreError,
+    UnknownUser,
+    msg_wire_size,
+    open_store,
+)
+
+T0 = 1_700_000_000_000
+BIG = 10**9
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/im.db"
+    cluster = request.getfixturevalue("pg_cluster")
+    return cluster.create_database()
+
+
+@pytest.fixture
+def store(store_url):
+    s = open_store(store_url)
+    yield s
+    s.close()
+
+
+def users(store, *names):
+    with store.transaction():
+        for name in names:
+            assert store.create_user(name, f"hash-{name}", T0)
+
+
+def send(store, sender, to, cmid, body=b"x", kind=0, ts=T0):
+    with store.transaction():
+        return store.append_message(sender, to, cmid, kind, body, ts)
+
+
+def inbox(store, user):
+    msgs, more = store.sync(user, 0, 500, BIG)
+    assert not more
+    return msgs
+
+
+# users and tokens
+
+@pytest.mark.timeout(60)
+def test_users(store):
+    with store.transaction():
+        assert store.create_user("ann", "h1", T0)
+        assert not store.create_user("ann", "h2", T0)
+        assert store.create_user("Ann", "h3", T0)  # ids are case-sensitive
+    assert store.get_password_hash("ann") == "h1"
+    assert store.get_password_hash("Ann") == "h3"
+    assert store.get_password_hash("bob") is None
+    assert store.user_exists("ann") and not store.user_exists("ANN")
+    assert store.max_seq("ann") == 0
+
+
+@pytest.mark.timeout(60)
+def test_tokens_expire_and_revoke(store):
+    users(store, "ann", "bob")
+    with store.transaction():
+        store.add_token("ann", b"t1" * 16, "phone", T0 + 1000)
+        store.add_token("ann", b"t2" * 16, "laptop", T0 + 5000)
+    assert store.check_token("ann", b"t1" * 16, T0)
+    assert not store.check_token("bob", b"t1" * 16, T0)
+    assert not store.check_token("ann", b"t1" * 16, T0 + 1000)  # expired at expires_ms
+    assert not store.check_token("ann", b"nope", T0)
+    assert store.token_user(b"t2" * 16, T0) == "ann"
+    assert store.token_user(b"t1" * 16, T0 + 2000) is None
+    with store.transaction():
+        store.revoke_token(b"t2" * 16)
+    assert store.token_user(b"t2" * 16, T0) is None
+    assert not store.check_token("ann", b"t2" * 16, T0)
+    with store.transaction():
+        store.add_token("bob", b"t3" * 16, "", T0 + 9000)
+        assert store.purge_expired(T0 + 2000) == 1
+        assert store.purge_expired(T0 + 2000) == 0
+    assert store.check_token("bob", b"t3" * 16, T0 + 2000)
+
+
+# inbox
+
+@pytest.mark.timeout(60)
+def test_append_fills_both_inboxes_gaplessly(store):
+    users(store, "ann", "bob", "cat")
+    sent = []
+    with store.transaction():
+        for i in range(10):
+            sender, to = [("ann", "bob"), ("bob", "ann"), ("cat", "ann")][i % 3]
+            sent.append((sender, to, store.append_message(sender, to, b"c%d" % i, 0, b"m%d" % i, T0 + i)))
+    for user in ("ann", "bob", "cat"):
+        msgs = inbox(store, user)
+        assert [m.seq for m in msgs] == list(range(1, len(msgs) + 1))
+        assert store.max_seq(user) == len(msgs)
+        ids = [m.msg_id for m in msgs]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert len(inbox(store, "ann")) == 10
+    assert len(inbox(store, "bob")) == 7
+    assert len(inbox(store, "cat")) == 3
+    for sender, to, app in sent:
+        s_copy = [m for m in inbox(store, sender) if m.msg_id == app.msg_id]
+        r_copy = [m for m in inbox(store, to) if m.msg_id == app.msg_id]
+        assert s_copy[0].seq == app.sender_seq and r_copy[0].seq == app.recipient_seq
+        for m in (s_copy[0], r_copy[0]):
+            assert (m.sender, m.to, m.kind, m.ts_ms) == (sender, to, 0, app.ts_ms)
+        assert (s_copy[0].cmid, s_copy[0].body) == (r_copy[0].cmid, r_copy[0].body)
+    first = inbox(store, "bob")[0]
+    assert first == Msg(sent[0][2].msg_id, 1, "ann", "bob", 0, T0, b"c0", b"m0")
+
+
+@pytest.mark.timeout(60)
+def test_self_send_is_stored_once(store):
+    users(store, "ann")
+    app = send(store, "ann", "ann", b"n1", b"note")
+    assert app.sender_seq == app.recipient_seq == 1
+    assert store.max_seq("ann") == 1
+    assert [m.body for m in inbox(store, "ann")] == [b"note"]
+    assert store.conversations("ann") == [Conv("ann", app.msg_id, 0, 0)]
+    assert [m.msg_id for m in store.history("ann", "ann", 0, 10)[0]] == [app.msg_id]
+
+
+@pytest.mark.timeout(60)
+def test_unknown_user_writes_nothing(store):
+    users(store, "ann")
+    with store.transaction():
+        with pytest.raises(UnknownUser):
+            store.append_message("ann", "ghost", b"c1", 0, b"x", T0)
+        with pytest.raises(UnknownUser):
+            store.append_message("ghost", "ann", b"c2", 0, b"x", T0)
+    assert store.max_seq("ann") == 0
+    assert inbox(store, "ann") == []
+    assert store.conversations("ann") == []
+
+
+@pytest.mark.timeout(60)
+def test_idempotency_record(store):
+    users(store, "ann", "bob")
+    app = send(store, "ann", "bob", b"cmid-1", b"hello", kind=3, ts=T0 + 7)
+    rec = store.find_send("ann", b"cmid-1")
+    assert rec == (app.msg_id, app.sender_seq, T0 + 7, "bob", 3, b"hello")
+    assert rec.to == "bob" and rec.sender_seq == app.sender_seq
+    assert store.find_send("bob", b"cmid-1") is None
+    assert store.find_send("ann", b"cmid-2") is None
+    with store.transaction():
+        with pytest.raises(DuplicateSend):
+            with store.savepoint():
+                store.append_message("ann", "bob", b"cmid-1", 3, b"hello", T0 + 9)
+        # the transaction stays usable and the cmid is per sender
+        store.append_message("bob", "ann", b"cmid-1", 0, b"other", T0 + 9)
+    assert store.max_seq("ann") == 2 and store.max_seq("bob") == 2
+    assert [m.body for m in inbox(store, "ann")] == [b"hello", b"other"]
+
+
+@pytest.mark.timeout(60)
+def test_duplicate_without_savepoint_leaves_no_gap(store):
+    users(store, "ann", "bob")
+    send(store, "ann", "bob", b"c1")
+    with store.transaction():
+        with pytest.raises(DuplicateSend):
+            store.append_message("ann", "bob", b"c1", 0, b"x", T0)
+        store.append_message("ann", "bob", b"c2", 0, b"y", T0)
+    assert [m.seq for m in inbox(store, "bob")] == [1, 2]
+    assert [m.seq for m in inbox(store, "ann")] == [1, 2]
+
+
+@pytest.mark.timeout(120)
+def test_sync_limits(store):
+    users(store, "ann", "bob")
+    with store.transaction():
+        for i in range(12):
+            store.append_message("ann", "bob", b"c%02d" % i, 0, bytes(100), T0 + i)
+    msgs, more = store.sync("bob", 0, 5, BIG)
+    assert [m.seq for m in msgs] == [1, 2, 3, 4, 5] and more
+    msgs, more = store.sync("bob", 5, 7, BIG)
+    assert [m.seq for m in msgs] == list(range(6, 13)) and not more
+    msgs, more = store.sync("bob", 10, 5, BIG)
+    assert [m.seq for m in msgs] == [11, 12] and not more
+    assert store.sync("bob", 12, 5, BIG) == ([], False)
+    assert store.sync("bob", 99, 5, BIG) == ([], False)
+    size = msg_wire_size("ann", "bob", b"c00", bytes(100))
+    assert size == 8 + 8 + 4 + 3 + 4 + 3 + 1 + 8 + 4 + 3 + 4 + 100
+    msgs, more = store.sync("bob", 0, 500, 3 * size)
+    assert len(msgs) == 3 and more
+    msgs, more = store.sync("bob", 0, 500, 3 * size - 1)
+    assert len(msgs) == 2 and more
+    # at least one while any remain, even if it alone is too large
+    msgs, more = store.sync("bob", 0, 500, 10)
+    assert [m.seq for m in msgs] == [1] and more
+    msgs, more = store.sync("bob", 11, 500, 10)
+    assert [m.seq for m in msgs] == [12] and not more
+
+
+@pytest.mark.timeout(120)
+def test_sync_limit_zero_means_500(store):
+    users(store, "ann", "bob")
+    with store.transaction():
+        for i in range(502):
+            store.append_message("ann", "bob", b"c%d" % i, 0, b"", T0)
+    for limit in (0, 501, 10**6):
+        msgs, more = store.sync("bob", 0, limit, BIG)
+        assert len(msgs) == 500 and more
+
+
+@pytest.mark.timeout(60)
+def test_delivered_mark_only_rises(store):
+    users(store, "ann", "bob")
+    for i in range(5):
+        send(store, "ann", "bob", b"c%d" % i)
+    with store.transaction():
+        store.raise_delivered("bob", 3)
+    assert store.delivered_mark("bob") == 3
+    with store.transaction():
+        store.raise_delivered("bob", 1)
+    assert store.delivered_mark("bob") == 3
+    with store.transaction():
+        store.raise_delivered("bob", 99)  # never past the inbox
+    assert store.delivered_mark("bob") == 5
+    assert store.delivered_mark("ann") == 0
+
+
+# conversations
+
+@pytest.mark.timeout(60)
+def test_read_marks_and_unread(store):
+    users(store, "ann", "bob", "cat")
+    a1 = send(store, "ann", "bob", b"1")
+    a2 = send(store, "ann", "bob", b"2")
+    b1 = send(store, "bob", "ann", b"3")
+    a3 = send(store, "ann", "bob", b"4")
+    c1 = send(store, "cat", "ann", b"5")
+    assert store.conversation_of("bob", "ann", a1.msg_id)
+    assert store.conversation_of("ann", "bob", b1.msg_id)
+    assert not store.conversation_of("bob", "ann", c1.msg_id)
+    assert not store.conversation_of("bob", "cat", c1.msg_id)
+    assert not store.conversation_of("bob", "ann", 10**12)
+    convs = {c.peer: c for c in store.conversations("bob")}
+    assert convs["ann"] == Conv("ann", a3.msg_id, 3, 0)
+    with store.transaction():
+        assert store.raise_read_mark("bob", "ann", a2.msg_id)
+        assert not store.raise_read_mark("bob", "ann", a1.msg_id)  # lower: no
+        assert not store.raise_read_mark("bob", "ann", a2.msg_id)  # same: no
+    assert store.peer_read_mark("ann", "bob") == a2.msg_id
+    assert store.peer_read_mark("bob", "ann") == 0
+    assert store.conversations("bob") == [Conv("ann", a3.msg_id, 1, 0)]
+    # reading up to one's own message also counts the peer's older ones read
+    with store.transaction():
+        assert store.raise_read_mark("ann", "bob", b1.msg_id)
+    assert {c.peer: c for c in store.conversations("ann")}["bob"] == Conv("bob", a3.msg_id, 0, a2.msg_id)
+    assert {c.peer: c for c in store.conversations("bob")}["ann"] == Conv("ann", a3.msg_id, 1, b1.msg_id)
+    # new messages above the mark count again
+    send(store, "ann", "bob", b"6")
+    assert store.conversations("bob")[0].unread == 2
+    with store.transaction():
+        assert store.raise_read_mark("bob", "ann", store.conversations("bob")[0].last_msg_id)
+    assert store.conversations("bob")[0].unread == 0
+
+
+@pytest.mark.timeout(60)
+def test_conversations_newest_first(store):
+    users(store, "ann", "bob", "cat", "dan")
+    send(store, "bob", "ann", b"1")
+    send(store, "ann", "cat", b"2")
+    last = send(store, "dan", "ann", b"3")
+    newest = send(store, "ann", "bob", b"4")
+    convs = store.conversations("ann")
+    assert [c.peer for c in convs] == ["bob", "dan", "cat"]
+    assert convs[0] == Conv("bob", newest.msg_id, 1, 0)
+    assert convs[1] == Conv("dan", last.msg_id, 1, 0)
+    assert convs[2].unread == 0
+    assert [c.peer for c in store.conversations("ann", limit=2)] == ["bob", "dan"]
+    assert store.conversations("nobody") == []
+
+
+@pytest.mark.timeout(60)
+def test_history_paging(store):
+    users(store, "ann", "bob", "cat")
+    ids = []
+    with store.transaction():
+        for i in range(25):
+            sender, to = ("ann", "bob") if i % 2 else ("bob", "ann")
+            ids.append(store.append_message(sender, to, b"h%d" % i, 0, b"b%d" % i, T0 + i).msg_id)
+            store.append_message("cat", "ann", b"x%d" % i, 0, b"noise", T0 + i)
+    page, more = store.history("ann", "bob", 0, 10)
+    assert [m.msg_id for m in page] == ids[::-1][:10] and more
+    page2, more = store.history("ann", "bob", page[-1].msg_id, 10)
+    assert [m.msg_id for m in page2] == ids[::-1][10:20] and more
+    page3, more = store.history("ann", "bob", page2[-1].msg_id, 10)
+    assert [m.msg_id for m in page3] == ids[::-1][20:] and not more
+    # seq is the asking user's; both sides see the same messages
+    ann_seq = {m.msg_id: m.seq for m in inbox(store, "ann")}
+    assert all(m.seq == ann_seq[m.msg_id] for m in page + page2 + page3)
+    bob_page, _ = store.history("bob", "ann", 0, 100)
+    bob_seq = {m.msg_id: m.seq for m in inbox(store, "bob")}
+    assert [m.msg_id for m in bob_page] == ids[::-1]
+    assert all(m.seq == bob_seq[m.msg_id] for m in bob_page)
+    assert bob_page[-1] == Msg(ids[0], 1, "bob", "ann", 0, T0, b"h0", b"b0")
+    # limit is at most 100 (0 means 100); exactly 25 with limit 25: no more
+    assert store.history("ann", "bob", 0, 25)[1] is False
+    assert len(store.history("ann", "cat", 0, 0)[0]) == 25
+    assert store.history("ann", "bob", ids[0], 10) == ([], False)
+    assert store.history("bob", "cat", 0, 10) == ([], False)
+
+
+# transactions
+
+@pytest.mark.timeout(60)
+def test_savepoint_rollback_leaves_nothing(store):
+    users(store, "ann", "bob")
+    with store.transaction():
+        store.append_message("ann", "bob", b"ok1", 0, b"1", T0)
+        with pytest.raises(Boom):
+            with store.savepoint():
+                store.append_message("ann", "bob", b"bad", 0, b"2", T0)
+                store.raise_read_mark("bob", "ann", 1)
+                store.add_token("ann", b"tok", "d", T0 + 10)
+                raise Boom
+        store.append_message("bob", "ann", b"ok2", 0, b"3", T0)
+        with store.savepoint():
+            store.add_token("bob", b"tok2", "d", T0 + 10)
+    assert [m.body for m in inbox(store, "ann")] == [b"1", b"3"]
+    assert [m.seq for m in inbox(store, "bob")] == [1, 2]
+    assert store.find_send("ann", b"bad") is None
+    assert store.token_user(b"tok", T0) is None
+    assert store.token_user(b"tok2", T0) == "bob"
+    assert store.peer_read_mark("ann", "bob") == 0
+    assert store.conversations("bob")[0].unread == 1  # ok1 only; "bad" was rolled back
+
+
+@pytest.mark.timeout(60)
+def test_transaction_rollback_on_exception(store):
+    users(store, "ann", "bob")
+    with pytest.raises(Boom):
+        with store.transaction():
+            store.append_message("ann", "bob", b"c1", 0, b"x", T0)
+            store.create_user("cat", "h", T0)
+            raise Boom
+    assert store.max_seq("ann") == 0 and store.max_seq("bob") == 0
+    assert not store.user_exists("cat")
+    assert store.find_send("ann", b"c1") is None
+    assert store.conversations("ann") == []
+    # and the store goes on working
+    assert send(store, "ann", "bob", b"c1").sender_seq == 1
+
+
+@pytest.mark.timeout(60)
+def test_nested_transaction_is_refused(store):
+    with store.transaction():
+        with pytest.raises(StoreError):
+            with store.transaction():
+                pass
+
+
+@pytest.mark.timeout(60)
+def test_reopen_keeps_data(store_url):
+    s = open_store(store_url)
+    users(s, "ann", "bob")
+    send(s, "ann", "bob", b"c1", b"kept")
+    s.close()
+    s = open_store(store_url)
+    try:
+        assert [m.body for m in inbox(s, "bob")] == [b"kept"]
+        assert send(s, "bob", "ann", b"c2").sender_seq == 2
+    finally:
+        s.close()
+
+
+# concurrency
+
+PER_WRITER = 200
+BATCH = 20
+
+
+def _writer(url, sender, to, tag):
+    s = open_store(url)
+    try:
+        for start in range(0, PER_WRITER, BATCH):
+            with s.transaction():
+                for i in range(start, start + BATCH):
+                    with s.savepoint():
+                        s.append_message(sender, to, b"%s-%d" % (tag, i), 0, b"m", T0 + i)
+    finally:
+        s.close()
+
+
+@pytest.mark.timeout(180)
+def test_concurrent_writers_keep_inboxes_gapless_and_ordered(store_url):
+    s = open_store(store_url)
+    try:
+        users(s, "ann", "bob", "cat")
+        ctx = multiprocessing.get_context("fork")
+        procs = [
+            ctx.Process(target=_writer, args=(store_url, "ann", "bob", b"a")),
+            ctx.Process(target=_writer, args=(store_url, "bob", "ann", b"b")),
+            ctx.Process(target=_writer, args=(store_url, "cat", "ann", b"c")),
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(150)
+        assert [p.exitcode for p in procs] == [0, 0, 0]
+        expected = {"ann": 3 * PER_WRITER, "bob": 2 * PER_WRITER, "cat": PER_WRITER}
+        for user, count in expected.items():
+            msgs = []
+            since = 0
+            while True:
+                page, more = s.sync(user, since, 500, BIG)
+                msgs += page
+                since = page[-1].seq if page else since
+                if not more:
+                    break
+            assert [m.seq for m in msgs] == list(range(1, count + 1))
+            assert s.max_seq(user) == count
+            # within every conversation, seq order == msg_id order
+            ids = [m.msg_id for m in msgs]
+            assert ids == sorted(ids)
+    finally:
+        s.close()
