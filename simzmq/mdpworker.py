@@ -73,17 +73,21 @@ class WorkerProtocol:
 
 
 class WorkerSession:
-    """One MDP worker session with one broker, on a blocking DEALER."""
+    """One MDP worker session with one broker, on a blocking DEALER.
+
+    ``context`` may be None for the process's shared context. ``credit`` None
+    sends a plain READY without the credit frame.
+    """
 
     def __init__(
         self,
+        context: zmq.Context | None,
         endpoint: str,
         service: str | bytes,
         credit: int | None = 1,
         heartbeat_interval: float = 0.25,
         liveness: int = 3,
         identity: bytes | None = None,
-        context: zmq.Context | None = None,
         configure_socket: Callable[[zmq.Socket], None] | None = None,
         now: float | None = None,
     ) -> None:
@@ -208,7 +212,7 @@ class WorkerGroup:
         identity = identity or os.urandom(8)
         self.heartbeat_interval = heartbeat_interval
         self.sessions = [
-            WorkerSession(e, service, credit, heartbeat_interval, liveness, identity, context, configure_socket)
+            WorkerSession(context, e, service, credit, heartbeat_interval, liveness, identity, configure_socket)
             for e in endpoints
         ]
         self.poller = zmq.Poller()

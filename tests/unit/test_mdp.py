@@ -1,0 +1,91 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from simzmq import mdp
+
+
+def test_client_request_round_trip():
+    frames = mdp.build_client_request(b"im", [b"ann", b"corr"])
+    assert frames == [b"", b"MDPC01", b"im", b"ann", b"corr"]
+    assert mdp.parse_client_request(frames) == (b"im", [b"ann", b"corr"])
+
+
+def test_client_reply_round_trip_with_empty_body():
+    frames = mdp.build_client_reply(b"echo", [])
+    assert mdp.parse_client_reply(frames) == (b"echo", [])
+
+
+@pytest.mark.parametrize("frames", [
+    [],
+    [b""],
+    [b"", b"MDPC01"],
+    [b"x", b"MDPC01", b"im"],
+    [b"", b"MDPC02", b"im"],
+    [b"", b"MDPW01", b"im"],
+    [b"", b"MDPC01", b""],
+    [b"", b"MDPC01", b"s" * 256],
+])
+def test_malformed_client_messages(frames):
+    with pytest.raises(mdp.MDPError):
+        mdp.parse_client_request(frames)
+
+
+def test_ready_plain_and_with_credit():
+    plain = mdp.parse_worker_message(mdp.build_ready(b"echo"))
+    assert (plain.command, plain.service, plain.credit) == (mdp.READY, b"echo", 1)
+    credited = mdp.parse_worker_message(mdp.build_ready(b"im", 256))
+    assert (credited.command, credited.service, credited.credit) == (mdp.READY, b"im", 256)
+    assert mdp.build_ready(b"im", 256)[-1] == b"256"
+
+
+@pytest.mark.parametrize("credit", [b"", b"0", b"-1", b"abc", b"1.5", b"99999999", b"65537", b" 1"])
+def test_bad_credit(credit):
+    with pytest.raises(mdp.MDPError):
+        mdp.parse_worker_message([b"", b"MDPW01", mdp.READY, b"im", credit])
+
+
+def test_reply_and_request_round_trip():
+    reply = mdp.parse_worker_message(mdp.build_reply(b"client-1", [b"a", b""]))
+    assert (reply.command, reply.client, reply.body) == (mdp.REPLY, b"client-1", [b"a", b""])
+    request = mdp.parse_broker_message(mdp.build_request(b"client-1", [b"k", b"v"]))
+    assert (request.command, request.client, request.body) == (mdp.REQUEST, b"client-1", [b"k", b"v"])
+
+
+def test_heartbeat_and_disconnect_both_ways():
+    for build, command in ((mdp.build_heartbeat, mdp.HEARTBEAT), (mdp.build_disconnect, mdp.DISCONNECT)):
+        assert mdp.parse_worker_message(build()).command == command
+        assert mdp.parse_broker_message(build()).command == command
+
+
+@pytest.mark.parametrize("frames", [
+    [b"", b"MDPW01"],
+    [b"", b"MDPW01", b"\x09"],
+    [b"", b"MDPW01", mdp.REQUEST, b"c", b"", b"body"],  # REQUEST is broker → worker only
+    [b"", b"MDPW01", mdp.READY],
+    [b"", b"MDPW01", mdp.READY, b""],
+    [b"", b"MDPW01", mdp.READY, b"im", b"1", b"extra"],
+    [b"", b"MDPW01", mdp.REPLY, b"c"],
+    [b"", b"MDPW01", mdp.REPLY, b"c", b"not-empty", b"body"],
+    [b"", b"MDPW01", mdp.REPLY, b"", b"", b"body"],
+    [b"", b"MDPW01", mdp.HEARTBEAT, b"extra"],
+    [b"", b"MDPC01", mdp.HEARTBEAT],
+    [b"junk", b"MDPW01", mdp.HEARTBEAT],
+])
+def test_malformed_worker_messages(frames):
+    with pytest.raises(mdp.MDPError):
+        mdp.parse_worker_message(frames)
+
+
+def test_worker_cannot_be_sent_ready():
+    with pytest.raises(mdp.MDPError):
+        mdp.parse_broker_message(mdp.build_ready(b"im"))
+
+
+@given(st.lists(st.binary(max_size=12), max_size=8))
+def test_parsers_raise_only_mdp_error(frames):
+    for parse in (mdp.parse_client_request, mdp.parse_worker_message, mdp.parse_broker_message):
+        try:
+            parse(frames)
+        except mdp.MDPError:
+            pass
