@@ -59,6 +59,8 @@ def _open_sqlite_url(url: str, synchronous: str | None, busy_timeout_ms: int | N
         path = ":memory:"
     else:
         path = parts.path
+        if path.startswith("//"):  # sqlite:////abs/path, SQLAlchemy's spelling
+            path = "/" + path.lstrip("/")
         if parts.netloc:  # sqlite://host/... names no host we could use
             raise ValueError(f"sqlite URL with a host: {url!r}; use sqlite:///absolute/path")
     if synchronous is None:

@@ -113,6 +113,10 @@ class Store:
     def close(self) -> None:
         raise NotImplementedError
 
+    def describe(self) -> str:
+        """Where the data lives and how durable commits are, for logs (no secrets)."""
+        raise NotImplementedError
+
     # users and credentials
 
     def create_user(self, user: str, pw_hash: str, now_ms: int) -> bool:

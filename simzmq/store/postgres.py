@@ -202,6 +202,11 @@ class PostgresStore(Store):
     def close(self) -> None:
         self.conn.close()
 
+    def describe(self) -> str:
+        info = self.conn.info
+        where = info.host if info.host.startswith("/") else f"{info.host}:{info.port}"
+        return f"postgres {info.user}@{where}/{info.dbname} (synchronous_commit=on)"
+
     # users and credentials
 
     def create_user(self, user: str, pw_hash: str, now_ms: int) -> bool:

@@ -121,6 +121,7 @@ class SQLiteStore(Store):
         if mode not in SYNCHRONOUS_MODES:
             raise ValueError(f"sqlite synchronous must be one of {SYNCHRONOUS_MODES}, not {synchronous!r}")
         self.path = path
+        self.synchronous = mode
         if path != ":memory:":
             parent = os.path.dirname(os.path.abspath(path))
             os.makedirs(parent, exist_ok=True)
@@ -203,6 +204,9 @@ class SQLiteStore(Store):
 
     def close(self) -> None:
         self.conn.close()
+
+    def describe(self) -> str:
+        return f"sqlite {self.path} (WAL, synchronous={self.synchronous})"
 
     # users and credentials
 

@@ -436,3 +436,37 @@ def test_concurrent_writers_keep_inboxes_gapless_and_ordered(store_url):
             assert ids == sorted(ids)
     finally:
         s.close()
+
+
+# opening
+
+@pytest.mark.timeout(60)
+def test_open_store_spellings(tmp_path):
+    for url, path in [
+        (f"sqlite:///{tmp_path}/a.db", f"{tmp_path}/a.db"),
+        (f"sqlite:////{tmp_path}/b.db", f"{tmp_path}/b.db"),
+        (f"{tmp_path}/c.db", f"{tmp_path}/c.db"),
+        (f"sqlite:///{tmp_path}/sub/d.db?synchronous=normal", f"{tmp_path}/sub/d.db"),
+    ]:
+        s = open_store(url)
+        try:
+            assert s.path == path and os.path.exists(path)
+            assert s.describe().startswith(f"sqlite {path} ")
+        finally:
+            s.close()
+    s = open_store(f"sqlite:///{tmp_path}/sub/d.db?synchronous=normal")
+    try:
+        assert s.conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+        assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        s.close()
+    s = open_store({"store": "sqlite", "sqlite_path": "e.db", "data_dir": str(tmp_path)})
+    try:
+        assert s.path == f"{tmp_path}/e.db"
+        assert s.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL by default
+    finally:
+        s.close()
+    with pytest.raises(ValueError):
+        open_store(f"sqlite:///{tmp_path}/f.db", synchronous="SOMETIMES")
+    with pytest.raises(ValueError):
+        open_store("mysql://localhost/im")
