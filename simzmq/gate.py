@@ -393,7 +393,7 @@ class ClientConnection:
                 REQUESTS.labels(name, "ok").inc()
             self.send_message(reply, ref)
 
-        self.gate.backend.request(key.encode(), self.session if self.user else b"", payload, done)
+        self.gate.backend.request(key.encode(), self.session, payload, done)
 
     # -- output -------------------------------------------------------------
 

@@ -28,7 +28,7 @@ import nacl.pwhash
 import zmq
 from prometheus_client import Counter, Histogram, start_http_server
 
-from simzmq.mdpworker import WorkerSession
+from simzmq.mdpworker import Request, WorkerSession
 from simzmq.service import IMService, Outcome, error
 from simzmq.store import open_store
 from simzmq.wire import messages as m
@@ -56,8 +56,7 @@ PWHASH_STRENGTH = {
 
 class Job(NamedTuple):
     """One decoded request and where its reply goes."""
-    session: WorkerSession
-    request: object          # the session's request handle (client envelope)
+    request: Request         # where the reply goes (broker session, client envelope)
     corr: bytes
     key: str
     origin: bytes
@@ -103,8 +102,10 @@ class IMWorker:
         store = open_store(self.store_url, synchronous=self.sqlite_synchronous)
         service = IMService(store, self.im_cfg["token_ttl_s"] * 1000, self.max_frame)
         ctx = zmq.Context.instance()
-        sessions = [WorkerSession(ctx, ep, SERVICE, credit=self.im_cfg["credit"],
-                                  heartbeat_interval=self.heartbeat_s, liveness=self.liveness)
+        # One identity with every broker, so each routes the same users here.
+        identity = os.urandom(8)
+        sessions = [WorkerSession(context=ctx, endpoint=ep, service=SERVICE, credit=self.im_cfg["credit"], heartbeat_interval=self.heartbeat_s,
+                                  liveness=self.liveness, identity=identity)
                     for ep in self.backends]
         pub = ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 1000)
@@ -123,10 +124,8 @@ class IMWorker:
                  f"http://127.0.0.1:{self.metrics_port}/metrics" if self.metrics_port else "off",
                  self.im_cfg["credit"])
         poller = zmq.Poller()
-        by_socket = {}
         for s in sessions:
             poller.register(s.socket, zmq.POLLIN)
-            by_socket[s.socket] = s
         poller.register(wake_r, zmq.POLLIN)
         try:
             while self.running:
@@ -134,7 +133,10 @@ class IMWorker:
                 now = time.monotonic()
                 jobs: list[Job] = []
                 for s in sessions:
-                    self._drain(s, now, jobs)
+                    for req in s.recv_requests(now):
+                        job = self._decode(req)
+                        if job is not None:
+                            jobs.append(job)
                 if wake_r in events:
                     try:
                         os.read(wake_r, 4096)
@@ -149,8 +151,7 @@ class IMWorker:
                     self.process(store, service, pool, pub, jobs)
                 for s in sessions:
                     old = s.socket
-                    s.tick(time.monotonic())
-                    if s.socket is not old:
+                    if s.tick(time.monotonic()):
                         poller.unregister(old)
                         poller.register(s.socket, zmq.POLLIN)
         finally:
@@ -162,19 +163,7 @@ class IMWorker:
             store.close()
             log.info("im worker %s stopped", self.name)
 
-    def _drain(self, session: WorkerSession, now: float, jobs: list[Job]) -> None:
-        sock = session.socket
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            for req in session.handle_incoming(frames, now):
-                job = self._decode(session, req)
-                if job is not None:
-                    jobs.append(job)
-
-    def _decode(self, session, req) -> Job | None:
+    def _decode(self, req) -> Job | None:
         body = req.body
         if len(body) != 4:
             log.info("dropping an im request with %d body frames", len(body))
@@ -185,10 +174,10 @@ class IMWorker:
             key_str = key.decode("utf-8")
         except (ProtocolError, UnicodeDecodeError) as exc:
             log.info("bad im request: %s", exc)
-            session.reply(req, [corr, BIN.encode(m.Error(code=int(ErrorCode.BAD_REQUEST),
+            req.session.reply(req, [corr, BIN.encode(m.Error(code=int(ErrorCode.BAD_REQUEST),
                                                          reason="undecodable request"), 0)])
             return None
-        return Job(session, req, corr, key_str, origin, msg)
+        return Job(req, corr, key_str, origin, msg)
 
     def process(self, store, service: IMService, pool, pub, jobs: list[Job]) -> None:
         started = time.monotonic()
@@ -210,7 +199,7 @@ class IMWorker:
         BATCH_SIZE.observe(len(jobs))
         # Committed: now the world may hear of it.
         for job, outcome in answered:
-            job.session.reply(job.request, [job.corr, BIN.encode(outcome.reply, 0)])
+            job.request.session.reply(job.request, [job.corr, BIN.encode(outcome.reply, 0)])
             REQUESTS.labels(type(job.msg).__name__, _outcome(outcome.reply)).inc()
             for notice in outcome.notices:
                 pub.send_multipart([notice.user.encode() + b"\0", notice.origin, BIN.encode(notice.msg, 0)])
