@@ -11,12 +11,10 @@ import hashlib
 import secrets
 from typing import NamedTuple
 
-from simzmq.store.base import Store
+from simzmq.store.base import Store, clamp_history_limit, clamp_sync_limit
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode
 
-SYNC_LIMIT_MAX = 500
-HISTORY_LIMIT_MAX = 100
 TOKEN_BYTES = 32
 # Room a Batch or ConvList needs besides its items: type, ref, list count,
 # `more`, and the secretstream overhead the gate adds.
@@ -128,8 +126,7 @@ class IMService:
                                Notice(sender, origin, copy_for(done.sender_seq))))
 
     def _sync(self, user, origin, msg: m.Sync, now_ms, prepared) -> Outcome:
-        limit = msg.limit if 0 < msg.limit <= SYNC_LIMIT_MAX else SYNC_LIMIT_MAX
-        msgs, more = self.store.sync(user, msg.since, limit, self.max_items_bytes)
+        msgs, more = self.store.sync(user, msg.since, clamp_sync_limit(msg.limit), self.max_items_bytes)
         self.store.raise_delivered(user, msg.since)
         return Outcome(m.Batch(msgs=msgs, more=more))
 
@@ -161,8 +158,7 @@ class IMService:
         user = self.store.token_user(token_hash(msg.token), now_ms)
         if user is None:
             raise Refused(ErrorCode.AUTH_FAILED, "invalid or expired token")
-        limit = msg.limit if 0 < msg.limit <= HISTORY_LIMIT_MAX else HISTORY_LIMIT_MAX
-        msgs, more = self.store.history(user, msg.peer, msg.before, limit)
+        msgs, more = self.store.history(user, msg.peer, msg.before, clamp_history_limit(msg.limit))
         return Outcome(m.HistoryPage(msgs=msgs, more=more))
 
     _handlers = {
