@@ -19,13 +19,16 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator, NamedTuple
 
-
 # The wire's record types, so the worker encodes what the store returns as is.
 from simzmq.wire.messages import Conv, Msg
 
-
 # A history entry is a Msg whose seq is the seq in the asking user's inbox.
 HistoryMsg = Msg
+
+# Stored msg_ids and seqs stay below 2**53 (protocol.md), but the wire carries
+# u64: bigger values from a client are clamped to this, which matches nothing
+# and still fits a signed 64-bit column.
+ID_CEILING = 2**62
 
 # protocol.md: Sync's limit of 0, or anything above this, means this.
 SYNC_LIMIT_MAX = 500
@@ -81,6 +84,10 @@ def msg_wire_size(sender: str, to: str, cmid: bytes, body: bytes) -> int:
         + 4 + len(cmid)
         + 4 + len(body)
     )
+
+
+def clamp_id(value: int) -> int:
+    return value if value < ID_CEILING else ID_CEILING
 
 
 def clamp_sync_limit(limit: int) -> int:

@@ -34,11 +34,12 @@ from .base import (
     StoreBusy,
     StoreError,
     UnknownUser,
+    ID_CEILING,
     clamp_history_limit,
+    clamp_id,
     clamp_sync_limit,
 )
 
-NO_UPPER_BOUND = 2**62
 # Taken while migrating, so workers starting together migrate once.
 MIGRATION_LOCK_KEY = 0x73696D7A6D71  # "simzmq"
 
@@ -53,7 +54,7 @@ CREATE TABLE users (
     created_ms  bigint NOT NULL,
     max_seq     bigint NOT NULL DEFAULT 0,
     delivered   bigint NOT NULL DEFAULT 0
-);
+) WITH (fillfactor = 50);  -- room for HOT updates of max_seq
 CREATE TABLE tokens (
     token_hash  bytea PRIMARY KEY,
     user_id     text COLLATE "C" NOT NULL,
@@ -88,7 +89,7 @@ CREATE TABLE conversations (
     read_mark   bigint  NOT NULL DEFAULT 0,
     unread      integer NOT NULL DEFAULT 0,
     PRIMARY KEY (user_id, peer)
-);
+) WITH (fillfactor = 70);  -- every message updates two rows in place
 
 -- Returns status 0 (stored), 1 (a user does not exist) or 2 ((sender, cmid)
 -- is already stored). The failures write nothing and raise nothing, so the
@@ -98,24 +99,42 @@ CREATE FUNCTION simzmq_append(
     OUT status smallint, OUT new_msg_id bigint, OUT s_seq bigint, OUT r_seq bigint
 ) LANGUAGE plpgsql AS $fn$
 DECLARE
-    locked integer;
+    first_seq bigint;
+    second_seq bigint;
 BEGIN
-    -- Lock both users in id order before allocating anything.
-    PERFORM 1 FROM users WHERE id IN (p_sender, p_to) ORDER BY id FOR UPDATE;
-    GET DIAGNOSTICS locked = ROW_COUNT;
-    IF locked < (CASE WHEN p_sender = p_to THEN 1 ELSE 2 END) THEN
-        status := 1;
-        RETURN;
-    END IF;
     IF EXISTS (SELECT 1 FROM messages WHERE sender = p_sender AND cmid = p_cmid) THEN
         status := 2;
         RETURN;
     END IF;
-    UPDATE users SET max_seq = max_seq + 1 WHERE id = p_to RETURNING max_seq INTO r_seq;
+    -- Each UPDATE locks its user row; taking them in id order means two
+    -- opposite sends cannot deadlock. Both are locked before the msg_id is
+    -- drawn, so seq order and msg_id order agree in both inboxes.
     IF p_sender = p_to THEN
+        UPDATE users SET max_seq = max_seq + 1 WHERE id = p_to RETURNING max_seq INTO r_seq;
+        IF NOT FOUND THEN
+            status := 1;
+            RETURN;
+        END IF;
         s_seq := r_seq;
     ELSE
-        UPDATE users SET max_seq = max_seq + 1 WHERE id = p_sender RETURNING max_seq INTO s_seq;
+        UPDATE users SET max_seq = max_seq + 1 WHERE id = LEAST(p_sender, p_to) RETURNING max_seq INTO first_seq;
+        IF NOT FOUND THEN
+            status := 1;
+            RETURN;
+        END IF;
+        UPDATE users SET max_seq = max_seq + 1 WHERE id = GREATEST(p_sender, p_to) RETURNING max_seq INTO second_seq;
+        IF NOT FOUND THEN
+            UPDATE users SET max_seq = max_seq - 1 WHERE id = LEAST(p_sender, p_to);
+            status := 1;
+            RETURN;
+        END IF;
+        IF p_sender < p_to THEN
+            s_seq := first_seq;
+            r_seq := second_seq;
+        ELSE
+            s_seq := second_seq;
+            r_seq := first_seq;
+        END IF;
     END IF;
     new_msg_id := nextval('messages_msg_id_seq');
     INSERT INTO messages (msg_id, sender, recipient, kind, ts_ms, cmid, body, sender_seq, recipient_seq)
@@ -286,6 +305,7 @@ class PostgresStore(Store):
 
     def sync(self, user: str, since: int, limit: int, max_bytes: int) -> tuple[list[Msg], bool]:
         limit = clamp_sync_limit(limit)
+        since = clamp_id(since)
         cur = self.conn.execute(
             "SELECT m.msg_id, i.seq, m.sender, m.recipient, m.kind, m.ts_ms, m.cmid, m.body"
             " FROM inbox i JOIN messages m ON m.msg_id = i.msg_id"
@@ -295,6 +315,7 @@ class PostgresStore(Store):
         return self._fill_batch(cur, limit, max_bytes)
 
     def raise_delivered(self, user: str, since: int) -> None:
+        since = clamp_id(since)
         self.conn.execute(
             "UPDATE users SET delivered = LEAST(%s, max_seq)"
             " WHERE id = %s AND delivered < LEAST(%s, max_seq)",
@@ -304,6 +325,7 @@ class PostgresStore(Store):
     # conversations
 
     def conversation_of(self, user: str, peer: str, msg_id: int) -> bool:
+        msg_id = clamp_id(msg_id)
         row = self.conn.execute(
             "SELECT 1 FROM messages WHERE msg_id = %s"
             " AND ((sender = %s AND recipient = %s) OR (sender = %s AND recipient = %s))",
@@ -312,6 +334,7 @@ class PostgresStore(Store):
         return row is not None
 
     def raise_read_mark(self, user: str, peer: str, msg_id: int) -> bool:
+        msg_id = clamp_id(msg_id)
         if user == peer:
             unread_sql = "0"
             params: tuple = (msg_id, user, peer, msg_id, msg_id)
@@ -347,7 +370,7 @@ class PostgresStore(Store):
         self, user: str, peer: str, before: int, limit: int
     ) -> tuple[list[HistoryMsg], bool]:
         limit = clamp_history_limit(limit)
-        bound = before if before > 0 else NO_UPPER_BOUND
+        bound = clamp_id(before) if before > 0 else ID_CEILING
         columns = (
             "SELECT msg_id, CASE WHEN sender = %s THEN sender_seq ELSE recipient_seq END AS seq,"
             " sender, recipient, kind, ts_ms, cmid, body FROM messages"

@@ -34,7 +34,9 @@ from .base import (
     StoreBusy,
     StoreError,
     UnknownUser,
+    ID_CEILING,
     clamp_history_limit,
+    clamp_id,
     clamp_sync_limit,
 )
 
@@ -42,8 +44,6 @@ SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 # Long enough to ride out another worker's group commit (one fsync plus a
 # batch of a few hundred requests), short enough to surface a stuck writer.
 DEFAULT_BUSY_TIMEOUT_MS = 10_000
-# No msg_id reaches this (ids stay below 2**53); used for "before = no bound".
-NO_UPPER_BOUND = 2**62
 
 
 def _create_v1(db: sqlite_utils.Database) -> None:
@@ -340,6 +340,7 @@ class SQLiteStore(Store):
 
     def sync(self, user: str, since: int, limit: int, max_bytes: int) -> tuple[list[Msg], bool]:
         limit = clamp_sync_limit(limit)
+        since = clamp_id(since)
         cur = self.conn.execute(
             "SELECT m.msg_id, i.seq, m.sender, m.recipient, m.kind, m.ts_ms, m.cmid, m.body"
             " FROM inbox i JOIN messages m ON m.msg_id = i.msg_id"
@@ -352,6 +353,7 @@ class SQLiteStore(Store):
             cur.close()
 
     def raise_delivered(self, user: str, since: int) -> None:
+        since = clamp_id(since)
         self.conn.execute(
             "UPDATE users SET delivered = MIN(?, max_seq) WHERE id = ? AND delivered < MIN(?, max_seq)",
             (since, user, since),
@@ -360,6 +362,7 @@ class SQLiteStore(Store):
     # conversations
 
     def conversation_of(self, user: str, peer: str, msg_id: int) -> bool:
+        msg_id = clamp_id(msg_id)
         row = self.conn.execute(
             "SELECT 1 FROM messages WHERE msg_id = ?"
             " AND ((sender = ? AND recipient = ?) OR (sender = ? AND recipient = ?))",
@@ -368,6 +371,7 @@ class SQLiteStore(Store):
         return row is not None
 
     def raise_read_mark(self, user: str, peer: str, msg_id: int) -> bool:
+        msg_id = clamp_id(msg_id)
         if user == peer:
             unread_sql = "0"
             params: tuple = (msg_id, user, peer, msg_id, msg_id)
@@ -402,7 +406,7 @@ class SQLiteStore(Store):
         self, user: str, peer: str, before: int, limit: int
     ) -> tuple[list[HistoryMsg], bool]:
         limit = clamp_history_limit(limit)
-        bound = before if before > 0 else NO_UPPER_BOUND
+        bound = clamp_id(before) if before > 0 else ID_CEILING
         columns = (
             "SELECT msg_id, CASE WHEN sender = ? THEN sender_seq ELSE recipient_seq END AS seq,"
             " sender, recipient, kind, ts_ms, cmid, body FROM messages"

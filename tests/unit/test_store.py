@@ -470,3 +470,17 @@ def test_open_store_spellings(tmp_path):
         open_store(f"sqlite:///{tmp_path}/f.db", synchronous="SOMETIMES")
     with pytest.raises(ValueError):
         open_store("mysql://localhost/im")
+
+
+@pytest.mark.timeout(60)
+def test_huge_wire_values_match_nothing(store):
+    users(store, "ann", "bob")
+    app = send(store, "ann", "bob", b"c1")
+    top = 2**64 - 1
+    assert store.sync("bob", top, 10, BIG) == ([], False)
+    assert not store.conversation_of("bob", "ann", top)
+    with store.transaction():
+        assert not store.raise_read_mark("bob", "ann", top)
+        store.raise_delivered("bob", top)
+    assert store.delivered_mark("bob") == 1
+    assert [m.msg_id for m in store.history("bob", "ann", top, 10)[0]] == [app.msg_id]
