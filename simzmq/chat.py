@@ -1,0 +1,216 @@
+"""A terminal chat for a person, on top of ``simzmq.client.Client``.
+
+Commands: ``/to PEER`` picks the conversation, a plain line sends to it,
+``/convs`` lists conversations with unread counts, ``/read`` marks the current
+conversation read, ``/history`` shows what this session holds of it, ``/quit``
+leaves. Incoming messages and read receipts print as they arrive; messages
+from the current peer are marked read as they are shown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from typing import AsyncIterator, Callable
+
+from simzmq.client import Client, RequestError
+from simzmq.wire import messages as m
+from simzmq.wire.messages import ErrorCode
+from simzmq.wire.rules import is_valid_user_id
+
+HELP = "commands: /to PEER, then type to send; /convs; /read; /history; /quit"
+TEXT_KIND = 0
+
+
+def format_time(ts_ms: int) -> str:
+    return time.strftime("%H:%M", time.localtime(ts_ms / 1000))
+
+
+def format_body(kind: int, body: bytes) -> str:
+    if kind == TEXT_KIND:
+        return body.decode("utf-8", errors="replace")
+    return f"<kind {kind}, {len(body)} bytes>"
+
+
+def format_msg(msg: m.Msg, me: str) -> str:
+    arrow = f"-> {msg.to}" if msg.sender == me else f"<- {msg.sender}"
+    return f"[{format_time(msg.ts_ms)}] {arrow}: {format_body(msg.kind, msg.body)}"
+
+
+def format_conv(conv: m.Conv) -> str:
+    unread = f"{conv.unread} unread" if conv.unread else "all read"
+    return f"  {conv.peer:<20} {unread}"
+
+
+class ChatSession:
+    """The chat's behaviour, apart from where lines come from and go to."""
+
+    def __init__(self, client: Client, out: Callable[[str], None]) -> None:
+        self.client = client
+        self.out = out
+        self.peer: str | None = None
+        self.done = asyncio.Event()
+
+    async def handle_line(self, line: str) -> None:
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            return
+        if not line.startswith("/"):
+            await self._send(line)
+            return
+        command, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if command == "/to":
+            if not is_valid_user_id(arg):
+                self.out("usage: /to PEER (a user id)")
+                return
+            self.peer = arg
+            self.out(f"talking to {arg}")
+            for msg in self.client.conversation(arg)[-10:]:
+                self.out(format_msg(msg, self.client.user))
+        elif command == "/convs":
+            convs = await self.client.convs()
+            if not convs:
+                self.out("no conversations yet")
+            for conv in convs:
+                self.out(format_conv(conv))
+        elif command == "/read":
+            await self._mark_read()
+        elif command == "/history":
+            if self._need_peer():
+                for msg in self.client.conversation(self.peer):
+                    self.out(format_msg(msg, self.client.user))
+        elif command == "/quit":
+            self.done.set()
+        elif command == "/help":
+            self.out(HELP)
+        else:
+            self.out(f"unknown command {command}; {HELP}")
+
+    def _need_peer(self) -> bool:
+        if self.peer is None:
+            self.out("pick a conversation first: /to PEER")
+            return False
+        return True
+
+    async def _send(self, text: str) -> None:
+        if not self._need_peer():
+            return
+        peer = self.peer
+        ok = await self.client.send(peer, text.encode("utf-8"))
+        self.out(format_msg(self.client.messages.get(ok.seq) or m.Msg(
+            msg_id=ok.msg_id, seq=ok.seq, sender=self.client.user, to=peer, ts_ms=ok.ts_ms,
+            body=text.encode("utf-8")), self.client.user))
+
+    async def _mark_read(self) -> None:
+        if not self._need_peer():
+            return
+        held = self.client.conversation(self.peer)
+        if not held:
+            self.out("nothing to mark read")
+            return
+        await self.client.read(self.peer, held[-1].msg_id)
+        self.out(f"marked read up to message {held[-1].msg_id}")
+
+    async def handle_event(self, event: object) -> None:
+        me = self.client.user
+        if type(event) is m.NewMsg:
+            msg = event.msg
+            self.out(format_msg(msg, me))
+            if msg.sender == self.peer and msg.sender != me:
+                await self.client.read(msg.sender, msg.msg_id)
+        elif type(event) is m.ReadNotice:
+            if event.reader != me:
+                self.out(f"  {event.reader} read your messages up to {event.msg_id}")
+        elif type(event) is m.Kick:
+            self.out(f"disconnected by the gate: {event.reason}")
+            if event.code in (m.KickCode.REPLACED, m.KickCode.ABUSE):
+                self.done.set()
+
+    async def run(self, lines: AsyncIterator[str]) -> None:
+        events = asyncio.create_task(self._pump_events())
+        reading = asyncio.create_task(self._pump_lines(lines))
+        try:
+            await self.done.wait()
+        finally:
+            for task in (events, reading):
+                task.cancel()
+            await asyncio.gather(events, reading, return_exceptions=True)
+
+    async def _pump_events(self) -> None:
+        while True:
+            event = await self.client.events.get()
+            try:
+                await self.handle_event(event)
+            except (RequestError, ConnectionError) as exc:
+                self.out(f"! {exc}")
+
+    async def _pump_lines(self, lines: AsyncIterator[str]) -> None:
+        try:
+            async for line in lines:
+                try:
+                    await self.handle_line(line)
+                except (RequestError, ConnectionError) as exc:
+                    self.out(f"! {exc}")
+                if self.done.is_set():
+                    return
+        finally:
+            self.done.set()
+
+
+async def stdin_lines() -> AsyncIterator[str]:
+    """Lines of sys.stdin, read on a daemon thread so that exiting never waits
+    for a blocked read (and so that whatever sys.stdin already buffered, such
+    as a password line read before, is not skipped)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def reader() -> None:
+        for line in sys.stdin:
+            loop.call_soon_threadsafe(queue.put_nowait, line)
+        loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    threading.Thread(target=reader, name="stdin", daemon=True).start()
+    while (line := await queue.get()) is not None:
+        yield line
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+async def run_chat(
+    host: str,
+    port: int,
+    gate_pk: bytes,
+    user: str,
+    password: str,
+    device: str,
+    register: bool,
+    *,
+    lines: AsyncIterator[str] | None = None,
+    out: Callable[[str], None] = _print,
+) -> None:
+    """Log in (registering first if asked) and chat until /quit or end of input."""
+    client = Client(host, port, gate_pk, user, password, device)
+    try:
+        if register:
+            try:
+                await client.register()
+                out(f"registered {user}")
+            except RequestError as exc:
+                if exc.code != ErrorCode.EXISTS:
+                    raise
+                out(f"{user} exists already; logging in")
+        ok = await client.login()
+        out(f"logged in as {ok.user} ({ok.max_seq} messages in the inbox). {HELP}")
+        session = ChatSession(client, out)
+        await session.run(lines if lines is not None else stdin_lines())
+    except RequestError as exc:
+        out(f"! {exc}")
+    except (OSError, ConnectionError) as exc:
+        out(f"! cannot reach the gate at {host}:{port}: {exc}")
+    finally:
+        await client.close()

@@ -1,0 +1,97 @@
+"""The terminal chat, driven by scripted input against the in-test gate."""
+
+import asyncio
+
+import pytest
+
+from simzmq.chat import format_body, format_conv, run_chat
+from simzmq.client import Client
+from simzmq.wire import messages as m
+from tests.unit.test_client_connection import FakeGate, wait_for
+
+
+def test_format_body():
+    assert format_body(0, "héllo".encode()) == "héllo"
+    assert format_body(0, b"\xff") == "\ufffd"
+    assert format_body(3, b"abc") == "<kind 3, 3 bytes>"
+    assert "2 unread" in format_conv(m.Conv(peer="bob", unread=2))
+
+
+async def scripted(lines):
+    for line in lines:
+        if callable(line):
+            await line()
+            continue
+        yield line + "\n"
+
+
+@pytest.mark.timeout(20)
+def test_chat_session_sends_receives_and_reads():
+    async def main():
+        gate = await FakeGate().start()
+        bob = Client("127.0.0.1", gate.port, gate.pk, "bob", "pw")
+        await bob.register()
+        await bob.login()
+        output = []
+
+        async def bob_writes():
+            await wait_for(lambda: any("hello bob" in line for line in output), "alice's send")
+            await bob.send("alice", b"hi alice")
+            await wait_for(lambda: any("<- bob: hi alice" in line for line in output), "bob's reply")
+
+        async def bob_reads_it():
+            await wait_for(lambda: bob.max_contiguous_seq >= 1, "bob's copy")
+            await bob.read("alice", bob.messages[1].msg_id)
+            await wait_for(lambda: any("bob read your messages" in line for line in output), "receipt")
+
+        lines = scripted([
+            "hello?",  # no peer yet
+            "/to bob",
+            "hello bob",
+            bob_reads_it,
+            bob_writes,
+            "/convs",
+            "/read",
+            "/bogus",
+            "/quit",
+            "never sent",
+        ])
+        await run_chat("127.0.0.1", gate.port, gate.pk, "alice", "pw", "term", True,
+                       lines=lines, out=output.append)
+        text = "\n".join(output)
+        assert "registered alice" in text
+        assert "pick a conversation first" in text
+        assert "-> bob: hello bob" in text
+        assert "<- bob: hi alice" in text
+        assert "bob read your messages" in text
+        assert "2 unread" in text  # the /convs line
+        assert "unknown command /bogus" in text
+        assert "marked read up to message" in text
+        assert [msg.body for msg in gate.inbox["bob"]] == [b"hello bob", b"hi alice"]
+        # alice saw bob's message while talking to him, so it was marked read.
+        reads = [msg for c in gate.conns if c.user == "alice" for _, msg in c.received if type(msg) is m.Read]
+        assert reads and reads[0].peer == "bob"
+        await bob.close()
+        await gate.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(20)
+def test_chat_reports_bad_password_and_unreachable_gate():
+    async def main():
+        gate = await FakeGate().start()
+        gate.users["alice"] = "right"
+        gate.inbox["alice"] = []
+        output = []
+        await run_chat("127.0.0.1", gate.port, gate.pk, "alice", "wrong", "", False,
+                       lines=scripted([]), out=output.append)
+        assert any("auth_failed" in line for line in output)
+        port = gate.port
+        await gate.stop()
+        output.clear()
+        await run_chat("127.0.0.1", port, gate.pk, "alice", "right", "", False,
+                       lines=scripted([]), out=output.append)
+        assert any("cannot reach the gate" in line for line in output)
+
+    asyncio.run(main())
