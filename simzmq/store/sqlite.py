@@ -134,6 +134,9 @@ class SQLiteStore(Store):
         if path != ":memory:":
             self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute(f"PRAGMA synchronous = {mode}")
+        # Keep the hot index pages (users, recent inbox and message ids) in
+        # memory: 32 MiB per worker.
+        self.conn.execute("PRAGMA cache_size = -32768")
         self.db = sqlite_utils.Database(self.conn, execute_plugins=False)
         self._migrate()
         self._savepoint_depth = 0
