@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from simzmq.keys import load_gate_public
 from simzmq.wire import messages as m
 from simzmq.wire.codec import CODECS, Codec
 from simzmq.wire.errors import HandshakeError, ProtocolError
@@ -69,8 +70,6 @@ class RequestError(Exception):
 
 def load_gate_key(data_dir) -> bytes:
     """The gate's public key from ``DATA/keys/gate.pub`` (64 hex characters)."""
-    from simzmq.keys import load_gate_public
-
     return load_gate_public(Path(data_dir))
 
 
@@ -593,6 +592,8 @@ class Client:
         """
         if self._closing:
             raise ConnectionError("client is closed")
+        if self._supervisor is None:
+            raise ConnectionError("log in before sending")
         msg = m.Send(to=to, cmid=os.urandom(16), kind=kind, body=body)
         pending = _PendingSend(msg, asyncio.get_running_loop().create_future())
         self._unacked[msg.cmid] = pending

@@ -561,3 +561,28 @@ def test_client_logout():
         await gate.stop()
 
     run(main())
+
+
+@pytest.mark.timeout(15)
+def test_send_before_login_is_refused():
+    async def main():
+        gate = await FakeGate().start()
+        alice = Client("127.0.0.1", gate.port, gate.pk, "alice", "pw")
+        with pytest.raises(ConnectionError):
+            await alice.send("bob", b"x")
+        await alice.close()
+        await gate.stop()
+
+    run(main())
+
+
+def test_load_gate_key(tmp_path):
+    from simzmq.client import load_gate_key
+    from simzmq.keys import KeyFileError
+
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "gate.pub").write_text("ab" * 32 + "\n")
+    assert load_gate_key(tmp_path) == b"\xab" * 32
+    (tmp_path / "keys" / "gate.pub").write_text("abc")
+    with pytest.raises(KeyFileError):
+        load_gate_key(tmp_path)
