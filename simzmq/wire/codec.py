@@ -64,7 +64,9 @@ class Codec:
             return HEADER.pack(msg.TYPE, ref) + encoder(msg)
         except (struct.error, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise ProtocolError(
-                _BAD_REQUEST, f"cannot encode {type(msg).__name__}: {exc}", 0
+                _BAD_REQUEST,
+                f"cannot encode {type(msg).__name__}: {exc}",
+                ref if type(ref) is int else 0,
             ) from exc
 
     def decode(self, payload: bytes) -> tuple[int, object]:
