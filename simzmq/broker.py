@@ -27,6 +27,7 @@ from typing import Callable, Iterable
 import zmq
 
 from simzmq import mdp
+from simzmq.notify import NotifyStamper
 from simzmq.bstar import BinaryStar, BStarError, State
 
 log = logging.getLogger("simzmq.broker")
@@ -539,6 +540,8 @@ class Broker:
         self.state = State.ACTIVE
         self._metrics = None
         self._dropped_passive = 0
+        self._dropped_notifications = 0
+        self.stamper = NotifyStamper()
         self._bound: dict[str, str] = {}
 
     def stop(self) -> None:
@@ -633,6 +636,7 @@ class Broker:
         bstar = self.bstar
         NOBLOCK = zmq.NOBLOCK
         Again = zmq.Again
+        stamper = self.stamper
 
         def send(outs):
             for dest, frames in outs:
@@ -674,18 +678,24 @@ class Broker:
             if notify_in in ready:
                 for _ in range(batch):
                     try:
-                        notify_out.send_multipart(notify_in.recv_multipart(NOBLOCK))
+                        frames = stamper.stamp(notify_in.recv_multipart(NOBLOCK))
                     except Again:
                         break
+                    if frames is None:
+                        self._dropped_notifications += 1
+                        continue
+                    notify_out.send_multipart(frames)
 
             if notify_out in ready:
                 # Subscriptions flow upstream so workers' PUB sockets filter
                 # at the source.
                 for _ in range(batch):
                     try:
-                        notify_in.send_multipart(notify_out.recv_multipart(NOBLOCK))
+                        sub = notify_out.recv(NOBLOCK)
                     except Again:
                         break
+                    stamper.subscription(sub)
+                    notify_in.send(sub)
 
             if peer_sub is not None and peer_sub in ready:
                 for _ in range(batch):

@@ -148,7 +148,8 @@ def up(ctx, data, gate_port, http_port, workers, gates, open_registration):
     if ctx.obj.get("config_path"):
         env["SIMZMQ_CONFIG"] = str(Path(ctx.obj["config_path"]).resolve())
     base = [sys.executable, "-m", "simzmq"]
-    children = [Child("broker-primary", base + ["broker", "--role", "primary"], env, run_dir)]
+    children = [Child(f"broker-{role}", base + ["broker", "--role", role], env, run_dir)
+                for role in ("primary", "backup")]
     for i in range(1, cfg["im"]["workers"] + 1):
         children.append(Child(f"im-{i}", base + ["im", "--name", f"im-{i}"], env, run_dir))
     g = cfg["gate"]
@@ -205,7 +206,8 @@ def broker(ctx, role):
     peer = b["backup" if role == "primary" else "primary"]
     logging.getLogger("simzmq.broker").info("broker %s: config %s", role, cfg.describe())
     Broker(frontend=mine["frontend"], backend=mine["backend"], notify_in=mine["notify_in"],
-           notify_out=mine["notify_out"], role=role, heartbeat_interval=b["heartbeat_ms"] / 1000,
+           notify_out=mine["notify_out"], state_pub=mine["state"], peer_state=peer["state"],
+           role=role, heartbeat_interval=b["heartbeat_ms"] / 1000, peer_heartbeat=b["peer_heartbeat_ms"] / 1000,
            liveness=b["liveness"], keyed_services=set(b["keyed_services"]),
            metrics_port=mine["metrics_port"]).run()
 
@@ -230,7 +232,8 @@ def im(ctx, name):
     logging.getLogger("simzmq.im").info("im worker %s: config %s", name, cfg.describe())
     worker = im_mod.IMWorker(
         name=name, store_url=store_url(cfg), im_cfg=cfg["im"], max_frame=cfg["gate"]["max_frame"],
-        backends=[b["primary"]["backend"]], notify_ins=[b["primary"]["notify_in"]],
+        backends=[b["primary"]["backend"], b["backup"]["backend"]],
+        notify_ins=[b["primary"]["notify_in"], b["backup"]["notify_in"]],
         heartbeat_ms=b["heartbeat_ms"], liveness=b["liveness"],
         metrics_port=cfg["im"]["metrics_port"] + index - 1 if cfg["im"]["metrics_port"] else None,
         sqlite_synchronous=cfg["im"]["sqlite_synchronous"])
@@ -251,8 +254,9 @@ def gate(ctx, name, port, http_port):
     b = cfg["broker"]
     sk, pk = keys_mod.ensure_gate_key(cfg.data_dir)
     logging.getLogger("simzmq.gate").info("gate %s: config %s, key %s", name, cfg.describe(), pk.hex())
-    gate_mod.run(name, g, sk, b["primary"]["frontend"], b["primary"]["notify_out"],
-                 g["host"], port or g["port"], g["http_host"], http_port or g["http_port"])
+    from simzmq.gatelink import BrokerEndpoints
+    brokers = [BrokerEndpoints(role, b[role]["frontend"], b[role]["notify_out"]) for role in ("primary", "backup")]
+    gate_mod.run(name, g, sk, brokers, g["host"], port or g["port"], g["http_host"], http_port or g["http_port"])
 
 
 # ---------------------------------------------------------------------------

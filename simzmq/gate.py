@@ -13,20 +13,19 @@ import asyncio
 import base64
 import json
 import logging
-import os
 import secrets
 import signal
 import time
-from typing import Callable
 
 import uvloop
 import zmq
-from prometheus_client import Counter, Gauge, Histogram, generate_latest, CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 from tornado import web, websocket
 from tornado.iostream import StreamClosedError, StreamBufferFullError
 from tornado.tcpserver import TCPServer
 
-from simzmq import mdp
+from simzmq.gatelink import Backend, BrokerEndpoints
+from simzmq.pushlog import PushLog
 from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN, CODECS, peek_header
 from simzmq.wire.errors import ProtocolError, ShortPayload
@@ -37,12 +36,7 @@ from simzmq.wire.rules import is_valid_user_id, validate_request
 
 log = logging.getLogger("simzmq.gate")
 
-SERVICE = b"im"
 SESSION_ID_BYTES = 16
-# How often the gate asks the broker whether the im service is there; the
-# answer is also how /v1/health knows the broker is reachable.
-PROBE_INTERVAL_S = 1.0
-BROKER_SILENT_S = 3.0
 READ_CHUNK = 65536
 
 CONNECTIONS = Gauge("simzmq_gate_connections", "Open client connections")
@@ -50,164 +44,15 @@ SESSIONS = Gauge("simzmq_gate_sessions", "Logged-in client connections")
 REQUESTS = Counter("simzmq_gate_requests_total", "Client requests by type and outcome", ["type", "outcome"])
 PUSHES = Counter("simzmq_gate_pushes_total", "Notifications pushed to clients", ["type"])
 KICKS = Counter("simzmq_gate_kicks_total", "Connections kicked, by reason", ["reason"])
+CATCHUPS = Counter("simzmq_gate_catchups_total", "Catch-ups of an online user from the store")
+HOLES = Counter("simzmq_gate_push_holes_total", "Lost pushes noticed by a hole in a user's seqs")
 CLOSED_BAD = Counter("simzmq_gate_protocol_closes_total", "Connections closed for bad input", ["why"])
-BACKEND_LATENCY = Histogram("simzmq_gate_backend_seconds", "Time from forwarding a request to its reply",
-                            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5))
-BACKEND_TIMEOUTS = Counter("simzmq_gate_backend_timeouts_total", "Requests answered unavailable after request_timeout")
 
 TYPE_NAMES = {t: cls.__name__ for t, cls in m.MESSAGES.items()}
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-# ---------------------------------------------------------------------------
-# The back end: one MDP client DEALER and one SUB, integrated into the loop.
-# ---------------------------------------------------------------------------
-
-class Pending:
-    __slots__ = ("callback", "deadline", "frames", "started")
-
-    def __init__(self, callback, deadline, frames, started):
-        self.callback = callback
-        self.deadline = deadline
-        self.frames = frames
-        self.started = started
-
-
-class Backend:
-    """Requests to the `im` service and notifications from it.
-
-    ZeroMQ sockets are driven from the asyncio loop with add_reader on their
-    file descriptor. That descriptor is edge-triggered, so every wake-up drains
-    until EAGAIN, and after sending we check EVENTS in case input arrived
-    meanwhile (otherwise that input would wait for the next edge).
-    """
-
-    def __init__(self, ctx: zmq.Context, frontend: str, notify_out: str, request_timeout_s: float,
-                 on_notification: Callable[[bytes, bytes, bytes], None]):
-        self.ctx = ctx
-        self.frontend = frontend
-        self.notify_out = notify_out
-        self.request_timeout_s = request_timeout_s
-        self.on_notification = on_notification
-        self.pending: dict[bytes, Pending] = {}
-        self.next_corr = 1
-        self.last_heard = 0.0
-        self.topics: dict[bytes, int] = {}
-        self.loop = asyncio.get_event_loop()
-        self.dealer = self._dealer()
-        self.sub = ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.LINGER, 0)
-        self.sub.setsockopt(zmq.RCVHWM, 0)
-        self.sub.connect(notify_out)
-        self.loop.add_reader(self.sub.getsockopt(zmq.FD), self._drain_sub)
-        self._timer = None
-
-    def _dealer(self):
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.connect(self.frontend)
-        self.loop.add_reader(sock.getsockopt(zmq.FD), self._drain_dealer)
-        return sock
-
-    def start(self):
-        self._timer = self.loop.call_later(0, self._tick)
-
-    def reachable(self, now: float) -> bool:
-        return now - self.last_heard < BROKER_SILENT_S
-
-    def request(self, key: bytes, origin: bytes, payload: bytes, callback) -> None:
-        """Forward one request; `callback(reply_payload or None)` runs once,
-        with None after request_timeout_s."""
-        corr = self.next_corr.to_bytes(8, "big")
-        self.next_corr += 1
-        frames = [b"", mdp.C_CLIENT, SERVICE, key, corr, origin, payload]
-        now = time.monotonic()
-        self.pending[corr] = Pending(callback, now + self.request_timeout_s, frames, now)
-        self._send(frames)
-
-    def _send(self, frames):
-        try:
-            self.dealer.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # the timeout answers it; HWM is unlimited so this is rare
-        if self.dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self.loop.call_soon(self._drain_dealer)
-
-    def _drain_dealer(self):
-        sock = self.dealer
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            self.last_heard = time.monotonic()
-            # "" | MDPC01 | service | body…
-            if len(frames) < 4 or frames[0] != b"" or frames[1] != mdp.C_CLIENT:
-                log.info("dropping a malformed reply from the broker (%d frames)", len(frames))
-                continue
-            if frames[2] == b"mmi.service":
-                continue
-            if len(frames) != 5:
-                log.info("dropping an im reply with %d frames", len(frames))
-                continue
-            pending = self.pending.pop(frames[3], None)
-            if pending is None:
-                continue  # answered already (late reply after a timeout)
-            BACKEND_LATENCY.observe(time.monotonic() - pending.started)
-            pending.callback(frames[4])
-
-    def _drain_sub(self):
-        sock = self.sub
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            if len(frames) != 3:
-                log.info("dropping a malformed notification (%d frames)", len(frames))
-                continue
-            try:
-                self.on_notification(frames[0], frames[1], frames[2])
-            except Exception:
-                log.exception("notification handling failed")
-
-    def subscribe(self, user: str):
-        topic = user.encode() + b"\0"
-        count = self.topics.get(topic, 0)
-        self.topics[topic] = count + 1
-        if count == 0:
-            self.sub.setsockopt(zmq.SUBSCRIBE, topic)
-
-    def unsubscribe(self, user: str):
-        topic = user.encode() + b"\0"
-        count = self.topics.get(topic, 0)
-        if count <= 1:
-            self.topics.pop(topic, None)
-            if count == 1:
-                self.sub.setsockopt(zmq.UNSUBSCRIBE, topic)
-        else:
-            self.topics[topic] = count - 1
-
-    def _tick(self):
-        now = time.monotonic()
-        expired = [corr for corr, p in self.pending.items() if p.deadline <= now]
-        for corr in expired:
-            BACKEND_TIMEOUTS.inc()
-            self.pending.pop(corr).callback(None)
-        self._send([b"", mdp.C_CLIENT, b"mmi.service", SERVICE])
-        self._timer = self.loop.call_later(min(PROBE_INTERVAL_S, self.request_timeout_s / 4), self._tick)
-
-    def close(self):
-        if self._timer:
-            self._timer.cancel()
-        for sock in (self.dealer, self.sub):
-            self.loop.remove_reader(sock.getsockopt(zmq.FD))
-            sock.close(0)
 
 
 # ---------------------------------------------------------------------------
@@ -321,7 +166,7 @@ class ClientConnection:
         if isinstance(reply, m.LoginOk):
             self.user = reply.user
             self.token = reply.token
-            self.gate.session_started(self)
+            self.gate.session_started(self, reply.max_seq)
         return reply
 
     def _logout(self, ref, msg):
@@ -556,6 +401,7 @@ class HealthHandler(web.RequestHandler):
         self.set_status(200 if ok else 503)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"status": "ok" if ok else "unavailable", "gate": gate.name,
+                                "broker": gate.backend.broker_name, "failovers": gate.backend.failovers,
                                 "connections": len(gate.connections),
                                 "sessions": sum(len(s) for s in gate.sessions.values())}))
 
@@ -663,25 +509,34 @@ class WebSocketHandler(websocket.WebSocketHandler):
 # ---------------------------------------------------------------------------
 
 class Gate:
-    def __init__(self, name: str, cfg: dict, static_sk: bytes, frontend: str, notify_out: str):
+    def __init__(self, name: str, cfg: dict, static_sk: bytes, brokers: list[BrokerEndpoints],
+                 configure_socket=None):
         self.name = name
         self.cfg = cfg
         self.static_sk = static_sk
         self.max_frame = cfg["max_frame"]
         self.max_body = cfg["max_body"]
-        self.frontend = frontend
-        self.notify_out = notify_out
+        self.brokers = brokers
+        self.configure_socket = configure_socket
         self.connections: set[ClientConnection] = set()
         self.sessions: dict[str, dict[bytes, ClientConnection]] = {}
+        # Per online user: which inbox seqs were pushed (each goes out once),
+        # and whether a catch-up from the store is under way.
+        self.pushlogs: dict[str, PushLog] = {}
+        self.catching_up: dict[str, bool] = {}
         self.ctx = zmq.Context.instance()
         self.backend: Backend | None = None
         self.tcp: GateTCPServer | None = None
         self.http = None
+        self._hole_timer = None
 
-    def session_started(self, conn: ClientConnection) -> None:
+    def session_started(self, conn: ClientConnection, max_seq: int) -> None:
         mine = self.sessions.setdefault(conn.user, {})
         if not mine:
             self.backend.subscribe(conn.user)
+            self.pushlogs[conn.user] = PushLog()
+        # The client syncs up to max_seq itself; pushes start above it.
+        self.pushlogs[conn.user].raise_watermark(max_seq)
         if conn.device:
             for other in list(mine.values()):
                 if other.device == conn.device:
@@ -696,6 +551,7 @@ class Gate:
         SESSIONS.dec()
         if not mine:
             del self.sessions[conn.user]
+            self.pushlogs.pop(conn.user, None)
             self.backend.unsubscribe(conn.user)
 
     def on_notification(self, topic: bytes, origin: bytes, payload: bytes) -> None:
@@ -717,14 +573,75 @@ class Gate:
             if not cache:
                 cache.append(BIN.decode(payload)[1])
             return cache[0]
+        if mtype == m.NewMsg.TYPE:
+            if not self.pushlogs[user].first_time(decoded().msg.seq, time.monotonic()):
+                return
         for conn in list(mine.values()):
             if conn.session != origin:
                 conn.push(payload, mtype, decoded)
 
+    # -- catching up from the store --------------------------------------------
+
+    def resync(self, user: str | None) -> None:
+        """Catch `user` (None: every online user) up from the store: push
+        every message above what this gate pushed to them."""
+        for u in ([user] if user is not None else list(self.sessions)):
+            if u in self.sessions:
+                self._catch_up(u)
+
+    def _catch_up(self, user: str) -> None:
+        if user in self.catching_up:
+            self.catching_up[user] = True  # go again when the one under way ends
+            return
+        self.catching_up[user] = False
+        log_ = self.pushlogs[user]
+        CATCHUPS.inc()
+
+        def done(reply_payload):
+            again = self.catching_up.pop(user, False)
+            if user not in self.sessions:
+                return
+            batch = None
+            if reply_payload is not None:
+                _, batch = BIN.decode(reply_payload)
+            if not isinstance(batch, m.Batch):
+                again = True  # unavailable or refused: try once more, later
+                self.loop.call_later(self.cfg["request_timeout_s"] / 5, self.resync, user)
+                return
+            now = time.monotonic()
+            for msg in batch.msgs:
+                if log_.first_time(msg.seq, now):
+                    push = m.NewMsg(msg=msg)
+                    payload = BIN.encode(push, 0)
+                    for conn in list(self.sessions[user].values()):
+                        conn.push(payload, m.NewMsg.TYPE, lambda: push)
+            if batch.more or again:
+                self._catch_up(user)
+
+        self.backend.request(user.encode(), b"", BIN.encode(m.Catchup(since=log_.watermark, limit=0), 0), done)
+
+    def _check_holes(self) -> None:
+        """A hole in a user's pushes that stays open means a push was lost
+        (its worker died between commit and publish, say): catch up."""
+        now = time.monotonic()
+        limit = self.cfg["push_hole_timeout_ms"] / 1000
+        for user, log_ in self.pushlogs.items():
+            if log_.hole_open_for(now) > limit and user not in self.catching_up:
+                HOLES.inc()
+                log_.hole_since = now  # once per timeout, not on every check
+                self._catch_up(user)
+        self._hole_timer = self.loop.call_later(limit / 2, self._check_holes)
+
+    # -- life cycle -------------------------------------------------------------
+
     async def start(self, host: str, port: int, http_host: str, http_port: int, ssl_options=None):
-        self.backend = Backend(self.ctx, self.frontend, self.notify_out, self.cfg["request_timeout_s"],
-                               self.on_notification)
+        self.loop = asyncio.get_running_loop()
+        cfg = self.cfg
+        self.backend = Backend(self.ctx, self.brokers, cfg["request_timeout_s"],
+                               cfg["probe_interval_ms"] / 1000, cfg["failover_after_ms"] / 1000,
+                               self.on_notification, self.resync, self.configure_socket)
         self.backend.start()
+        self._check_holes()
         self.tcp = GateTCPServer(self)
         self.tcp.listen(port, host)
         app = web.Application([
@@ -732,20 +649,31 @@ class Gate:
             (r"/v1/history/([^/]+)", HistoryHandler),
             (r"/metrics", MetricsHandler),
             (r"/ws", WebSocketHandler, {}),
-        ], gate=self, websocket_max_message_size=self.max_frame)
-        self.http = app.listen(http_port, http_host, ssl_options=ssl_options, xheaders=self.cfg["behind_tls_proxy"])
+        ], gate=self, websocket_max_message_size=self.max_frame, log_function=_log_http)
+        self.http = app.listen(http_port, http_host, ssl_options=ssl_options, xheaders=cfg["behind_tls_proxy"])
         log.info("gate %s listening: clients tcp://%s:%d, http%s://%s:%d (health, history, metrics, ws); "
-                 "broker %s, notifications %s", self.name, host, port, "s" if ssl_options else "",
-                 http_host, http_port, self.frontend, self.notify_out)
+                 "brokers %s", self.name, host, port, "s" if ssl_options else "", http_host, http_port,
+                 ", ".join(f"{b.name} {b.frontend} / {b.notify_out}" for b in self.brokers))
 
     async def shutdown(self):
         log.info("gate %s shutting down: kicking %d connections", self.name, len(self.connections))
         self.tcp.stop()
         self.http.stop()
+        if self._hole_timer:
+            self._hole_timer.cancel()
         for conn in list(self.connections):
             conn.kick(KickCode.SHUTDOWN, "server shutting down")
         await asyncio.sleep(0.2)
         self.backend.close()
+
+
+def _log_http(handler) -> None:
+    # Health probes and metric scrapes every few seconds would drown the log;
+    # failures and history requests are worth a line.
+    status = handler.get_status()
+    if status >= 400 or handler.request.path.startswith("/v1/history"):
+        log.info("http %d %s %s %.1fms", status, handler.request.method, handler.request.path,
+                 1000 * handler.request.request_time())
 
 
 def check_http_exposure(cfg: dict) -> dict | None:
@@ -761,13 +689,13 @@ def check_http_exposure(cfg: dict) -> dict | None:
                      "or gate.behind_tls_proxy = true if a TLS-terminating proxy is in front")
 
 
-def run(name: str, cfg: dict, static_sk: bytes, frontend: str, notify_out: str,
-        host: str, port: int, http_host: str, http_port: int) -> None:
+def run(name: str, cfg: dict, static_sk: bytes, brokers: list[BrokerEndpoints],
+        host: str, port: int, http_host: str, http_port: int, configure_socket=None) -> None:
     """Run a gate until SIGTERM/SIGINT."""
     ssl_options = check_http_exposure(cfg)
 
     async def main():
-        gate = Gate(name, cfg, static_sk, frontend, notify_out)
+        gate = Gate(name, cfg, static_sk, brokers, configure_socket)
         await gate.start(host, port, http_host, http_port, ssl_options)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -30,7 +30,7 @@ from prometheus_client import Counter, Histogram, start_http_server
 
 from simzmq.mdpworker import Request, WorkerSession
 from simzmq.service import IMService, Outcome, error
-from simzmq.store import open_store
+from simzmq.store import StoreBusy, open_store
 from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN
 from simzmq.wire.errors import ProtocolError
@@ -216,6 +216,11 @@ class IMWorker:
                 return outcome
         except _Undo as undo:
             return undo.outcome
+        except StoreBusy as exc:
+            # A lock timeout or deadlock: nothing of it stays, and the client
+            # retries (a Send with the same cmid).
+            log.info("request %s hit a busy store: %s", type(job.msg).__name__, exc)
+            return error(ErrorCode.UNAVAILABLE, "the store is busy; retry")
         except Exception:
             log.exception("request %s failed", type(job.msg).__name__)
             return error(ErrorCode.INTERNAL, "internal error")

@@ -111,23 +111,35 @@ class IMService:
         if earlier is not None:
             if (earlier.to, earlier.kind, bytes(earlier.body)) != (msg.to, msg.kind, msg.body):
                 raise Refused(ErrorCode.BAD_REQUEST, "cmid already used for a different message")
-            return Outcome(m.SendOk(msg_id=earlier.msg_id, seq=earlier.sender_seq, ts_ms=earlier.ts_ms))
+            # A retry: answer the first SendOk and publish again, because the
+            # first attempt may have died between its commit and its publish.
+            # Gates push each inbox seq once, so nobody sees it twice.
+            return self._sent(sender, origin, msg, earlier.msg_id, earlier.ts_ms,
+                              earlier.sender_seq, earlier.recipient_seq)
         if msg.to != sender and not store.user_exists(msg.to):
             raise Refused(ErrorCode.NO_SUCH_USER, f"no such user: {msg.to}")
         done = store.append_message(sender, msg.to, msg.cmid, msg.kind, msg.body, now_ms)
-        reply = m.SendOk(msg_id=done.msg_id, seq=done.sender_seq, ts_ms=done.ts_ms)
+        return self._sent(sender, origin, msg, done.msg_id, done.ts_ms, done.sender_seq, done.recipient_seq)
+
+    @staticmethod
+    def _sent(sender, origin, msg: m.Send, msg_id, ts_ms, sender_seq, recipient_seq) -> Outcome:
+        reply = m.SendOk(msg_id=msg_id, seq=sender_seq, ts_ms=ts_ms)
 
         def copy_for(seq):
-            return m.NewMsg(msg=m.Msg(msg_id=done.msg_id, seq=seq, sender=sender, to=msg.to,
-                                      kind=msg.kind, ts_ms=done.ts_ms, cmid=msg.cmid, body=msg.body))
+            return m.NewMsg(msg=m.Msg(msg_id=msg_id, seq=seq, sender=sender, to=msg.to,
+                                      kind=msg.kind, ts_ms=ts_ms, cmid=msg.cmid, body=msg.body))
         if msg.to == sender:
-            return Outcome(reply, (Notice(sender, origin, copy_for(done.sender_seq)),))
-        return Outcome(reply, (Notice(msg.to, b"", copy_for(done.recipient_seq)),
-                               Notice(sender, origin, copy_for(done.sender_seq))))
+            return Outcome(reply, (Notice(sender, origin, copy_for(sender_seq)),))
+        return Outcome(reply, (Notice(msg.to, b"", copy_for(recipient_seq)),
+                               Notice(sender, origin, copy_for(sender_seq))))
 
     def _sync(self, user, origin, msg: m.Sync, now_ms, prepared) -> Outcome:
         msgs, more = self.store.sync(user, msg.since, clamp_sync_limit(msg.limit), self.max_items_bytes)
         self.store.raise_delivered(user, msg.since)
+        return Outcome(m.Batch(msgs=msgs, more=more))
+
+    def _catchup(self, user, origin, msg: m.Catchup, now_ms, prepared) -> Outcome:
+        msgs, more = self.store.sync(user, msg.since, clamp_sync_limit(msg.limit), self.max_items_bytes)
         return Outcome(m.Batch(msgs=msgs, more=more))
 
     def _read(self, reader, origin, msg: m.Read, now_ms, prepared) -> Outcome:
@@ -167,6 +179,7 @@ class IMService:
         m.Revoke: _revoke,
         m.Send: _send,
         m.Sync: _sync,
+        m.Catchup: _catchup,
         m.Read: _read,
         m.Convs: _convs,
         m.History: _history,

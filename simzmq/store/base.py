@@ -45,6 +45,7 @@ class SentRecord(NamedTuple):
     to: str
     kind: int
     body: bytes
+    recipient_seq: int  # == sender_seq when the sender wrote to itself
 
 
 class Appended(NamedTuple):

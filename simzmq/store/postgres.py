@@ -283,11 +283,11 @@ class PostgresStore(Store):
 
     def find_send(self, sender: str, cmid: bytes) -> SentRecord | None:
         row = self.conn.execute(
-            "SELECT msg_id, sender_seq, ts_ms, recipient, kind, body FROM messages"
+            "SELECT msg_id, sender_seq, ts_ms, recipient, kind, body, recipient_seq FROM messages"
             " WHERE sender = %s AND cmid = %s",
             (sender, bytes(cmid)),
         ).fetchone()
-        return SentRecord(row[0], row[1], row[2], row[3], row[4], bytes(row[5])) if row else None
+        return SentRecord(row[0], row[1], row[2], row[3], row[4], bytes(row[5]), row[6]) if row else None
 
     def append_message(
         self, sender: str, to: str, cmid: bytes, kind: int, body: bytes, ts_ms: int

@@ -268,11 +268,11 @@ class SQLiteStore(Store):
 
     def find_send(self, sender: str, cmid: bytes) -> SentRecord | None:
         row = self.conn.execute(
-            "SELECT msg_id, sender_seq, ts_ms, recipient, kind, body FROM messages"
+            "SELECT msg_id, sender_seq, ts_ms, recipient, kind, body, recipient_seq FROM messages"
             " WHERE sender = ? AND cmid = ?",
             (sender, bytes(cmid)),
         ).fetchone()
-        return SentRecord(row[0], row[1], row[2], row[3], row[4], bytes(row[5])) if row else None
+        return SentRecord(row[0], row[1], row[2], row[3], row[4], bytes(row[5]), row[6]) if row else None
 
     def _next_seq(self, user: str) -> int | None:
         rows = self.conn.execute(

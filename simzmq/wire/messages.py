@@ -309,6 +309,17 @@ class SessionStarted:
     session: Bytes = b""
 
 
+@_message
+class Catchup:
+    """A gate fetching what its online user may have missed as pushes (after a
+    broker failover or a notification gap). Answered with a Batch, like Sync,
+    but it leaves the delivered mark alone: the client has not asked."""
+
+    TYPE: ClassVar[int] = 132
+    since: U64 = 0
+    limit: U32 = 0
+
+
 # The types a client may send; anything else from a client is bad_request.
 CLIENT_REQUESTS: frozenset[int] = frozenset(
     cls.TYPE for cls in (Login, Send, Sync, Read, Ping, Pong, Logout, Register, Convs)

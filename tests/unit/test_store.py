@@ -158,7 +158,7 @@ def test_idempotency_record(store):
     users(store, "ann", "bob")
     app = send(store, "ann", "bob", b"cmid-1", b"hello", kind=3, ts=T0 + 7)
     rec = store.find_send("ann", b"cmid-1")
-    assert rec == (app.msg_id, app.sender_seq, T0 + 7, "bob", 3, b"hello")
+    assert rec == (app.msg_id, app.sender_seq, T0 + 7, "bob", 3, b"hello", app.recipient_seq)
     assert rec.to == "bob" and rec.sender_seq == app.sender_seq
     assert store.find_send("bob", b"cmid-1") is None
     assert store.find_send("ann", b"cmid-2") is None
