@@ -1,0 +1,163 @@
+"""`simzmq bench` against a real region: every scenario, tiny, with --json.
+
+The numbers are not checked (this machine's speed is nobody's contract); what
+is checked is that the counts add up and that the Sync check, which the tests
+at the bottom show can fail, finds nothing lost, doubled or reordered.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from array import array
+
+import pytest
+
+from simzmq.bench import check_delivery, order_check, percentiles
+from tests.region import ROOT, Region
+
+
+@pytest.fixture(scope="module")
+def region(tmp_path_factory):
+    r = Region(tmp_path_factory.mktemp("bench") / "data")
+    r.start()
+    yield r
+    r.stop()
+
+
+def bench(region, *args, expect_rc=0) -> dict:
+    """Run the command as a user would; the gate port comes from the region's
+    pid files, not from a flag."""
+    proc = subprocess.run([sys.executable, "-m", "simzmq", "bench", *args, "--data", str(region.data_dir),
+                           "--json", "--no-progress"],
+                          cwd=str(ROOT), env=region.env, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == expect_rc, proc.stderr[-3000:] + proc.stdout[-3000:]
+    return json.loads(proc.stdout)
+
+
+def assert_clean(report, messages):
+    check = report["check"]
+    assert check["ok"] is True
+    assert (check["lost"], check["doubled"], check["reordered"], check["inbox_gaps"]) == (0, 0, 0, 0)
+    assert check["checked"] == messages
+    assert report["errors"] == {}
+    assert report["ok"] is True
+
+
+def assert_server_measured(report):
+    procs = {p["name"]: p for p in report["server"]["processes"]}
+    assert {"broker-primary", "broker-backup", "im-1", "gate-1"} <= set(procs)
+    for p in procs.values():
+        assert not p.get("gone")
+        assert p["cpu_s"] >= 0 and p["rss_after_kb"] > 0
+    assert report["server"]["total"]["rss_after_kb"] == sum(p["rss_after_kb"] for p in procs.values())
+
+
+@pytest.mark.timeout(60)
+def test_pairs_window_two_procs(region):
+    r = bench(region, "pairs", "--users", "4", "--messages", "20", "--window", "4", "--procs", "2")
+    assert r["params"]["mode"] == "window"
+    c = r["counts"]
+    assert c["messages"] == c["acked"] == 40
+    assert c["delivered_pushes"] + c["pushes_missing"] == 40
+    assert c["duplicate_pushes"] == 0
+    assert r["latency_ms"]["send_to_push"]["n"] == c["delivered_pushes"]
+    assert r["latency_ms"]["send_to_ack"]["n"] == 40
+    lat = r["latency_ms"]["send_to_push"]
+    assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+    assert r["rates"]["delivered_per_s"] > 0
+    assert_clean(r, 40)
+    assert_server_measured(r)
+    assert r["generator"]["procs"] == 2
+    assert r["machine"]["cpus"] >= 1
+
+
+@pytest.mark.timeout(60)
+def test_pairs_fixed_rate_msgpack(region):
+    r = bench(region, "pairs", "--users", "2", "--messages", "10", "--rate", "100", "--codec", "msgpack")
+    assert r["params"]["mode"] == "rate" and r["rates"]["offered_per_s"] == 100
+    assert r["counts"]["acked"] == 10
+    # Ten Sends at 100/s take about 0.1 s: the pacer spread them out.
+    assert r["window_s"] >= 0.09
+    assert r["generator"]["pace_lag_ms"]["n"] == 10
+    assert_clean(r, 10)
+
+
+@pytest.mark.timeout(60)
+def test_fanin(region):
+    r = bench(region, "fanin", "--users", "5", "--messages", "10", "--procs", "2")
+    assert r["counts"]["messages"] == r["counts"]["acked"] == 40
+    assert_clean(r, 40)
+
+
+@pytest.mark.timeout(60)
+def test_backlog(region):
+    r = bench(region, "backlog", "--users", "3", "--backlog", "120")
+    c = r["counts"]
+    assert c["backlog"] == c["acked"] == c["synced"] == 120
+    t = r["timing_ms"]
+    assert t["total_s"] >= t["sync_s"] > 0
+    assert_clean(r, 120)
+    assert_server_measured(r)
+
+
+@pytest.mark.timeout(60)
+def test_connect(region):
+    r = bench(region, "connect", "--users", "3", "--connections", "12", "--procs", "2", "--settle", "0.2")
+    c = r["counts"]
+    assert c["password_logins"] == 3
+    assert c["token_logins"] == c["connections"] == 12
+    assert c["alive_after_idle"] == 12
+    assert r["latency_ms"]["token_login"]["n"] == 12
+    assert r["latency_ms"]["password_login"]["n"] == 3
+    mem = r["memory"]
+    assert mem["bytes_per_conn"] is not None
+    assert {p["name"] for p in mem["processes"]} >= {"gate-1", "im-1"}
+    assert r["errors"] == {} and r["ok"] is True
+    assert_server_measured(r)
+
+
+@pytest.mark.timeout(30)
+def test_bad_arguments_are_refused(region):
+    proc = subprocess.run([sys.executable, "-m", "simzmq", "bench", "pairs", "--users", "3",
+                           "--data", str(region.data_dir), "--no-progress"],
+                          cwd=str(ROOT), env=region.env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert "even number of users" in proc.stderr
+
+
+# --- the checker itself: it must be able to say no -----------------------------------
+
+
+@pytest.mark.timeout(10)
+def test_order_check_finds_loss_doubles_and_reordering():
+    assert order_check([0, 1, 2, 3], {0, 1, 2, 3}) == {"lost": 0, "doubled": 0, "reordered": 0,
+                                                         "unconfirmed": 0, "found": 4}
+    assert order_check([0, 2, 3], {0, 1, 2, 3})["lost"] == 1
+    assert order_check([0, 1, 1, 2, 3], {0, 1, 2, 3})["doubled"] == 1
+    assert order_check([0, 2, 1, 3], {0, 1, 2, 3})["reordered"] == 1
+    # A Send that failed at the sender but was stored anyway is reported, not lost.
+    assert order_check([0, 1, 2], {0, 1})["unconfirmed"] == 1
+
+
+def _result(sender, count, failed, receiver, found):
+    return {"senders": [{"sender": sender, "count": count, "failed": failed}],
+            "receivers": [{"user": receiver, "check": {"inbox_gaps": 0,
+                                                       "found": {sender: array("I", found).tobytes()}}}]}
+
+
+@pytest.mark.timeout(10)
+def test_check_delivery_merges_across_processes():
+    assert check_delivery([_result("a", 3, [], "b", [0, 1, 2])])["ok"] is True
+    bad = check_delivery([_result("a", 3, [], "b", [0, 2, 2])])
+    assert bad["ok"] is False and bad["lost"] == 1 and bad["doubled"] == 1
+    # A message whose Send failed is not expected.
+    assert check_delivery([_result("a", 3, [1], "b", [0, 2])])["ok"] is True
+
+
+@pytest.mark.timeout(10)
+def test_percentiles_nearest_rank():
+    p = percentiles([i / 1000 for i in range(1, 101)])
+    assert (p["n"], p["p50"], p["p95"], p["p99"], p["max"]) == (100, 50.0, 95.0, 99.0, 100.0)
+    assert percentiles([]) == {"n": 0}
