@@ -369,17 +369,21 @@ class GateTCPServer(TCPServer):
         try:
             while conn.state != CLOSED:
                 data = await stream.read_bytes(READ_CHUNK, partial=True)
+                decoder = transport.decoder
+                decoder.append(data)
+                # One payload at a time: the frame limit rises when the
+                # handshake completes, which may be in the middle of this chunk.
                 try:
-                    payloads = transport.decoder.feed(data)
+                    while conn.state != CLOSED:
+                        payload = decoder.next_payload()
+                        if payload is None:
+                            break
+                        conn.payload_received(payload)
                 except ProtocolError as exc:
                     CLOSED_BAD.labels(type(exc).__name__).inc()
                     log.info("closing %s: %s", conn.peer, exc)
                     conn.close(str(exc))
                     break
-                for payload in payloads:
-                    conn.payload_received(payload)
-                    if conn.state == CLOSED:
-                        break
         except StreamClosedError:
             pass
         except Exception:

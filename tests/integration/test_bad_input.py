@@ -258,3 +258,23 @@ def test_connection_stays_after_errors(region, users):
     """After all of the above, the witnesses were never disconnected."""
     for c in users.values():
         assert isinstance(c.request(m.Ping(ts_ms=9)), m.Pong)
+
+
+def test_header_and_large_first_request_in_one_write(region, users):
+    """The frame limit rises when the handshake completes, even in the middle
+    of what one read returned: a large first request right behind the
+    c2s_header is answered."""
+    from simzmq.wire.codec import CODECS
+    from simzmq.wire.frames import encode_frame
+
+    c = RawClient(region.gate_port, handshake=False)
+    hs = ClientHandshake(region.gate_pk)
+    c.send_frame(hs.hello())
+    hs.receive_welcome(c.read_frame())
+    c.rx, c.tx, c.codec = hs.receiver, hs.sender, CODECS[hs.codec_id]
+    c.rx.open(c.read_frame())
+    big = c.tx.seal(c.codec.encode(m.Register(user="l" * 60, password="p" * 256), 1))
+    assert len(big) > 293
+    c.send_bytes(encode_frame(hs.sender.header) + encode_frame(big))
+    ref, reply, _ = c.recv()
+    assert ref == 1 and isinstance(reply, m.Ok)
