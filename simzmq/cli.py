@@ -110,6 +110,21 @@ class Child:
         self.pid_file.unlink(missing_ok=True)
 
 
+def live_pid_files(run_dir: Path) -> list[str]:
+    """Names whose pid file points at a live process (stale files are removed)."""
+    live = []
+    for path in sorted(run_dir.glob("*.pid")):
+        try:
+            os.kill(int(path.read_text().strip()), 0)
+        except (ValueError, ProcessLookupError):
+            path.unlink(missing_ok=True)
+            continue
+        except PermissionError:
+            pass
+        live.append(path.stem)
+    return live
+
+
 def raise_fd_limit() -> int:
     """Many connections need many descriptors: lift the soft limit to the hard one."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -138,6 +153,9 @@ def up(ctx, data, gate_port, http_port, workers, gates, open_registration):
     data_dir = cfg.data_dir
     run_dir = data_dir / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
+    running = live_pid_files(run_dir)
+    if running:
+        raise click.ClickException(f"a region is already running on {data_dir}: {', '.join(running)}")
     # The key exists before any gate accepts a connection, so a client that
     # reads keys/gate.pub right after `up` printed it can pin it.
     _, gate_pk = keys_mod.ensure_gate_key(data_dir)
