@@ -5,3 +5,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# One throwaway Postgres cluster for the whole run, for every test that asks.
+from tests.pg import pg_cluster  # noqa: E402,F401

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import sys
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pg import pg_cluster  # noqa: E402,F401  (session fixture)
 
 from simzmq.store import (  # noqa: E402
     Conv,
