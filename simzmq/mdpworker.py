@@ -56,9 +56,16 @@ class WorkerProtocol:
         """A fresh connection: the broker gets a full timeout to speak."""
         self.broker_expiry = now + self.broker_timeout
         self.last_sent = now
+        self.reconnect_requested = False
 
     def heard(self, now: float) -> None:
-        self.broker_expiry = now + self.broker_timeout
+        if not self.reconnect_requested:
+            self.broker_expiry = now + self.broker_timeout
+
+    def disconnected(self) -> None:
+        """The broker said DISCONNECT: reconnect at the next tick."""
+        self.reconnect_requested = True
+        self.broker_expiry = float("-inf")
 
     def sent(self, now: float) -> None:
         self.last_sent = now
@@ -154,8 +161,10 @@ class WorkerSession:
         if cmd.command == mdp.REQUEST:
             return [Request(self, cmd.client, cmd.body, self.generation)]
         if cmd.command == mdp.DISCONNECT:
+            # Reconnect in tick(), not here: the socket is only ever replaced
+            # there, so a caller's poller needs re-registering in one place.
             log.info("broker %s disconnected us; reconnecting", self.endpoint)
-            self.connect(now)
+            self.protocol.disconnected()
         return []
 
     def recv_requests(self, now: float, limit: int = 1024) -> list[Request]:
@@ -168,7 +177,7 @@ class WorkerSession:
             except zmq.Again:
                 break
             requests.extend(self.handle_incoming(frames, now))
-            if self.socket is not sock:  # reconnected: the old socket is closed
+            if self.protocol.reconnect_requested:
                 break
         return requests
 
@@ -183,7 +192,8 @@ class WorkerSession:
     def tick(self, now: float) -> bool:
         """Heartbeat and reconnect as due; True if ``self.socket`` was replaced."""
         if self.protocol.broker_silent(now):
-            log.info("broker %s silent for %.3fs; reconnecting", self.endpoint, self.protocol.broker_timeout)
+            if not self.protocol.reconnect_requested:
+                log.info("broker %s silent for %.3fs; reconnecting", self.endpoint, self.protocol.broker_timeout)
             self.connect(now)
             return True
         if self.protocol.heartbeat_due(now):

@@ -89,3 +89,35 @@ def test_parsers_raise_only_mdp_error(frames):
             parse(frames)
         except mdp.MDPError:
             pass
+
+
+# --- the worker session's pure bookkeeping ---------------------------------
+
+from simzmq.mdpworker import WorkerProtocol  # noqa: E402
+
+
+def test_worker_heartbeats_only_when_quiet():
+    p = WorkerProtocol(heartbeat_interval=0.25, liveness=3, now=0.0)
+    assert not p.heartbeat_due(0.2)
+    assert p.heartbeat_due(0.25)
+    p.sent(0.3)  # a reply went out
+    assert not p.heartbeat_due(0.5)
+    assert p.heartbeat_due(0.55)
+
+
+def test_worker_reconnects_after_broker_silence():
+    p = WorkerProtocol(heartbeat_interval=0.25, liveness=3, now=0.0)
+    p.heard(0.5)
+    assert not p.broker_silent(1.24)
+    assert p.broker_silent(1.25)
+    p.reset(2.0)
+    assert not p.broker_silent(2.5)
+
+
+def test_worker_disconnect_means_reconnect_at_next_tick():
+    p = WorkerProtocol(heartbeat_interval=0.25, liveness=3, now=0.0)
+    p.disconnected()
+    p.heard(0.1)  # a late heartbeat does not cancel it
+    assert p.broker_silent(0.1)
+    p.reset(0.2)
+    assert not p.reconnect_requested and not p.broker_silent(0.3)
