@@ -247,8 +247,39 @@ def proc_sample(pid: int) -> tuple[float, int] | None:
     return cpu, rss
 
 
-def sample_all(pids: dict[str, int]) -> dict[str, tuple[float, int] | None]:
-    return {name: proc_sample(pid) for name, pid in pids.items()}
+MACHINE = ""  # the key of the whole machine's CPU sample in sample_all()
+
+
+def machine_cpu() -> tuple[float, float] | None:
+    """``(busy_cpu_seconds, all_cpu_seconds)`` of the whole machine since boot."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    busy = user + nice + system + irq + softirq + steal
+    return busy / CLK_TCK, (busy + idle + iowait) / CLK_TCK
+
+
+def sample_all(pids: dict[str, int]) -> dict[str, tuple | None]:
+    out: dict[str, tuple | None] = {name: proc_sample(pid) for name, pid in pids.items()}
+    out[MACHINE] = machine_cpu()
+    return out
+
+
+def machine_report(before: dict, after: dict, region_cpu_s: float, generator_cpu_s: float) -> dict | None:
+    """How busy the machine was in the window, and how much of that was
+    neither the region nor the generator (a shared machine's noise)."""
+    b, a = before.get(MACHINE), after.get(MACHINE)
+    if not b or not a or a[1] <= b[1]:
+        return None
+    busy, total = a[0] - b[0], a[1] - b[1]
+    cpus = os.cpu_count() or 1
+    wall = total / cpus
+    return {"busy_pct_of_all_cpus": round(100 * busy / total, 1),
+            "other_cpu_s": round(max(0.0, busy - region_cpu_s - generator_cpu_s), 2),
+            "other_pct_of_one_cpu": round(100 * max(0.0, busy - region_cpu_s - generator_cpu_s) / wall, 1)}
 
 
 def gate_port_from_pid(data_dir: str | Path | None) -> int | None:
@@ -675,7 +706,12 @@ class Worker:
 
     async def main(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.loop.add_reader(self.ctl.fileno(), self._on_ctl)
+        fd = self.ctl.fileno()
+        self.loop.add_reader(fd, self._on_ctl)
+        # The event loop made the descriptor non-blocking; the control channel
+        # sends whole messages (a large result would otherwise stop halfway
+        # with EAGAIN), so put it back.
+        os.set_blocking(fd, True)
         scenario = getattr(self, "run_" + self.opts.scenario)
         result = await scenario()
         result["errors"] = {**result.get("errors", {}), **self.errors}
@@ -1160,6 +1196,7 @@ def _drive(opts: Options, coord: Coordinator, pids: dict, bar: Progress) -> dict
         total = sum(f.count for p in plans for f in p.flows)
         infos = coord.wait_phase("run", "run", F_DELIVERED, total)
         after = sample_all(pids)
+        load_before, load_after = before, after
         t_end = max(i["t_last_push"] for i in infos.values())
         window = max(1e-9, t_end - t0)
         wall = time.monotonic() - t0
@@ -1191,6 +1228,7 @@ def _drive(opts: Options, coord: Coordinator, pids: dict, bar: Progress) -> dict
     elif sc == "backlog":
         coord.wait_phase("run", "sync", F_SYNCED, opts.backlog)
         after = sample_all(pids)
+        load_before, load_after = before, after
         wall = time.monotonic() - t0
         coord.go("exit", 0.0)
         coord.wait_phase("exit", "finish", F_SYNCED, opts.backlog)
@@ -1218,6 +1256,7 @@ def _drive(opts: Options, coord: Coordinator, pids: dict, bar: Progress) -> dict
         t1 = coord.go("token")
         coord.wait_phase("token", "token", F_LOGINS, n_users + opts.connections)
         after = sample_all(pids)
+        load_before, load_after = mid, after
         wall_tk = time.monotonic() - t1
         time.sleep(opts.settle_s)
         idle = sample_all(pids)
@@ -1229,8 +1268,8 @@ def _drive(opts: Options, coord: Coordinator, pids: dict, bar: Progress) -> dict
         pw_window = max((t[2] for t in pw), default=t0) - t0
         tk_window = max((t[2] for t in tk), default=t1) - t1
         opened = len(tk)
-        rss_mid = sum(v[1] for v in mid.values() if v)
-        rss_idle = sum(v[1] for k, v in idle.items() if v and mid.get(k))
+        rss_mid = sum(v[1] for k, v in mid.items() if v and k != MACHINE)
+        rss_idle = sum(v[1] for k, v in idle.items() if v and mid.get(k) and k != MACHINE)
         per_proc = []
         for name in sorted(pids):
             if mid.get(name) and idle.get(name):
@@ -1255,6 +1294,8 @@ def _drive(opts: Options, coord: Coordinator, pids: dict, bar: Progress) -> dict
             "generator": {"cpu_s": round(sum(r["cpu_s"] for r in results), 3), "procs": opts.procs},
         })
     report["errors"] = _merge_errors(results)
+    report["machine_load"] = machine_report(load_before, load_after, report["server"]["total"]["cpu_s"],
+                                            report["generator"]["cpu_s"])
     report["ok"] = _ok(report)
     return report
 
@@ -1352,6 +1393,10 @@ def format_report(r: dict) -> str:
                      f"{t['rss_before_kb']:>8} KiB {t['rss_after_kb']:>7} KiB")
     else:
         lines.append("  region processes: no pid files (pass --data DIR of the region to measure CPU and RSS)")
+    load = r.get("machine_load")
+    if load:
+        lines.append(f"  machine: {load['busy_pct_of_all_cpus']:.0f}% of all CPUs busy in the window; "
+                     f"other processes used {load['other_cpu_s']:.2f} CPU s ({load['other_pct_of_one_cpu']:.0f}% of a CPU)")
     g = r["generator"]
     lines.append(f"  generator: {g['procs']} process(es), {g['cpu_s']:.2f} CPU s in the measured window"
                  + (f" ({g['cpu_pct']:.0f}%)" if "cpu_pct" in g else ""))
@@ -1418,4 +1463,5 @@ def machine_info() -> dict:
     except OSError:
         pass
     return {"cpus": os.cpu_count(), "cpu_model": cpu, "mem_total_mb": mem_kb // 1024,
-            "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+            "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "loadavg": [round(x, 2) for x in os.getloadavg()]}
