@@ -13,6 +13,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import secrets
 import signal
 import time
@@ -24,7 +25,9 @@ from tornado import web, websocket
 from tornado.iostream import StreamClosedError, StreamBufferFullError
 from tornado.tcpserver import TCPServer
 
+from simzmq import limits as lim
 from simzmq.gatelink import Backend, BrokerEndpoints
+from simzmq.limits import Limiter, LimitsConfig, LogThrottle, Verdict, pick_slow_consumers
 from simzmq.pushlog import PushLog
 from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN, CODECS, peek_header
@@ -38,6 +41,10 @@ log = logging.getLogger("simzmq.gate")
 
 SESSION_ID_BYTES = 16
 READ_CHUNK = 65536
+# How often the gate sums what it queued towards clients (the gate-wide
+# outbound budget) and forgets limiter entries that carry no information.
+OUTBOUND_SWEEP_S = 1.0
+PRUNE_EVERY_S = 10.0
 
 CONNECTIONS = Gauge("simzmq_gate_connections", "Open client connections")
 SESSIONS = Gauge("simzmq_gate_sessions", "Logged-in client connections")
@@ -47,6 +54,14 @@ KICKS = Counter("simzmq_gate_kicks_total", "Connections kicked, by reason", ["re
 CATCHUPS = Counter("simzmq_gate_catchups_total", "Catch-ups of an online user from the store")
 HOLES = Counter("simzmq_gate_push_holes_total", "Lost pushes noticed by a hole in a user's seqs")
 CLOSED_BAD = Counter("simzmq_gate_protocol_closes_total", "Connections closed for bad input", ["why"])
+RATE_LIMITED = Counter("simzmq_gate_rate_limited_total",
+                       "Requests refused with rate_limited and connections refused, by limit", ["limit"])
+BACKPRESSURE = Counter("simzmq_gate_backpressure_total",
+                       "Times a connection's reading paused at max_pending_requests")
+OUTBOUND = Gauge("simzmq_gate_outbound_bytes", "Bytes queued towards clients, all connections")
+TRACKED = Gauge("simzmq_gate_limiter_entries", "Entries the gate tracks for a limit", ["table"])
+LOG_SUPPRESSED = Counter("simzmq_gate_log_lines_suppressed_total",
+                         "Log lines about limits, kicks and bad input left out by the log throttle", ["kind"])
 
 TYPE_NAMES = {t: cls.__name__ for t, cls in m.MESSAGES.items()}
 
@@ -63,10 +78,18 @@ HANDSHAKE, WAIT_HEADER, OPEN, CLOSED = range(4)
 
 
 class ClientConnection:
-    def __init__(self, gate: "Gate", transport, peer: str):
+    """One client: handshake, then requests in and replies and pushes out.
+
+    `transport` writes payloads and closes (TcpTransport, WsTransport, or a
+    test's fake); `address` is the client's IP address, which per-address
+    limits count. Timers and the clock come from the gate.
+    """
+
+    def __init__(self, gate: "Gate", transport, peer: str, address: str = ""):
         self.gate = gate
         self.transport = transport
         self.peer = peer
+        self.address = address
         self.state = HANDSHAKE
         self.handshake = GateHandshake(gate.static_sk)
         self.sender = None
@@ -77,10 +100,17 @@ class ClientConnection:
         self.device = ""
         self.token = b""
         self.login_pending = False
-        self.last_rx = time.monotonic()
-        loop = asyncio.get_event_loop()
-        self._handshake_timer = loop.call_later(gate.cfg["handshake_timeout_s"], self._handshake_expired)
-        self._idle_timer = loop.call_later(gate.cfg["idle_timeout_s"], self._idle_check)
+        now = gate.now()
+        self.last_rx = now
+        self.bucket = gate.limiter.connection_bucket(now)
+        # Requests forwarded and not yet answered; at max_pending_requests the
+        # gate stops reading this connection until replies drain.
+        self.pending = 0
+        self.readable = asyncio.Event()
+        self.readable.set()
+        self._lost = False
+        self._handshake_timer = gate.call_later(gate.cfg["handshake_timeout_s"], self._handshake_expired)
+        self._idle_timer = gate.call_later(gate.cfg["idle_timeout_s"], self._idle_check)
         CONNECTIONS.inc()
 
     # -- input --------------------------------------------------------------
@@ -89,7 +119,7 @@ class ClientConnection:
         """One frame's payload (TCP: already de-framed; WebSocket: one message)."""
         if self.state == CLOSED:
             return
-        self.last_rx = time.monotonic()
+        self.last_rx = self.gate.now()
         try:
             if self.state == OPEN:
                 plaintext, final = self.receiver.open(payload)
@@ -115,12 +145,22 @@ class ClientConnection:
             self.kick(KickCode.PROTOCOL_VIOLATION, "payload shorter than 5 bytes")
         except ProtocolError as exc:
             # Handshake and channel failures: close at once, send nothing.
-            CLOSED_BAD.labels(type(exc).__name__).inc()
-            log.info("closing %s: %s", self.peer, exc)
-            self.close(str(exc))
+            self.bad_input(type(exc).__name__, str(exc))
+        except SlowConsumer:
+            self.slow_consumer("cannot take the handshake")
+
+    def bad_input(self, why: str, detail: str) -> None:
+        CLOSED_BAD.labels(why).inc()
+        self.gate.log_throttled("bad_input", "closing %s: %s", self.peer, detail)
+        self.close(detail)
 
     def message_received(self, plaintext: bytes) -> None:
         mtype, ref = peek_header(plaintext)
+        # Every frame counts against the connection's rate, good or bad.
+        verdict = self.bucket.check(self.gate.now())
+        if verdict:
+            self.limited(ref, lim.REQUESTS, verdict, "too many requests on this connection; slow down")
+            return
         name = TYPE_NAMES.get(mtype, "unknown")
         if mtype not in CLIENT_REQUESTS:
             REQUESTS.labels("unknown", "bad_request").inc()
@@ -138,6 +178,17 @@ class ClientConnection:
         handler = self._handlers[mtype]
         handler(self, ref, msg)
 
+    def limited(self, ref: int, limit: str, verdict: Verdict, reason: str, request: str = "") -> None:
+        """A request over `limit`: Error{rate_limited}, or Kick{abuse} when far over."""
+        RATE_LIMITED.labels(limit).inc()
+        if request:
+            REQUESTS.labels(request, "rate_limited").inc()
+        if verdict == Verdict.ABUSE:
+            self.kick(KickCode.ABUSE, f"far over the {limit} limit")
+            return
+        self.gate.log_throttled("limit:" + limit, "rate limited %s (%s): %s limit", self.peer, self.user, limit)
+        self.reply_error(ref, ErrorCode.RATE_LIMITED, reason)
+
     def _ping(self, ref, msg: m.Ping):
         REQUESTS.labels("Ping", "ok").inc()
         self.send_message(m.Pong(ts_ms=msg.ts_ms), ref)
@@ -150,24 +201,47 @@ class ClientConnection:
             REQUESTS.labels("Register", "forbidden").inc()
             self.reply_error(ref, ErrorCode.FORBIDDEN, "registration is closed")
             return
+        verdict, limit = self.gate.limiter.register(msg.user, self.address, self.gate.now())
+        if verdict:
+            self.limited(ref, limit, verdict, "too many registrations; retry later", "Register")
+            return
         self.forward(ref, msg.user, msg, "Register")
 
     def _login(self, ref, msg: m.Login):
+        gate = self.gate
         if self.user is not None or self.login_pending:
             REQUESTS.labels("Login", "bad_request").inc()
             self.reply_error(ref, ErrorCode.BAD_REQUEST, "already logged in")
             return
+        password = bool(msg.password)
+        wait, limit = gate.limiter.login_wait(msg.user, self.address, password, gate.now())
+        if wait > 0:
+            self.limited(ref, limit, Verdict.LIMIT,
+                         f"too many failed logins; retry in {math.ceil(wait)} s", "Login")
+            return
+        if gate.sessions_full(msg.user, msg.device):
+            self.limited(ref, lim.SESSIONS, Verdict.LIMIT,
+                         f"too many sessions of this user on this gate (at most "
+                         f"{gate.limiter.cfg.max_sessions_per_user}); log out elsewhere", "Login")
+            return
         self.login_pending = True
         self.device = msg.device
-        self.forward(ref, msg.user, msg, "Login", self._logged_in)
+        gate.login_started(msg.user)
 
-    def _logged_in(self, ref, reply):
-        self.login_pending = False
-        if isinstance(reply, m.LoginOk):
-            self.user = reply.user
-            self.token = reply.token
-            self.gate.session_started(self, reply.max_seq)
-        return reply
+        def logged_in(ref, reply):
+            self.login_pending = False
+            gate.login_ended(msg.user)
+            if isinstance(reply, m.LoginOk):
+                gate.limiter.login_succeeded(msg.user)
+                if self.state == CLOSED:
+                    return None
+                self.user = reply.user
+                self.token = reply.token
+                gate.session_started(self, reply.max_seq)
+            elif isinstance(reply, m.Error) and reply.code == ErrorCode.AUTH_FAILED:
+                gate.limiter.login_failed(msg.user, self.address, password, gate.now())
+            return reply
+        self.forward(ref, msg.user, msg, "Login", logged_in)
 
     def _logout(self, ref, msg):
         if self.user is None:
@@ -190,6 +264,11 @@ class ClientConnection:
             REQUESTS.labels(name, "not_logged_in").inc()
             self.reply_error(ref, ErrorCode.NOT_LOGGED_IN, "log in first")
             return
+        if type(msg) is m.Send:
+            verdict = self.gate.limiter.send(self.user, self.gate.now())
+            if verdict:
+                self.limited(ref, lim.SENDS, verdict, "too many messages from this user; retry later", "Send")
+                return
         self.forward(ref, self.user, msg, name)
 
     _handlers = {
@@ -207,36 +286,38 @@ class ClientConnection:
     # -- the back end -------------------------------------------------------
 
     def forward(self, ref, key: str, msg, name: str, on_reply=None):
+        """Send `msg` to the im service; its reply (or an Error the gate makes
+        when there is none) goes through `on_reply`, which may replace it or
+        return None when it has answered itself, and then to the client."""
         payload = BIN.encode(msg, 0)
+        self.pending += 1
+        if self.gate.limiter.reading_paused(self.pending) and self.readable.is_set():
+            BACKPRESSURE.inc()
+            self.readable.clear()
 
         def done(reply_payload):
-            if self.state == CLOSED:
-                return
+            self.pending -= 1
+            if not self.gate.limiter.reading_paused(self.pending):
+                self.readable.set()
             if reply_payload is None:
-                REQUESTS.labels(name, "unavailable").inc()
-                if on_reply is not None and name == "Login":
-                    self.login_pending = False
-                self.reply_error(ref, ErrorCode.UNAVAILABLE, "the back end did not answer in time; retry")
-                return
-            try:
-                _, reply = BIN.decode(reply_payload)
-            except ProtocolError:
-                log.warning("undecodable reply from the im service for %s", name)
-                REQUESTS.labels(name, "internal").inc()
-                if name == "Login":
-                    self.login_pending = False
-                self.reply_error(ref, ErrorCode.INTERNAL, "bad reply from the back end")
-                return
+                reply = m.Error(code=int(ErrorCode.UNAVAILABLE), reason="the back end did not answer in time; retry")
+            else:
+                try:
+                    _, reply = BIN.decode(reply_payload)
+                except ProtocolError:
+                    log.warning("undecodable reply from the im service for %s", name)
+                    reply = m.Error(code=int(ErrorCode.INTERNAL), reason="bad reply from the back end")
             if on_reply is not None:
                 reply = on_reply(ref, reply)
-                if reply is None:
-                    REQUESTS.labels(name, "ok").inc()
-                    return
+            if reply is None:
+                REQUESTS.labels(name, "ok").inc()
+                return
             if isinstance(reply, m.Error):
                 REQUESTS.labels(name, _code_name(reply.code)).inc()
             else:
                 REQUESTS.labels(name, "ok").inc()
-            self.send_message(reply, ref)
+            if self.state != CLOSED:
+                self.send_message(reply, ref)
 
         self.gate.backend.request(key.encode(), self.session, payload, done)
 
@@ -248,12 +329,27 @@ class ClientConnection:
         self.send_plaintext(self.codec.encode(msg, ref), final)
 
     def send_plaintext(self, plaintext: bytes, final: bool = False) -> None:
+        if self.state == CLOSED:
+            return
         try:
             self.transport.write_payloads([self.sender.seal(plaintext, final)])
         except SlowConsumer:
-            KICKS.labels("slow_consumer").inc()
-            log.info("closing %s: slow consumer (%s)", self.peer, self.user)
-            self.close("slow consumer")
+            self.slow_consumer(f"more than {self.gate.cfg['max_outbound_bytes']} bytes waiting to be read")
+
+    def slow_consumer(self, why: str) -> None:
+        """Kick{slow_consumer} if it still fits, then close; what was queued
+        goes when the connection closes (at the latest after close_linger_s)."""
+        if self.state == CLOSED:
+            return
+        KICKS.labels("slow_consumer").inc()
+        self.gate.log_throttled("kick:slow_consumer", "kicking %s (%s): slow consumer, %s", self.peer, self.user, why)
+        if self.state == OPEN and self.sender is not None:
+            try:
+                self.transport.write_payloads([self.sender.seal(self.codec.encode(
+                    m.Kick(code=int(KickCode.SLOW_CONSUMER), reason="slow consumer"), 0), final=True)])
+            except SlowConsumer:
+                pass
+        self.close("slow consumer")
 
     def push(self, payload: bytes, msg_type: int, decoded) -> None:
         """A notification (bin payload, ref 0) for this session."""
@@ -269,8 +365,10 @@ class ClientConnection:
         self.send_message(m.Error(code=int(code), reason=reason[:256]), ref)
 
     def kick(self, code: KickCode, reason: str) -> None:
+        if self.state == CLOSED:
+            return
         KICKS.labels(code.name.lower()).inc()
-        log.info("kicking %s (%s): %s", self.peer, self.user, reason)
+        self.gate.log_throttled("kick:" + code.name.lower(), "kicking %s (%s): %s", self.peer, self.user, reason)
         if self.state == OPEN or self.state == WAIT_HEADER:
             self.send_message(m.Kick(code=int(code), reason=reason[:256]), 0, final=True)
         self.close(reason)
@@ -283,10 +381,11 @@ class ClientConnection:
         self.connection_lost()
 
     def connection_lost(self) -> None:
-        if getattr(self, "_lost", False):
+        if self._lost:
             return
         self._lost = True
         self.state = CLOSED
+        self.readable.set()  # a reader paused for backpressure must see the end
         self._handshake_timer.cancel()
         self._idle_timer.cancel()
         CONNECTIONS.dec()
@@ -298,18 +397,19 @@ class ClientConnection:
     def _handshake_expired(self):
         if self.state in (HANDSHAKE, WAIT_HEADER):
             CLOSED_BAD.labels("handshake_timeout").inc()
-            log.info("closing %s: no handshake within %ss", self.peer, self.gate.cfg["handshake_timeout_s"])
+            self.gate.log_throttled("bad_input", "closing %s: no handshake within %ss", self.peer,
+                                    self.gate.cfg["handshake_timeout_s"])
             self.close("handshake timeout")
 
     def _idle_check(self):
         if self.state == CLOSED:
             return
         idle = self.gate.cfg["idle_timeout_s"]
-        left = self.last_rx + idle - time.monotonic()
+        left = self.last_rx + idle - self.gate.now()
         if left <= 0:
             self.kick(KickCode.IDLE, f"nothing received for {idle} s")
         else:
-            self._idle_timer = asyncio.get_event_loop().call_later(left, self._idle_check)
+            self._idle_timer = self.gate.call_later(left, self._idle_check)
 
 
 def _code_name(code: int) -> str:
@@ -323,14 +423,23 @@ class SlowConsumer(Exception):
     pass
 
 
+def _queued_bytes(stream) -> int:
+    """Bytes a Tornado stream holds for the peer (0 once it is closed)."""
+    buf = getattr(stream, "_write_buffer", None)
+    return len(buf) if buf is not None else 0
+
+
 class TcpTransport:
-    def __init__(self, stream, max_outbound: int):
+    def __init__(self, stream, gate: "Gate"):
         self.stream = stream
+        self.gate = gate
         self.decoder = FrameDecoder(MAX_HANDSHAKE_FRAME)
-        self.max_outbound = max_outbound
 
     def set_max_frame(self, n: int) -> None:
         self.decoder.max_frame = n
+
+    def queued(self) -> int:
+        return _queued_bytes(self.stream)
 
     def write_payloads(self, payloads) -> None:
         if self.stream.closed():
@@ -344,13 +453,15 @@ class TcpTransport:
             pass
 
     def close(self) -> None:
-        # Let what was written (a Kick, a final Ok) go out first.
+        # Let what was written (a Kick, a final Ok) go out first, but not
+        # for longer than close_linger_s: a peer that does not read must not
+        # keep its queue alive.
         stream = self.stream
         if stream.closed():
             return
         if stream.writing():
-            fut = stream.write(b"")
-            fut.add_done_callback(lambda _f: stream.close())
+            stream.write(b"").add_done_callback(lambda _f: stream.close())
+            self.gate.call_later(self.gate.limiter.cfg.close_linger_s, stream.close)
         else:
             stream.close()
 
@@ -361,29 +472,48 @@ class GateTCPServer(TCPServer):
         self.gate = gate
 
     async def handle_stream(self, stream, address):
-        stream.max_write_buffer_size = self.gate.cfg["max_outbound_bytes"]
+        gate = self.gate
+        ip = address[0] if isinstance(address, tuple) else str(address)
+        refused = gate.limiter.admit(ip)
+        if refused is not None:
+            gate.connection_refused(refused, ip)
+            stream.close()
+            return
+        try:
+            await self._serve(stream, ip, f"{ip}:{address[1]}" if isinstance(address, tuple) else ip)
+        finally:
+            gate.limiter.release(ip)
+
+    async def _serve(self, stream, ip: str, peer: str):
+        gate = self.gate
+        stream.max_write_buffer_size = gate.cfg["max_outbound_bytes"]
         stream.set_nodelay(True)
-        transport = TcpTransport(stream, self.gate.cfg["max_outbound_bytes"])
-        conn = ClientConnection(self.gate, transport, f"{address[0]}:{address[1]}")
-        self.gate.connections.add(conn)
+        transport = TcpTransport(stream, gate)
+        conn = ClientConnection(gate, transport, peer, ip)
+        gate.connections.add(conn)
+        decoder = transport.decoder
         try:
             while conn.state != CLOSED:
                 data = await stream.read_bytes(READ_CHUNK, partial=True)
-                decoder = transport.decoder
                 decoder.append(data)
                 # One payload at a time: the frame limit rises when the
-                # handshake completes, which may be in the middle of this chunk.
+                # handshake completes, which may be in the middle of this chunk;
+                # and at max_pending_requests the rest waits, unread.
                 try:
                     while conn.state != CLOSED:
+                        if not conn.readable.is_set():
+                            await conn.readable.wait()
+                            continue
                         payload = decoder.next_payload()
                         if payload is None:
                             break
                         conn.payload_received(payload)
                 except ProtocolError as exc:
-                    CLOSED_BAD.labels(type(exc).__name__).inc()
-                    log.info("closing %s: %s", conn.peer, exc)
-                    conn.close(str(exc))
+                    conn.bad_input(type(exc).__name__, str(exc))
                     break
+                # A client whose bytes are always there would otherwise keep
+                # the loop to itself: let the others have a turn.
+                await asyncio.sleep(0)
         except StreamClosedError:
             pass
         except Exception:
@@ -391,7 +521,7 @@ class GateTCPServer(TCPServer):
             conn.close("internal error")
         finally:
             conn.connection_lost()
-            self.gate.connections.discard(conn)
+            gate.connections.discard(conn)
 
 
 # ---------------------------------------------------------------------------
@@ -413,6 +543,11 @@ class HealthHandler(web.RequestHandler):
 class HistoryHandler(web.RequestHandler):
     async def get(self, peer: str):
         gate: Gate = self.application.settings["gate"]
+        verdict = gate.limiter.history(self.request.remote_ip or "", gate.now())
+        if verdict:
+            RATE_LIMITED.labels(lim.HISTORY).inc()
+            gate.log_throttled("limit:" + lim.HISTORY, "rate limited http %s: history limit", self.request.remote_ip)
+            return self._json(429, {"error": "rate_limited", "reason": "too many history requests; retry later"})
         auth = self.request.headers.get("Authorization", "")
         token = None
         if auth.startswith("Bearer "):
@@ -438,10 +573,15 @@ class HistoryHandler(web.RequestHandler):
         reply_payload = await fut
         if reply_payload is None:
             return self._json(503, {"error": "unavailable"})
-        _, reply = BIN.decode(reply_payload)
+        try:
+            _, reply = BIN.decode(reply_payload)
+        except ProtocolError:
+            return self._json(500, {"error": "internal"})
         if isinstance(reply, m.Error):
             status = 401 if reply.code == ErrorCode.AUTH_FAILED else 400
             return self._json(status, {"error": _code_name(reply.code), "reason": reply.reason})
+        if not isinstance(reply, m.HistoryPage):
+            return self._json(500, {"error": "internal"})
         self._json(200, {"messages": [
             {"msg_id": x.msg_id, "sender": x.sender, "to": x.to, "kind": x.kind, "ts_ms": x.ts_ms,
              "body": base64.b64encode(x.body).decode()} for x in reply.msgs], "more": reply.more})
@@ -459,31 +599,48 @@ class MetricsHandler(web.RequestHandler):
 
 
 class WsTransport:
-    def __init__(self, handler):
+    def __init__(self, handler, gate: "Gate"):
         self.handler = handler
+        self.gate = gate
         self.max_frame = MAX_HANDSHAKE_FRAME
-        self.max_outbound = handler.application.settings["gate"].cfg["max_outbound_bytes"]
+        self.max_outbound = gate.cfg["max_outbound_bytes"]
 
     def set_max_frame(self, n):
         self.max_frame = n
 
+    def queued(self) -> int:
+        ws = self.handler.ws_connection
+        stream = getattr(ws, "stream", None) if ws is not None else None
+        return _queued_bytes(stream) if stream is not None else 0
+
     def write_payloads(self, payloads):
         if self.handler.ws_connection is None:
             return
+        if self.queued() > self.max_outbound:
+            raise SlowConsumer()
         for p in payloads:
             try:
                 self.handler.write_message(p, binary=True)
             except websocket.WebSocketClosedError:
                 return
-        stream = getattr(self.handler.ws_connection, "stream", None)
-        if stream is not None and len(stream._write_buffer) > self.max_outbound:
-            raise SlowConsumer()
 
     def close(self):
-        self.handler.close()
+        handler = self.handler
+        handler.close()
+        # A peer that never reads never answers the close frame either.
+        self.gate.call_later(self.gate.limiter.cfg.close_linger_s, self._abort)
+
+    def _abort(self):
+        ws = self.handler.ws_connection
+        stream = getattr(ws, "stream", None) if ws is not None else None
+        if stream is not None and not stream.closed():
+            stream.close()
 
 
 class WebSocketHandler(websocket.WebSocketHandler):
+    conn = None
+    address = None
+
     def check_origin(self, origin):
         # The channel is authenticated end to end by the handshake, not by cookies,
         # so a foreign origin gains nothing.
@@ -491,21 +648,37 @@ class WebSocketHandler(websocket.WebSocketHandler):
 
     def open(self):
         gate: Gate = self.application.settings["gate"]
-        self.transport = WsTransport(self)
-        self.conn = ClientConnection(gate, self.transport, f"ws:{self.request.remote_ip}")
+        address = self.request.remote_ip or ""
+        refused = gate.limiter.admit(address)
+        if refused is not None:
+            gate.connection_refused(refused, address)
+            self.close()
+            return
+        self.address = address
+        self.transport = WsTransport(self, gate)
+        self.conn = ClientConnection(gate, self.transport, f"ws:{address}", address)
         gate.connections.add(self.conn)
 
-    def on_message(self, message):
-        if isinstance(message, str) or len(message) > self.transport.max_frame:
-            CLOSED_BAD.labels("ws_frame").inc()
-            self.conn.close("text or oversized WebSocket message")
+    async def on_message(self, message):
+        conn = self.conn
+        if conn is None:
             return
-        self.conn.payload_received(message)
+        if isinstance(message, str) or len(message) > self.transport.max_frame:
+            conn.bad_input("ws_frame", "text or oversized WebSocket message")
+            return
+        conn.payload_received(message)
+        # Tornado reads the next message when this returns: backpressure.
+        if not conn.readable.is_set():
+            await conn.readable.wait()
 
     def on_close(self):
         gate: Gate = self.application.settings["gate"]
-        self.conn.connection_lost()
-        gate.connections.discard(self.conn)
+        if self.conn is not None:
+            self.conn.connection_lost()
+            gate.connections.discard(self.conn)
+        if self.address is not None:
+            gate.limiter.release(self.address)
+            self.address = None
 
 
 # ---------------------------------------------------------------------------
@@ -513,8 +686,11 @@ class WebSocketHandler(websocket.WebSocketHandler):
 # ---------------------------------------------------------------------------
 
 class Gate:
+    """`clock` (seconds, monotonic) and `loop` (call_later) default to the
+    real ones; tests may pass their own."""
+
     def __init__(self, name: str, cfg: dict, static_sk: bytes, brokers: list[BrokerEndpoints],
-                 configure_socket=None):
+                 configure_socket=None, clock=None, loop=None):
         self.name = name
         self.cfg = cfg
         self.static_sk = static_sk
@@ -533,6 +709,82 @@ class Gate:
         self.tcp: GateTCPServer | None = None
         self.http = None
         self._hole_timer = None
+        self.clock = clock or time.monotonic
+        self.loop = loop
+        self.limiter = Limiter(LimitsConfig.from_mapping(cfg.get("limits")))
+        self.log_throttle = LogThrottle(self.limiter.cfg.log_lines_per_limit, self.limiter.cfg.log_interval_s)
+        # Logins under way per user: they count towards max_sessions_per_user.
+        self.logins_pending: dict[str, int] = {}
+        self._sweep_timer = None
+        self._last_prune = 0.0
+
+    def now(self) -> float:
+        return self.clock()
+
+    def call_later(self, delay: float, callback):
+        loop = self.loop or asyncio.get_event_loop()
+        return loop.call_later(delay, callback)
+
+    # -- limits -----------------------------------------------------------------
+
+    def log_throttled(self, kind: str, fmt: str, *args) -> None:
+        """One info line per event, at most log_lines_per_limit of a kind per
+        log_interval_s; the next line allowed says how many were left out."""
+        ok, suppressed = self.log_throttle.allow(kind, self.now())
+        if not ok:
+            LOG_SUPPRESSED.labels(kind.split(":", 1)[0]).inc()
+            return
+        if suppressed:
+            fmt += " (%d similar lines left out)"
+            args = args + (suppressed,)
+        log.info(fmt, *args)
+
+    def connection_refused(self, limit: str, address: str) -> None:
+        RATE_LIMITED.labels(limit).inc()
+        self.log_throttled("limit:" + limit, "refusing a connection from %s: %s limit", address, limit)
+
+    def sessions_full(self, user: str, device: str) -> bool:
+        """Whether a Login for `user` would be one session too many here. A
+        Login that replaces a session of the same device does not add one."""
+        mine = self.sessions.get(user, {})
+        if device and any(c.device == device for c in mine.values()):
+            return False
+        return self.limiter.sessions_full(len(mine) + self.logins_pending.get(user, 0))
+
+    def login_started(self, user: str) -> None:
+        self.logins_pending[user] = self.logins_pending.get(user, 0) + 1
+
+    def login_ended(self, user: str) -> None:
+        n = self.logins_pending.get(user, 0) - 1
+        if n > 0:
+            self.logins_pending[user] = n
+        else:
+            self.logins_pending.pop(user, None)
+
+    def sweep(self) -> None:
+        """Once a second: hold the bytes queued towards all clients under
+        max_outbound_total_bytes (the biggest queues go first), and now and
+        then forget limiter entries that no longer matter."""
+        cfg = self.limiter.cfg
+        queued = {}
+        for conn in self.connections:
+            n = conn.transport.queued()
+            if n:
+                queued[conn] = n
+        OUTBOUND.set(sum(queued.values()))
+        for conn in pick_slow_consumers(queued, cfg.max_outbound_total_bytes, cfg.slow_consumer_min_bytes):
+            conn.slow_consumer("the gate's outbound budget is spent")
+        now = self.now()
+        if now - self._last_prune >= PRUNE_EVERY_S:
+            self._last_prune = now
+            for table, size in self.limiter.prune(now).items():
+                TRACKED.labels(table).set(size)
+
+    def _sweep_tick(self) -> None:
+        try:
+            self.sweep()
+        finally:
+            self._sweep_timer = self.call_later(OUTBOUND_SWEEP_S, self._sweep_tick)
 
     def session_started(self, conn: ClientConnection, max_seq: int) -> None:
         mine = self.sessions.setdefault(conn.user, {})
@@ -639,13 +891,14 @@ class Gate:
     # -- life cycle -------------------------------------------------------------
 
     async def start(self, host: str, port: int, http_host: str, http_port: int, ssl_options=None):
-        self.loop = asyncio.get_running_loop()
+        self.loop = self.loop or asyncio.get_running_loop()
         cfg = self.cfg
         self.backend = Backend(self.ctx, self.brokers, cfg["request_timeout_s"],
                                cfg["probe_interval_ms"] / 1000, cfg["failover_after_ms"] / 1000,
                                self.on_notification, self.resync, self.configure_socket)
         self.backend.start()
         self._check_holes()
+        self._sweep_tick()
         self.tcp = GateTCPServer(self)
         self.tcp.listen(port, host)
         app = web.Application([
@@ -665,6 +918,8 @@ class Gate:
         self.http.stop()
         if self._hole_timer:
             self._hole_timer.cancel()
+        if self._sweep_timer:
+            self._sweep_timer.cancel()
         for conn in list(self.connections):
             conn.kick(KickCode.SHUTDOWN, "server shutting down")
         await asyncio.sleep(0.2)
