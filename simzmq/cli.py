@@ -227,7 +227,7 @@ def broker(ctx, role):
            notify_out=mine["notify_out"], state_pub=mine["state"], peer_state=peer["state"],
            role=role, heartbeat_interval=b["heartbeat_ms"] / 1000, peer_heartbeat=b["peer_heartbeat_ms"] / 1000,
            liveness=b["liveness"], keyed_services=set(b["keyed_services"]),
-           metrics_port=mine["metrics_port"]).run()
+           metrics_port=mine["metrics_port"], metrics_addr=cfg["region"]["metrics_host"]).run()
 
 
 def store_url(cfg) -> str:
@@ -254,6 +254,7 @@ def im(ctx, name):
         notify_ins=[b["primary"]["notify_in"], b["backup"]["notify_in"]],
         heartbeat_ms=b["heartbeat_ms"], liveness=b["liveness"],
         metrics_port=cfg["im"]["metrics_port"] + index - 1 if cfg["im"]["metrics_port"] else None,
+        metrics_host=cfg["region"]["metrics_host"],
         sqlite_synchronous=cfg["im"]["sqlite_synchronous"])
     im_mod.run(worker)
 

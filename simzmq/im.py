@@ -81,7 +81,7 @@ def verify_password(pw_hash: str | None, password: str) -> bool:
 class IMWorker:
     def __init__(self, name: str, store_url: str, im_cfg: dict, max_frame: int, backends: list[str],
                  notify_ins: list[str], heartbeat_ms: int, liveness: int, metrics_port: int | None,
-                 sqlite_synchronous: str = "FULL"):
+                 sqlite_synchronous: str = "FULL", metrics_host: str = "127.0.0.1"):
         self.name = name
         self.store_url = store_url
         self.im_cfg = im_cfg
@@ -92,6 +92,7 @@ class IMWorker:
         self.liveness = liveness
         self.metrics_port = metrics_port
         self.sqlite_synchronous = sqlite_synchronous
+        self.metrics_host = metrics_host
         self.running = True
         self.done: queue.SimpleQueue[Job] = queue.SimpleQueue()
 
@@ -117,11 +118,11 @@ class IMWorker:
         self.wake_w = wake_w
         pool = concurrent.futures.ThreadPoolExecutor(self.im_cfg["pwhash_threads"], thread_name_prefix="pwhash")
         if self.metrics_port:
-            start_http_server(self.metrics_port, "127.0.0.1")
+            start_http_server(self.metrics_port, self.metrics_host)
         log.info("im worker %s: store %s, brokers %s, notifications to %s, metrics %s, credit %d",
                  self.name, store.describe() if hasattr(store, "describe") else self.store_url,
                  ",".join(self.backends), ",".join(self.notify_ins),
-                 f"http://127.0.0.1:{self.metrics_port}/metrics" if self.metrics_port else "off",
+                 f"http://{self.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "off",
                  self.im_cfg["credit"])
         poller = zmq.Poller()
         for s in sessions:

@@ -46,3 +46,10 @@ def test_flags_beat_environment_and_travel_to_children():
     env = config.env_for({"gate": {"port": 9100, "allow_register": False}, "im": {"workers": None}})
     assert env == {"SIMZMQ_GATE_PORT": "9100", "SIMZMQ_GATE_ALLOW_REGISTER": "false"}
     assert config.load(env=env)["gate"]["allow_register"] is False
+
+
+def test_the_multi_machine_example_is_valid():
+    example = config.default_config_path().parent / "multi-machine.example.toml"
+    cfg = config.load(example, env={})
+    assert cfg["broker"]["backup"]["frontend"] == "tcp://10.0.0.12:7701"
+    assert cfg["im"]["store"].startswith("postgresql://") and cfg["gate"]["allow_register"] is False
