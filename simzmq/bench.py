@@ -1083,8 +1083,10 @@ class Coordinator:
                 p.join(3)
 
 
-def server_report(pids: dict[str, int], before: dict, after: dict, wall_s: float) -> dict:
-    """CPU seconds and RSS per region process over a window."""
+def server_report(pids: dict[str, int], before: dict, after: dict, wall_s: float, per: int = 0) -> dict:
+    """CPU seconds and RSS per region process over a window; with ``per``
+    (messages, logins…), also CPU microseconds per item, which a busy machine
+    disturbs far less than the rates."""
     rows = []
     total_cpu = total_rss = total_rss_before = 0.0
     for name in sorted(pids):
@@ -1095,6 +1097,7 @@ def server_report(pids: dict[str, int], before: dict, after: dict, wall_s: float
         cpu = a[0] - b[0]
         rows.append({"name": name, "pid": pids[name], "cpu_s": round(cpu, 3),
                      "cpu_pct": round(100 * cpu / wall_s, 1) if wall_s > 0 else None,
+                     "cpu_us_per_item": round(1e6 * cpu / per, 1) if per else None,
                      "rss_before_kb": b[1] // 1024, "rss_after_kb": a[1] // 1024,
                      "rss_delta_kb": (a[1] - b[1]) // 1024})
         total_cpu += cpu
@@ -1103,6 +1106,7 @@ def server_report(pids: dict[str, int], before: dict, after: dict, wall_s: float
     return {"processes": rows,
             "total": {"cpu_s": round(total_cpu, 3),
                       "cpu_pct": round(100 * total_cpu / wall_s, 1) if wall_s > 0 else None,
+                      "cpu_us_per_item": round(1e6 * total_cpu / per, 1) if per else None,
                       "rss_before_kb": int(total_rss_before // 1024), "rss_after_kb": int(total_rss // 1024)}}
 
 
@@ -1219,7 +1223,7 @@ def _drive(opts: Options, coord: Coordinator, pids: dict, bar: Progress) -> dict
                       "offered_per_s": opts.rate},
             "latency_ms": {"send_to_push": percentiles(push), "send_to_ack": percentiles(ack)},
             "check": check_delivery(results),
-            "server": server_report(pids, before, after, wall),
+            "server": server_report(pids, before, after, wall, per=delivered),
             "generator": {"cpu_s": round(sum(r["cpu_s"] for r in results), 3), "procs": opts.procs,
                           "cpu_pct": round(100 * sum(r["cpu_s"] for r in results) / wall, 1)},
         })
@@ -1246,7 +1250,7 @@ def _drive(opts: Options, coord: Coordinator, pids: dict, bar: Progress) -> dict
             "rates": {"synced_per_s": round(opts.backlog / timing["sync_s"], 1) if timing["sync_s"] else None,
                       "fill_acked_per_s (setup)": round(acked / fill_s, 1) if fill_s else None},
             "check": check,
-            "server": server_report(pids, before, after, wall),
+            "server": server_report(pids, before, after, wall, per=opts.backlog),
             "generator": {"cpu_s": round(sum(r["cpu_s"] for r in results), 3), "procs": opts.procs},
         })
     else:  # connect
@@ -1289,8 +1293,8 @@ def _drive(opts: Options, coord: Coordinator, pids: dict, bar: Progress) -> dict
             "memory": {"settle_s": opts.settle_s, "rss_before_kb": rss_mid // 1024, "rss_idle_kb": rss_idle // 1024,
                        "bytes_per_conn": round((rss_idle - rss_mid) / opened) if opened else None,
                        "processes": per_proc},
-            "server": server_report(pids, mid, after, wall_tk),
-            "server_password_phase": server_report(pids, before, mid, wall_pw),
+            "server": server_report(pids, mid, after, wall_tk, per=opened),
+            "server_password_phase": server_report(pids, before, mid, wall_pw, per=len(pw)),
             "generator": {"cpu_s": round(sum(r["cpu_s"] for r in results), 3), "procs": opts.procs},
         })
     report["errors"] = _merge_errors(results)
@@ -1380,16 +1384,20 @@ def format_report(r: dict) -> str:
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
     srv = r["server"]
     if srv["processes"]:
+        unit = {"pairs": "msg", "fanin": "msg", "backlog": "msg", "connect": "login"}[r["scenario"]]
         lines.append("  region processes (measured window):")
-        lines.append(f"    {'process':<16} {'pid':>7} {'CPU s':>8} {'CPU %':>7} {'RSS before':>11} {'RSS after':>11}")
+        lines.append(f"    {'process':<16} {'pid':>7} {'CPU s':>8} {'CPU %':>7} {'CPU µs/' + unit:>13} "
+                     f"{'RSS before':>11} {'RSS after':>11}")
         for proc in srv["processes"]:
             if proc.get("gone"):
                 lines.append(f"    {proc['name']:<16} {proc['pid']:>7}  (not running)")
                 continue
             lines.append(f"    {proc['name']:<16} {proc['pid']:>7} {proc['cpu_s']:>8.2f} {proc['cpu_pct']:>7.1f} "
+                         f"{proc['cpu_us_per_item'] or 0:>13.1f} "
                          f"{proc['rss_before_kb']:>8} KiB {proc['rss_after_kb']:>7} KiB")
         t = srv["total"]
         lines.append(f"    {'total':<16} {'':>7} {t['cpu_s']:>8.2f} {t['cpu_pct'] or 0:>7.1f} "
+                     f"{t['cpu_us_per_item'] or 0:>13.1f} "
                      f"{t['rss_before_kb']:>8} KiB {t['rss_after_kb']:>7} KiB")
     else:
         lines.append("  region processes: no pid files (pass --data DIR of the region to measure CPU and RSS)")
@@ -1399,7 +1407,7 @@ def format_report(r: dict) -> str:
                      f"other processes used {load['other_cpu_s']:.2f} CPU s ({load['other_pct_of_one_cpu']:.0f}% of a CPU)")
     g = r["generator"]
     lines.append(f"  generator: {g['procs']} process(es), {g['cpu_s']:.2f} CPU s in the measured window"
-                 + (f" ({g['cpu_pct']:.0f}%)" if "cpu_pct" in g else ""))
+                 + (f" ({g['cpu_pct']:.0f}% of a CPU)" if "cpu_pct" in g else ""))
     lines.append(f"  result: {'OK' if r['ok'] else 'FAILED'}")
     return "\n".join(lines)
 
