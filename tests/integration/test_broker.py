@@ -9,7 +9,7 @@ import zmq
 
 from simzmq import mdp
 from simzmq.broker import Broker, parse_state_message
-from simzmq.bstar import State
+from simzmq.bstar import DualActive, State
 from simzmq.mdpworker import WorkerGroup, WorkerSession
 
 ANY = "tcp://127.0.0.1:*"
@@ -343,3 +343,32 @@ def test_binary_star_failover(ctx):
         primary.stop()
         backup.stop()
     assert primary.error is None and backup.error is None
+
+
+@pytest.mark.timeout(20)
+def test_dual_active_stops_the_broker(ctx):
+    """A peer claiming to be active while we are active is fatal; junk from
+    the peer is not."""
+    fake_peer = ctx.socket(zmq.PUB)
+    fake_peer.linger = 0
+    port = fake_peer.bind_to_random_port("tcp://127.0.0.1")
+    running = Running(ctx, role="primary", state_pub=ANY, peer_state=f"tcp://127.0.0.1:{port}",
+                      peer_heartbeat=0.05)
+    try:
+        end = time.monotonic() + 10
+        while time.monotonic() < end and running.broker.state is not State.ACTIVE:
+            fake_peer.send_multipart([b"state", b"{not json"])
+            fake_peer.send_multipart([b"junk"])
+            fake_peer.send_multipart([b"state", b'{"state": "backup"}'])
+            time.sleep(0.02)
+        assert running.broker.state is State.ACTIVE
+        assert running.thread.is_alive()
+        while time.monotonic() < end and running.thread.is_alive():
+            fake_peer.send_multipart([b"state", b'{"state": "active"}'])
+            time.sleep(0.02)
+        running.thread.join(5)
+        assert not running.thread.is_alive()
+        assert isinstance(running.error, DualActive)
+    finally:
+        running.stop()
+        fake_peer.close()
