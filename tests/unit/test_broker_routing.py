@@ -338,3 +338,84 @@ def test_disconnect_all():
     ready(c, b"w1")
     ready(c, b"w2", b"echo")
     assert sorted(f[0] for _, f in c.disconnect_all()) == [b"w1", b"w2"]
+
+
+# --- random operation sequences keep the routing invariants ----------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+WORKERS = [b"w1", b"w2", b"w3"]
+KEYS = [b"ann", b"bob", b"cy", b"dee"]
+ops = st.lists(st.one_of(
+    st.tuples(st.just("ready"), st.sampled_from(WORKERS), st.integers(1, 3)),
+    st.tuples(st.just("request"), st.sampled_from(KEYS), st.just(0)),
+    st.tuples(st.just("reply"), st.sampled_from(WORKERS), st.integers(0, 5)),
+    st.tuples(st.just("disconnect"), st.sampled_from(WORKERS), st.just(0)),
+    st.tuples(st.just("tick"), st.just(b""), st.integers(0, 2)),
+), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops)
+def test_random_operations_keep_invariants(operations):
+    c = core()
+    now = 0.0
+    held = {w: [] for w in WORKERS}   # addresses each simulated worker holds, in arrival order
+    sent_seq = 0
+    first_dispatch = {}                # key -> seqs in the order first sent to a worker
+
+    def absorb(outs):
+        for dest, frames in outs:
+            if dest == BACKEND and frames[3] == mdp.REQUEST:
+                cmd = mdp.parse_broker_message(frames[1:])
+                held[frames[0]].append(cmd.client)
+                key, seq = cmd.body
+                seqs = first_dispatch.setdefault(key, [])
+                if int(seq) not in seqs:
+                    seqs.append(int(seq))
+
+    for op, arg, n in operations:
+        if op == "ready":
+            if arg not in c.workers:
+                held[arg] = []
+                absorb(ready(c, arg, credit=n, now=now))
+        elif op == "request":
+            absorb(request(c, b"gate", [arg, b"%d" % sent_seq], now=now))
+            sent_seq += 1
+        elif op == "reply":
+            if held[arg] and arg in c.workers:
+                address = held[arg].pop(min(n, len(held[arg]) - 1))
+                absorb(c.on_worker(arg, mdp.build_reply(address, [b"done"]), now))
+        elif op == "disconnect":
+            held[arg] = []
+            absorb(c.on_worker(arg, mdp.build_disconnect(), now))
+        else:
+            now += n * 0.5
+            for w in c.workers:
+                c.on_worker(w, mdp.build_heartbeat(), now)
+            absorb(c.tick(now))
+
+        # Every key's pending requests sit at one worker, oldest first.
+        for service in c.services.values():
+            owner = {}
+            for worker in service.workers.values():
+                pending = list(worker.in_flight.values()) + list(worker.backlog)
+                for request_ in pending:
+                    assert owner.setdefault(request_.key, worker.identity) == worker.identity
+                by_key = {}
+                for request_ in pending:
+                    by_key.setdefault(request_.key, []).append(request_.rid)
+                for rids in by_key.values():
+                    assert rids == sorted(rids)
+                assert len(worker.in_flight) <= worker.credit
+            for binding_key, (worker, count) in service.bindings.items():
+                assert worker.identity in service.workers
+                assert count == sum(1 for r in list(worker.in_flight.values()) + list(worker.backlog)
+                                    if r.key == binding_key)
+        # Requests are conserved: answered, pending somewhere, or timed out.
+        pending_total = c.queue_depth() + c.in_flight()
+        assert c.replies_total + pending_total + c.requests_timed_out_total + c.requests_dropped_total == sent_seq
+    # Requests of one key are first handed out in the order they arrived.
+    for seqs in first_dispatch.values():
+        assert seqs == sorted(seqs)
