@@ -255,12 +255,6 @@ class WorkerGroup:
         self._register(session)
         return True
 
-    def register_with(self, poller: zmq.Poller) -> None:
-        """Add the sessions' sockets to another poller (call again after
-        :meth:`tick` returns True)."""
-        for session in self.sessions:
-            poller.register(session.socket, zmq.POLLIN)
-
     def poll(self, timeout_ms: float | None = None) -> list[Request]:
         """Wait up to ``timeout_ms`` (capped at one heartbeat interval) for
         requests from any broker; heartbeats and reconnects happen here too."""
