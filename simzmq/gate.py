@@ -109,6 +109,7 @@ class ClientConnection:
         self.readable = asyncio.Event()
         self.readable.set()
         self._lost = False
+        self.final_sent = False  # the frame with TAG_FINAL is sealed: nothing may follow
         self._handshake_timer = gate.call_later(gate.cfg["handshake_timeout_s"], self._handshake_expired)
         self._idle_timer = gate.call_later(gate.cfg["idle_timeout_s"], self._idle_check)
         CONNECTIONS.inc()
@@ -329,8 +330,9 @@ class ClientConnection:
         self.send_plaintext(self.codec.encode(msg, ref), final)
 
     def send_plaintext(self, plaintext: bytes, final: bool = False) -> None:
-        if self.state == CLOSED:
+        if self.state == CLOSED or self.final_sent:
             return
+        self.final_sent = final
         try:
             self.transport.write_payloads([self.sender.seal(plaintext, final)])
         except SlowConsumer:
@@ -343,7 +345,8 @@ class ClientConnection:
             return
         KICKS.labels("slow_consumer").inc()
         self.gate.log_throttled("kick:slow_consumer", "kicking %s (%s): slow consumer, %s", self.peer, self.user, why)
-        if self.state == OPEN and self.sender is not None:
+        if self.state == OPEN and not self.final_sent:
+            self.final_sent = True
             try:
                 self.transport.write_payloads([self.sender.seal(self.codec.encode(
                     m.Kick(code=int(KickCode.SLOW_CONSUMER), reason="slow consumer"), 0), final=True)])

@@ -37,6 +37,10 @@ class TokenBucket:
 
     __slots__ = ("rate", "burst", "abuse_after", "tokens", "strikes", "stamp")
 
+    # Refills are sums of float products: a request exactly on time may find
+    # 0.9999999 tokens. This much short still counts as a whole token.
+    EPSILON = 1e-9
+
     def __init__(self, rate: float, burst: float, now: float, abuse_after: float = math.inf):
         self.rate = rate
         self.burst = burst
@@ -55,8 +59,8 @@ class TokenBucket:
 
     def check(self, now: float) -> Verdict:
         self._refill(now)
-        if self.tokens >= 1:
-            self.tokens -= 1
+        if self.tokens >= 1 - self.EPSILON:
+            self.tokens = max(0.0, self.tokens - 1)
             return Verdict.ALLOW
         self.strikes += 1
         return Verdict.ABUSE if self.strikes > self.abuse_after else Verdict.LIMIT
@@ -64,14 +68,14 @@ class TokenBucket:
     def retry_after(self, now: float) -> float:
         """Seconds until the next request would be allowed."""
         self._refill(now)
-        if self.tokens >= 1:
+        if self.tokens >= 1 - self.EPSILON:
             return 0.0
         return (1 - self.tokens) / self.rate if self.rate > 0 else math.inf
 
     def idle(self, now: float) -> bool:
         """Full and forgiven: forgetting this bucket changes nothing."""
         self._refill(now)
-        return self.tokens >= self.burst and self.strikes == 0
+        return self.tokens >= self.burst - self.EPSILON and self.strikes == 0
 
 
 class _Table:
