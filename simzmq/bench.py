@@ -77,6 +77,7 @@ PASSWORD_IN_FLIGHT = 8
 # push (pushes may be lost; the Sync check still finds the messages).
 QUIET_S = 5.0
 SYNC_LIMIT = 500
+CONNECT_SESSIONS_PER_USER = 16
 PROGRESS_INTERVAL_S = 0.25
 
 # Shared progress counters, one row per child.
@@ -110,7 +111,10 @@ class Options:
     def resolved_users(self) -> int:
         if self.users is not None:
             return self.users
-        return {"pairs": 200, "fanin": 50, "backlog": 2, "connect": min(self.connections, 200)}[self.scenario]
+        # connect: at most CONNECT_SESSIONS_PER_USER connections per user, under
+        # the gate's default cap on sessions per user (gate.limits.max_sessions_per_user).
+        connect_users = min(self.connections, max(200, -(-self.connections // CONNECT_SESSIONS_PER_USER)))
+        return {"pairs": 200, "fanin": 50, "backlog": 2, "connect": connect_users}[self.scenario]
 
 
 # ---------------------------------------------------------------------------
@@ -320,11 +324,13 @@ def percentiles(samples, points=(50, 95, 99)) -> dict:
     return out
 
 
-def order_check(found: list[int], acked: set[int]) -> dict:
+def order_check(found: list[int], acked: set[int], retried: set[int] = frozenset()) -> dict:
     """How one sender's messages sit in one receiver's inbox. ``found`` is the
-    sender's message indexes in inbox (seq) order."""
+    sender's message indexes in inbox (seq) order; ``retried`` the ones the
+    sender had to send again after a refusal (rate_limited, unavailable), which
+    legitimately land after Sends that were accepted meanwhile."""
     seen: set[int] = set()
-    doubled = reordered = 0
+    doubled = reordered = late_retries = 0
     highest = -1
     for k in found:
         if k in seen:
@@ -332,10 +338,13 @@ def order_check(found: list[int], acked: set[int]) -> dict:
             continue
         seen.add(k)
         if k < highest:
-            reordered += 1
+            if k in retried:
+                late_retries += 1
+            else:
+                reordered += 1
         else:
             highest = k
-    return {"lost": len(acked - seen), "doubled": doubled, "reordered": reordered,
+    return {"lost": len(acked - seen), "doubled": doubled, "reordered": reordered, "late_retries": late_retries,
             "unconfirmed": len(seen - acked), "found": len(seen)}
 
 
@@ -399,6 +408,7 @@ class Sender:
         "failed",
         "flow",
         "next_k",
+        "retried",
         "retries",
         "sent_at",
         "to",
@@ -414,6 +424,7 @@ class Sender:
         self.acked = 0
         self.failed: list[int] = []
         self.retries = 0
+        self.retried: set[int] = set()
         self.errors: dict[str, int] = {}
         # cmids unique per sender: 12 random bytes, then the message index.
         self.cmid_prefix = secrets.token_bytes(12)
@@ -463,6 +474,7 @@ class Sender:
                 self.send_next()
         elif getattr(exc, "code", None) in RETRY_CODES and not self.conn.closed:
             self.retries += 1
+            self.retried.add(k)
             name = _error_name(exc)
             self.errors[name] = self.errors.get(name, 0) + 1
             w.loop.call_later(RETRY_DELAY_S, self._transmit, k, t_sent)
@@ -495,7 +507,8 @@ class Sender:
 
     def result(self) -> dict:
         return {"sender": self.flow.sender, "to": self.to, "count": self.flow.count, "acked": self.acked,
-                "failed": sorted(self.failed), "retries": self.retries, "errors": self.errors}
+                "failed": sorted(self.failed), "retries": self.retries, "retried": sorted(self.retried),
+                "errors": self.errors}
 
 
 class Receiver:
@@ -1131,10 +1144,13 @@ def _merge_errors(results) -> dict:
 def check_delivery(results) -> dict:
     """Merge the senders' acknowledgements with the receivers' inboxes."""
     acked: dict[str, set[int]] = {}
+    retried: dict[str, set[int]] = {}
     for r in results:
         for s in r.get("senders", []):
             acked[s["sender"]] = set(range(s["count"])) - set(s["failed"])
-    totals = {"checked": 0, "lost": 0, "doubled": 0, "reordered": 0, "unconfirmed": 0, "inbox_gaps": 0}
+            retried[s["sender"]] = set(s.get("retried", ()))
+    totals = {"checked": 0, "lost": 0, "doubled": 0, "reordered": 0, "late_retries": 0, "unconfirmed": 0,
+              "inbox_gaps": 0}
     for r in results:
         for rec in r.get("receivers", []):
             check = rec["check"]
@@ -1142,9 +1158,9 @@ def check_delivery(results) -> dict:
             for sender, raw in check["found"].items():
                 ks = array("I")
                 ks.frombytes(raw)
-                c = order_check(list(ks), acked.get(sender, set()))
+                c = order_check(list(ks), acked.get(sender, set()), retried.get(sender, set()))
                 totals["checked"] += c["found"]
-                for key in ("lost", "doubled", "reordered", "unconfirmed"):
+                for key in ("lost", "doubled", "reordered", "late_retries", "unconfirmed"):
                     totals[key] += c[key]
     totals["ok"] = not (totals["lost"] or totals["doubled"] or totals["reordered"] or totals["inbox_gaps"])
     return totals
@@ -1376,10 +1392,13 @@ def format_report(r: dict) -> str:
     if "check" in r:
         ch = r["check"]
         rows.append(("Sync check", (f"{'OK' if ch['ok'] else 'FAILED'}: {ch['checked']} checked, lost {ch['lost']}, "
-                                   f"doubled {ch['doubled']}, reordered {ch['reordered']}, "
+                                   f"doubled {ch['doubled']}, reordered {ch['reordered']}, late retries {ch['late_retries']}, "
                                    f"inbox gaps {ch['inbox_gaps']}, unconfirmed {ch['unconfirmed']}")))
     if r["errors"]:
         rows.append(("errors", ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items()))))
+        if "rate_limited" in r["errors"] or "abuse" in str(r["errors"]):
+            rows.append(("", ("the gate's limits (gate.limits.*) refused part of this load: a run that "
+                             "measures capacity raises them (docs/benchmarks.md)")))
     width = max(len(k) for k, _ in rows)
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
     srv = r["server"]
