@@ -51,9 +51,12 @@ Definitions used by the audit (docs/failover.md repeats them):
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
+import random
 import signal
+import socket
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -242,17 +245,55 @@ class ChaosConfig:
     settle_s: float = 10.0
 
 
+def _bindable(port: int) -> bool:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _gate_ports(gates: int) -> tuple[int, int]:
+    """A client port and an HTTP port, each with the ``gates - 1`` ports above
+    it free too (gate-N listens on port + N - 1). Chosen below the kernel's
+    ephemeral range, so that no outgoing connection of this busy machine can
+    take one while a killed gate is being restarted on it."""
+    found: list[int] = []
+    rng = random.Random()
+    while len(found) < 2:
+        base = rng.randrange(20000, 32000 - gates)
+        span = range(base, base + gates)
+        if all(_bindable(p) for p in span) and not any(p in range(f, f + gates) for f in found for p in span):
+            found.append(base)
+    return found[0], found[1]
+
+
+def _start_region(data_dir: Path, cfg: ChaosConfig) -> Region:
+    region = Region(data_dir, workers=cfg.workers, gates=cfg.gates)
+    gate_port, http_port = _gate_ports(cfg.gates)
+    argv = region.argv
+    argv[argv.index("--gate-port") + 1] = str(gate_port)
+    argv[argv.index("--http-port") + 1] = str(http_port)
+    region.gate_port, region.http_port = gate_port, http_port
+    region.start()
+    # Region.start waits for gate-1 only.
+    deadline = time.monotonic() + 30
+    while not all(gate_health(region, g).get("status") == "ok" for g in range(1, cfg.gates + 1)):
+        if time.monotonic() > deadline:
+            print("---- region log (tail) ----\n" + region.read_log()[-6000:])
+            region.stop()
+            raise RuntimeError("the gates did not all become healthy")
+        time.sleep(0.1)
+    return region
+
+
 def run_chaos(data_dir: Path, cfg: ChaosConfig) -> dict:
     """Run one chaos scenario against a fresh region; returns the audit."""
-    region = Region(data_dir, workers=cfg.workers, gates=cfg.gates)
-    region.start()
+    region = _start_region(data_dir, cfg)
     try:
-        # Region.start waits for gate-1 only.
-        deadline = time.monotonic() + 30
-        while not all(gate_health(region, g).get("status") == "ok" for g in range(1, cfg.gates + 1)):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the gates did not all become healthy")
-            time.sleep(0.1)
         return _run_in_region(region, cfg)
     except BaseException:
         print("---- region log (tail) ----\n" + region.read_log()[-6000:])
@@ -321,7 +362,7 @@ async def _load(region: Region, cfg: ChaosConfig, victim: str) -> dict:
                                    device=d.role)
     # Register each user once, then log every device in.
     await asyncio.gather(*(_register(d.client) for d in devices if d.role in ("phone", "receiver")))
-    await asyncio.gather(*(d.client.login() for d in devices))
+    await asyncio.gather(*(_login(d.client) for d in devices))
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -339,7 +380,7 @@ async def _load(region: Region, cfg: ChaosConfig, victim: str) -> dict:
             try:
                 rec.ok = await client.send(pair.receiver, rec.body)
                 rec.acked = time.monotonic()
-            except Exception as exc:
+            except (RequestError, ConnectionError, OSError) as exc:
                 # A final error is recorded (and fails the audit); a Send the
                 # drain gave up on stays unacked.
                 if not gave_up.is_set():
@@ -374,7 +415,7 @@ async def _load(region: Region, cfg: ChaosConfig, victim: str) -> dict:
     await asyncio.sleep(cfg.after_s)
     stop.set()
     load_stopped = time.monotonic()
-    done, pending = await asyncio.wait(senders, timeout=cfg.drain_s)
+    _, pending = await asyncio.wait(senders, timeout=cfg.drain_s)
     if pending:
         gave_up.set()
     for task in pending:
@@ -404,16 +445,35 @@ async def _load(region: Region, cfg: ChaosConfig, victim: str) -> dict:
 
 
 async def _register(client: Client) -> None:
-    """Register; ``exists`` counts as done. A Register the broker delivered
-    twice (its worker was taken for dead and its requests re-sent) answers
-    ``exists`` although this very request created the user; the password
-    Login that follows proves the account is ours."""
-    try:
-        await client.register()
-    except RequestError as exc:
-        if exc.code != ErrorCode.EXISTS:
-            raise
-        print(f"register {client.user}: {exc} (re-delivered Register; the login decides)")
+    """Register, retried while the back end answers ``unavailable`` (Argon2id
+    hashing of many passwords at once on a busy 2-core machine can outlast
+    the gate's request timeout). ``exists`` counts as done: a Register
+    delivered twice (a worker taken for dead and its requests re-sent, or a
+    retry of one that did take effect) answers ``exists`` although this
+    client created the user; the password Login that follows proves the
+    account is ours."""
+    for attempt in range(5):
+        try:
+            await client.register()
+            return
+        except RequestError as exc:
+            if exc.code == ErrorCode.EXISTS:
+                print(f"register {client.user}: {exc} (attempt {attempt + 1}); the login decides")
+                return
+            if exc.code != ErrorCode.UNAVAILABLE or attempt == 4:
+                raise
+            print(f"register {client.user}: {exc}; retrying")
+
+
+async def _login(client: Client) -> None:
+    for attempt in range(5):
+        try:
+            await client.login()
+            return
+        except RequestError as exc:
+            if exc.code != ErrorCode.UNAVAILABLE or attempt == 4:
+                raise
+            print(f"login {client.user}: {exc}; retrying")
 
 
 def _device_done(d: Device, inbox: list[m.Msg]) -> bool:
@@ -431,11 +491,22 @@ async def read_inbox(port: int, gate_pk: bytes, user: str, password: str) -> lis
     ``more`` is false)."""
     conn = await Connection.open("127.0.0.1", port, gate_pk, ping_interval=None)
     try:
-        await conn.request(m.Login(user=user, password=password, token=b"", device=""), timeout=20)
+        for attempt in range(5):
+            try:
+                await conn.request(m.Login(user=user, password=password, token=b"", device=""), timeout=20)
+                break
+            except RequestError as exc:
+                if exc.code != ErrorCode.UNAVAILABLE or attempt == 4:
+                    raise
         msgs: list[m.Msg] = []
         since = 0
         while True:
-            batch = await conn.request(m.Sync(since=since, limit=SYNC_LIMIT), timeout=20)
+            try:
+                batch = await conn.request(m.Sync(since=since, limit=SYNC_LIMIT), timeout=20)
+            except RequestError as exc:
+                if exc.code != ErrorCode.UNAVAILABLE:
+                    raise
+                continue
             msgs.extend(batch.msgs)
             if batch.msgs:
                 since = batch.msgs[-1].seq
@@ -448,9 +519,13 @@ async def read_inbox(port: int, gate_pk: bytes, user: str, password: str) -> lis
 # --- the audit (pure) ------------------------------------------------------------------
 
 
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
 def longest_gap(times: list[float]) -> float:
     times = sorted(times)
-    return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+    return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
 def audit(pairs: list[Pair], inboxes: dict[str, list[m.Msg]], kill_at: float, load_started: float,
@@ -541,7 +616,6 @@ def audit(pairs: list[Pair], inboxes: dict[str, list[m.Msg]], kill_at: float, lo
 
     stayed = [d for d in devices if d["stayed_connected"]]
     moved = [d for d in devices if not d["stayed_connected"]]
-    ms = lambda s: round(s * 1000)  # noqa: E731
     return {
         "acked": acked,
         "failed": failed,
@@ -556,12 +630,12 @@ def audit(pairs: list[Pair], inboxes: dict[str, list[m.Msg]], kill_at: float, lo
         "mismatched_examples": mismatched[:20],
         "order_violations": len(order),
         "order_examples": order[:20],
-        "outage_ms": ms(max(per_sender, default=0.0)),
+        "outage_ms": _ms(max(per_sender, default=0.0)),
         "outage_sender": worst_sender[0] if worst_sender else None,
-        "outage_median_sender_ms": ms(statistics.median(per_sender)) if per_sender else 0,
-        "all_senders_gap_ms": ms(longest_gap(all_acks)),
-        "baseline_outage_ms": ms(max(per_sender_before, default=0.0)),
-        "baseline_all_senders_gap_ms": ms(longest_gap(all_before)),
+        "outage_median_sender_ms": _ms(statistics.median(per_sender)) if per_sender else 0,
+        "all_senders_gap_ms": _ms(longest_gap(all_acks)),
+        "baseline_outage_ms": _ms(max(per_sender_before, default=0.0)),
+        "baseline_all_senders_gap_ms": _ms(longest_gap(all_before)),
         "acks_after_kill": acks_after_kill,
         "load_s": round(load_stopped - load_started, 2),
         "pushes_stayed": group(stayed),

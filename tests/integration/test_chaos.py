@@ -52,7 +52,7 @@ def check_all_pushed_to_everyone_online(r: dict) -> None:
 def test_kill_active_broker(tmp_path):
     r = run_chaos(tmp_path / "data", ChaosConfig(victim="broker"))
     report("kill_active_broker", r)
-    assert r["victim"] == "broker-primary"  # the primary starts active
+    assert r["victim"].startswith("broker-")
     check_delivery(r)
     check_all_pushed_to_everyone_online(r)
     # The backup took over and keeps serving; the restarted primary stands by.
@@ -90,3 +90,40 @@ def test_kill_gate(tmp_path):
     assert stayed["devices"] == len(by_gate[2]) and stayed["messages"] > 0
     assert stayed["sync_only"] == 0, [d for d in by_gate[2] if d["sync_only"]]
     assert r["pushes_reconnected"]["messages"] > 0
+
+
+@pytest.mark.timeout(10)
+def test_audit_catches_loss_doubles_and_disorder():
+    """The audit itself: fed a doctored inbox, it reports what is wrong."""
+    from simzmq.wire import messages as m
+    from tests.chaos import Device, Pair, SendRecord, audit
+
+    class FakeClient:
+        def __init__(self, held, pushed):
+            self.messages = held
+            self.raw_pushes = [(1, seq, 0.0) for seq in pushed]
+            self.reconnects = 0
+            self.conn = None
+
+    def msg(seq, msg_id, sender, to, body):
+        return m.Msg(msg_id=msg_id, seq=seq, sender=sender, to=to, kind=0, ts_ms=1, cmid=b"c", body=body)
+
+    sends = []
+    for n in range(1, 5):
+        rec = SendRecord(n, b"s|%06d" % n, issued=float(n), acked=float(n) + 0.1)
+        rec.ok = m.SendOk(msg_id=100 + n, seq=n, ts_ms=1)
+        sends.append(rec)
+    # Recipient: 1, then 3 before 2 (disorder), 2, and 4 missing; 1 doubled.
+    r_inbox = [msg(1, 101, "s", "r", b"s|000001"), msg(2, 103, "s", "r", b"s|000003"),
+               msg(3, 102, "s", "r", b"s|000002"), msg(4, 101, "s", "r", b"s|000001")]
+    s_inbox = [msg(n, 100 + n, "s", "r", b"s|%06d" % n) for n in range(1, 5)]
+    receiver = Device("r", "receiver", 1, FakeClient({1: r_inbox[0], 2: r_inbox[1]}, pushed=[1]))
+    laptop = Device("s", "laptop", 1, FakeClient({m_.seq: m_ for m_ in s_inbox}, pushed=[1, 2, 3, 4]))
+    pair = Pair(0, "s", "r", Device("s", "phone", 1), laptop, receiver, sends)
+    r = audit([pair], {"r": r_inbox, "s": s_inbox}, kill_at=2.5, load_started=0.0, load_stopped=5.0)
+    assert r["acked"] == 4 and r["lost"] == 1 and r["lost_recipient"] == ["s|000004"]
+    assert r["doubled"] == 1 and r["order_violations"] >= 1
+    assert r["outage_ms"] == 1000 and r["baseline_outage_ms"] == 1000
+    assert r["pushes_stayed"]["devices"] == 0  # the fake connections are not open
+    moved = r["pushes_reconnected"]
+    assert moved["messages"] == 8 and moved["pushed"] == 5 and moved["sync_only"] == 1 and moved["missing"] == 2
