@@ -237,7 +237,9 @@ class ChaosConfig:
     workers: int = 2
     gates: int = 2
     pairs: int = 10
-    rate: float = 20.0  # Sends per second per sender
+    # Sends per second per sender: under the gate's default per-user Send rate
+    # limit (gate.limits.sends_per_s), so no Send is refused for its rate.
+    rate: float = 15.0
     window: int = 3  # Sends in flight per sender
     before_s: float = 3.0
     after_s: float = 6.0
@@ -272,7 +274,11 @@ def _gate_ports(gates: int) -> tuple[int, int]:
 
 
 def _start_region(data_dir: Path, cfg: ChaosConfig) -> Region:
-    region = Region(data_dir, workers=cfg.workers, gates=cfg.gates)
+    # Every test user registers from 127.0.0.1: lift the per-address Register
+    # limit, which is there against one address creating accounts in bulk.
+    region = Region(data_dir, workers=cfg.workers, gates=cfg.gates,
+                    extra_env={"SIMZMQ_GATE_LIMITS_REGISTERS_PER_ADDRESS_BURST": "1000",
+                               "SIMZMQ_GATE_LIMITS_REGISTERS_PER_ADDRESS_PER_MIN": "1000"})
     gate_port, http_port = _gate_ports(cfg.gates)
     argv = region.argv
     argv[argv.index("--gate-port") + 1] = str(gate_port)
