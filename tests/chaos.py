@@ -368,7 +368,12 @@ async def _load(region: Region, cfg: ChaosConfig, victim: str) -> dict:
                                    device=d.role)
     # Register each user once, then log every device in.
     await asyncio.gather(*(_register(d.client) for d in devices if d.role in ("phone", "receiver")))
-    await asyncio.gather(*(_login(d.client) for d in devices))
+    # Password Logins cost an Argon2id verification each: log the first
+    # device of each user in with the password, the laptops with its token.
+    await asyncio.gather(*(_login(d.client) for d in devices if d.role != "laptop"))
+    for p in pairs:
+        p.laptop.client.token = p.phone.client.token
+    await asyncio.gather(*(_login(p.laptop.client) for p in pairs))
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -430,8 +435,8 @@ async def _load(region: Region, cfg: ChaosConfig, victim: str) -> dict:
 
     # The truth: every user's inbox, read afresh.
     inboxes: dict[str, list[m.Msg]] = {}
-    for user in [p.sender for p in pairs] + [p.receiver for p in pairs]:
-        inboxes[user] = await read_inbox(region.gate_port, pk, user, "pw-" + user)
+    for d in [p.phone for p in pairs] + [p.inbox_device for p in pairs]:
+        inboxes[d.user] = await read_inbox(region.gate_port, pk, d.user, d.client.token)
 
     # Give the devices time to hold everything (pushes on their way, syncs).
     deadline = time.monotonic() + cfg.settle_s
@@ -492,14 +497,14 @@ def _device_done(d: Device, inbox: list[m.Msg]) -> bool:
     return True
 
 
-async def read_inbox(port: int, gate_pk: bytes, user: str, password: str) -> list[m.Msg]:
-    """The user's whole inbox through a fresh connection (Login, then Sync until
-    ``more`` is false)."""
+async def read_inbox(port: int, gate_pk: bytes, user: str, token: bytes) -> list[m.Msg]:
+    """The user's whole inbox through a fresh connection (Login with a resume
+    token, then Sync until ``more`` is false)."""
     conn = await Connection.open("127.0.0.1", port, gate_pk, ping_interval=None)
     try:
         for attempt in range(5):
             try:
-                await conn.request(m.Login(user=user, password=password, token=b"", device=""), timeout=20)
+                await conn.request(m.Login(user=user, password="", token=token, device=""), timeout=20)
                 break
             except RequestError as exc:
                 if exc.code != ErrorCode.UNAVAILABLE or attempt == 4:
