@@ -16,6 +16,7 @@ import logging
 import math
 import secrets
 import signal
+import socket
 import time
 
 import uvloop
@@ -332,11 +333,19 @@ class ClientConnection:
     def send_plaintext(self, plaintext: bytes, final: bool = False) -> None:
         if self.state == CLOSED or self.final_sent:
             return
+        # Checked before sealing: a sealed frame that is not sent would break
+        # the stream, and the Kick after it could not be read. (A frame always
+        # fits into an empty queue.)
+        limit = self.gate.cfg["max_outbound_bytes"]
+        queued = self.transport.queued()
+        if queued and queued + len(plaintext) > limit:
+            self.slow_consumer(f"more than {limit} bytes waiting to be read")
+            return
         self.final_sent = final
         try:
             self.transport.write_payloads([self.sender.seal(plaintext, final)])
         except SlowConsumer:
-            self.slow_consumer(f"more than {self.gate.cfg['max_outbound_bytes']} bytes waiting to be read")
+            self.slow_consumer(f"more than {limit} bytes waiting to be read")
 
     def slow_consumer(self, why: str) -> None:
         """Kick{slow_consumer} if it still fits, then close; what was queued
@@ -437,6 +446,7 @@ class TcpTransport:
         self.stream = stream
         self.gate = gate
         self.decoder = FrameDecoder(MAX_HANDSHAKE_FRAME)
+        self.closing = False
 
     def set_max_frame(self, n: int) -> None:
         self.decoder.max_frame = n
@@ -456,16 +466,30 @@ class TcpTransport:
             pass
 
     def close(self) -> None:
-        # Let what was written (a Kick, a final Ok) go out first, but not
-        # for longer than close_linger_s: a peer that does not read must not
-        # keep its queue alive.
+        """A lingering close: what was written (a Kick, a final Ok) goes out
+        first, then the write side shuts, so the peer reads it all and then
+        EOF, while what the peer still sends is read and dropped (closing a
+        socket with unread input would reset the connection and could destroy
+        the Kick before the peer reads it). The socket closes when the peer
+        closes its side, or after close_linger_s at the latest: a peer that
+        does not read cannot keep its queue alive."""
+        if self.closing:
+            return
+        self.closing = True
         stream = self.stream
         if stream.closed():
             return
+        self.gate.call_later(self.gate.limiter.cfg.close_linger_s, stream.close)
         if stream.writing():
-            stream.write(b"").add_done_callback(lambda _f: stream.close())
-            self.gate.call_later(self.gate.limiter.cfg.close_linger_s, stream.close)
+            stream.write(b"").add_done_callback(lambda _f: self._shut_write())
         else:
+            self._shut_write()
+
+    def _shut_write(self) -> None:
+        stream = self.stream
+        try:
+            stream.socket.shutdown(socket.SHUT_WR)
+        except (OSError, AttributeError):
             stream.close()
 
 
@@ -489,15 +513,19 @@ class GateTCPServer(TCPServer):
 
     async def _serve(self, stream, ip: str, peer: str):
         gate = self.gate
-        stream.max_write_buffer_size = gate.cfg["max_outbound_bytes"]
+        # The connection holds its queue under max_outbound_bytes itself; this
+        # is the backstop (room for one more frame and the Kick).
+        stream.max_write_buffer_size = gate.cfg["max_outbound_bytes"] + gate.max_frame + 1024
         stream.set_nodelay(True)
         transport = TcpTransport(stream, gate)
         conn = ClientConnection(gate, transport, peer, ip)
         gate.connections.add(conn)
         decoder = transport.decoder
         try:
-            while conn.state != CLOSED:
+            while True:
                 data = await stream.read_bytes(READ_CHUNK, partial=True)
+                if conn.state == CLOSED:
+                    continue  # a lingering close: dropped (TcpTransport.close)
                 decoder.append(data)
                 # One payload at a time: the frame limit rises when the
                 # handshake completes, which may be in the middle of this chunk;
@@ -513,7 +541,6 @@ class GateTCPServer(TCPServer):
                         conn.payload_received(payload)
                 except ProtocolError as exc:
                     conn.bad_input(type(exc).__name__, str(exc))
-                    break
                 # A client whose bytes are always there would otherwise keep
                 # the loop to itself: let the others have a turn.
                 await asyncio.sleep(0)
@@ -525,6 +552,7 @@ class GateTCPServer(TCPServer):
         finally:
             conn.connection_lost()
             gate.connections.discard(conn)
+            stream.close()
 
 
 # ---------------------------------------------------------------------------
@@ -619,8 +647,8 @@ class WsTransport:
     def write_payloads(self, payloads):
         if self.handler.ws_connection is None:
             return
-        if self.queued() > self.max_outbound:
-            raise SlowConsumer()
+        if self.queued() > self.max_outbound + self.gate.max_frame:
+            raise SlowConsumer()  # the backstop; ClientConnection checks first
         for p in payloads:
             try:
                 self.handler.write_message(p, binary=True)

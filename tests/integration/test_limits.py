@@ -1,0 +1,442 @@
+"""Hostile clients against a real region: every limit of [gate.limits] is hit
+and answered as docs/security.md says, nothing over a limit is stored, and
+the client who stays within the limits is served throughout.
+
+Each test speaks from its own loopback source address (127.0.0.N), so the
+per-address limits of one test do not leak into the next.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import socket
+import threading
+import time
+
+import pytest
+
+from simzmq.wire import messages as m
+from simzmq.wire.codec import CODECS
+from simzmq.wire.handshake import ClientHandshake
+from simzmq.wire.messages import ErrorCode, KickCode
+from tests.rawclient import Closed, RawClient
+from tests.region import Region
+
+LIMITS = {
+    "TRUSTED_ADDRESSES": "",
+    "REQUESTS_PER_S": "20", "REQUESTS_BURST": "100", "ABUSE_FACTOR": "2",
+    "SENDS_PER_S": "1", "SENDS_BURST": "5",
+    "REGISTERS_PER_ADDRESS_PER_MIN": "1", "REGISTERS_PER_ADDRESS_BURST": "4",
+    "REGISTERS_PER_USER_BURST": "2",
+    "LOGIN_FREE_FAILURES_PER_USER": "3", "LOGIN_FREE_FAILURES_PER_ADDRESS": "6",
+    "LOGIN_DELAY_BASE_S": "1", "LOGIN_DELAY_MAX_S": "4", "LOGIN_FORGET_S": "600",
+    "HISTORY_PER_S": "0.2", "HISTORY_BURST": "3",
+    "MAX_CONNECTIONS": "40", "MAX_CONNECTIONS_PER_ADDRESS": "5", "MAX_SESSIONS_PER_USER": "3",
+    "MAX_PENDING_REQUESTS": "4",
+    "LOG_LINES_PER_LIMIT": "3", "LOG_INTERVAL_S": "3600",
+}
+
+
+@pytest.fixture(scope="module")
+def region(tmp_path_factory):
+    env = {f"SIMZMQ_GATE_LIMITS_{k}": v for k, v in LIMITS.items()}
+    env["SIMZMQ_GATE_MAX_OUTBOUND_BYTES"] = str(256 * 1024)
+    r = Region(tmp_path_factory.mktemp("limits") / "data", extra_env=env)
+    r.start()
+    yield r
+    r.stop()
+
+
+_source = [10]
+
+
+def new_source() -> str:
+    """A loopback address of its own for each test."""
+    _source[0] += 1
+    return f"127.0.0.{_source[0]}"
+
+
+_names = [0]
+
+
+def fresh(prefix: str) -> str:
+    _names[0] += 1
+    return f"{prefix}{_names[0]}x{os.getpid()}"
+
+
+def connect(region, source: str, codec: int = 1, rcvbuf: int | None = None, timeout: float = 15.0) -> RawClient:
+    """A RawClient whose connection comes from `source`."""
+    c = RawClient.__new__(RawClient)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(timeout)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", region.gate_port))
+    c.sock, c.ref, c.ready = sock, 0, None
+    hs = ClientHandshake(region.gate_pk, codecs=(codec,))
+    c.send_frame(hs.hello())
+    hs.receive_welcome(c.read_frame())
+    c.rx, c.tx, c.codec = hs.receiver, hs.sender, CODECS[hs.codec_id]
+    _, c.ready = c.codec.decode(c.rx.open(c.read_frame())[0])
+    c.send_frame(c.tx.header)
+    return c
+
+
+def refused(region, source: str) -> bool:
+    """Whether the gate closes a new connection from `source` before the handshake."""
+    sock = socket.socket()
+    sock.settimeout(10)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", region.gate_port))
+    try:
+        # A served connection waits for HELLO (handshake_timeout_s); a refused
+        # one is closed at once.
+        sock.settimeout(1.0)
+        try:
+            return sock.recv(1) == b""
+        except socket.timeout:
+            return False
+        except ConnectionResetError:
+            return True
+    finally:
+        sock.close()
+
+
+def user(region, source: str, name: str | None = None, device: str = "", register: bool = True) -> RawClient:
+    name = name or fresh("u")
+    c = connect(region, source)
+    if register:
+        assert isinstance(c.request(m.Register(user=name, password="pw-" + name)), m.Ok)
+    ok = c.request(m.Login(user=name, password="pw-" + name, token=b"", device=device))
+    assert isinstance(ok, m.LoginOk), ok
+    c.name, c.token = name, ok.token
+    return c
+
+
+def metrics(region) -> dict[str, float]:
+    status, text = region.http_get("/metrics")
+    assert status == 200
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def limited_count(region, limit: str) -> float:
+    return metrics(region).get(f'simzmq_gate_rate_limited_total{{limit="{limit}"}}', 0.0)
+
+
+def is_error(msg, code) -> bool:
+    return isinstance(msg, m.Error) and msg.code == code
+
+
+def read_all(c: RawClient, n: int) -> list:
+    return [c.recv()[1] for _ in range(n)]
+
+
+def inbox_size(c: RawClient) -> int:
+    batch = c.request(m.Sync(since=0, limit=0))
+    return max((x.seq for x in batch.msgs), default=0)
+
+
+def poll(predicate, timeout: float = 15.0, step: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(step)
+
+
+def until_closed(c: RawClient) -> list:
+    """Everything the gate still sends, up to its close."""
+    got = []
+    try:
+        while True:
+            got.append(c.recv())
+    except (Closed, ConnectionResetError):
+        return got
+
+
+@pytest.mark.timeout(60)
+def test_requests_per_connection_then_abuse_kick(region):
+    src = new_source()
+    c = connect(region, src)
+    before = limited_count(region, "requests")
+    # 100 in a burst are fine; the next ones are refused, the connection stays.
+    for i in range(110):
+        c.send(m.Ping(ts_ms=i))
+    replies = read_all(c, 110)
+    pongs = [r for r in replies if isinstance(r, m.Pong)]
+    limited = [r for r in replies if is_error(r, ErrorCode.RATE_LIMITED)]
+    assert len(pongs) >= 100 and len(pongs) + len(limited) == 110 and limited
+    assert limited_count(region, "requests") >= before + len(limited)
+    time.sleep(1.0)  # 20 tokens a second: room again
+    assert isinstance(c.request(m.Ping(ts_ms=1)), m.Pong)
+    # Far over the limit (more than 2 bursts of refusals): Kick{abuse}, closed.
+    for i in range(400):
+        try:
+            c.send(m.Ping(ts_ms=i))
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    got = until_closed(c)
+    ref, last, final = got[-1]
+    assert isinstance(last, m.Kick) and last.code == KickCode.ABUSE and final
+    # Everyone else is still served.
+    other = connect(region, new_source())
+    assert isinstance(other.request(m.Ping(ts_ms=2)), m.Pong)
+
+
+@pytest.mark.timeout(60)
+def test_sends_per_user_across_connections_store_nothing_over_the_limit(region):
+    src = new_source()
+    a1 = user(region, src, device="one")
+    a2 = user(region, src, name=a1.name, device="two", register=False)
+    bob = user(region, src)
+    replies = []
+    for i in range(7):
+        conn = (a1, a2)[i % 2]
+        replies.append(conn.request(m.Send(to=bob.name, cmid=os.urandom(16), kind=0, body=b"m%d" % i)))
+    oks = [r for r in replies if isinstance(r, m.SendOk)]
+    assert len(oks) == 5, replies  # the burst, shared by both of the user's connections
+    assert all(is_error(r, ErrorCode.RATE_LIMITED) for r in replies[5:])
+    # Nothing of the refused ones was stored, and both connections stay.
+    assert inbox_size(bob) == 5
+    assert isinstance(a1.request(m.Ping(ts_ms=1)), m.Pong)
+    assert isinstance(a2.request(m.Ping(ts_ms=1)), m.Pong)
+    # Another user's Sends are not affected.
+    assert isinstance(bob.request(m.Send(to=a1.name, cmid=os.urandom(16), kind=0, body=b"hi")), m.SendOk)
+
+
+@pytest.mark.timeout(60)
+def test_registers_per_address_and_per_user(region):
+    src = new_source()
+    c = connect(region, src)
+    names = [fresh("r") for _ in range(5)]
+    replies = [c.request(m.Register(user=n, password="pw")) for n in names]
+    assert [type(r).__name__ for r in replies[:4]] == ["Ok"] * 4
+    assert is_error(replies[4], ErrorCode.RATE_LIMITED)
+    # Not created: nobody can log in as it.
+    other = connect(region, new_source())
+    assert is_error(other.request(m.Login(user=names[4], password="pw", token=b"", device="")),
+                    ErrorCode.AUTH_FAILED)
+    # Per user id: asking for the same id again and again from anywhere.
+    taken = names[0]
+    codes = [other.request(m.Register(user=taken, password="x")) for _ in range(3)]
+    assert is_error(codes[0], ErrorCode.EXISTS) and is_error(codes[1], ErrorCode.RATE_LIMITED)
+    assert isinstance(c.request(m.Ping(ts_ms=1)), m.Pong)
+
+
+@pytest.mark.timeout(60)
+def test_failed_logins_per_user_grow_a_delay_but_token_resumes_pass(region):
+    src = new_source()
+    victim = user(region, src)
+    token = victim.token
+    attacker = connect(region, new_source())
+    replies = [attacker.request(m.Login(user=victim.name, password="guess%d" % i, token=b"", device=""))
+               for i in range(4)]
+    assert all(is_error(r, ErrorCode.AUTH_FAILED) for r in replies[:3])
+    assert is_error(replies[3], ErrorCode.RATE_LIMITED) and "retry in" in replies[3].reason
+    # Even the right password waits, from any address...
+    c = connect(region, new_source())
+    assert is_error(c.request(m.Login(user=victim.name, password="pw-" + victim.name, token=b"", device="")),
+                    ErrorCode.RATE_LIMITED)
+    # ...but the victim's resume token is not held up.
+    resumed = c.request(m.Login(user=victim.name, password="", token=token, device=""))
+    assert isinstance(resumed, m.LoginOk)
+    # After the delay (1 s after the third failure) the password works again,
+    # and a success starts the count afresh.
+    time.sleep(1.2)
+    c2 = connect(region, new_source())
+    assert isinstance(c2.request(m.Login(user=victim.name, password="pw-" + victim.name, token=b"", device="")),
+                      m.LoginOk)
+    assert limited_count(region, "login_user") >= 2
+
+
+@pytest.mark.timeout(60)
+def test_failed_logins_per_address(region):
+    src = new_source()
+    victims = [user(region, new_source()).name for _ in range(2)]
+    c = connect(region, src)
+    codes = []
+    for i in range(7):  # six free failures, spread over users so no user limit is hit
+        r = c.request(m.Login(user=victims[i % 2] if i < 4 else fresh("nobody"), password="bad", token=b"",
+                              device=""))
+        codes.append(r.code)
+    assert codes[:6] == [ErrorCode.AUTH_FAILED] * 6 and codes[6] == ErrorCode.RATE_LIMITED
+    # Token guesses from that address wait too.
+    r = c.request(m.Login(user=victims[0], password="", token=os.urandom(32), device=""))
+    assert is_error(r, ErrorCode.RATE_LIMITED)
+    # Another address is not affected.
+    other = connect(region, new_source())
+    assert is_error(other.request(m.Login(user=victims[0], password="bad", token=b"", device="")),
+                    ErrorCode.AUTH_FAILED)
+    assert limited_count(region, "login_address") >= 2
+
+
+@pytest.mark.timeout(60)
+def test_connections_per_address(region):
+    src = new_source()
+    held = [connect(region, src) for _ in range(5)]
+    assert refused(region, src)
+    assert not refused(region, new_source())
+    held.pop().close()
+    assert poll(lambda: not refused(region, src))
+    for c in held:
+        assert isinstance(c.request(m.Ping(ts_ms=1)), m.Pong)
+        c.close()
+
+
+@pytest.mark.timeout(60)
+def test_connections_per_gate(region):
+    held = []
+    try:
+        refused_at = None
+        for i in range(45):  # max_connections = 40, from addresses of five each
+            src = f"127.0.1.{i // 5 + 1}"
+            try:
+                c = connect(region, src, timeout=3)
+                assert isinstance(c.request(m.Ping(ts_ms=1)), m.Pong)
+                held.append(c)
+            except (Closed, ConnectionResetError, socket.timeout, OSError):
+                refused_at = i
+                break
+        assert refused_at is not None and len(held) <= 40
+        assert limited_count(region, "connections") >= 1
+    finally:
+        for c in held:
+            c.close()
+    assert poll(lambda: not refused(region, new_source()))
+
+
+@pytest.mark.timeout(60)
+def test_sessions_per_user(region):
+    src = new_source()
+    first = user(region, src, device="d0")
+    name = first.name
+    others = [user(region, src, name=name, device=f"d{i}", register=False) for i in (1, 2)]
+    c = connect(region, new_source())
+    r = c.request(m.Login(user=name, password="", token=first.token, device="d3"))
+    assert is_error(r, ErrorCode.RATE_LIMITED) and "sessions" in r.reason
+    # The same device may always log in again: it replaces the old session.
+    again = c.request(m.Login(user=name, password="", token=first.token, device="d2"))
+    assert isinstance(again, m.LoginOk)
+    _, kick, final = others[1].recv()
+    assert isinstance(kick, m.Kick) and kick.code == KickCode.REPLACED and final
+    # Logging out frees a place.
+    assert isinstance(others[0].request(m.Logout()), m.Ok)
+    c4 = connect(region, new_source())
+    assert isinstance(c4.request(m.Login(user=name, password="", token=first.token, device="d4")), m.LoginOk)
+
+
+@pytest.mark.timeout(60)
+def test_pending_requests_backpressure_loses_nothing(region):
+    c = user(region, new_source())
+    before = metrics(region).get("simzmq_gate_backpressure_total", 0.0)
+    refs = [c.send(m.Sync(since=0, limit=0)) for _ in range(40)]
+    got = {}
+    while len(got) < 40:
+        ref, msg, _ = c.recv()
+        got[ref] = msg
+    assert set(got) == set(refs) and all(isinstance(x, m.Batch) for x in got.values())
+    assert metrics(region).get("simzmq_gate_backpressure_total", 0.0) > before
+
+
+@pytest.mark.timeout(90)
+def test_slow_consumer_is_kicked_and_its_memory_released(region):
+    src = new_source()
+    sender = user(region, src)
+    reader = user(region, src)
+    big = b"x" * 60000
+    for _ in range(5):
+        assert isinstance(sender.request(m.Send(to=reader.name, cmid=os.urandom(16), kind=0, body=big)), m.SendOk)
+    slow = connect(region, src, rcvbuf=32 * 1024, timeout=30)
+    assert isinstance(slow.request(m.Login(user=reader.name, password="", token=reader.token, device="")),
+                      m.LoginOk)
+    kicks_before = metrics(region).get('simzmq_gate_kicks_total{reason="slow_consumer"}', 0.0)
+    # 60 Syncs of 300 kB each, and not a byte read: far more than the kernel
+    # buffers and max_outbound_bytes (256 KiB) hold.
+    for _ in range(60):
+        slow.send(m.Sync(since=0, limit=0))
+    assert poll(lambda: metrics(region).get('simzmq_gate_kicks_total{reason="slow_consumer"}', 0.0)
+                > kicks_before, timeout=30)
+    # The gate let go: the connection ends (the Kick if it fit, then EOF) and
+    # what was queued for it is gone.
+    got = until_closed(slow)
+    assert all(isinstance(msg, (m.Batch, m.Kick)) for _, msg, _ in got)
+    kicks = [(msg, final) for _, msg, final in got if isinstance(msg, m.Kick)]
+    assert all(k.code == KickCode.SLOW_CONSUMER and final for k, final in kicks)
+    assert poll(lambda: metrics(region).get("simzmq_gate_outbound_bytes", 1e9) < 64 * 1024)
+    # Everyone else carries on.
+    assert isinstance(sender.request(m.Ping(ts_ms=1)), m.Pong)
+    assert isinstance(reader.request(m.Ping(ts_ms=1)), m.Pong)
+
+
+def history(region, source: str, token: bytes, peer: str):
+    conn = http.client.HTTPConnection("127.0.0.1", region.http_port, timeout=10, source_address=(source, 0))
+    try:
+        conn.request("GET", f"/v1/history/{peer}", headers={"Authorization": "Bearer " + token.hex()})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"null")
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(60)
+def test_history_per_address(region):
+    src = new_source()
+    a = user(region, src)
+    statuses = [history(region, src, a.token, "peer")[0] for _ in range(5)]
+    assert statuses[:3] == [200, 200, 200] and statuses[3:] == [429, 429]
+    assert history(region, new_source(), a.token, "peer")[0] == 200
+    assert limited_count(region, "history") >= 2
+
+
+@pytest.mark.timeout(30)
+def test_limit_logging_is_itself_limited(region):
+    """By now, dozens of requests were rate limited; the log holds at most
+    log_lines_per_limit (3) such lines per kind, the rest are counted."""
+    text = region.read_log()
+    lines = re.findall(r"rate limited \S+ \(.*?\): requests limit", text)
+    assert 1 <= len(lines) <= 3
+    assert metrics(region).get('simzmq_gate_log_lines_suppressed_total{kind="limit"}', 0.0) > 0
+
+
+# --- idle -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def idle_region(tmp_path_factory):
+    r = Region(tmp_path_factory.mktemp("idle") / "data", extra_env={"SIMZMQ_GATE_IDLE_TIMEOUT_S": "2"})
+    r.start()
+    yield r
+    r.stop()
+
+
+@pytest.mark.timeout(60)
+def test_silent_logged_in_connection_is_kicked_idle(idle_region):
+    silent = RawClient(idle_region.gate_port, idle_region.gate_pk)
+    assert silent.ready.idle_timeout_s == 2
+    assert isinstance(silent.request(m.Register(user="quiet", password="pw")), m.Ok)
+    assert isinstance(silent.request(m.Login(user="quiet", password="pw", token=b"", device="")), m.LoginOk)
+    chatty = RawClient(idle_region.gate_port, idle_region.gate_pk)
+    stop = threading.Event()
+
+    def keep_pinging():
+        while not stop.wait(0.4):
+            chatty.request(m.Ping(ts_ms=1))
+    pinger = threading.Thread(target=keep_pinging, daemon=True)
+    pinger.start()
+    ref, msg, final = silent.recv()  # nothing else is coming but the Kick
+    assert ref == 0 and isinstance(msg, m.Kick) and msg.code == KickCode.IDLE and final
+    assert silent.closed_without_data()
+    stop.set()
+    pinger.join()
+    # The one that pinged all along was never kicked.
+    assert isinstance(chatty.request(m.Ping(ts_ms=2)), m.Pong)
