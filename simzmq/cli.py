@@ -226,7 +226,8 @@ def broker(ctx, role):
     Broker(frontend=mine["frontend"], backend=mine["backend"], notify_in=mine["notify_in"],
            notify_out=mine["notify_out"], state_pub=mine["state"], peer_state=peer["state"],
            role=role, heartbeat_interval=b["heartbeat_ms"] / 1000, peer_heartbeat=b["peer_heartbeat_ms"] / 1000,
-           liveness=b["liveness"], keyed_services=set(b["keyed_services"]),
+           liveness=b["liveness"], request_timeout=b["request_timeout_ms"] / 1000,
+           keyed_services=set(b["keyed_services"]),
            metrics_port=mine["metrics_port"], metrics_addr=cfg["region"]["metrics_host"]).run()
 
 

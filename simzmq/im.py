@@ -29,7 +29,7 @@ import zmq
 from prometheus_client import Counter, Histogram, start_http_server
 
 from simzmq.mdpworker import Request, WorkerSession
-from simzmq.service import IMService, Outcome, error
+from simzmq.service import IMService, Outcome, RegisterWork, error
 from simzmq.store import StoreBusy, open_store
 from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN
@@ -190,7 +190,10 @@ class IMWorker:
                 msg = job.msg
                 if job.prepared is None:
                     if isinstance(msg, m.Register):
-                        deferred.append((job, None))
+                        # The stored hash, if the user exists: a Register the
+                        # broker delivered twice (its worker died) must answer
+                        # Ok again, not exists.
+                        deferred.append((job, store.get_password_hash(msg.user)))
                         continue
                     if isinstance(msg, m.Login) and not msg.token:
                         deferred.append((job, store.get_password_hash(msg.user)))
@@ -228,7 +231,10 @@ class IMWorker:
 
     def _password_work(self, job: Job, pw_hash: str | None) -> Job:
         if isinstance(job.msg, m.Register):
-            return job._replace(prepared=hash_password(job.msg.password, self.im_cfg["pwhash_strength"]))
+            if pw_hash is not None:
+                return job._replace(prepared=RegisterWork(None, verify_password(pw_hash, job.msg.password)))
+            return job._replace(prepared=RegisterWork(hash_password(job.msg.password, self.im_cfg["pwhash_strength"]),
+                                                      False))
         return job._replace(prepared=verify_password(pw_hash, job.msg.password))
 
     def _password_done(self, fut) -> None:

@@ -33,6 +33,13 @@ class Outcome(NamedTuple):
     notices: tuple = ()
 
 
+class RegisterWork(NamedTuple):
+    """The password work for a Register, done off the loop: the new hash, or,
+    when the user already existed then, whether the password matches theirs."""
+    pw_hash: str | None
+    same_password: bool
+
+
 class Refused(Exception):
     """A request that gets an Error and changes nothing."""
 
@@ -72,10 +79,14 @@ class IMService:
 
     # -- accounts -----------------------------------------------------------
 
-    def _register(self, key, origin, msg: m.Register, now_ms, pw_hash) -> Outcome:
-        if key != msg.user or not pw_hash:
+    def _register(self, key, origin, msg: m.Register, now_ms, work: RegisterWork) -> Outcome:
+        if key != msg.user or not isinstance(work, RegisterWork):
             raise Refused(ErrorCode.BAD_REQUEST, "routing key does not match the user")
-        if not self.store.create_user(msg.user, pw_hash, now_ms):
+        # A repeated Register with the same password is the same request
+        # delivered again (requests are redelivered when a worker dies): Ok.
+        if work.same_password:
+            return Outcome(m.Ok())
+        if work.pw_hash is None or not self.store.create_user(msg.user, work.pw_hash, now_ms):
             return error(ErrorCode.EXISTS, f"user exists: {msg.user}")
         return Outcome(m.Ok())
 

@@ -228,6 +228,8 @@ def test_register_existing_user(region, users):
     c = RawClient(region.gate_port, region.gate_pk)
     reply = c.request(m.Register(user="alice", password="another"))
     assert isinstance(reply, m.Error) and reply.code == ErrorCode.EXISTS
+    # With alice's own password it is a repeat of her Register: Ok, nothing changes.
+    assert isinstance(c.request(m.Register(user="alice", password="pw-alice")), m.Ok)
     # The old password still works: nothing changed.
     assert isinstance(c.request(m.Login(user="alice", password="pw-alice", token=b"", device="")), m.LoginOk)
 

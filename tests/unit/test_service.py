@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from simzmq.service import IMService, token_hash
+from simzmq.service import IMService, RegisterWork, token_hash
 from simzmq.store import open_store
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode
@@ -18,7 +18,7 @@ def svc():
     store = open_store("sqlite://:memory:")
     service = IMService(store, TTL_MS, 1 << 20)
     for user in ("alice", "bob", "carol"):
-        call(service, user, m.Register(user=user, password="pw"), prepared="$argon2id$fake-" + user)
+        call(service, user, m.Register(user=user, password="pw"), prepared=RegisterWork("$argon2id$fake-" + user, False))
     yield service
     store.close()
 
@@ -39,11 +39,22 @@ def code(outcome):
 
 
 def test_register_twice_is_exists(svc):
-    assert code(call(svc, "alice", m.Register(user="alice", password="x"), prepared="h")) == ErrorCode.EXISTS
+    taken = call(svc, "alice", m.Register(user="alice", password="x"), prepared=RegisterWork(None, False))
+    assert code(taken) == ErrorCode.EXISTS
+    # A race: the hash was made, but someone else created the user meanwhile.
+    raced = call(svc, "alice", m.Register(user="alice", password="x"), prepared=RegisterWork("h", False))
+    assert code(raced) == ErrorCode.EXISTS
+
+
+def test_register_delivered_again_with_the_same_password_is_ok(svc):
+    again = call(svc, "alice", m.Register(user="alice", password="pw"), prepared=RegisterWork(None, True))
+    assert isinstance(again.reply, m.Ok)
+    assert svc.store.get_password_hash("alice") == "$argon2id$fake-alice"
 
 
 def test_register_key_must_match(svc):
-    assert code(call(svc, "mallory", m.Register(user="dave", password="x"), prepared="h")) == ErrorCode.BAD_REQUEST
+    bad = call(svc, "mallory", m.Register(user="dave", password="x"), prepared=RegisterWork("h", False))
+    assert code(bad) == ErrorCode.BAD_REQUEST
 
 
 def test_password_login_uses_the_verification_result(svc):
