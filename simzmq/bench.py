@@ -306,6 +306,65 @@ def gate_port_from_pid(data_dir: str | Path | None) -> int | None:
     return None
 
 
+def gate_http_ports(data_dir: str | Path | None) -> dict[str, int]:
+    """``{gate name: HTTP port}`` from the gates' command lines (their --http-port)."""
+    ports = {}
+    for name, pid in read_pid_files(data_dir).items():
+        if not name.startswith("gate-"):
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        for i, arg in enumerate(argv[:-1]):
+            if arg == b"--http-port":
+                try:
+                    ports[name] = int(argv[i + 1])
+                except ValueError:
+                    pass
+    return ports
+
+
+# Gate counters worth a look after a run: each one that moved means the run
+# met failovers, lost pushes, timeouts or the gate's limits.
+GATE_EVENTS = ("simzmq_gate_failovers_total", "simzmq_gate_catchups_total", "simzmq_gate_push_holes_total",
+               "simzmq_gate_notification_gaps_total", "simzmq_gate_backend_timeouts_total",
+               "simzmq_gate_rate_limited_total", "simzmq_gate_kicks_total", "simzmq_gate_backpressure_total")
+
+
+def gate_events(host: str, ports: dict[str, int]) -> dict[str, float]:
+    """The GATE_EVENTS counters, summed over labels and gates, from /metrics."""
+    import urllib.request
+    totals: dict[str, float] = {}
+    for port in ports.values():
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=2) as resp:
+                text = resp.read().decode("utf-8", "replace")
+        except (OSError, ValueError):
+            continue
+        for line in text.splitlines():
+            if not line.startswith("simzmq_gate_"):
+                continue
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in GATE_EVENTS:
+                try:
+                    totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+                except ValueError:
+                    continue
+    return totals
+
+
+def events_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
+    out = {}
+    for name in GATE_EVENTS:
+        if name in after:
+            d = int(after[name] - before.get(name, 0.0))
+            if d:
+                out[name.removeprefix("simzmq_gate_").removesuffix("_total")] = d
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Statistics.
 # ---------------------------------------------------------------------------
@@ -1209,6 +1268,8 @@ def _drive(opts: Options, coord: Coordinator, pids: dict, bar: Progress) -> dict
     setup = coord.wait_phase("setup", "setup", (F_SETUP, F_ACKED) if sc == "backlog" else F_SETUP,
                              setup_total + (opts.backlog if sc == "backlog" else 0))
     report["setup_s"] = round(max(i["setup_s"] for i in setup.values()), 3)
+    http_ports = gate_http_ports(opts.data_dir)
+    events_before = gate_events(opts.host, http_ports)
     before = sample_all(pids)
     t0 = coord.go("run" if sc != "connect" else "password")
 
@@ -1216,6 +1277,7 @@ def _drive(opts: Options, coord: Coordinator, pids: dict, bar: Progress) -> dict
         total = sum(f.count for p in plans for f in p.flows)
         infos = coord.wait_phase("run", "run", F_DELIVERED, total)
         after = sample_all(pids)
+        events_after = gate_events(opts.host, http_ports)
         load_before, load_after = before, after
         t_end = max(i["t_last_push"] for i in infos.values())
         window = max(1e-9, t_end - t0)
@@ -1248,6 +1310,7 @@ def _drive(opts: Options, coord: Coordinator, pids: dict, bar: Progress) -> dict
     elif sc == "backlog":
         coord.wait_phase("run", "sync", F_SYNCED, opts.backlog)
         after = sample_all(pids)
+        events_after = gate_events(opts.host, http_ports)
         load_before, load_after = before, after
         wall = time.monotonic() - t0
         coord.go("exit", 0.0)
@@ -1276,6 +1339,7 @@ def _drive(opts: Options, coord: Coordinator, pids: dict, bar: Progress) -> dict
         t1 = coord.go("token")
         coord.wait_phase("token", "token", F_LOGINS, n_users + opts.connections)
         after = sample_all(pids)
+        events_after = gate_events(opts.host, http_ports)
         load_before, load_after = mid, after
         wall_tk = time.monotonic() - t1
         time.sleep(opts.settle_s)
@@ -1314,6 +1378,8 @@ def _drive(opts: Options, coord: Coordinator, pids: dict, bar: Progress) -> dict
             "generator": {"cpu_s": round(sum(r["cpu_s"] for r in results), 3), "procs": opts.procs},
         })
     report["errors"] = _merge_errors(results)
+    report["gate_events"] = events_delta(events_before, events_after)
+    report["gate_metrics_from"] = sorted(http_ports) if events_before else []
     report["machine_load"] = machine_report(load_before, load_after, report["server"]["total"]["cpu_s"],
                                             report["generator"]["cpu_s"])
     report["ok"] = _ok(report)
@@ -1394,6 +1460,11 @@ def format_report(r: dict) -> str:
         rows.append(("Sync check", (f"{'OK' if ch['ok'] else 'FAILED'}: {ch['checked']} checked, lost {ch['lost']}, "
                                    f"doubled {ch['doubled']}, reordered {ch['reordered']}, late retries {ch['late_retries']}, "
                                    f"inbox gaps {ch['inbox_gaps']}, unconfirmed {ch['unconfirmed']}")))
+    if r.get("gate_events"):
+        rows.append(("gate events in the window", ", ".join(f"{k} {v}" for k, v in sorted(r["gate_events"].items()))))
+        if "failovers" in r["gate_events"]:
+            rows.append(("", ("the gate switched brokers during the run: resent requests and catch-ups are in "
+                             "these numbers")))
     if r["errors"]:
         rows.append(("errors", ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items()))))
         if "rate_limited" in r["errors"] or "abuse" in str(r["errors"]):

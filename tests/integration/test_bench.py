@@ -69,6 +69,7 @@ def test_pairs_window_two_procs(region):
     assert r["rates"]["delivered_per_s"] > 0
     assert_clean(r, 40)
     assert_server_measured(r)
+    assert r["gate_metrics_from"] == ["gate-1"] and isinstance(r["gate_events"], dict)
     assert r["generator"]["procs"] == 2
     assert r["machine"]["cpus"] >= 1
 
