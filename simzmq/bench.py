@@ -41,6 +41,7 @@ import multiprocessing.connection
 import os
 import resource
 import secrets
+import signal
 import struct
 import sys
 import time
@@ -681,7 +682,11 @@ class Worker:
 
     def _on_ctl(self) -> None:
         while self.ctl.poll():
-            msg = self.ctl.recv()
+            try:
+                msg = self.ctl.recv()
+            except (EOFError, OSError):
+                # The parent is gone: nobody will read what this process measures.
+                os._exit(4)
             if msg[0] == "go" and self._go is not None and not self._go.done():
                 self._go.set_result(msg[2])
             elif msg[0] == "abort":
@@ -784,12 +789,21 @@ class Worker:
         # sends whole messages (a large result would otherwise stop halfway
         # with EAGAIN), so put it back.
         os.set_blocking(fd, True)
+        self._orphan_watch = asyncio.create_task(self._watch_parent(os.getppid()))
         scenario = getattr(self, "run_" + self.opts.scenario)
         result = await scenario()
         result["errors"] = {**result.get("errors", {}), **self.errors}
         self.ctl.send(("result", self.plan.index, result))
         # Wait for the parent's last word so results are read before exit.
         await self.barrier("exit")
+
+    @staticmethod
+    async def _watch_parent(parent: int) -> None:
+        """Stop when the bench's main process is gone (killed: it cannot say so)."""
+        while True:
+            await asyncio.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(4)
 
     def flow_done(self) -> None:
         self._flows_left -= 1
@@ -1236,16 +1250,24 @@ def run(opts: Options, progress: bool = True) -> dict:
     coord = Coordinator(opts, bar)
     t_start = time.monotonic()
     coord.start()
+    # A terminated bench stops its processes too (they would hold connections).
+    old_term = signal.signal(signal.SIGTERM, _terminated)
     try:
         report = _drive(opts, coord, pids, bar)
     except BaseException:
         bar.end()
         coord.abort()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
     coord.finish()
     bar.end()
     report["elapsed_s"] = round(time.monotonic() - t_start, 3)
     return report
+
+
+def _terminated(signum, frame):
+    raise BenchError("terminated")
 
 
 def _params(opts: Options) -> dict:
