@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import signal
 import struct
 import threading
@@ -50,6 +51,10 @@ DEFAULT_MAX_QUEUED = 200_000
 WINNER_CACHE_LIMIT = 100_000
 # A gate counts as connected if it sent a request this recently.
 GATE_SEEN_WINDOW = 10.0
+# requests_per_s in the published state is averaged over about this long.
+RATE_WINDOW_S = 2.0
+# The state message lists at most this many gates (the count is exact).
+MAX_GATES_LISTED = 100
 
 _RID = struct.Struct(">Q")
 _HEARTBEAT_TAIL = [b"", mdp.W_WORKER, mdp.HEARTBEAT]
@@ -491,6 +496,9 @@ class Broker:
     is simply active. ``configure_socket(socket, name)`` is called on every
     socket before it binds or connects (CURVE, for instance); ``name`` is one
     of frontend, backend, notify_in, notify_out, state_pub, peer_state.
+    ``auth_counts()``, if given, returns the bus authentication counts
+    (``{"accepted": {socket: n}, "refused": {socket: n}}``) for the state
+    message and the metrics.
     """
 
     def __init__(
@@ -513,6 +521,7 @@ class Broker:
         configure_socket: Callable[[zmq.Socket, str], None] | None = None,
         max_queued: int = DEFAULT_MAX_QUEUED,
         install_signal_handlers: bool = True,
+        auth_counts: Callable[[], dict] | None = None,
     ) -> None:
         if role not in ("primary", "backup"):
             raise ValueError(f"role must be 'primary' or 'backup', not {role!r}")
@@ -543,6 +552,13 @@ class Broker:
         self._dropped_notifications = 0
         self.stamper = NotifyStamper()
         self._bound: dict[str, str] = {}
+        self.liveness = liveness
+        self.auth_counts = auth_counts
+        # Times this broker went from passive to active (took over from its peer).
+        self.failovers = 0
+        self.notifications_total = 0
+        self._started = time.monotonic()
+        self._rate_samples: deque = deque()  # (now, requests_total), for requests_per_s
 
     def stop(self) -> None:
         """Ask the loop to end; safe from another thread or a signal handler."""
@@ -690,6 +706,7 @@ class Broker:
                         log.info("dropped malformed notification (%d frames)", len(frames))
                         continue
                     send_notify_out(stamped)
+                    self.notifications_total += 1
 
             if notify_out in ready:
                 # Subscriptions flow upstream so workers' PUB sockets filter
@@ -742,6 +759,7 @@ class Broker:
             peer = self.bstar.peer_state.value if self.bstar.peer_state else "unseen"
             log.info("binary star: %s -> %s (peer %s)", self.state.value, new.value, peer)
             if new is State.ACTIVE and self.state is State.PASSIVE:
+                self.failovers += 1
                 log.info("failover: %s broker is now active", self.role)
             self.state = new
 
@@ -759,7 +777,44 @@ class Broker:
             if self.bstar.peer_seen is not None:
                 status["peer_heard_ago"] = round(now - self.bstar.peer_seen, 3)
         status.update(self.core.snapshot(now))
+        core = self.core
+        stale = now - GATE_SEEN_WINDOW
+        gates = sorted(((now - seen, identity) for identity, seen in core.gates.items() if seen >= stale))
+        status.update({
+            "pid": os.getpid(),
+            "up_for": round(now - self._started, 3),
+            "wall_time": round(time.time(), 3),
+            "endpoints": dict(self._bound),
+            "heartbeat_ms": round(self.heartbeat_interval * 1000),
+            "liveness": self.liveness,
+            "peer_heartbeat_ms": round(self.peer_heartbeat * 1000),
+            "requests_per_s": self._requests_per_s(now),
+            "failovers": self.failovers,
+            "gates_seen": [{"identity": identity.hex(), "heard_ago": round(ago, 3)}
+                           for ago, identity in gates[:MAX_GATES_LISTED]],
+            "notifications_total": self.notifications_total,
+            "worker_expiries_total": core.worker_expiries_total,
+            "worker_disconnects_total": core.worker_disconnects_total,
+            "request_timeouts_total": core.requests_timed_out_total,
+            "requests_dropped_total": core.requests_dropped_total,
+            "requests_requeued_total": core.requests_requeued_total,
+            "passive_drops_total": self._dropped_passive,
+            "malformed_total": core.malformed_total + self._dropped_notifications,
+            "curve": self.auth_counts is not None,
+        })
+        if self.auth_counts is not None:
+            status["auth"] = self.auth_counts()
         return status
+
+    def _requests_per_s(self, now: float) -> float:
+        samples = self._rate_samples
+        samples.append((now, self.core.requests_total))
+        while len(samples) > 2 and now - samples[1][0] >= RATE_WINDOW_S:
+            samples.popleft()
+        first_t, first_n = samples[0]
+        if now - first_t <= 0:
+            return 0.0
+        return round((self.core.requests_total - first_n) / (now - first_t), 1)
 
     # --- metrics ------------------------------------------------------------
 
@@ -795,6 +850,25 @@ class Broker:
                                 registry=registry),
             "active": prom.Gauge("simzmq_broker_active", "1 if this broker serves clients (Binary Star active)",
                                  registry=registry),
+            "failovers": prom.Counter("simzmq_broker_failovers", "Times this broker went from passive to active",
+                                      registry=registry),
+            "notifications": prom.Counter("simzmq_broker_notifications",
+                                          "Notifications forwarded from workers to gates", registry=registry),
+            "dropped": prom.Counter("simzmq_broker_requests_dropped",
+                                    "Requests dropped because max_queued requests were already waiting",
+                                    registry=registry),
+            "peer_heard": prom.Gauge("simzmq_broker_peer_heard_seconds",
+                                     "Seconds since the Binary Star peer's state was last heard (-1: never)",
+                                     registry=registry),
+            "worker_heard": prom.Gauge("simzmq_broker_worker_heard_max_seconds",
+                                       "Seconds since the least recently heard live worker spoke",
+                                       registry=registry),
+            "auth_refused": prom.Counter("simzmq_broker_auth_refusals",
+                                         "Bus connections refused by the ZAP handler (unknown or wrong-role CURVE "
+                                         "key), by socket", ["socket"], registry=registry),
+            "auth_accepted": prom.Counter("simzmq_broker_auth_accepts",
+                                          "Bus connections accepted by the ZAP handler, by socket", ["socket"],
+                                          registry=registry),
         }
         self._metrics = m
         self._metrics_last: dict = {}
@@ -850,6 +924,21 @@ class Broker:
         m["in_flight"].set(core.in_flight())
         m["gates"].set(core.gate_count(now))
         m["active"].set(1 if self.state is State.ACTIVE else 0)
+        bump("failovers", self.failovers)
+        bump("notifications", self.notifications_total)
+        bump("dropped", core.requests_dropped_total)
+        if self.bstar is not None and self.bstar.peer_seen is not None:
+            m["peer_heard"].set(now - self.bstar.peer_seen)
+        else:
+            m["peer_heard"].set(-1)
+        oldest = min((w.expiry for w in core.workers.values()), default=None)
+        m["worker_heard"].set(0 if oldest is None else max(0.0, now - (oldest - core.worker_timeout)))
+        if self.auth_counts is not None:
+            counts = self.auth_counts()
+            for socket_name, value in counts.get("refused", {}).items():
+                bump("auth_refused", value, socket_name)
+            for socket_name, value in counts.get("accepted", {}).items():
+                bump("auth_accepted", value, socket_name)
 
 
 # pyzmq's send_multipart/recv_multipart combine enum flags per frame, which

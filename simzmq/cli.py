@@ -42,6 +42,19 @@ def load_config(ctx: click.Context, overrides=None) -> config_mod.Config:
         raise click.ClickException(str(exc)) from None
 
 
+def bus_client(cfg: config_mod.Config, role: str, process: str):
+    """``configure_socket`` for a process connecting to the brokers as ROLE,
+    or None when [bus] curve is off."""
+    from simzmq import bus as bus_mod
+    if not cfg["bus"]["curve"]:
+        bus_mod.curve_off_warning(process)
+        return None
+    try:
+        return bus_mod.client_configurator(bus_mod.load_keys(cfg.data_dir, role))
+    except keys_mod.KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def data_option(f):
     return click.option("--data", "data", type=click.Path(file_okay=False), default=None,
                         help="Data directory (default: region.data from the config).")(f)
@@ -159,6 +172,14 @@ def up(ctx, data, gate_port, http_port, workers, gates, open_registration):
     # The key exists before any gate accepts a connection, so a client that
     # reads keys/gate.pub right after `up` printed it can pin it.
     _, gate_pk = keys_mod.ensure_gate_key(data_dir)
+    # The bus keys too, so every child finds its role's key at start.
+    try:
+        keys_mod.ensure_bus_keys(data_dir)
+    except keys_mod.KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not cfg["bus"]["curve"]:
+        from simzmq.bus import curve_off_warning
+        curve_off_warning("region")
     fds = raise_fd_limit()
     env = dict(os.environ)
     env.update(config_mod.env_for(overrides))
@@ -223,12 +244,34 @@ def broker(ctx, role):
     mine = b[role]
     peer = b["backup" if role == "primary" else "primary"]
     logging.getLogger("simzmq.broker").info("broker %s: config %s", role, cfg.describe())
-    Broker(frontend=mine["frontend"], backend=mine["backend"], notify_in=mine["notify_in"],
-           notify_out=mine["notify_out"], state_pub=mine["state"], peer_state=peer["state"],
-           role=role, heartbeat_interval=b["heartbeat_ms"] / 1000, peer_heartbeat=b["peer_heartbeat_ms"] / 1000,
-           liveness=b["liveness"], request_timeout=b["request_timeout_ms"] / 1000,
-           keyed_services=set(b["keyed_services"]),
-           metrics_port=mine["metrics_port"], metrics_addr=cfg["region"]["metrics_host"]).run()
+    import zmq
+    from simzmq import bus as bus_mod
+    context = zmq.Context.instance()
+    bus = None
+    if cfg["bus"]["curve"]:
+        # The ZAP handler must answer before the first socket binds, or
+        # libzmq would let CURVE clients in without asking.
+        try:
+            bus = bus_mod.start_broker_bus(context, cfg.data_dir)
+        except keys_mod.KeyFileError as exc:
+            raise click.ClickException(str(exc)) from None
+        # SIGHUP re-reads the allow-lists (DATA/keys/bus/allow/ROLE/*.key).
+        signal.signal(signal.SIGHUP, lambda *_: bus_mod.reload_policy(bus.zap, cfg.data_dir))
+    else:
+        bus_mod.curve_off_warning(f"broker {role}")
+    try:
+        Broker(frontend=mine["frontend"], backend=mine["backend"], notify_in=mine["notify_in"],
+               notify_out=mine["notify_out"], state_pub=mine["state"], peer_state=peer["state"],
+               role=role, heartbeat_interval=b["heartbeat_ms"] / 1000,
+               peer_heartbeat=b["peer_heartbeat_ms"] / 1000,
+               liveness=b["liveness"], request_timeout=b["request_timeout_ms"] / 1000,
+               keyed_services=set(b["keyed_services"]),
+               metrics_port=mine["metrics_port"], metrics_addr=cfg["region"]["metrics_host"],
+               context=context, configure_socket=bus.configure_socket if bus else None,
+               auth_counts=bus.zap.counts if bus else None).run()
+    finally:
+        if bus is not None:
+            bus.zap.stop()
 
 
 def store_url(cfg) -> str:
@@ -249,6 +292,7 @@ def im(ctx, name):
     b = cfg["broker"]
     index = int(name.rsplit("-", 1)[-1]) if name.rsplit("-", 1)[-1].isdigit() else 1
     logging.getLogger("simzmq.im").info("im worker %s: config %s", name, cfg.describe())
+    configure_socket = bus_client(cfg, "worker", f"im worker {name}")
     worker = im_mod.IMWorker(
         name=name, store_url=store_url(cfg), im_cfg=cfg["im"], max_frame=cfg["gate"]["max_frame"],
         backends=[b["primary"]["backend"], b["backup"]["backend"]],
@@ -256,7 +300,7 @@ def im(ctx, name):
         heartbeat_ms=b["heartbeat_ms"], liveness=b["liveness"],
         metrics_port=cfg["im"]["metrics_port"] + index - 1 if cfg["im"]["metrics_port"] else None,
         metrics_host=cfg["region"]["metrics_host"],
-        sqlite_synchronous=cfg["im"]["sqlite_synchronous"])
+        sqlite_synchronous=cfg["im"]["sqlite_synchronous"], configure_socket=configure_socket)
     im_mod.run(worker)
 
 
@@ -276,7 +320,9 @@ def gate(ctx, name, port, http_port):
     logging.getLogger("simzmq.gate").info("gate %s: config %s, key %s", name, cfg.describe(), pk.hex())
     from simzmq.gatelink import BrokerEndpoints
     brokers = [BrokerEndpoints(role, b[role]["frontend"], b[role]["notify_out"]) for role in ("primary", "backup")]
-    gate_mod.run(name, g, sk, brokers, g["host"], port or g["port"], g["http_host"], http_port or g["http_port"])
+    configure_socket = bus_client(cfg, "gate", f"gate {name}")
+    gate_mod.run(name, g, sk, brokers, g["host"], port or g["port"], g["http_host"], http_port or g["http_port"],
+                 configure_socket=configure_socket)
 
 
 # ---------------------------------------------------------------------------
@@ -324,10 +370,54 @@ def user_add(ctx, name, data, password_stdin):
 @data_option
 @click.pass_context
 def keys(ctx, data):
-    """Make the region's keys if missing, and show the public ones."""
+    """Make the region's keys if missing, and show the public ones.
+
+    keys/gate.key, gate.pub: the gates' X25519 key that clients pin.
+    keys/bus/ROLE.key(_secret): the CURVE key pair of each bus role (broker,
+    gate, worker, ops); keys/bus/allow/ROLE/*.key: more public keys the
+    brokers accept for ROLE (docs/operations.md).
+    """
     cfg = load_config(ctx, {"region": {"data": str(Path(data).resolve()) if data else None}})
     _, pk = keys_mod.ensure_gate_key(cfg.data_dir)
     click.echo(f"gate  {pk.hex()}  ({cfg.data_dir / 'keys' / 'gate.pub'})")
+    try:
+        keys_mod.ensure_bus_keys(cfg.data_dir)
+        allowed = keys_mod.allowed_bus_keys(cfg.data_dir)
+    except keys_mod.KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("bus keys (CURVE, z85 public keys; the secrets are in the .key_secret files beside them):")
+    for role in keys_mod.BUS_ROLES:
+        for key, where in allowed[role].items():
+            click.echo(f"  {role:<7} {key.decode()}  ({where})")
+    if not cfg["bus"]["curve"]:
+        click.echo("bus CURVE is off in the configuration ([bus] curve = false): these keys are not used")
+
+
+@main.command()
+@data_option
+@click.option("--endpoints", default=None,
+              help="Comma-separated state endpoints of the brokers (default: broker.primary.state and "
+                   "broker.backup.state from the config).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per update, one per line.")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after this many updates.")
+@click.option("--interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+              help="Seconds between updates.")
+@click.pass_context
+def monitor(ctx, data, endpoints, as_json, count, interval):
+    """Watch the broker pair live: Binary Star state, peer heartbeat, workers,
+    gates, requests/s, failovers, refused bus connections."""
+    from simzmq import monitor as monitor_mod
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, stream=sys.stderr)
+    cfg = load_config(ctx, {"region": {"data": str(Path(data).resolve()) if data else None}})
+    if endpoints:
+        eps = [e.strip() for e in endpoints.split(",") if e.strip()]
+    else:
+        eps = [cfg["broker"][role]["state"] for role in ("primary", "backup")]
+    configure_socket = bus_client(cfg, "ops", "monitor")
+    try:
+        monitor_mod.run(eps, configure_socket, interval=interval, count=count, as_json=as_json)
+    except KeyboardInterrupt:
+        pass
 
 
 # ---------------------------------------------------------------------------

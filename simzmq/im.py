@@ -81,7 +81,8 @@ def verify_password(pw_hash: str | None, password: str) -> bool:
 class IMWorker:
     def __init__(self, name: str, store_url: str, im_cfg: dict, max_frame: int, backends: list[str],
                  notify_ins: list[str], heartbeat_ms: int, liveness: int, metrics_port: int | None,
-                 sqlite_synchronous: str = "FULL", metrics_host: str = "127.0.0.1"):
+                 sqlite_synchronous: str = "FULL", metrics_host: str = "127.0.0.1",
+                 configure_socket=None):
         self.name = name
         self.store_url = store_url
         self.im_cfg = im_cfg
@@ -93,6 +94,9 @@ class IMWorker:
         self.metrics_port = metrics_port
         self.sqlite_synchronous = sqlite_synchronous
         self.metrics_host = metrics_host
+        # configure_socket(sock, name) before each bus socket connects (CURVE):
+        # name is "backend" for the MDP sessions, "notify_in" for the PUB.
+        self.configure_socket = configure_socket
         self.running = True
         self.done: queue.SimpleQueue[Job] = queue.SimpleQueue()
 
@@ -105,12 +109,16 @@ class IMWorker:
         ctx = zmq.Context.instance()
         # One identity with every broker, so each routes the same users here.
         identity = os.urandom(8)
+        configure = self.configure_socket
         sessions = [WorkerSession(context=ctx, endpoint=ep, service=SERVICE, credit=self.im_cfg["credit"], heartbeat_interval=self.heartbeat_s,
-                                  liveness=self.liveness, identity=identity)
+                                  liveness=self.liveness, identity=identity,
+                                  configure_socket=(lambda sock: configure(sock, "backend")) if configure else None)
                     for ep in self.backends]
         pub = ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 1000)
         pub.setsockopt(zmq.SNDHWM, 0)
+        if configure is not None:
+            configure(pub, "notify_in")
         for ep in self.notify_ins:
             pub.connect(ep)
         wake_r, wake_w = os.pipe()
