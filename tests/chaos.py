@@ -64,6 +64,7 @@ from pathlib import Path
 
 import zmq
 
+from simzmq import bus
 from simzmq.client import Client, Connection, RequestError
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode
@@ -156,10 +157,15 @@ def broker_states(region: Region, timeout: float = 3.0) -> dict[str, dict]:
     ctx = zmq.Context.instance()
     found: dict[str, dict] = {}
     socks = []
+    # The state sockets admit the ops role's CURVE key (simzmq/bus.py).
+    curve = region.env.get("SIMZMQ_BUS_CURVE", "true").lower() not in ("0", "false", "no", "off")
+    configure = bus.client_configurator(bus.load_keys(region.data_dir, "ops")) if curve else None
     try:
         for role, ep in endpoints.items():
             sock = ctx.socket(zmq.SUB)
             sock.setsockopt(zmq.LINGER, 0)
+            if configure is not None:
+                configure(sock, "state_pub")
             sock.setsockopt(zmq.SUBSCRIBE, b"state")
             sock.connect(ep)
             socks.append((role, sock))
