@@ -44,6 +44,9 @@ _CONNECTION_EVENTS = {
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed: wrong broker key, or CURVE on one side only",
 }
 
+_HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                       zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
 _RECENT_COUNTERS = ("worker_expiries_total", "request_timeouts_total", "requests_dropped_total",
                     "passive_drops_total", "malformed_total")
 
@@ -53,13 +56,16 @@ def _refused_total(status: dict) -> dict[str, int]:
 
 
 class _Broker:
-    __slots__ = ("endpoint", "status", "heard_at", "connection", "history")
+    __slots__ = ("endpoint", "status", "heard_at", "connection", "failure", "history")
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
         self.status: dict | None = None
         self.heard_at: float | None = None
         self.connection = "connecting"
+        # The last failed handshake, kept through the disconnect and retries
+        # that follow it, until a handshake succeeds.
+        self.failure: str | None = None
         self.history: deque = deque()  # (now, counters) for the recent window
 
 
@@ -99,8 +105,14 @@ class PairView:
     def on_connection(self, endpoint: str, event: int) -> None:
         """A socket-monitor event of the SUB connected to ``endpoint``."""
         text = _CONNECTION_EVENTS.get(event)
-        if text is not None:
-            self.by_endpoint[endpoint].connection = text
+        if text is None:
+            return
+        broker = self.by_endpoint[endpoint]
+        broker.connection = text
+        if event in _HANDSHAKE_FAILURES:
+            broker.failure = text
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            broker.failure = None
 
     def silent_after(self, broker: _Broker) -> float:
         if broker.status and isinstance(broker.status.get("peer_heartbeat_ms"), (int, float)):
@@ -140,7 +152,7 @@ class PairView:
                 "endpoint": b.endpoint,
                 "reachable": reachable,
                 "heard_ago": heard_ago,
-                "connection": b.connection if not reachable else "connected",
+                "connection": "connected" if reachable else (b.failure or b.connection),
                 "recent": self.recent(b) if reachable else {},
                 "status": b.status,
             })
