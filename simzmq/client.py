@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from simzmq.keys import load_gate_public
+from simzmq.seqset import SeqSet
 from simzmq.wire import messages as m
 from simzmq.wire.codec import CODECS, Codec
 from simzmq.wire.errors import HandshakeError, ProtocolError
@@ -385,25 +386,17 @@ async def _client_handshake(
 # --- inbox tracking (pure) -----------------------------------------------------
 
 
-class InboxTracker:
+class InboxTracker(SeqSet):
     """The set of inbox seqs a client holds, as protocol.md section 5 describes.
 
-    Seqs come from pushes, Batches and the client's own SendOks. The set is
-    kept as its highest contiguous seq plus the seqs held above it.
+    Seqs come from pushes, Batches and the client's own SendOks.
     """
 
     APPLY = "apply"  # seq is the next one: take it
     IGNORE = "ignore"  # already held
     GAP = "gap"  # something is missing before it: Sync
 
-    __slots__ = ("max_contiguous", "_above")
-
-    def __init__(self, max_contiguous: int = 0) -> None:
-        self.max_contiguous = max_contiguous
-        self._above: set[int] = set()
-
-    def holds(self, seq: int) -> bool:
-        return seq <= self.max_contiguous or seq in self._above
+    __slots__ = ()
 
     def classify(self, seq: int) -> str:
         """What to do with a pushed NewMsg of this seq."""
@@ -412,32 +405,6 @@ class InboxTracker:
         if seq == self.max_contiguous + 1:
             return self.APPLY
         return self.GAP
-
-    def add(self, seq: int) -> bool:
-        """Record a seq as held; False if it already was."""
-        if seq < 1:
-            raise ValueError(f"inbox seqs start at 1, not {seq}")
-        if self.holds(seq):
-            return False
-        if seq == self.max_contiguous + 1:
-            self.max_contiguous = seq
-            above = self._above
-            while self.max_contiguous + 1 in above:
-                self.max_contiguous += 1
-                above.discard(self.max_contiguous)
-        else:
-            self._above.add(seq)
-        return True
-
-    @property
-    def has_gap(self) -> bool:
-        """True while some seq above the contiguous run is held (one is missing)."""
-        return bool(self._above)
-
-    @property
-    def max_seq(self) -> int:
-        """The highest seq held."""
-        return max(self._above, default=self.max_contiguous)
 
     def behind(self, server_max_seq: int) -> bool:
         """True if the server's inbox has seqs this client does not hold."""
