@@ -414,3 +414,31 @@ def test_curve_off_lets_a_plain_socket_in(tmp_path, ctx):
         status = read_state(sock)
         assert status["curve"] is False and "auth" not in status
     assert "bus CURVE is off" in region.read_log()
+
+
+@pytest.mark.timeout(60)
+def test_keys_makes_and_lists_the_role_keys(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.region import ROOT
+
+    def run():
+        out = subprocess.run([sys.executable, "-m", "simzmq", "keys", "--data", str(tmp_path)],
+                             capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    first = run()
+    publics = {name: keys.load_bus_public(tmp_path, name) for name in ("broker", "gate", "worker", "ops")}
+    for name, public in publics.items():
+        assert f"{name:<7} {public.decode()}  ({tmp_path / 'keys' / 'bus' / f'{name}.key'})" in first
+    assert "secret" not in first.replace("the secrets are in the .key_secret files", "")
+    # Another gate's key, dropped into the gate allow-list, is listed too.
+    extra, _ = zmq.curve_keypair()
+    (keys.allow_dir(tmp_path, "gate") / "gate-b.key").write_text(keys.curve_cert_text("gate", extra))
+    second = run()
+    assert f"gate    {extra.decode()}  ({keys.allow_dir(tmp_path, 'gate') / 'gate-b.key'})" in second
+    # Nothing was remade.
+    assert {name: keys.load_bus_public(tmp_path, name) for name in publics} == publics
+    assert set(first.splitlines()) < set(second.splitlines())
