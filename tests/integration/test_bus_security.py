@@ -16,6 +16,7 @@ import queue
 import stat
 import threading
 import time
+import urllib.request
 
 import pytest
 import zmq
@@ -403,6 +404,22 @@ def test_a_region_runs_on_the_keys_up_made_and_refuses_strangers(tmp_path, ctx):
         status = state_until(ops, lambda s: len(s["workers"]) == 1 and s["gates"] >= 1)
         assert status["state"] == "active" and status["curve"] is True
         assert status["auth"]["refused"]["backend"] >= 1
+        # The refusals are in the broker's metrics too (copied once per heartbeat).
+        url = f"http://127.0.0.1:{region.env['SIMZMQ_BROKER_PRIMARY_METRICS_PORT']}/metrics"
+        deadline = time.monotonic() + 10
+        while True:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                metrics = r.read().decode()
+            refusals = {line.split("{")[1].split("}")[0]: float(line.split()[-1]) for line in metrics.splitlines()
+                        if line.startswith("simzmq_broker_auth_refusals_total{")}
+            if len(refusals) == 5 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert set(refusals) == {f'socket="{name}"' for name in
+                                 ("frontend", "backend", "notify_in", "notify_out", "state_pub")}, refusals
+        assert min(refusals.values()) >= 1, refusals
+        assert "simzmq_broker_failovers_total 0.0" in metrics
+        assert "simzmq_broker_active 1.0" in metrics
     assert "refused a CURVE client on backend" in region.read_log()
 
 
