@@ -247,6 +247,10 @@ class Backend:
     # -- time -------------------------------------------------------------------
 
     def _tick(self) -> None:
+        # Replies may be waiting unread when the loop is busy (the socket's
+        # descriptor only signals edges): read them before judging the broker
+        # silent, or a loaded gate would fail over from a healthy broker.
+        self._drain_dealer()
         now = time.monotonic()
         silent_since = max(self.last_heard, self.connected_at)
         BROKER_SILENCE.set(now - silent_since)
