@@ -104,7 +104,7 @@ def clamp_history_limit(limit: int) -> int:
 
 
 class Store:
-    """The interface; see sqlite.py and postgres.py."""
+    """The interface; see sql.py, sqlite.py and postgres.py."""
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -198,23 +198,3 @@ class Store:
         self, user: str, peer: str, before: int, limit: int
     ) -> tuple[list[HistoryMsg], bool]:
         raise NotImplementedError
-
-    # helpers shared by the back ends
-
-    @staticmethod
-    def _fill_batch(rows, limit: int, max_bytes: int) -> tuple[list[Msg], bool]:
-        """Take rows (seq order, at most limit + 1 of them) into a Batch.
-
-        Each row is (msg_id, seq, sender, to, kind, ts_ms, cmid, body).
-        """
-        msgs: list[Msg] = []
-        used = 0
-        for row in rows:
-            if len(msgs) == limit:
-                return msgs, True
-            size = msg_wire_size(row[2], row[3], row[6], row[7])
-            if msgs and used + size > max_bytes:
-                return msgs, True
-            used += size
-            msgs.append(Msg(row[0], row[1], row[2], row[3], row[4], row[5], bytes(row[6]), bytes(row[7])))
-        return msgs, False

@@ -18,27 +18,13 @@ StoreBusy after the request's savepoint has been rolled back.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 import psycopg
 from psycopg import errors as pg_errors
 
-from .base import (
-    Appended,
-    Conv,
-    DuplicateSend,
-    HistoryMsg,
-    Msg,
-    SentRecord,
-    Store,
-    StoreBusy,
-    StoreError,
-    UnknownUser,
-    ID_CEILING,
-    clamp_history_limit,
-    clamp_id,
-    clamp_sync_limit,
-)
+from .base import Appended, DuplicateSend, StoreBusy, StoreError, UnknownUser, clamp_id
+from .sql import SQLStore
 
 # Taken while migrating, so workers starting together migrate once.
 MIGRATION_LOCK_KEY = 0x73696D7A6D71  # "simzmq"
@@ -171,7 +157,19 @@ _BUSY_ERRORS = (
 )
 
 
-class PostgresStore(Store):
+def _format_placeholders(sql: str) -> str:
+    """A statement written with `?` placeholders, in psycopg's `%s` style."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+# Statement text -> its `%s` form. The shared statements are a fixed set, so
+# this stays small, and each text is rewritten once per process.
+_FORMATTED: dict[str, str] = {}
+
+
+class PostgresStore(SQLStore):
+    _NO_LIMIT = None
+
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         # autocommit: transaction() and savepoint() say where transactions
@@ -226,68 +224,13 @@ class PostgresStore(Store):
         where = info.host if info.host.startswith("/") else f"{info.host}:{info.port}"
         return f"postgres {info.user}@{where}/{info.dbname} (synchronous_commit=on)"
 
-    # users and credentials
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor:
+        query = _FORMATTED.get(sql)
+        if query is None:
+            query = _FORMATTED[sql] = _format_placeholders(sql)
+        return self.conn.execute(query, params)
 
-    def create_user(self, user: str, pw_hash: str, now_ms: int) -> bool:
-        cur = self.conn.execute(
-            "INSERT INTO users (id, pw_hash, created_ms) VALUES (%s, %s, %s)"
-            " ON CONFLICT (id) DO NOTHING",
-            (user, pw_hash, now_ms),
-        )
-        return cur.rowcount == 1
-
-    def get_password_hash(self, user: str) -> str | None:
-        row = self.conn.execute("SELECT pw_hash FROM users WHERE id = %s", (user,)).fetchone()
-        return row[0] if row else None
-
-    def user_exists(self, user: str) -> bool:
-        return self.conn.execute("SELECT 1 FROM users WHERE id = %s", (user,)).fetchone() is not None
-
-    def add_token(self, user: str, token_hash: bytes, device: str, expires_ms: int) -> None:
-        self.conn.execute(
-            "INSERT INTO tokens (token_hash, user_id, device, expires_ms) VALUES (%s, %s, %s, %s)"
-            " ON CONFLICT (token_hash) DO UPDATE SET user_id = EXCLUDED.user_id,"
-            " device = EXCLUDED.device, expires_ms = EXCLUDED.expires_ms",
-            (bytes(token_hash), user, device, expires_ms),
-        )
-
-    def check_token(self, user: str, token_hash: bytes, now_ms: int) -> bool:
-        row = self.conn.execute(
-            "SELECT 1 FROM tokens WHERE token_hash = %s AND user_id = %s AND expires_ms > %s",
-            (bytes(token_hash), user, now_ms),
-        ).fetchone()
-        return row is not None
-
-    def token_user(self, token_hash: bytes, now_ms: int) -> str | None:
-        row = self.conn.execute(
-            "SELECT user_id FROM tokens WHERE token_hash = %s AND expires_ms > %s",
-            (bytes(token_hash), now_ms),
-        ).fetchone()
-        return row[0] if row else None
-
-    def revoke_token(self, token_hash: bytes) -> None:
-        self.conn.execute("DELETE FROM tokens WHERE token_hash = %s", (bytes(token_hash),))
-
-    def purge_expired(self, now_ms: int) -> int:
-        return self.conn.execute("DELETE FROM tokens WHERE expires_ms <= %s", (now_ms,)).rowcount
-
-    # inbox
-
-    def max_seq(self, user: str) -> int:
-        row = self.conn.execute("SELECT max_seq FROM users WHERE id = %s", (user,)).fetchone()
-        return row[0] if row else 0
-
-    def delivered_mark(self, user: str) -> int:
-        row = self.conn.execute("SELECT delivered FROM users WHERE id = %s", (user,)).fetchone()
-        return row[0] if row else 0
-
-    def find_send(self, sender: str, cmid: bytes) -> SentRecord | None:
-        row = self.conn.execute(
-            "SELECT msg_id, sender_seq, ts_ms, recipient, kind, body, recipient_seq FROM messages"
-            " WHERE sender = %s AND cmid = %s",
-            (sender, bytes(cmid)),
-        ).fetchone()
-        return SentRecord(row[0], row[1], row[2], row[3], row[4], bytes(row[5]), row[6]) if row else None
+    # inbox (the rest is in SQLStore)
 
     def append_message(
         self, sender: str, to: str, cmid: bytes, kind: int, body: bytes, ts_ms: int
@@ -303,17 +246,6 @@ class PostgresStore(Store):
             raise DuplicateSend((sender, cmid))
         return Appended(msg_id, ts_ms, sender_seq, recipient_seq)
 
-    def sync(self, user: str, since: int, limit: int, max_bytes: int) -> tuple[list[Msg], bool]:
-        limit = clamp_sync_limit(limit)
-        since = clamp_id(since)
-        cur = self.conn.execute(
-            "SELECT m.msg_id, i.seq, m.sender, m.recipient, m.kind, m.ts_ms, m.cmid, m.body"
-            " FROM inbox i JOIN messages m ON m.msg_id = i.msg_id"
-            " WHERE i.user_id = %s AND i.seq > %s ORDER BY i.seq LIMIT %s",
-            (user, since, limit + 1),
-        )
-        return self._fill_batch(cur, limit, max_bytes)
-
     def raise_delivered(self, user: str, since: int) -> None:
         since = clamp_id(since)
         self.conn.execute(
@@ -321,76 +253,3 @@ class PostgresStore(Store):
             " WHERE id = %s AND delivered < LEAST(%s, max_seq)",
             (since, user, since),
         )
-
-    # conversations
-
-    def conversation_of(self, user: str, peer: str, msg_id: int) -> bool:
-        msg_id = clamp_id(msg_id)
-        row = self.conn.execute(
-            "SELECT 1 FROM messages WHERE msg_id = %s"
-            " AND ((sender = %s AND recipient = %s) OR (sender = %s AND recipient = %s))",
-            (msg_id, user, peer, peer, user),
-        ).fetchone()
-        return row is not None
-
-    def raise_read_mark(self, user: str, peer: str, msg_id: int) -> bool:
-        msg_id = clamp_id(msg_id)
-        if user == peer:
-            unread_sql = "0"
-            params: tuple = (msg_id, user, peer, msg_id, msg_id)
-        else:
-            unread_sql = (
-                "(SELECT count(*) FROM messages WHERE sender = %s AND recipient = %s AND msg_id > %s)"
-            )
-            params = (msg_id, peer, user, msg_id, user, peer, msg_id, msg_id)
-        cur = self.conn.execute(
-            f"UPDATE conversations SET read_mark = %s, unread = {unread_sql}"
-            " WHERE user_id = %s AND peer = %s AND read_mark < %s AND last_msg_id >= %s",
-            params,
-        )
-        return cur.rowcount == 1
-
-    def peer_read_mark(self, user: str, peer: str) -> int:
-        row = self.conn.execute(
-            "SELECT read_mark FROM conversations WHERE user_id = %s AND peer = %s", (peer, user)
-        ).fetchone()
-        return row[0] if row else 0
-
-    def conversations(self, user: str, limit: int | None = None) -> list[Conv]:
-        rows = self.conn.execute(
-            "SELECT c.peer, c.last_msg_id, c.unread, COALESCE(p.read_mark, 0)"
-            " FROM conversations c"
-            " LEFT JOIN conversations p ON p.user_id = c.peer AND p.peer = c.user_id"
-            " WHERE c.user_id = %s ORDER BY c.last_msg_id DESC LIMIT %s",
-            (user, limit),
-        ).fetchall()
-        return [Conv(*row) for row in rows]
-
-    def history(
-        self, user: str, peer: str, before: int, limit: int
-    ) -> tuple[list[HistoryMsg], bool]:
-        limit = clamp_history_limit(limit)
-        bound = clamp_id(before) if before > 0 else ID_CEILING
-        columns = (
-            "SELECT msg_id, CASE WHEN sender = %s THEN sender_seq ELSE recipient_seq END AS seq,"
-            " sender, recipient, kind, ts_ms, cmid, body FROM messages"
-        )
-        if user == peer:
-            rows = self.conn.execute(
-                f"{columns} WHERE sender = %s AND recipient = %s AND msg_id < %s"
-                " ORDER BY msg_id DESC LIMIT %s",
-                (user, user, user, bound, limit + 1),
-            ).fetchall()
-        else:
-            rows = self.conn.execute(
-                f"({columns} WHERE sender = %s AND recipient = %s AND msg_id < %s"
-                " ORDER BY msg_id DESC LIMIT %s)"
-                f" UNION ALL ({columns} WHERE sender = %s AND recipient = %s AND msg_id < %s"
-                " ORDER BY msg_id DESC LIMIT %s)"
-                " ORDER BY msg_id DESC LIMIT %s",
-                (user, user, peer, bound, limit + 1, user, peer, user, bound, limit + 1, limit + 1),
-            ).fetchall()
-        more = len(rows) > limit
-        return [
-            Msg(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), bytes(r[7])) for r in rows[:limit]
-        ], more

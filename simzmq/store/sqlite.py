@@ -23,22 +23,8 @@ from typing import Iterator
 
 import sqlite_utils
 
-from .base import (
-    Appended,
-    Conv,
-    DuplicateSend,
-    HistoryMsg,
-    Msg,
-    SentRecord,
-    Store,
-    StoreBusy,
-    StoreError,
-    UnknownUser,
-    ID_CEILING,
-    clamp_history_limit,
-    clamp_id,
-    clamp_sync_limit,
-)
+from .base import Appended, DuplicateSend, StoreBusy, StoreError, UnknownUser, clamp_id
+from .sql import SQLStore
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 # Long enough to ride out another worker's group commit (one fsync plus a
@@ -110,7 +96,9 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
-class SQLiteStore(Store):
+class SQLiteStore(SQLStore):
+    _NO_LIMIT = -1
+
     def __init__(
         self,
         path: str,
@@ -137,6 +125,8 @@ class SQLiteStore(Store):
         # Keep the hot index pages (users, recent inbox and message ids) in
         # memory: 32 MiB per worker.
         self.conn.execute("PRAGMA cache_size = -32768")
+        # The shared queries are written in sqlite3's own placeholder style.
+        self._execute = self.conn.execute
         self.db = sqlite_utils.Database(self.conn, execute_plugins=False)
         self._migrate()
         self._savepoint_depth = 0
@@ -211,68 +201,7 @@ class SQLiteStore(Store):
     def describe(self) -> str:
         return f"sqlite {self.path} (WAL, synchronous={self.synchronous})"
 
-    # users and credentials
-
-    def create_user(self, user: str, pw_hash: str, now_ms: int) -> bool:
-        cur = self.conn.execute(
-            "INSERT INTO users (id, pw_hash, created_ms, max_seq, delivered) VALUES (?, ?, ?, 0, 0)"
-            " ON CONFLICT (id) DO NOTHING",
-            (user, pw_hash, now_ms),
-        )
-        return cur.rowcount == 1
-
-    def get_password_hash(self, user: str) -> str | None:
-        row = self.conn.execute("SELECT pw_hash FROM users WHERE id = ?", (user,)).fetchone()
-        return row[0] if row else None
-
-    def user_exists(self, user: str) -> bool:
-        return self.conn.execute("SELECT 1 FROM users WHERE id = ?", (user,)).fetchone() is not None
-
-    def add_token(self, user: str, token_hash: bytes, device: str, expires_ms: int) -> None:
-        self.conn.execute(
-            "INSERT INTO tokens (token_hash, user_id, device, expires_ms) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (token_hash) DO UPDATE SET user_id = excluded.user_id,"
-            " device = excluded.device, expires_ms = excluded.expires_ms",
-            (bytes(token_hash), user, device, expires_ms),
-        )
-
-    def check_token(self, user: str, token_hash: bytes, now_ms: int) -> bool:
-        row = self.conn.execute(
-            "SELECT 1 FROM tokens WHERE token_hash = ? AND user_id = ? AND expires_ms > ?",
-            (bytes(token_hash), user, now_ms),
-        ).fetchone()
-        return row is not None
-
-    def token_user(self, token_hash: bytes, now_ms: int) -> str | None:
-        row = self.conn.execute(
-            "SELECT user_id FROM tokens WHERE token_hash = ? AND expires_ms > ?",
-            (bytes(token_hash), now_ms),
-        ).fetchone()
-        return row[0] if row else None
-
-    def revoke_token(self, token_hash: bytes) -> None:
-        self.conn.execute("DELETE FROM tokens WHERE token_hash = ?", (bytes(token_hash),))
-
-    def purge_expired(self, now_ms: int) -> int:
-        return self.conn.execute("DELETE FROM tokens WHERE expires_ms <= ?", (now_ms,)).rowcount
-
-    # inbox
-
-    def max_seq(self, user: str) -> int:
-        row = self.conn.execute("SELECT max_seq FROM users WHERE id = ?", (user,)).fetchone()
-        return row[0] if row else 0
-
-    def delivered_mark(self, user: str) -> int:
-        row = self.conn.execute("SELECT delivered FROM users WHERE id = ?", (user,)).fetchone()
-        return row[0] if row else 0
-
-    def find_send(self, sender: str, cmid: bytes) -> SentRecord | None:
-        row = self.conn.execute(
-            "SELECT msg_id, sender_seq, ts_ms, recipient, kind, body, recipient_seq FROM messages"
-            " WHERE sender = ? AND cmid = ?",
-            (sender, bytes(cmid)),
-        ).fetchone()
-        return SentRecord(row[0], row[1], row[2], row[3], row[4], bytes(row[5]), row[6]) if row else None
+    # inbox (the rest is in SQLStore)
 
     def _next_seq(self, user: str) -> int | None:
         rows = self.conn.execute(
@@ -341,97 +270,9 @@ class SQLiteStore(Store):
             )
         return Appended(msg_id, ts_ms, sender_seq, recipient_seq)
 
-    def sync(self, user: str, since: int, limit: int, max_bytes: int) -> tuple[list[Msg], bool]:
-        limit = clamp_sync_limit(limit)
-        since = clamp_id(since)
-        cur = self.conn.execute(
-            "SELECT m.msg_id, i.seq, m.sender, m.recipient, m.kind, m.ts_ms, m.cmid, m.body"
-            " FROM inbox i JOIN messages m ON m.msg_id = i.msg_id"
-            " WHERE i.user_id = ? AND i.seq > ? ORDER BY i.seq LIMIT ?",
-            (user, since, limit + 1),
-        )
-        try:
-            return self._fill_batch(cur, limit, max_bytes)
-        finally:
-            cur.close()
-
     def raise_delivered(self, user: str, since: int) -> None:
         since = clamp_id(since)
         self.conn.execute(
             "UPDATE users SET delivered = MIN(?, max_seq) WHERE id = ? AND delivered < MIN(?, max_seq)",
             (since, user, since),
         )
-
-    # conversations
-
-    def conversation_of(self, user: str, peer: str, msg_id: int) -> bool:
-        msg_id = clamp_id(msg_id)
-        row = self.conn.execute(
-            "SELECT 1 FROM messages WHERE msg_id = ?"
-            " AND ((sender = ? AND recipient = ?) OR (sender = ? AND recipient = ?))",
-            (msg_id, user, peer, peer, user),
-        ).fetchone()
-        return row is not None
-
-    def raise_read_mark(self, user: str, peer: str, msg_id: int) -> bool:
-        msg_id = clamp_id(msg_id)
-        if user == peer:
-            unread_sql = "0"
-            params: tuple = (msg_id, user, peer, msg_id, msg_id)
-        else:
-            unread_sql = (
-                "(SELECT count(*) FROM messages WHERE sender = ? AND recipient = ? AND msg_id > ?)"
-            )
-            params = (msg_id, peer, user, msg_id, user, peer, msg_id, msg_id)
-        cur = self.conn.execute(
-            f"UPDATE conversations SET read_mark = ?, unread = {unread_sql}"
-            " WHERE user_id = ? AND peer = ? AND read_mark < ? AND last_msg_id >= ?",
-            params,
-        )
-        return cur.rowcount == 1
-
-    def peer_read_mark(self, user: str, peer: str) -> int:
-        row = self.conn.execute(
-            "SELECT read_mark FROM conversations WHERE user_id = ? AND peer = ?", (peer, user)
-        ).fetchone()
-        return row[0] if row else 0
-
-    def conversations(self, user: str, limit: int | None = None) -> list[Conv]:
-        rows = self.conn.execute(
-            "SELECT c.peer, c.last_msg_id, c.unread, COALESCE(p.read_mark, 0)"
-            " FROM conversations c LEFT JOIN conversations p ON p.user_id = c.peer AND p.peer = c.user_id"
-            " WHERE c.user_id = ? ORDER BY c.last_msg_id DESC LIMIT ?",
-            (user, -1 if limit is None else limit),
-        ).fetchall()
-        return [Conv(*row) for row in rows]
-
-    def history(
-        self, user: str, peer: str, before: int, limit: int
-    ) -> tuple[list[HistoryMsg], bool]:
-        limit = clamp_history_limit(limit)
-        bound = clamp_id(before) if before > 0 else ID_CEILING
-        columns = (
-            "SELECT msg_id, CASE WHEN sender = ? THEN sender_seq ELSE recipient_seq END AS seq,"
-            " sender, recipient, kind, ts_ms, cmid, body FROM messages"
-        )
-        if user == peer:
-            rows = self.conn.execute(
-                f"{columns} WHERE sender = ? AND recipient = ? AND msg_id < ?"
-                " ORDER BY msg_id DESC LIMIT ?",
-                (user, user, user, bound, limit + 1),
-            ).fetchall()
-        else:
-            # Each direction is one range of the (sender, recipient, msg_id)
-            # index; merging the two newest-first runs avoids a full sort.
-            rows = self.conn.execute(
-                f"SELECT * FROM ({columns} WHERE sender = ? AND recipient = ? AND msg_id < ?"
-                " ORDER BY msg_id DESC LIMIT ?)"
-                f" UNION ALL SELECT * FROM ({columns} WHERE sender = ? AND recipient = ? AND msg_id < ?"
-                " ORDER BY msg_id DESC LIMIT ?)"
-                " ORDER BY msg_id DESC LIMIT ?",
-                (user, user, peer, bound, limit + 1, user, peer, user, bound, limit + 1, limit + 1),
-            ).fetchall()
-        more = len(rows) > limit
-        return [
-            Msg(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), bytes(r[7])) for r in rows[:limit]
-        ], more

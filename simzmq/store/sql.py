@@ -1,0 +1,220 @@
+"""The queries the SQLite and Postgres back ends share, written once.
+
+Statements are written with SQLite's `?` placeholders and run through
+`self._execute(sql, params)`, which each back end binds once: SQLite's is the
+connection's own execute, so its hot path pays nothing for the sharing;
+Postgres's rewrites each statement text to `%s` on first use and reuses the
+rewrite. No statement here may hold a literal `?` (e.g. inside a string).
+
+What differs between the dialects stays in the back end: the schema,
+transactions, append_message (a server-side function in Postgres) and
+raise_delivered (MIN in SQLite, LEAST in Postgres).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .base import (
+    ID_CEILING,
+    Conv,
+    HistoryMsg,
+    Msg,
+    SentRecord,
+    Store,
+    clamp_history_limit,
+    clamp_id,
+    clamp_sync_limit,
+    msg_wire_size,
+)
+
+# Unread count after a read mark: own messages to oneself never count, and
+# in a conversation with someone else only the peer's messages past the mark.
+_RAISE_READ_MARK_SELF = (
+    "UPDATE conversations SET read_mark = ?, unread = 0"
+    " WHERE user_id = ? AND peer = ? AND read_mark < ? AND last_msg_id >= ?"
+)
+_RAISE_READ_MARK = (
+    "UPDATE conversations SET read_mark = ?,"
+    " unread = (SELECT count(*) FROM messages WHERE sender = ? AND recipient = ? AND msg_id > ?)"
+    " WHERE user_id = ? AND peer = ? AND read_mark < ? AND last_msg_id >= ?"
+)
+
+# A history entry's seq is the one in the asking user's inbox (first param).
+_HISTORY_COLUMNS = (
+    "SELECT msg_id, CASE WHEN sender = ? THEN sender_seq ELSE recipient_seq END AS seq,"
+    " sender, recipient, kind, ts_ms, cmid, body FROM messages"
+)
+_HISTORY_DIRECTION = (
+    f"{_HISTORY_COLUMNS} WHERE sender = ? AND recipient = ? AND msg_id < ?"
+    " ORDER BY msg_id DESC LIMIT ?"
+)
+# Each direction is one range of the (sender, recipient, msg_id) index;
+# merging the two newest-first runs avoids a full sort. The subqueries keep
+# their own ORDER BY and LIMIT, which SQLite allows only inside FROM (and
+# Postgres before 16 only with an alias).
+_HISTORY_PAIR = (
+    f"SELECT * FROM ({_HISTORY_DIRECTION}) AS sent"
+    f" UNION ALL SELECT * FROM ({_HISTORY_DIRECTION}) AS received"
+    " ORDER BY msg_id DESC LIMIT ?"
+)
+
+
+class SQLStore(Store):
+    """The methods whose SQL is the same in both back ends."""
+
+    # Runs one statement written with `?` placeholders; returns a DB-API cursor.
+    _execute: Callable[[str, Sequence[Any]], Any]
+    # The LIMIT parameter that means no limit: SQLite takes a negative one and
+    # refuses NULL, Postgres the other way round.
+    _NO_LIMIT: int | None
+
+    @staticmethod
+    def _fill_batch(rows, limit: int, max_bytes: int) -> tuple[list[Msg], bool]:
+        """Take rows (seq order, at most limit + 1 of them) into a Batch.
+
+        Each row is (msg_id, seq, sender, to, kind, ts_ms, cmid, body).
+        """
+        msgs: list[Msg] = []
+        used = 0
+        for row in rows:
+            if len(msgs) == limit:
+                return msgs, True
+            size = msg_wire_size(row[2], row[3], row[6], row[7])
+            if msgs and used + size > max_bytes:
+                return msgs, True
+            used += size
+            msgs.append(Msg(row[0], row[1], row[2], row[3], row[4], row[5], bytes(row[6]), bytes(row[7])))
+        return msgs, False
+
+    # users and credentials
+
+    def create_user(self, user: str, pw_hash: str, now_ms: int) -> bool:
+        cur = self._execute(
+            "INSERT INTO users (id, pw_hash, created_ms, max_seq, delivered) VALUES (?, ?, ?, 0, 0)"
+            " ON CONFLICT (id) DO NOTHING",
+            (user, pw_hash, now_ms),
+        )
+        return cur.rowcount == 1
+
+    def get_password_hash(self, user: str) -> str | None:
+        row = self._execute("SELECT pw_hash FROM users WHERE id = ?", (user,)).fetchone()
+        return row[0] if row else None
+
+    def user_exists(self, user: str) -> bool:
+        return self._execute("SELECT 1 FROM users WHERE id = ?", (user,)).fetchone() is not None
+
+    def add_token(self, user: str, token_hash: bytes, device: str, expires_ms: int) -> None:
+        self._execute(
+            "INSERT INTO tokens (token_hash, user_id, device, expires_ms) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (token_hash) DO UPDATE SET user_id = excluded.user_id,"
+            " device = excluded.device, expires_ms = excluded.expires_ms",
+            (bytes(token_hash), user, device, expires_ms),
+        )
+
+    def check_token(self, user: str, token_hash: bytes, now_ms: int) -> bool:
+        row = self._execute(
+            "SELECT 1 FROM tokens WHERE token_hash = ? AND user_id = ? AND expires_ms > ?",
+            (bytes(token_hash), user, now_ms),
+        ).fetchone()
+        return row is not None
+
+    def token_user(self, token_hash: bytes, now_ms: int) -> str | None:
+        row = self._execute(
+            "SELECT user_id FROM tokens WHERE token_hash = ? AND expires_ms > ?",
+            (bytes(token_hash), now_ms),
+        ).fetchone()
+        return row[0] if row else None
+
+    def revoke_token(self, token_hash: bytes) -> None:
+        self._execute("DELETE FROM tokens WHERE token_hash = ?", (bytes(token_hash),))
+
+    def purge_expired(self, now_ms: int) -> int:
+        return self._execute("DELETE FROM tokens WHERE expires_ms <= ?", (now_ms,)).rowcount
+
+    # inbox
+
+    def max_seq(self, user: str) -> int:
+        row = self._execute("SELECT max_seq FROM users WHERE id = ?", (user,)).fetchone()
+        return row[0] if row else 0
+
+    def delivered_mark(self, user: str) -> int:
+        row = self._execute("SELECT delivered FROM users WHERE id = ?", (user,)).fetchone()
+        return row[0] if row else 0
+
+    def find_send(self, sender: str, cmid: bytes) -> SentRecord | None:
+        row = self._execute(
+            "SELECT msg_id, sender_seq, ts_ms, recipient, kind, body, recipient_seq FROM messages"
+            " WHERE sender = ? AND cmid = ?",
+            (sender, bytes(cmid)),
+        ).fetchone()
+        return SentRecord(row[0], row[1], row[2], row[3], row[4], bytes(row[5]), row[6]) if row else None
+
+    def sync(self, user: str, since: int, limit: int, max_bytes: int) -> tuple[list[Msg], bool]:
+        limit = clamp_sync_limit(limit)
+        since = clamp_id(since)
+        cur = self._execute(
+            "SELECT m.msg_id, i.seq, m.sender, m.recipient, m.kind, m.ts_ms, m.cmid, m.body"
+            " FROM inbox i JOIN messages m ON m.msg_id = i.msg_id"
+            " WHERE i.user_id = ? AND i.seq > ? ORDER BY i.seq LIMIT ?",
+            (user, since, limit + 1),
+        )
+        try:
+            return self._fill_batch(cur, limit, max_bytes)
+        finally:
+            cur.close()
+
+    # conversations
+
+    def conversation_of(self, user: str, peer: str, msg_id: int) -> bool:
+        msg_id = clamp_id(msg_id)
+        row = self._execute(
+            "SELECT 1 FROM messages WHERE msg_id = ?"
+            " AND ((sender = ? AND recipient = ?) OR (sender = ? AND recipient = ?))",
+            (msg_id, user, peer, peer, user),
+        ).fetchone()
+        return row is not None
+
+    def raise_read_mark(self, user: str, peer: str, msg_id: int) -> bool:
+        msg_id = clamp_id(msg_id)
+        if user == peer:
+            cur = self._execute(_RAISE_READ_MARK_SELF, (msg_id, user, peer, msg_id, msg_id))
+        else:
+            cur = self._execute(
+                _RAISE_READ_MARK, (msg_id, peer, user, msg_id, user, peer, msg_id, msg_id)
+            )
+        return cur.rowcount == 1
+
+    def peer_read_mark(self, user: str, peer: str) -> int:
+        row = self._execute(
+            "SELECT read_mark FROM conversations WHERE user_id = ? AND peer = ?", (peer, user)
+        ).fetchone()
+        return row[0] if row else 0
+
+    def conversations(self, user: str, limit: int | None = None) -> list[Conv]:
+        rows = self._execute(
+            "SELECT c.peer, c.last_msg_id, c.unread, COALESCE(p.read_mark, 0)"
+            " FROM conversations c"
+            " LEFT JOIN conversations p ON p.user_id = c.peer AND p.peer = c.user_id"
+            " WHERE c.user_id = ? ORDER BY c.last_msg_id DESC LIMIT ?",
+            (user, self._NO_LIMIT if limit is None else limit),
+        ).fetchall()
+        return [Conv(*row) for row in rows]
+
+    def history(
+        self, user: str, peer: str, before: int, limit: int
+    ) -> tuple[list[HistoryMsg], bool]:
+        limit = clamp_history_limit(limit)
+        bound = clamp_id(before) if before > 0 else ID_CEILING
+        if user == peer:
+            rows = self._execute(_HISTORY_DIRECTION, (user, user, user, bound, limit + 1)).fetchall()
+        else:
+            rows = self._execute(
+                _HISTORY_PAIR,
+                (user, user, peer, bound, limit + 1, user, peer, user, bound, limit + 1, limit + 1),
+            ).fetchall()
+        more = len(rows) > limit
+        return [
+            Msg(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), bytes(r[7])) for r in rows[:limit]
+        ], more
