@@ -817,7 +817,7 @@ class Worker:
         if self._flows_left <= 0 and self._receivers_left <= 0 and self._all_done is not None:
             self._all_done.set()
 
-    async def _traffic(self) -> tuple[list[Sender], list[Receiver], dict]:
+    async def _traffic(self) -> dict:
         """Senders send, receivers count pushes, until all is delivered (or
         pushes go quiet). Returns what the run phase measured."""
         opts, plan = self.opts, self.plan
