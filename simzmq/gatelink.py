@@ -25,11 +25,16 @@ import zmq
 from prometheus_client import Counter, Gauge, Histogram
 
 from simzmq import mdp
+from simzmq.zmqio import receiver, send_frames
 
 log = logging.getLogger("simzmq.gate")
 
 SERVICE = b"im"
 PROBE = [b"", mdp.C_CLIENT, mdp.MMI_SERVICE, SERVICE]
+# Messages read per wake-up of one socket, so a flood of replies or
+# notifications cannot keep the loop from its clients; the rest is read on
+# the next turn of the loop.
+DRAIN_BATCH = 256
 
 BACKEND_LATENCY = Histogram("simzmq_gate_backend_seconds", "Time from forwarding a request to its reply",
                             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5))
@@ -112,6 +117,8 @@ class Backend:
         for topic in self.topics:
             self.sub.setsockopt(zmq.SUBSCRIBE, topic)
         self.topic_seq.clear()
+        self._recv_dealer = receiver(self.dealer)
+        self._recv_sub = receiver(self.sub)
         self.loop.add_reader(self.dealer.getsockopt(zmq.FD), self._drain_dealer)
         self.loop.add_reader(self.sub.getsockopt(zmq.FD), self._drain_sub)
         # A broker we just connected to gets a whole failover_after to answer
@@ -145,6 +152,7 @@ class Backend:
     # -- requests ---------------------------------------------------------------
 
     def start(self) -> None:
+        self._tick_due = time.monotonic()
         self._timer = self.loop.call_later(0, self._tick)
 
     def reachable(self, now: float) -> bool:
@@ -166,7 +174,7 @@ class Backend:
 
     def _send(self, frames) -> None:
         try:
-            self.dealer.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(self.dealer, frames, nonblock=True)
         except zmq.Again:
             pass  # unlimited HWM, so only while disconnected: the timeout answers it
         if self.dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
@@ -176,11 +184,11 @@ class Backend:
         sock = self.dealer
         if sock is None:
             return
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        recv = self._recv_dealer
+        for _ in range(DRAIN_BATCH):
+            frames = recv()
+            if frames is None:
+                return
             self.last_heard = time.monotonic()
             # "" | MDPC01 | service | body…
             if len(frames) < 4 or frames[0] != b"" or frames[1] != mdp.C_CLIENT:
@@ -196,6 +204,8 @@ class Backend:
                 continue  # answered already (a late reply after a timeout, or a resend's twin)
             BACKEND_LATENCY.observe(self.last_heard - pending.started)
             pending.callback(frames[4])
+        # More may be waiting, and the descriptor will not signal it again.
+        self.loop.call_soon(self._drain_dealer)
 
     # -- notifications ----------------------------------------------------------
 
@@ -203,11 +213,11 @@ class Backend:
         sock = self.sub
         if sock is None:
             return
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        recv = self._recv_sub
+        for _ in range(DRAIN_BATCH):
+            frames = recv()
+            if frames is None:
+                return
             # topic | epoch | seq | origin | payload (docs/internal-protocol.md)
             if len(frames) != 5 or len(frames[2]) != 8:
                 log.info("dropping a malformed notification (%d frames)", len(frames))
@@ -225,6 +235,7 @@ class Backend:
                 self.on_notification(topic, origin, payload)
             except Exception:
                 log.exception("notification handling failed")
+        self.loop.call_soon(self._drain_sub)
 
     def subscribe(self, user: str) -> None:
         topic = user.encode() + b"\0"
@@ -254,7 +265,11 @@ class Backend:
         now = time.monotonic()
         silent_since = max(self.last_heard, self.connected_at)
         BROKER_SILENCE.set(now - silent_since)
-        if now - silent_since > self.failover_after_s and len(self.brokers) > 1:
+        # A tick that itself ran late means this gate was stalled (a busy
+        # loop, a paused process), not that the broker went quiet: give the
+        # broker's answers one more tick to be read before judging it.
+        stalled = now - self._tick_due > self.probe_interval_s
+        if now - silent_since > self.failover_after_s and len(self.brokers) > 1 and not stalled:
             self._fail_over(now)
         expired = [corr for corr, p in self.pending.items() if p.deadline <= now]
         for corr in expired:
@@ -264,6 +279,7 @@ class Backend:
         if now - self.last_probe >= self.probe_interval_s:
             self.last_probe = now
             self._send(PROBE)
+        self._tick_due = now + self.probe_interval_s / 2
         self._timer = self.loop.call_later(self.probe_interval_s / 2, self._tick)
 
     def close(self) -> None:

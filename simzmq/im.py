@@ -32,7 +32,8 @@ from simzmq.mdpworker import Request, WorkerSession
 from simzmq.service import IMService, Outcome, RegisterWork, error
 from simzmq.store import StoreBusy, open_store
 from simzmq.wire import messages as m
-from simzmq.wire.codec import BIN
+from simzmq.wire.codec import BIN, bin_newmsg_with_seq
+from simzmq.zmqio import sender
 from simzmq.wire.errors import ProtocolError
 from simzmq.wire.messages import ErrorCode
 
@@ -46,6 +47,18 @@ BATCH_SIZE = Histogram("simzmq_im_batch_requests", "Requests per group commit",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 COMMIT_SECONDS = Histogram("simzmq_im_commit_seconds", "Time to run and commit one batch",
                            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1))
+
+_request_counters: dict = {}
+
+
+def count_request(type_name: str, outcome: str) -> None:
+    # labels() takes a lock and builds a key per call; the worker counts every
+    # request, so it keeps the children it has made.
+    counter = _request_counters.get((type_name, outcome))
+    if counter is None:
+        counter = _request_counters[(type_name, outcome)] = REQUESTS.labels(type_name, outcome)
+    counter.inc()
+
 
 PWHASH_STRENGTH = {
     "interactive": (nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE, nacl.pwhash.argon2id.MEMLIMIT_INTERACTIVE),
@@ -121,6 +134,7 @@ class IMWorker:
             configure(pub, "notify_in")
         for ep in self.notify_ins:
             pub.connect(ep)
+        publish = sender(pub)
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         self.wake_w = wake_w
@@ -157,7 +171,7 @@ class IMWorker:
                     except queue.Empty:
                         break
                 if jobs:
-                    self.process(store, service, pool, pub, jobs)
+                    self.process(store, service, pool, publish, jobs)
                 for s in sessions:
                     old = s.socket
                     if s.tick(time.monotonic()):
@@ -188,7 +202,7 @@ class IMWorker:
             return None
         return Job(req, corr, key_str, origin, msg)
 
-    def process(self, store, service: IMService, pool, pub, jobs: list[Job]) -> None:
+    def process(self, store, service: IMService, pool, publish, jobs: list[Job]) -> None:
         started = time.monotonic()
         now_ms = int(time.time() * 1000)
         answered: list[tuple[Job, Outcome]] = []
@@ -212,9 +226,9 @@ class IMWorker:
         # Committed: now the world may hear of it.
         for job, outcome in answered:
             job.request.session.reply(job.request, [job.corr, BIN.encode(outcome.reply, 0)])
-            REQUESTS.labels(type(job.msg).__name__, _outcome(outcome.reply)).inc()
-            for notice in outcome.notices:
-                pub.send_multipart([notice.user.encode() + b"\0", notice.origin, BIN.encode(notice.msg, 0)])
+            count_request(type(job.msg).__name__, _outcome(outcome.reply))
+            for topic, origin, payload in encode_notices(outcome.notices):
+                publish((topic, origin, payload))
         for job, pw_hash in deferred:
             fut = pool.submit(self._password_work, job, pw_hash)
             fut.add_done_callback(self._password_done)
@@ -257,6 +271,24 @@ class IMWorker:
             os.write(self.wake_w, b"x")
         except OSError:
             pass
+
+
+def encode_notices(notices):
+    """(topic, origin, bin payload) of each notice. The copies of one message
+    differ only in their seq, so later copies are the first one re-stamped
+    rather than encoded again."""
+    first = None  # (msg_id, payload) of the first NewMsg
+    for notice in notices:
+        msg = notice.msg
+        if type(msg) is m.NewMsg:
+            if first is not None and first[0] == msg.msg.msg_id:
+                payload = bin_newmsg_with_seq(first[1], msg.msg.seq)
+            else:
+                payload = BIN.encode(msg, 0)
+                first = (msg.msg.msg_id, payload)
+        else:
+            payload = BIN.encode(msg, 0)
+        yield notice.user.encode() + b"\0", notice.origin, payload
 
 
 class _Undo(Exception):

@@ -26,12 +26,9 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 import zmq
 
 from simzmq import mdp
+from simzmq.zmqio import receiver, send_frames
 
 log = logging.getLogger("simzmq.mdpworker")
-
-_SNDMORE = int(zmq.SNDMORE)
-_NOBLOCK = int(zmq.NOBLOCK)
-_NOBLOCK_MORE = _SNDMORE | _NOBLOCK
 
 
 class Request(NamedTuple):
@@ -136,14 +133,8 @@ class WorkerSession:
         self._send(mdp.build_ready(self.service, self.credit), now)
 
     def _send(self, frames: Sequence[bytes], now: float) -> None:
-        # Frame by frame with plain int flags: pyzmq's send_multipart combines
-        # enum flags per frame, which measured several times slower.
-        send = self.socket.send
-        last = len(frames) - 1
         try:
-            send(frames[0], _NOBLOCK_MORE if last else _NOBLOCK)
-            for i in range(1, last + 1):
-                send(frames[i], _SNDMORE if i < last else 0)
+            send_frames(self.socket, frames, nonblock=True)
         except zmq.Again:
             # The broker is not reading (or not there); the request will be
             # re-sent elsewhere and our silence handling reconnects.
@@ -170,11 +161,10 @@ class WorkerSession:
     def recv_requests(self, now: float, limit: int = 1024) -> list[Request]:
         """Drain what is waiting on the socket without blocking."""
         requests: list[Request] = []
-        sock = self.socket
+        recv = receiver(self.socket)
         for _ in range(limit):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            frames = recv()
+            if frames is None:
                 break
             requests.extend(self.handle_incoming(frames, now))
             if self.protocol.reconnect_requested:

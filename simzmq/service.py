@@ -11,7 +11,7 @@ import hashlib
 import secrets
 from typing import NamedTuple
 
-from simzmq.store.base import Store, clamp_history_limit, clamp_sync_limit
+from simzmq.store.base import Store, UnknownUser, clamp_history_limit, clamp_sync_limit
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode
 
@@ -127,9 +127,10 @@ class IMService:
             # Gates push each inbox seq once, so nobody sees it twice.
             return self._sent(sender, origin, msg, earlier.msg_id, earlier.ts_ms,
                               earlier.sender_seq, earlier.recipient_seq)
-        if msg.to != sender and not store.user_exists(msg.to):
-            raise Refused(ErrorCode.NO_SUCH_USER, f"no such user: {msg.to}")
-        done = store.append_message(sender, msg.to, msg.cmid, msg.kind, msg.body, now_ms)
+        try:
+            done = store.append_message(sender, msg.to, msg.cmid, msg.kind, msg.body, now_ms)
+        except UnknownUser:
+            raise Refused(ErrorCode.NO_SUCH_USER, f"no such user: {msg.to}") from None
         return self._sent(sender, origin, msg, done.msg_id, done.ts_ms, done.sender_seq, done.recipient_seq)
 
     @staticmethod

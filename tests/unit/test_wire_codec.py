@@ -205,3 +205,21 @@ def test_bin_hostile_list_count_rejected_without_allocating():
     payload = struct.pack(">BII", 7, 1, 0xFFFFFFFF) + b"\x00" * 50
     with pytest.raises(ProtocolError, match="count past end"):
         BIN.decode(payload)
+
+
+def test_bin_newmsg_seq_helpers_match_the_codec():
+    from simzmq.wire.codec import BIN, bin_newmsg_seq, bin_newmsg_with_seq
+    from simzmq.wire.errors import ProtocolError
+    from simzmq.wire.messages import Msg, NewMsg, Ok
+
+    msg = NewMsg(msg=Msg(msg_id=7, seq=3, sender="ann", to="bob", kind=0, ts_ms=5, cmid=b"c", body=b"hi"))
+    payload = BIN.encode(msg, 0)
+    assert bin_newmsg_seq(payload) == 3
+    other = bin_newmsg_with_seq(payload, 2**40 + 9)
+    assert BIN.decode(other) == (0, NewMsg(msg=Msg(msg_id=7, seq=2**40 + 9, sender="ann", to="bob", kind=0,
+                                                   ts_ms=5, cmid=b"c", body=b"hi")))
+    for bad in (b"", BIN.encode(Ok(), 0), payload[:20]):
+        with pytest.raises(ProtocolError):
+            bin_newmsg_seq(bad)
+        with pytest.raises(ProtocolError):
+            bin_newmsg_with_seq(bad, 1)
