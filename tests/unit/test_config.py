@@ -53,3 +53,22 @@ def test_the_multi_machine_example_is_valid():
     cfg = config.load(example, env={})
     assert cfg["broker"]["backup"]["frontend"] == "tcp://10.0.0.12:7701"
     assert cfg["im"]["store"].startswith("postgresql://") and cfg["gate"]["allow_register"] is False
+
+
+def test_every_key_is_in_the_configuration_reference():
+    """docs/configuration.md names every key of conf/simzmq.toml (a new key
+    without documentation fails here)."""
+    import tomllib
+    path = config.default_config_path()
+    doc = (path.parent.parent / "docs" / "configuration.md").read_text()
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+
+    def keys(table):
+        for key, value in table.items():
+            if isinstance(value, dict):
+                yield from keys(value)
+            else:
+                yield key
+    missing = sorted({k for k in keys(data) if f"`{k}`" not in doc})
+    assert missing == []
