@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ import time
 
 import uvloop
 import zmq
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from tornado import web, websocket
 from tornado.iostream import StreamClosedError, StreamBufferFullError
 from tornado.tcpserver import TCPServer
@@ -41,11 +42,22 @@ from simzmq.wire.rules import is_valid_user_id, validate_request
 log = logging.getLogger("simzmq.gate")
 
 SESSION_ID_BYTES = 16
-READ_CHUNK = 65536
+# Bytes read from a client socket at once. It bounds what a connection holds
+# between frames (twice this: the socket read and the frame decoder), which
+# over many connections is most of a busy gate's memory; a large frame simply
+# takes several reads.
+READ_CHUNK = 16384
 # How often the gate sums what it queued towards clients (the gate-wide
 # outbound budget) and forgets limiter entries that carry no information.
 OUTBOUND_SWEEP_S = 1.0
 PRUNE_EVERY_S = 10.0
+# Frames of one connection handled before the event loop serves the others.
+# Small, so that a thousand busy clients still let the loop come round (the
+# broker link, timers, HTTP) every few hundred milliseconds: a frame costs a
+# few tens of microseconds.
+FRAMES_PER_TURN = 8
+# At most this often the gate counts every queue between sweeps (an O(n) walk).
+MIN_SWEEP_GAP_S = 0.05
 
 CONNECTIONS = Gauge("simzmq_gate_connections", "Open client connections")
 SESSIONS = Gauge("simzmq_gate_sessions", "Logged-in client connections")
@@ -61,6 +73,9 @@ BACKPRESSURE = Counter("simzmq_gate_backpressure_total",
                        "Times a connection's reading paused at max_pending_requests")
 OUTBOUND = Gauge("simzmq_gate_outbound_bytes", "Bytes queued towards clients, all connections")
 TRACKED = Gauge("simzmq_gate_limiter_entries", "Entries the gate tracks for a limit", ["table"])
+LOOP_LAG = Histogram("simzmq_gate_loop_lag_seconds",
+                     "How late a timer of the gate's event loop ran: how long the loop was busy",
+                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 LOG_SUPPRESSED = Counter("simzmq_gate_log_lines_suppressed_total",
                          "Log lines about limits, kicks and bad input left out by the log throttle", ["kind"])
 
@@ -338,9 +353,11 @@ class ClientConnection:
         # fits into an empty queue.)
         limit = self.gate.cfg["max_outbound_bytes"]
         queued = self.transport.queued()
-        if queued and queued + len(plaintext) > limit:
-            self.slow_consumer(f"more than {limit} bytes waiting to be read")
-            return
+        if queued:
+            if queued + len(plaintext) > limit:
+                self.slow_consumer(f"more than {limit} bytes waiting to be read")
+                return
+            self.gate.queued_write(len(plaintext))
         self.final_sent = final
         try:
             self.transport.write_payloads([self.sender.seal(plaintext, final)])
@@ -442,28 +459,58 @@ def _queued_bytes(stream) -> int:
 
 
 class TcpTransport:
+    """Frames to and from one TCP client.
+
+    Tornado makes a Future for every write and keeps it until its bytes have
+    reached the kernel, which for a peer that does not read is a few hundred
+    bytes of bookkeeping per frame of a few dozen. So only one write is ever
+    in flight: frames written meanwhile wait here, as plain bytes, and go out
+    together when it completes.
+    """
+
     def __init__(self, stream, gate: "Gate"):
         self.stream = stream
         self.gate = gate
         self.decoder = FrameDecoder(MAX_HANDSHAKE_FRAME)
         self.closing = False
+        self.in_flight = None
+        self.backlog = bytearray()
 
     def set_max_frame(self, n: int) -> None:
         self.decoder.max_frame = n
 
     def queued(self) -> int:
-        return _queued_bytes(self.stream)
+        return len(self.backlog) + _queued_bytes(self.stream)
 
     def write_payloads(self, payloads) -> None:
         if self.stream.closed():
             return
         data = b"".join(encode_frame(p) for p in payloads)
+        if self.in_flight is not None or self.backlog:
+            self.backlog += data
+        else:
+            self._hand_over(data)
+
+    def _hand_over(self, data) -> None:
         try:
-            self.stream.write(data)
+            fut = self.stream.write(data)
         except StreamBufferFullError:
             raise SlowConsumer() from None
         except StreamClosedError:
-            pass
+            return
+        if not fut.done():
+            self.in_flight = fut
+            fut.add_done_callback(self._written)
+
+    def _written(self, fut) -> None:
+        self.in_flight = None
+        if fut.cancelled() or fut.exception() is not None or not self.backlog:
+            return
+        data, self.backlog = bytes(self.backlog), bytearray()
+        try:
+            self._hand_over(data)
+        except SlowConsumer:
+            self.stream.close()  # the backstop; the connection checks long before
 
     def close(self) -> None:
         """A lingering close: what was written (a Kick, a final Ok) goes out
@@ -479,6 +526,19 @@ class TcpTransport:
         stream = self.stream
         if stream.closed():
             return
+        if self.queued() > self.gate.limiter.cfg.slow_consumer_min_bytes:
+            # A peer this far behind is not reading: lingering would only
+            # hold its queue. Closed at once, the memory goes now.
+            self.backlog = bytearray()
+            stream.close()
+            return
+        if self.backlog:
+            data, self.backlog = bytes(self.backlog), bytearray()
+            try:
+                stream.write(data)
+            except (StreamBufferFullError, StreamClosedError):
+                stream.close()
+                return
         self.gate.call_later(self.gate.limiter.cfg.close_linger_s, stream.close)
         if stream.writing():
             stream.write(b"").add_done_callback(lambda _f: self._shut_write())
@@ -517,6 +577,7 @@ class GateTCPServer(TCPServer):
         # is the backstop (room for one more frame and the Kick).
         stream.max_write_buffer_size = gate.cfg["max_outbound_bytes"] + gate.max_frame + 1024
         stream.set_nodelay(True)
+        stream.read_chunk_size = READ_CHUNK
         transport = TcpTransport(stream, gate)
         conn = ClientConnection(gate, transport, peer, ip)
         gate.connections.add(conn)
@@ -530,19 +591,25 @@ class GateTCPServer(TCPServer):
                 # One payload at a time: the frame limit rises when the
                 # handshake completes, which may be in the middle of this chunk;
                 # and at max_pending_requests the rest waits, unread.
+                # A client whose bytes are always there would keep the loop to
+                # itself: after FRAMES_PER_TURN frames the others have a turn.
+                turn = 0
                 try:
                     while conn.state != CLOSED:
                         if not conn.readable.is_set():
                             await conn.readable.wait()
                             continue
+                        if turn >= FRAMES_PER_TURN:
+                            turn = 0
+                            await asyncio.sleep(0)
+                            continue
                         payload = decoder.next_payload()
                         if payload is None:
                             break
+                        turn += 1
                         conn.payload_received(payload)
                 except ProtocolError as exc:
                     conn.bad_input(type(exc).__name__, str(exc))
-                # A client whose bytes are always there would otherwise keep
-                # the loop to itself: let the others have a turn.
                 await asyncio.sleep(0)
         except StreamClosedError:
             pass
@@ -630,19 +697,28 @@ class MetricsHandler(web.RequestHandler):
 
 
 class WsTransport:
+    """Frames to and from one WebSocket client; like TcpTransport, one write
+    in flight and the rest waiting here."""
+
     def __init__(self, handler, gate: "Gate"):
         self.handler = handler
         self.gate = gate
         self.max_frame = MAX_HANDSHAKE_FRAME
         self.max_outbound = gate.cfg["max_outbound_bytes"]
+        self.in_flight = None
+        self.backlog: collections.deque = collections.deque()
+        self.backlog_bytes = 0
 
     def set_max_frame(self, n):
         self.max_frame = n
 
-    def queued(self) -> int:
+    def _stream(self):
         ws = self.handler.ws_connection
-        stream = getattr(ws, "stream", None) if ws is not None else None
-        return _queued_bytes(stream) if stream is not None else 0
+        return getattr(ws, "stream", None) if ws is not None else None
+
+    def queued(self) -> int:
+        stream = self._stream()
+        return self.backlog_bytes + (_queued_bytes(stream) if stream is not None else 0)
 
     def write_payloads(self, payloads):
         if self.handler.ws_connection is None:
@@ -650,13 +726,46 @@ class WsTransport:
         if self.queued() > self.max_outbound + self.gate.max_frame:
             raise SlowConsumer()  # the backstop; ClientConnection checks first
         for p in payloads:
+            self.backlog.append(p)
+            self.backlog_bytes += len(p)
+        if self.in_flight is None:
+            self._hand_over()
+
+    def _hand_over(self):
+        while self.backlog and self.in_flight is None:
+            p = self.backlog.popleft()
+            self.backlog_bytes -= len(p)
             try:
-                self.handler.write_message(p, binary=True)
+                fut = self.handler.write_message(p, binary=True)
             except websocket.WebSocketClosedError:
+                self.backlog.clear()
+                self.backlog_bytes = 0
                 return
+            if not fut.done():
+                self.in_flight = fut
+                fut.add_done_callback(self._written)
+
+    def _written(self, fut):
+        self.in_flight = None
+        if fut.cancelled() or fut.exception() is not None:
+            self.backlog.clear()
+            self.backlog_bytes = 0
+            return
+        self._hand_over()
 
     def close(self):
         handler = self.handler
+        if self.queued() > self.gate.limiter.cfg.slow_consumer_min_bytes:
+            self.backlog.clear()
+            self.backlog_bytes = 0
+            self._abort()  # not reading: do not hold its queue
+            return
+        while self.backlog:  # the last frames (a Kick) go before the close
+            try:
+                handler.write_message(self.backlog.popleft(), binary=True)
+            except websocket.WebSocketClosedError:
+                break
+        self.backlog_bytes = 0
         handler.close()
         # A peer that never reads never answers the close frame either.
         self.gate.call_later(self.gate.limiter.cfg.close_linger_s, self._abort)
@@ -671,6 +780,7 @@ class WsTransport:
 class WebSocketHandler(websocket.WebSocketHandler):
     conn = None
     address = None
+    turn = 0
 
     def check_origin(self, origin):
         # The channel is authenticated end to end by the handshake, not by cookies,
@@ -698,9 +808,14 @@ class WebSocketHandler(websocket.WebSocketHandler):
             conn.bad_input("ws_frame", "text or oversized WebSocket message")
             return
         conn.payload_received(message)
-        # Tornado reads the next message when this returns: backpressure.
+        # Tornado reads the next message when this returns: backpressure, and
+        # a turn for the other connections now and then.
         if not conn.readable.is_set():
             await conn.readable.wait()
+        self.turn += 1
+        if self.turn >= FRAMES_PER_TURN:
+            self.turn = 0
+            await asyncio.sleep(0)
 
     def on_close(self):
         gate: Gate = self.application.settings["gate"]
@@ -747,7 +862,10 @@ class Gate:
         # Logins under way per user: they count towards max_sessions_per_user.
         self.logins_pending: dict[str, int] = {}
         self._sweep_timer = None
+        self._sweep_due = None
         self._last_prune = 0.0
+        self._last_sweep = 0.0
+        self.outbound_estimate = 0
 
     def now(self) -> float:
         return self.clock()
@@ -792,19 +910,37 @@ class Gate:
         else:
             self.logins_pending.pop(user, None)
 
+    def queued_write(self, n: int) -> None:
+        """A connection queued `n` bytes behind others it has not sent yet.
+        The estimate of what all connections hold grows by as much (what
+        drains meanwhile is not subtracted); when it passes the gate-wide
+        budget, the queues are counted exactly and the budget enforced now,
+        not at the next sweep: a thousand connections fill up within one
+        turn of the loop."""
+        self.outbound_estimate += n
+        if (self.outbound_estimate > self.limiter.cfg.max_outbound_total_bytes
+                and self.now() - self._last_sweep >= MIN_SWEEP_GAP_S):
+            self.sweep()
+
     def sweep(self) -> None:
-        """Once a second: hold the bytes queued towards all clients under
-        max_outbound_total_bytes (the biggest queues go first), and now and
-        then forget limiter entries that no longer matter."""
+        """Every second, and when the estimate says so: hold the bytes queued
+        towards all clients under max_outbound_total_bytes (the biggest queues
+        go first), and now and then forget limiter entries that no longer
+        matter."""
         cfg = self.limiter.cfg
+        self._last_sweep = self.now()
         queued = {}
+        total = 0
         for conn in self.connections:
             n = conn.transport.queued()
-            if n:
+            total += n
+            if n and conn.state != CLOSED:  # closing ones are going anyway
                 queued[conn] = n
-        OUTBOUND.set(sum(queued.values()))
+        OUTBOUND.set(total)
         for conn in pick_slow_consumers(queued, cfg.max_outbound_total_bytes, cfg.slow_consumer_min_bytes):
             conn.slow_consumer("the gate's outbound budget is spent")
+            total -= queued[conn]
+        self.outbound_estimate = total
         now = self.now()
         if now - self._last_prune >= PRUNE_EVERY_S:
             self._last_prune = now
@@ -812,9 +948,13 @@ class Gate:
                 TRACKED.labels(table).set(size)
 
     def _sweep_tick(self) -> None:
+        now = self.now()
+        if self._sweep_due is not None:
+            LOOP_LAG.observe(max(0.0, now - self._sweep_due))
         try:
             self.sweep()
         finally:
+            self._sweep_due = now + OUTBOUND_SWEEP_S
             self._sweep_timer = self.call_later(OUTBOUND_SWEEP_S, self._sweep_tick)
 
     def session_started(self, conn: ClientConnection, max_seq: int) -> None:
