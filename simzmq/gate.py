@@ -324,6 +324,7 @@ class ClientConnection:
                 except ProtocolError:
                     log.warning("undecodable reply from the im service for %s", name)
                     reply = m.Error(code=int(ErrorCode.INTERNAL), reason="bad reply from the back end")
+            reply = _checked_reply(reply, name)
             if on_reply is not None:
                 reply = on_reply(ref, reply)
             if reply is None:
@@ -439,6 +440,21 @@ class ClientConnection:
             self.kick(KickCode.IDLE, f"nothing received for {idle} s")
         else:
             self._idle_timer = self.gate.call_later(left, self._idle_check)
+
+
+# What the im service may answer a client's request with; anything else (an
+# internal message, an error code this protocol does not have) is a bug or a
+# newer worker, and the client gets Error{internal} instead.
+CLIENT_REPLIES = frozenset({m.LoginOk, m.Error, m.SendOk, m.Batch, m.Ok, m.ConvList})
+ERROR_CODES = frozenset(int(c) for c in ErrorCode)
+
+
+def _checked_reply(reply, name: str):
+    if type(reply) not in CLIENT_REPLIES or (type(reply) is m.Error and reply.code not in ERROR_CODES):
+        log.warning("the im service answered %s with %s; the client gets internal", name,
+                    type(reply).__name__ if type(reply) is not m.Error else f"error code {reply.code}")
+        return m.Error(code=int(ErrorCode.INTERNAL), reason="bad reply from the back end")
+    return reply
 
 
 def _code_name(code: int) -> str:

@@ -465,6 +465,23 @@ def test_kick_that_cannot_be_written_still_closes():
     c.conn.kick(KickCode.SHUTDOWN, "again")  # nothing more, no exception
 
 
+@pytest.mark.parametrize("reply", [m.Error(code=999, reason="from a newer worker"), m.HistoryPage(),
+                                   m.SessionStarted(user="x"), m.Revoke(token=b"t"), m.Kick(code=1)])
+def test_back_end_reply_outside_the_protocol_becomes_internal(reply):
+    """Found by the machine above: an error code the protocol does not have
+    (from a newer or broken worker) went through to the client as it was."""
+    gate, loop = make_gate()
+    c = Client(gate, 1, 1)
+    c.finish_handshake()
+    c.sent_refs[1] += 1
+    c.conn.payload_received(c.tx.seal(BIN.encode(m.Register(user="alice", password="pw"), 1)))
+    _, _, _, callback = gate.backend.pending.pop()
+    callback(BIN.encode(reply, 0))
+    c.read()
+    ref, got, _ = c.received[-1]
+    assert ref == 1 and got.code == ErrorCode.INTERNAL
+
+
 def test_outbound_budget_kicks_the_biggest_queue():
     gate, loop = make_gate()
     small, big = Client(gate, 1, 1), Client(gate, 2, 1)

@@ -16,7 +16,7 @@ import struct
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from simzmq.wire import messages as M
@@ -97,6 +97,12 @@ def mutated(draw, payload: bytes) -> bytes:
             # A u32 somewhere replaced by a boundary value: lengths and counts.
             value = draw(st.sampled_from([0, 1, 2**31, 2**32 - 1, len(data), len(data) + 1]))
             data[pos:pos + 4] = struct.pack(">I", value)
+    if bytes(data) == payload:
+        # Never the original: edits that happen to undo themselves flip a bit
+        # instead (decided by the bytes, not by a draw, so a failure found
+        # with random keys replays the same way).
+        data = bytearray(payload or b"\x00")
+        data[0] ^= 1
     return bytes(data)
 
 
@@ -295,7 +301,6 @@ def test_tampered_hello_never_yields_shared_keys(codecs, data):
     client = ClientHandshake(GATE_PK, codecs=codecs)
     hello = client.hello()
     tampered = data.draw(mutated(hello))
-    assume(tampered != hello)
     gate = GateHandshake(GATE_SK)
     try:
         welcome = gate.receive_hello(tampered)
@@ -313,7 +318,6 @@ def test_tampered_welcome_is_refused_by_the_client(data):
     welcome = gate.receive_hello(client.hello())
     ready = gate.sender.seal(b"\x13\x00\x00\x00\x00")
     tampered = data.draw(mutated(welcome))
-    assume(tampered != welcome)
     assert not _client_finishes(client, tampered, ready)
 
 
@@ -325,7 +329,6 @@ def test_tampered_c2s_header_breaks_the_first_frame(data):
     client.receive_welcome(gate.receive_hello(client.hello()))
     header = client.sender.header
     tampered = data.draw(mutated(header))
-    assume(tampered != header)
     try:
         receiver = gate.receive_c2s_header(tampered)
     except HandshakeError:
