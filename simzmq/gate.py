@@ -322,9 +322,10 @@ class ClientConnection:
                 try:
                     _, reply = BIN.decode(reply_payload)
                 except ProtocolError:
-                    log.warning("undecodable reply from the im service for %s", name)
+                    self.gate.log_throttled("backend", "undecodable reply from the im service for %s", name,
+                                            level=logging.WARNING)
                     reply = m.Error(code=int(ErrorCode.INTERNAL), reason="bad reply from the back end")
-            reply = _checked_reply(reply, name)
+            reply = _checked_reply(self.gate, reply, name)
             if on_reply is not None:
                 reply = on_reply(ref, reply)
             if reply is None:
@@ -449,10 +450,11 @@ CLIENT_REPLIES = frozenset({m.LoginOk, m.Error, m.SendOk, m.Batch, m.Ok, m.ConvL
 ERROR_CODES = frozenset(int(c) for c in ErrorCode)
 
 
-def _checked_reply(reply, name: str):
+def _checked_reply(gate: "Gate", reply, name: str):
     if type(reply) not in CLIENT_REPLIES or (type(reply) is m.Error and reply.code not in ERROR_CODES):
-        log.warning("the im service answered %s with %s; the client gets internal", name,
-                    type(reply).__name__ if type(reply) is not m.Error else f"error code {reply.code}")
+        gate.log_throttled("backend", "the im service answered %s with %s; the client gets internal", name,
+                           type(reply).__name__ if type(reply) is not m.Error else f"error code {reply.code}",
+                           level=logging.WARNING)
         return m.Error(code=int(ErrorCode.INTERNAL), reason="bad reply from the back end")
     return reply
 
@@ -630,7 +632,7 @@ class GateTCPServer(TCPServer):
         except StreamClosedError:
             pass
         except Exception:
-            log.exception("connection %s failed", conn.peer)
+            gate.log_throttled("internal", "connection %s failed", conn.peer, level=logging.ERROR, exc_info=True)
             conn.close("internal error")
         finally:
             conn.connection_lost()
@@ -892,9 +894,11 @@ class Gate:
 
     # -- limits -----------------------------------------------------------------
 
-    def log_throttled(self, kind: str, fmt: str, *args) -> None:
-        """One info line per event, at most log_lines_per_limit of a kind per
-        log_interval_s; the next line allowed says how many were left out."""
+    def log_throttled(self, kind: str, fmt: str, *args, level: int = logging.INFO, exc_info=None) -> None:
+        """One line per event, at most log_lines_per_limit of a kind per
+        log_interval_s; the next line allowed says how many were left out.
+        Everything a client (or a broken back end) can cause again and again
+        is logged through here, so a flood cannot fill the disk."""
         ok, suppressed = self.log_throttle.allow(kind, self.now())
         if not ok:
             LOG_SUPPRESSED.labels(kind.split(":", 1)[0]).inc()
@@ -902,7 +906,7 @@ class Gate:
         if suppressed:
             fmt += " (%d similar lines left out)"
             args = args + (suppressed,)
-        log.info(fmt, *args)
+        log.log(level, fmt, *args, exc_info=exc_info)
 
     def connection_refused(self, limit: str, address: str) -> None:
         RATE_LIMITED.labels(limit).inc()
@@ -1118,8 +1122,9 @@ def _log_http(handler) -> None:
     # failures and history requests are worth a line.
     status = handler.get_status()
     if status >= 400 or handler.request.path.startswith("/v1/history"):
-        log.info("http %d %s %s %.1fms", status, handler.request.method, handler.request.path,
-                 1000 * handler.request.request_time())
+        gate: Gate = handler.application.settings["gate"]
+        gate.log_throttled("http:%d" % (status // 100), "http %d %s %s %.1fms", status, handler.request.method,
+                           handler.request.path[:200], 1000 * handler.request.request_time())
 
 
 def check_http_exposure(cfg: dict) -> dict | None:
