@@ -32,7 +32,7 @@ from simzmq.gatelink import Backend, BrokerEndpoints
 from simzmq.limits import Limiter, LimitsConfig, LogThrottle, Verdict, pick_slow_consumers
 from simzmq.pushlog import PushLog
 from simzmq.wire import messages as m
-from simzmq.wire.codec import BIN, CODECS, peek_header
+from simzmq.wire.codec import BIN, CODECS, bin_newmsg_seq, peek_header
 from simzmq.wire.errors import ProtocolError, ShortPayload
 from simzmq.wire.frames import FrameDecoder, encode_frame
 from simzmq.wire.handshake import MAX_HANDSHAKE_FRAME, GateHandshake
@@ -180,7 +180,7 @@ class ClientConnection:
             return
         name = TYPE_NAMES.get(mtype, "unknown")
         if mtype not in CLIENT_REQUESTS:
-            REQUESTS.labels("unknown", "bad_request").inc()
+            _inc(REQUESTS, "unknown", "bad_request")
             self.reply_error(ref, ErrorCode.BAD_REQUEST, f"not a client request type: {mtype}")
             return
         try:
@@ -189,7 +189,7 @@ class ClientConnection:
         except ShortPayload:
             raise
         except ProtocolError as exc:
-            REQUESTS.labels(name, ErrorCode(exc.code).name.lower()).inc()
+            _inc(REQUESTS, name, ErrorCode(exc.code).name.lower())
             self.reply_error(ref, exc.code, exc.reason)
             return
         handler = self._handlers[mtype]
@@ -199,7 +199,7 @@ class ClientConnection:
         """A request over `limit`: Error{rate_limited}, or Kick{abuse} when far over."""
         RATE_LIMITED.labels(limit).inc()
         if request:
-            REQUESTS.labels(request, "rate_limited").inc()
+            _inc(REQUESTS, request, "rate_limited")
         if verdict == Verdict.ABUSE:
             self.kick(KickCode.ABUSE, f"far over the {limit} limit")
             return
@@ -207,15 +207,15 @@ class ClientConnection:
         self.reply_error(ref, ErrorCode.RATE_LIMITED, reason)
 
     def _ping(self, ref, msg: m.Ping):
-        REQUESTS.labels("Ping", "ok").inc()
+        _inc(REQUESTS, "Ping", "ok")
         self.send_message(m.Pong(ts_ms=msg.ts_ms), ref)
 
     def _pong(self, ref, msg):
-        REQUESTS.labels("Pong", "ok").inc()
+        _inc(REQUESTS, "Pong", "ok")
 
     def _register(self, ref, msg: m.Register):
         if not self.gate.cfg["allow_register"]:
-            REQUESTS.labels("Register", "forbidden").inc()
+            _inc(REQUESTS, "Register", "forbidden")
             self.reply_error(ref, ErrorCode.FORBIDDEN, "registration is closed")
             return
         verdict, limit = self.gate.limiter.register(msg.user, self.address, self.gate.now())
@@ -227,7 +227,7 @@ class ClientConnection:
     def _login(self, ref, msg: m.Login):
         gate = self.gate
         if self.user is not None or self.login_pending:
-            REQUESTS.labels("Login", "bad_request").inc()
+            _inc(REQUESTS, "Login", "bad_request")
             self.reply_error(ref, ErrorCode.BAD_REQUEST, "already logged in")
             return
         password = bool(msg.password)
@@ -262,7 +262,7 @@ class ClientConnection:
 
     def _logout(self, ref, msg):
         if self.user is None:
-            REQUESTS.labels("Logout", "ok").inc()
+            _inc(REQUESTS, "Logout", "ok")
             self.send_message(m.Ok(), ref, final=True)
             self.close("logged out")
             return
@@ -278,7 +278,7 @@ class ClientConnection:
     def _session_request(self, ref, msg):
         name = type(msg).__name__
         if self.user is None:
-            REQUESTS.labels(name, "not_logged_in").inc()
+            _inc(REQUESTS, name, "not_logged_in")
             self.reply_error(ref, ErrorCode.NOT_LOGGED_IN, "log in first")
             return
         if type(msg) is m.Send:
@@ -316,6 +316,14 @@ class ClientConnection:
             self.pending -= 1
             if not self.gate.limiter.reading_paused(self.pending):
                 self.readable.set()
+            if (on_reply is None and self.codec is BIN and reply_payload is not None
+                    and reply_payload[:1] in PASS_THROUGH_REPLIES and self.state != CLOSED):
+                # The usual case, a bin client and a success reply: the
+                # worker's payload is already what the client reads, but for
+                # the ref.
+                _inc(REQUESTS, name, "ok")
+                self.send_plaintext(reply_payload[:1] + ref.to_bytes(4, "big") + reply_payload[5:])
+                return
             if reply_payload is None:
                 reply = m.Error(code=int(ErrorCode.UNAVAILABLE), reason="the back end did not answer in time; retry")
             else:
@@ -329,12 +337,12 @@ class ClientConnection:
             if on_reply is not None:
                 reply = on_reply(ref, reply)
             if reply is None:
-                REQUESTS.labels(name, "ok").inc()
+                _inc(REQUESTS, name, "ok")
                 return
             if isinstance(reply, m.Error):
-                REQUESTS.labels(name, _code_name(reply.code)).inc()
+                _inc(REQUESTS, name, _code_name(reply.code))
             else:
-                REQUESTS.labels(name, "ok").inc()
+                _inc(REQUESTS, name, "ok")
             if self.state != CLOSED:
                 self.send_message(reply, ref)
 
@@ -386,7 +394,7 @@ class ClientConnection:
         """A notification (bin payload, ref 0) for this session."""
         if self.state != OPEN:
             return
-        PUSHES.labels(TYPE_NAMES.get(msg_type, "unknown")).inc()
+        _inc(PUSHES, TYPE_NAMES.get(msg_type, "unknown"))
         if self.codec is BIN:
             self.send_plaintext(payload)
         else:
@@ -450,6 +458,11 @@ CLIENT_REPLIES = frozenset({m.LoginOk, m.Error, m.SendOk, m.Batch, m.Ok, m.ConvL
 ERROR_CODES = frozenset(int(c) for c in ErrorCode)
 
 
+# Reply types a bin client gets exactly as the worker encoded them (with its
+# ref put in); an Error goes through _checked_reply first.
+PASS_THROUGH_REPLIES = frozenset(bytes([cls.TYPE]) for cls in (m.SendOk, m.Batch, m.Ok, m.ConvList))
+
+
 def _checked_reply(gate: "Gate", reply, name: str):
     if type(reply) not in CLIENT_REPLIES or (type(reply) is m.Error and reply.code not in ERROR_CODES):
         gate.log_throttled("backend", "the im service answered %s with %s; the client gets internal", name,
@@ -457,6 +470,20 @@ def _checked_reply(gate: "Gate", reply, name: str):
                            level=logging.WARNING)
         return m.Error(code=int(ErrorCode.INTERNAL), reason="bad reply from the back end")
     return reply
+
+
+_metric_children: dict = {}
+
+
+def _inc(metric, *labels) -> None:
+    """metric.labels(*labels).inc(), keeping the children: labels() takes a
+    lock and builds a key on every call, and the gate counts every request
+    and push."""
+    key = (metric, labels)
+    child = _metric_children.get(key)
+    if child is None:
+        child = _metric_children[key] = metric.labels(*labels)
+    child.inc()
 
 
 def _code_name(code: int) -> str:
@@ -1006,26 +1033,30 @@ class Gate:
         mine = self.sessions.get(user)
         if not mine or len(payload) < 5:
             return
-        mtype = payload[0]
-        if mtype == m.SessionStarted.TYPE:
-            _, started = BIN.decode(payload)
-            if started.device:
+        try:
+            _, notice = BIN.decode(payload)
+        except ProtocolError as exc:
+            self.log_throttled("backend", "undecodable notification for %s: %s", user, exc, level=logging.WARNING)
+            return
+        kind = type(notice)
+        if kind is m.SessionStarted:
+            if notice.device:
                 for conn in list(mine.values()):
-                    if conn.session != started.session and conn.device == started.device:
+                    if conn.session != notice.session and conn.device == notice.device:
                         conn.kick(KickCode.REPLACED, "logged in elsewhere with the same device")
             return
-        cache = []
-
-        def decoded():
-            if not cache:
-                cache.append(BIN.decode(payload)[1])
-            return cache[0]
-        if mtype == m.NewMsg.TYPE:
-            if not self.pushlogs[user].first_time(decoded().msg.seq, time.monotonic()):
+        if kind is not m.NewMsg and kind is not m.ReadNotice:
+            # Only these two are pushed: nothing internal reaches a client.
+            self.log_throttled("backend", "not pushing a %s notification to %s", kind.__name__, user,
+                               level=logging.WARNING)
+            return
+        if kind is m.NewMsg:
+            if not self.pushlogs[user].first_time(notice.msg.seq, time.monotonic()):
                 return
+        mtype = notice.TYPE
         for conn in list(mine.values()):
             if conn.session != origin:
-                conn.push(payload, mtype, decoded)
+                conn.push(payload, mtype, lambda: notice)
 
     # -- catching up from the store --------------------------------------------
 

@@ -482,6 +482,22 @@ def test_back_end_reply_outside_the_protocol_becomes_internal(reply):
     assert ref == 1 and got.code == ErrorCode.INTERNAL
 
 
+@pytest.mark.parametrize("payload", [BIN.encode(m.HistoryPage(msgs=[m.Msg(sender="x", to="y")]), 0),
+                                     BIN.encode(m.Kick(code=0), 0), BIN.encode(m.Revoke(token=b"t"), 0),
+                                     bytes([m.NewMsg.TYPE]) + b"\x00\x00\x00\x00garbage"])
+def test_only_messages_and_read_notices_are_pushed(payload):
+    gate, loop = make_gate()
+    c = Client(gate, 1, 1)
+    c.finish_handshake()
+    c.sent_refs[1] += 1
+    c.conn.payload_received(c.tx.seal(BIN.encode(m.Login(user="alice", password="pw"), 1)))
+    _, origin, msg, callback = gate.backend.pending.pop()
+    callback(reply_for(msg, origin, "ok"))
+    before = len(c.transport.frames)
+    gate.on_notification(b"alice\0", b"", payload)
+    assert len(c.transport.frames) == before and not c.transport.closed
+
+
 def test_outbound_budget_kicks_the_biggest_queue():
     gate, loop = make_gate()
     small, big = Client(gate, 1, 1), Client(gate, 2, 1)
