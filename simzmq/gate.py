@@ -363,16 +363,19 @@ class ClientConnection:
         # fits into an empty queue.)
         limit = self.gate.cfg["max_outbound_bytes"]
         queued = self.transport.queued()
-        if queued:
-            if queued + len(plaintext) > limit:
-                self.slow_consumer(f"more than {limit} bytes waiting to be read")
-                return
-            self.gate.queued_write(len(plaintext))
+        if queued and queued + len(plaintext) > limit:
+            self.slow_consumer(f"more than {limit} bytes waiting to be read")
+            return
         self.final_sent = final
         try:
             self.transport.write_payloads([self.sender.seal(plaintext, final)])
         except SlowConsumer:
             self.slow_consumer(f"more than {limit} bytes waiting to be read")
+            return
+        if queued:
+            # Last: the gate may enforce its budget now and kick this very
+            # connection, which must not be in the middle of a write then.
+            self.gate.queued_write(len(plaintext))
 
     def slow_consumer(self, why: str) -> None:
         """Kick{slow_consumer} if it still fits, then close; what was queued
