@@ -400,8 +400,14 @@ class ClientConnection:
         _inc(PUSHES, TYPE_NAMES.get(msg_type, "unknown"))
         if self.codec is BIN:
             self.send_plaintext(payload)
-        else:
-            self.send_plaintext(self.codec.encode(decoded(), 0))
+            return
+        try:
+            msg = decoded()
+        except ProtocolError as exc:
+            self.gate.log_throttled("backend", "undecodable notification for %s: %s", self.user, exc,
+                                    level=logging.WARNING)
+            return
+        self.send_plaintext(self.codec.encode(msg, 0))
 
     def reply_error(self, ref, code, reason: str) -> None:
         self.send_message(m.Error(code=int(code), reason=reason[:256]), ref)
@@ -1036,30 +1042,43 @@ class Gate:
         mine = self.sessions.get(user)
         if not mine or len(payload) < 5:
             return
-        try:
-            _, notice = BIN.decode(payload)
-        except ProtocolError as exc:
-            self.log_throttled("backend", "undecodable notification for %s: %s", user, exc, level=logging.WARNING)
-            return
-        kind = type(notice)
-        if kind is m.SessionStarted:
-            if notice.device:
+        mtype = payload[0]
+        if mtype == m.SessionStarted.TYPE:
+            try:
+                _, started = BIN.decode(payload)
+            except ProtocolError as exc:
+                self.log_throttled("backend", "undecodable notification for %s: %s", user, exc,
+                                   level=logging.WARNING)
+                return
+            if started.device:
                 for conn in list(mine.values()):
-                    if conn.session != notice.session and conn.device == notice.device:
+                    if conn.session != started.session and conn.device == started.device:
                         conn.kick(KickCode.REPLACED, "logged in elsewhere with the same device")
             return
-        if kind is not m.NewMsg and kind is not m.ReadNotice:
+        if mtype != m.NewMsg.TYPE and mtype != m.ReadNotice.TYPE:
             # Only these two are pushed: nothing internal reaches a client.
-            self.log_throttled("backend", "not pushing a %s notification to %s", kind.__name__, user,
+            self.log_throttled("backend", "not pushing a notification of type %d to %s", mtype, user,
                                level=logging.WARNING)
             return
-        if kind is m.NewMsg:
-            if not self.pushlogs[user].first_time(notice.msg.seq, time.monotonic()):
+        if mtype == m.NewMsg.TYPE:
+            try:
+                seq = bin_newmsg_seq(payload)  # read at its offset: bin clients get the payload as it is
+            except ProtocolError as exc:
+                self.log_throttled("backend", "undecodable notification for %s: %s", user, exc,
+                                   level=logging.WARNING)
                 return
-        mtype = notice.TYPE
+            if not self.pushlogs[user].first_time(seq, time.monotonic()):
+                return
+        cache = []
+
+        def decoded():
+            """For clients of another codec: decoded once, on first need."""
+            if not cache:
+                cache.append(BIN.decode(payload)[1])
+            return cache[0]
         for conn in list(mine.values()):
             if conn.session != origin:
-                conn.push(payload, mtype, lambda: notice)
+                conn.push(payload, mtype, decoded)
 
     # -- catching up from the store --------------------------------------------
 

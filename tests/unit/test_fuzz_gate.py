@@ -498,6 +498,37 @@ def test_only_messages_and_read_notices_are_pushed(payload):
     assert len(c.transport.frames) == before and not c.transport.closed
 
 
+def test_a_push_that_does_not_decode_is_dropped_for_a_msgpack_client():
+    gate, loop = make_gate()
+    c = Client(gate, 1, 2)
+    c.finish_handshake()
+    c.sent_refs[1] += 1
+    c.conn.payload_received(c.tx.seal(c.codec.encode(m.Login(user="alice", password="pw"), 1)))
+    _, origin, msg, callback = gate.backend.pending.pop()
+    callback(reply_for(msg, origin, "ok"))
+    c.read()
+    before = len(c.transport.frames)
+    broken = BIN.encode(m.NewMsg(msg=m.Msg(msg_id=1, seq=7, sender="x", to="alice")), 0)[:25]
+    gate.on_notification(b"alice\0", b"", broken)  # the seq reads; the rest does not decode
+    assert len(c.transport.frames) == before and not c.transport.closed
+
+
+def test_a_write_that_spends_the_budget_may_kick_the_writer():
+    """Found by the machine above: a Kick queued behind a backlog passed the
+    gate-wide budget, the budget check kicked the same connection in the
+    middle of that write, and the write then sealed a second final frame."""
+    gate, loop = make_gate()
+    c = Client(gate, 1, 1)
+    c.finish_handshake()
+    c.transport.queued_bytes = 965
+    gate.sweep()  # under the budget (1000): nothing happens, the estimate is 965
+    c.transport.queued_bytes = 1001
+    loop.advance(100.0)  # the idle Kick is the write that passes the budget
+    assert c.transport.closed and c.conn.state == gate_mod.CLOSED
+    c.read()
+    assert isinstance(c.received[-1][1], m.Kick) and c.received[-1][2]
+
+
 def test_outbound_budget_kicks_the_biggest_queue():
     gate, loop = make_gate()
     small, big = Client(gate, 1, 1), Client(gate, 2, 1)
