@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import dataclasses
 import json
 import logging
 import math
+import resource
 import secrets
 import signal
 import socket
@@ -607,6 +609,24 @@ class TcpTransport:
             stream.close()
 
 
+# Descriptors a gate keeps beside its client connections: ZeroMQ sockets and
+# their internal pipes, the HTTP listener, logs.
+FD_RESERVE = 256
+
+
+def capped_by_descriptors(limits: LimitsConfig, soft_limit: int | None = None) -> LimitsConfig:
+    """max_connections no higher than the descriptors allow: past that, accept()
+    fails with EMFILE and the listener spins instead of refusing cleanly."""
+    if soft_limit is None:
+        soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    cap = max(1, soft_limit - FD_RESERVE)
+    if limits.max_connections <= cap:
+        return limits
+    log.warning("max_connections %d is more than %d file descriptors allow; holding at most %d connections "
+                "(raise the descriptor limit to hold more)", limits.max_connections, soft_limit, cap)
+    return dataclasses.replace(limits, max_connections=cap)
+
+
 class GateTCPServer(TCPServer):
     def __init__(self, gate: "Gate", **kw):
         super().__init__(max_buffer_size=gate.max_frame + 8, **kw)
@@ -911,7 +931,7 @@ class Gate:
         self._hole_timer = None
         self.clock = clock or time.monotonic
         self.loop = loop
-        self.limiter = Limiter(LimitsConfig.from_mapping(cfg.get("limits")))
+        self.limiter = Limiter(capped_by_descriptors(LimitsConfig.from_mapping(cfg.get("limits"))))
         self.log_throttle = LogThrottle(self.limiter.cfg.log_lines_per_limit, self.limiter.cfg.log_interval_s)
         # Logins under way per user: they count towards max_sessions_per_user.
         self.logins_pending: dict[str, int] = {}

@@ -58,12 +58,14 @@ class Region:
                      "--workers", str(workers), "--gates", str(gates)]
         self.log_path = self.data_dir.parent / (self.data_dir.name + ".log")
         self.proc: subprocess.Popen | None = None
+        # Run in the child before `simzmq up` starts (e.g. lower a resource limit).
+        self.preexec = None
 
     def start(self, timeout: float = 30.0) -> "Region":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=str(ROOT))
+                                     cwd=str(ROOT), preexec_fn=self.preexec)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
