@@ -25,6 +25,7 @@ import zmq
 from prometheus_client import Counter, Gauge, Histogram
 
 from simzmq import mdp
+from simzmq.envelope import EnvelopeError, pack_request, unpack_notice, unpack_reply, unpack_stamp
 from simzmq.zmqio import receiver, send_frames
 
 log = logging.getLogger("simzmq.gate")
@@ -167,7 +168,7 @@ class Backend:
         with None after request_timeout_s."""
         corr = self.next_corr.to_bytes(8, "big")
         self.next_corr += 1
-        frames = [b"", mdp.C_CLIENT, SERVICE, key, corr, origin, payload]
+        frames = [b"", mdp.C_CLIENT, SERVICE, key, pack_request(corr, origin, payload)]
         now = time.monotonic()
         self.pending[corr] = Pending(callback, now + self.request_timeout_s, frames, now)
         self._send(frames)
@@ -196,14 +197,19 @@ class Backend:
                 continue
             if frames[2] != SERVICE:
                 continue  # a probe's answer: hearing it was the point
-            if len(frames) != 5:
+            if len(frames) != 4:
                 log.info("dropping an im reply with %d frames", len(frames))
                 continue
-            pending = self.pending.pop(frames[3], None)
+            try:
+                corr, payload = unpack_reply(frames[3])
+            except EnvelopeError as exc:
+                log.info("dropping an im reply: %s", exc)
+                continue
+            pending = self.pending.pop(corr, None)
             if pending is None:
                 continue  # answered already (a late reply after a timeout, or a resend's twin)
             BACKEND_LATENCY.observe(self.last_heard - pending.started)
-            pending.callback(frames[4])
+            pending.callback(payload)
         # More may be waiting, and the descriptor will not signal it again.
         self.loop.call_soon(self._drain_dealer)
 
@@ -218,12 +224,17 @@ class Backend:
             frames = recv()
             if frames is None:
                 return
-            # topic | epoch | seq | origin | payload (docs/internal-protocol.md)
-            if len(frames) != 5 or len(frames[2]) != 8:
+            # topic | stamp | notice (docs/internal-protocol.md)
+            if len(frames) != 3:
                 log.info("dropping a malformed notification (%d frames)", len(frames))
                 continue
-            topic, epoch, seq_bytes, origin, payload = frames
-            seq = int.from_bytes(seq_bytes, "big")
+            topic = frames[0]
+            try:
+                epoch, seq = unpack_stamp(frames[1])
+                origin, payload = unpack_notice(frames[2])
+            except EnvelopeError as exc:
+                log.info("dropping a malformed notification: %s", exc)
+                continue
             last = self.topic_seq.get(topic)
             self.topic_seq[topic] = (epoch, seq)
             if last is not None and (last[0] != epoch or seq != last[1] + 1):

@@ -28,6 +28,7 @@ import nacl.pwhash
 import zmq
 from prometheus_client import Counter, Histogram, start_http_server
 
+from simzmq.envelope import EnvelopeError, pack_notice, pack_reply, unpack_request
 from simzmq.mdpworker import Request, WorkerSession
 from simzmq.service import IMService, Outcome, RegisterWork, error
 from simzmq.store import StoreBusy, open_store
@@ -188,19 +189,23 @@ class IMWorker:
 
     def _decode(self, req) -> Job | None:
         body = req.body
-        if len(body) != 4:
+        if len(body) != 2:
             log.info("dropping an im request with %d body frames", len(body))
             return None
-        key, corr, origin, payload = body
+        try:
+            corr, origin, payload = unpack_request(body[1])
+        except EnvelopeError as exc:
+            log.info("dropping an im request: %s", exc)
+            return None
         try:
             _, msg = BIN.decode(payload)
-            key_str = key.decode("utf-8")
+            key = body[0].decode("utf-8")
         except (ProtocolError, UnicodeDecodeError) as exc:
             log.info("bad im request: %s", exc)
-            req.session.reply(req, [corr, BIN.encode(m.Error(code=int(ErrorCode.BAD_REQUEST),
-                                                         reason="undecodable request"), 0)])
+            req.session.reply(req, [pack_reply(corr, BIN.encode(m.Error(code=int(ErrorCode.BAD_REQUEST),
+                                                                        reason="undecodable request"), 0))])
             return None
-        return Job(req, corr, key_str, origin, msg)
+        return Job(req, corr, key, origin, msg)
 
     def process(self, store, service: IMService, pool, publish, jobs: list[Job]) -> None:
         started = time.monotonic()
@@ -225,10 +230,10 @@ class IMWorker:
         BATCH_SIZE.observe(len(jobs))
         # Committed: now the world may hear of it.
         for job, outcome in answered:
-            job.request.session.reply(job.request, [job.corr, BIN.encode(outcome.reply, 0)])
+            job.request.session.reply(job.request, [pack_reply(job.corr, BIN.encode(outcome.reply, 0))])
             count_request(type(job.msg).__name__, _outcome(outcome.reply))
-            for topic, origin, payload in encode_notices(outcome.notices):
-                publish((topic, origin, payload))
+            for topic, notice in encode_notices(outcome.notices):
+                publish((topic, notice))
         for job, pw_hash in deferred:
             fut = pool.submit(self._password_work, job, pw_hash)
             fut.add_done_callback(self._password_done)
@@ -274,7 +279,7 @@ class IMWorker:
 
 
 def encode_notices(notices):
-    """(topic, origin, bin payload) of each notice. The copies of one message
+    """(topic, notice frame) of each notice. The copies of one message
     differ only in their seq, so later copies are the first one re-stamped
     rather than encoded again."""
     first = None  # (msg_id, payload) of the first NewMsg
@@ -288,7 +293,7 @@ def encode_notices(notices):
                 first = (msg.msg.msg_id, payload)
         else:
             payload = BIN.encode(msg, 0)
-        yield notice.user.encode() + b"\0", notice.origin, payload
+        yield notice.user.encode() + b"\0", pack_notice(notice.origin, payload)
 
 
 class _Undo(Exception):

@@ -1,15 +1,17 @@
 """Stamping notifications on their way through a broker. Pure.
 
-Workers publish `topic | origin | payload`. The broker forwards
-`topic | epoch | seq | origin | payload`: `epoch` is 8 random bytes chosen when
-the broker starts, `seq` counts the notifications of that topic from 1 (u64,
-big-endian). A gate that sees a topic's seq jump, or its epoch change, knows
+Workers publish `topic | notice` (notice = origin and payload in one frame,
+simzmq/envelope.py). The broker forwards `topic | stamp | notice`: the stamp is
+`epoch` (8 random bytes chosen when the broker starts) and `seq`, the count of
+that topic's notifications from 1 (u64, big-endian). A gate that sees a topic's seq jump, or its epoch change, knows
 notifications were lost on the way and catches that user up from the store.
 """
 
 from __future__ import annotations
 
 import os
+
+from simzmq.envelope import pack_stamp
 
 # Topics are user ids (at most 64 bytes) plus a zero byte; anything longer did
 # not come from a worker of ours.
@@ -23,14 +25,14 @@ class NotifyStamper:
 
     def stamp(self, frames: list[bytes]) -> list[bytes] | None:
         """The frames to forward, or None for a malformed notification."""
-        if len(frames) != 3:
+        if len(frames) != 2:
             return None
         topic = frames[0]
         if not topic or len(topic) > MAX_TOPIC or topic[-1] != 0:
             return None
         seq = self.seqs.get(topic, 0) + 1
         self.seqs[topic] = seq
-        return [topic, self.epoch, seq.to_bytes(8, "big"), frames[1], frames[2]]
+        return [topic, pack_stamp(self.epoch, seq), frames[1]]
 
     def subscription(self, message: bytes) -> None:
         """An XPUB (un)subscription passing upstream: a topic nobody listens to

@@ -8,9 +8,10 @@ import pytest
 import zmq
 
 from simzmq import mdp
+from simzmq.envelope import pack_notice, unpack_notice, unpack_stamp
 from simzmq.broker import Broker, parse_state_message
 from simzmq.bstar import DualActive, State
-from simzmq.mdpworker import WorkerGroup, WorkerSession
+from simzmq.mdpworker import WorkerGroup
 
 ANY = "tcp://127.0.0.1:*"
 
@@ -228,21 +229,20 @@ def test_notifications_forwarded_by_topic(ctx, broker):
     end = time.monotonic() + 10
     # Subscriptions travel SUB -> XPUB -> XSUB -> PUB; publish until they arrive.
     while time.monotonic() < end and not received:
-        pub.send_multipart([b"anna\x00", b"", b"not for ann"])
-        pub.send_multipart([b"ann\x00", b"origin", b"for ann"])
+        pub.send_multipart([b"anna\x00", pack_notice(b"", b"not for ann")])
+        pub.send_multipart([b"ann\x00", pack_notice(b"origin", b"for ann")])
         if sub.poll(50):
             received.append(sub.recv_multipart())
     # Forwarded stamped with the broker's epoch and the topic's seq
     # (docs/internal-protocol.md, Notifications).
     (first,) = received
-    topic, epoch, seq, origin, payload = first
-    assert (topic, origin, payload) == (b"ann\x00", b"origin", b"for ann")
-    assert len(epoch) == 8 and len(seq) == 8
-    last = int.from_bytes(seq, "big")
+    topic, stamp, notice = first
+    assert (topic, unpack_notice(notice)) == (b"ann\x00", (b"origin", b"for ann"))
+    epoch, last = unpack_stamp(stamp)
+    assert len(epoch) == 8
     while sub.poll(100):
         frames = sub.recv_multipart()
-        assert frames[0] == b"ann\x00" and frames[1] == epoch
-        assert int.from_bytes(frames[2], "big") == last + 1
+        assert frames[0] == b"ann\x00" and unpack_stamp(frames[1]) == (epoch, last + 1)
         last += 1
     sub.close()
     pub.close()

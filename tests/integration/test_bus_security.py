@@ -24,6 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from simzmq import bus, keys, mdp
 from simzmq.broker import Broker
+from simzmq.envelope import pack_notice, unpack_notice, unpack_stamp
 from simzmq.mdpworker import WorkerSession
 from tests.region import Region, free_ports
 
@@ -215,9 +216,9 @@ def test_the_right_keys_work_on_every_socket(broker, data, ctx):
     assert event == zmq.EVENT_HANDSHAKE_SUCCEEDED
     # The subscription travels upstream to the PUB; publish until it arrives.
     while not sub.poll(50):
-        pub.send_multipart([b"alice\0", b"", b"hello"])
-    topic, _epoch, _seq, origin, payload = sub.recv_multipart()
-    assert (topic, origin, payload) == (b"alice\0", b"", b"hello")
+        pub.send_multipart([b"alice\0", pack_notice(b"", b"hello")])
+    topic, _stamp, notice = sub.recv_multipart()
+    assert (topic, unpack_notice(notice)) == (b"alice\0", (b"", b"hello"))
 
     status = read_state(ops)
     assert status["curve"] is True
@@ -301,10 +302,10 @@ def test_an_unknown_key_gets_no_notifications_and_no_state(broker, data, ctx):
     pub, _, _ = connect(ctx, zmq.PUB, ep["notify_in"], role(data, "worker"))
     received = 0
     while received < 5:
-        pub.send_multipart([b"bob\0", b"", b"secret message"])
+        pub.send_multipart([b"bob\0", pack_notice(b"", b"secret message")])
         if gate.poll(50):
             frames = gate.recv_multipart()
-            assert frames[0] == b"bob\0" and frames[-1] == b"secret message"
+            assert frames[0] == b"bob\0" and unpack_notice(frames[-1])[1] == b"secret message"
             received += 1
     read_state(ops)
     read_state(ops)
@@ -329,15 +330,15 @@ def test_an_unknown_key_cannot_inject_notifications(broker, data, ctx):
     while len(got) < 10:
         # The forgeries go out interleaved with the real ones; had either
         # connection been let in, some would arrive among them.
-        send_anyway(rogue, [b"carol\0", b"", b"forged by a stranger"])
-        send_anyway(gate_pub, [b"carol\0", b"", b"forged by a gate"])
-        worker.send_multipart([b"carol\0", b"", b"real"])
+        send_anyway(rogue, [b"carol\0", pack_notice(b"", b"forged by a stranger")])
+        send_anyway(gate_pub, [b"carol\0", pack_notice(b"", b"forged by a gate")])
+        worker.send_multipart([b"carol\0", pack_notice(b"", b"real")])
         if gate.poll(50):
             while gate.poll(0):
                 got.append(gate.recv_multipart())
-    assert {frames[-1] for frames in got} == {b"real"}
+    assert {unpack_notice(frames[-1])[1] for frames in got} == {b"real"}
     # The broker numbered only the real ones: seqs run 1, 2, 3 … without holes.
-    seqs = [int.from_bytes(frames[2], "big") for frames in got]
+    seqs = [unpack_stamp(frames[1])[1] for frames in got]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
 
 

@@ -1,0 +1,72 @@
+"""The `im` service's frames inside MDP and the notifications' frames. Pure.
+
+Every ZeroMQ frame costs a send and a receive on each hop, so what travels
+together is packed into one frame (docs/internal-protocol.md):
+
+    request body:   key | corr(8) origin_len(1) origin payload
+    reply body:     corr(8) payload
+    notification:   topic | origin_len(1) origin payload           (worker → broker)
+                    topic | epoch(8) seq(8) | origin_len(1) origin payload   (broker → gate)
+
+`key` stays a frame of its own: it is what the broker routes by.
+"""
+
+from __future__ import annotations
+
+CORR_SIZE = 8
+MAX_ORIGIN = 255
+STAMP_SIZE = 16
+
+
+class EnvelopeError(ValueError):
+    """A frame that does not have the layout above."""
+
+
+def pack_request(corr: bytes, origin: bytes, payload: bytes) -> bytes:
+    return corr + bytes((len(origin),)) + origin + payload
+
+
+def unpack_request(frame: bytes) -> tuple[bytes, bytes, bytes]:
+    """(corr, origin, payload)."""
+    if len(frame) < CORR_SIZE + 1:
+        raise EnvelopeError(f"request envelope of {len(frame)} bytes")
+    start = CORR_SIZE + 1 + frame[CORR_SIZE]
+    if start > len(frame):
+        raise EnvelopeError("request origin runs past the frame")
+    return frame[:CORR_SIZE], frame[CORR_SIZE + 1:start], frame[start:]
+
+
+def pack_reply(corr: bytes, payload: bytes) -> bytes:
+    return corr + payload
+
+
+def unpack_reply(frame: bytes) -> tuple[bytes, bytes]:
+    """(corr, payload)."""
+    if len(frame) < CORR_SIZE:
+        raise EnvelopeError(f"reply of {len(frame)} bytes")
+    return frame[:CORR_SIZE], frame[CORR_SIZE:]
+
+
+def pack_notice(origin: bytes, payload: bytes) -> bytes:
+    return bytes((len(origin),)) + origin + payload
+
+
+def unpack_notice(frame: bytes) -> tuple[bytes, bytes]:
+    """(origin, payload)."""
+    if not frame:
+        raise EnvelopeError("empty notification")
+    start = 1 + frame[0]
+    if start > len(frame):
+        raise EnvelopeError("notification origin runs past the frame")
+    return frame[1:start], frame[start:]
+
+
+def pack_stamp(epoch: bytes, seq: int) -> bytes:
+    return epoch + seq.to_bytes(8, "big")
+
+
+def unpack_stamp(frame: bytes) -> tuple[bytes, int]:
+    """(epoch, seq)."""
+    if len(frame) != STAMP_SIZE:
+        raise EnvelopeError(f"stamp of {len(frame)} bytes")
+    return frame[:8], int.from_bytes(frame[8:], "big")

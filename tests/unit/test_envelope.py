@@ -1,0 +1,26 @@
+import pytest
+
+from simzmq import envelope as e
+
+
+def test_request_round_trip_and_truncation():
+    frame = e.pack_request(b"C" * 8, b"O" * 16, b"payload")
+    assert e.unpack_request(frame) == (b"C" * 8, b"O" * 16, b"payload")
+    assert e.unpack_request(e.pack_request(b"C" * 8, b"", b"")) == (b"C" * 8, b"", b"")
+    for bad in (b"", b"C" * 8, b"C" * 8 + bytes([17]) + b"O" * 16):
+        with pytest.raises(e.EnvelopeError):
+            e.unpack_request(bad)
+
+
+def test_reply_notice_and_stamp():
+    assert e.unpack_reply(e.pack_reply(b"C" * 8, b"p")) == (b"C" * 8, b"p")
+    with pytest.raises(e.EnvelopeError):
+        e.unpack_reply(b"short")
+    assert e.unpack_notice(e.pack_notice(b"O" * 16, b"p")) == (b"O" * 16, b"p")
+    assert e.unpack_notice(e.pack_notice(b"", b"")) == (b"", b"")
+    for bad in (b"", bytes([3]) + b"ab"):
+        with pytest.raises(e.EnvelopeError):
+            e.unpack_notice(bad)
+    assert e.unpack_stamp(e.pack_stamp(b"E" * 8, 2**40)) == (b"E" * 8, 2**40)
+    with pytest.raises(e.EnvelopeError):
+        e.unpack_stamp(b"E" * 8)
