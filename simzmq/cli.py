@@ -201,12 +201,17 @@ def up(ctx, data, gate_port, http_port, workers, gates, open_registration):
     signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
     for child in children:
         child.start()
+    # The command as this installation names it (bin/run users have no
+    # activated virtualenv, so a bare `simzmq` may not be on their PATH).
+    me = Path(sys.executable).parent / "simzmq"
+    cmd = str(me) if me.exists() else "simzmq"
     click.echo(
         f"\nsimzmq region up. Clients connect to {g['host']}:{g['port']} and pin the gate key\n"
         f"  {gate_pk.hex()}   (in {data_dir / 'keys' / 'gate.pub'})\n"
         f"HTTP (health, history, metrics): http://{g['http_host']}:{g['http_port']}/v1/health\n"
-        f"Talk:   simzmq chat --data {data_dir} --user alice --register\n"
-        f"        simzmq chat --data {data_dir} --user bob --register   (in another terminal)\n"
+        f"Talk:   {cmd} chat --data {data_dir} --user alice --register\n"
+        f"        {cmd} chat --data {data_dir} --user bob --register   (in another terminal)\n"
+        f"Watch:  {cmd} monitor --data {data_dir}\n"
         f"Stop:   Ctrl-C\n", err=True)
     try:
         while not stopping:
