@@ -33,6 +33,7 @@ from simzmq.wire.handshake import (
     public_key,
 )
 from simzmq.wire.rules import validate_request
+from tests.strategies import ANY_MESSAGE, CLIENT_MESSAGE, instances
 
 
 def fuzz(ci_examples: int):
@@ -46,32 +47,7 @@ GATE_PK = public_key(GATE_SK)
 
 # --- value strategies -----------------------------------------------------------
 
-_TEXT = st.one_of(st.text(max_size=24), st.sampled_from(["", "alice", "bob", "#g", "a" * 64, "a" * 65, "é"]))
-_SCALARS = {
-    "u8": st.integers(0, 2**8 - 1),
-    "u16": st.integers(0, 2**16 - 1),
-    "u32": st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([0, 1, 2**32 - 1])),
-    "u64": st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 2**53 - 1, 2**53, 2**64 - 1])),
-    "str": _TEXT,
-    "bytes": st.binary(max_size=40),
-    "bool": st.booleans(),
-}
 
-
-def instances(cls):
-    fields = {}
-    for spec in M.field_specs(cls):
-        if spec.kind == "struct":
-            fields[spec.name] = instances(spec.struct)
-        elif spec.kind == "list":
-            fields[spec.name] = st.lists(instances(spec.struct), max_size=3)
-        else:
-            fields[spec.name] = _SCALARS[spec.kind]
-    return st.builds(cls, **fields)
-
-
-ANY_MESSAGE = st.one_of([instances(cls) for cls in M.MESSAGES.values()])
-CLIENT_MESSAGE = st.one_of([instances(M.MESSAGES[t]) for t in sorted(M.CLIENT_REQUESTS)])
 
 
 @st.composite

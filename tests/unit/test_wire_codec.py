@@ -10,37 +10,14 @@ from hypothesis import strategies as st
 from simzmq.wire import messages as M
 from simzmq.wire.codec import BIN, CODECS, MSGPACK, peek_header
 from simzmq.wire.errors import ProtocolError, ShortPayload
-
-_SCALARS = {
-    "u8": st.integers(0, 2**8 - 1),
-    "u16": st.integers(0, 2**16 - 1),
-    "u32": st.integers(0, 2**32 - 1),
-    "u64": st.integers(0, 2**64 - 1),
-    "str": st.text(max_size=20),
-    "bytes": st.binary(max_size=20),
-    "bool": st.booleans(),
-}
+from tests.strategies import ANY_MESSAGE
 
 
-def instances(cls):
-    """A strategy for any value of a declared message or struct class."""
-    fields = {}
-    for spec in M.field_specs(cls):
-        if spec.kind == "struct":
-            fields[spec.name] = instances(spec.struct)
-        elif spec.kind == "list":
-            fields[spec.name] = st.lists(instances(spec.struct), max_size=3)
-        else:
-            fields[spec.name] = _SCALARS[spec.kind]
-    return st.builds(cls, **fields)
-
-
-any_message = st.one_of([instances(cls) for cls in M.MESSAGES.values()])
 
 
 @pytest.mark.parametrize("codec", [BIN, MSGPACK], ids=lambda c: c.name)
 @settings(max_examples=300, deadline=None)
-@given(msg=any_message, ref=st.integers(0, 2**32 - 1))
+@given(msg=ANY_MESSAGE, ref=st.integers(0, 2**32 - 1))
 def test_round_trip(codec, msg, ref):
     payload = codec.encode(msg, ref)
     assert peek_header(payload) == (msg.TYPE, ref)
@@ -65,7 +42,7 @@ def test_random_bytes_only_raise_protocol_error(codec, data):
 
 @pytest.mark.parametrize("codec", [BIN, MSGPACK], ids=lambda c: c.name)
 @settings(max_examples=300, deadline=None)
-@given(msg=any_message, data=st.data())
+@given(msg=ANY_MESSAGE, data=st.data())
 def test_mutated_payloads_only_raise_protocol_error(codec, msg, data):
     payload = bytearray(codec.encode(msg, 1))
     position = data.draw(st.integers(0, len(payload) - 1))
