@@ -9,42 +9,20 @@ import zmq
 
 from simzmq import mdp
 from simzmq.envelope import pack_notice, unpack_notice, unpack_stamp
-from simzmq.broker import Broker, parse_state_message
+from simzmq.broker import parse_state_message
 from simzmq.bstar import DualActive, State
 from simzmq.mdpworker import WorkerGroup
+from tests.brokerthread import ANY, BrokerThread
 
-ANY = "tcp://127.0.0.1:*"
 
 
-class Running:
-    """A Broker serving in a thread."""
+class Running(BrokerThread):
+    """A Broker serving in a thread, with fast heartbeats."""
 
     def __init__(self, ctx, **kw):
-        kw.setdefault("frontend", ANY)
-        kw.setdefault("backend", ANY)
-        kw.setdefault("notify_in", ANY)
-        kw.setdefault("notify_out", ANY)
         kw.setdefault("heartbeat_interval", 0.05)
-        self.broker = Broker(context=ctx, install_signal_handlers=False, **kw)
-        self.error = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        end = time.monotonic() + 5
-        while not self.broker.ready.wait(0.02) and self.thread.is_alive() and time.monotonic() < end:
-            pass
-        if not self.broker.ready.is_set():
-            raise RuntimeError(f"broker did not start: {self.error!r}")
-        self.ep = self.broker.bound
-
-    def _run(self):
-        try:
-            self.broker.run()
-        except Exception as exc:  # noqa: BLE001 — surfaced by the test
-            self.error = exc
-
-    def stop(self):
-        self.broker.stop()
-        self.thread.join(5)
+        # A broker whose thread dies at start says so at once.
+        super().__init__(start_timeout=5, context=ctx, **kw)
 
 
 @pytest.fixture

@@ -23,44 +23,29 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from simzmq import bus, keys, mdp
-from simzmq.broker import Broker
 from simzmq.envelope import pack_notice, unpack_notice, unpack_stamp
 from simzmq.mdpworker import WorkerSession
+from tests.brokerthread import ANY, BrokerThread
 from tests.region import Region, free_ports
 
-ANY = "tcp://127.0.0.1:*"
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
-class SecureBroker:
+class SecureBroker(BrokerThread):
     """A Broker serving in a thread, CURVE on, its ZAP handler in its own context."""
 
     def __init__(self, data_dir, **kw):
         self.context = zmq.Context()
         self.bus = bus.start_broker_bus(self.context, data_dir)
-        for name in ("frontend", "backend", "notify_in", "notify_out", "state_pub"):
-            kw.setdefault(name, ANY)
+        kw.setdefault("state_pub", ANY)
         kw.setdefault("heartbeat_interval", 0.25)
         kw.setdefault("peer_heartbeat", 0.1)
-        self.broker = Broker(context=self.context, configure_socket=self.bus.configure_socket,
-                             auth_counts=self.bus.zap.counts, install_signal_handlers=False, **kw)
-        self.error = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        if not self.broker.ready.wait(10):
-            raise RuntimeError(f"broker did not start: {self.error!r}")
-        self.ep = self.broker.bound
-
-    def _run(self):
-        try:
-            self.broker.run()
-        except Exception as exc:  # noqa: BLE001 — surfaced by the test
-            self.error = exc
+        super().__init__(context=self.context, configure_socket=self.bus.configure_socket,
+                         auth_counts=self.bus.zap.counts, **kw)
 
     def stop(self):
-        self.broker.stop()
-        self.thread.join(5)
+        super().stop()
         self.bus.zap.stop()
         self.context.destroy(0)
 
