@@ -138,15 +138,20 @@ class Connection:
         on_close: Callable[["Connection"], None] | None = None,
         ping_interval: float | None = PING_INTERVAL_S,
         handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+        source_address: str | None = None,
     ) -> "Connection":
         """Connect, run the handshake and check the gate's Ready.
+
+        `source_address` binds the local end to that IP address (a host with
+        several, or a test standing in for clients from elsewhere).
 
         Raises OSError if the gate cannot be reached, ProtocolError (a
         HandshakeError or ChannelError) if it does not hold the pinned key or
         breaks the protocol, and asyncio.TimeoutError if it is too slow.
         """
         handshake = ClientHandshake(gate_pk, codecs)
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await asyncio.open_connection(
+            host, port, local_addr=(source_address, 0) if source_address else None)
         try:
             ready, decoder = await asyncio.wait_for(
                 _client_handshake(reader, writer, handshake, max_frame), handshake_timeout

@@ -72,7 +72,8 @@ CLOSED_BAD = Counter("simzmq_gate_protocol_closes_total", "Connections closed fo
 RATE_LIMITED = Counter("simzmq_gate_rate_limited_total",
                        "Requests refused with rate_limited and connections refused, by limit", ["limit"])
 BACKPRESSURE = Counter("simzmq_gate_backpressure_total",
-                       "Times a connection's reading paused at max_pending_requests")
+                       "Times a connection's reading paused: at max_pending_requests (pending), or more "
+                       "than pause_reading_bytes behind in reading (behind)", ["why"])
 OUTBOUND = Gauge("simzmq_gate_outbound_bytes", "Bytes queued towards clients, all connections")
 TRACKED = Gauge("simzmq_gate_limiter_entries", "Entries the gate tracks for a limit", ["table"])
 LOOP_LAG = Histogram("simzmq_gate_loop_lag_seconds",
@@ -167,6 +168,22 @@ class ClientConnection:
             self.bad_input(type(exc).__name__, str(exc))
         except SlowConsumer:
             self.slow_consumer("cannot take the handshake")
+
+    async def ready_to_read(self) -> None:
+        """Backpressure, before each frame is read: wait while
+        max_pending_requests are with the back end, or while the client is
+        more than pause_reading_bytes behind in reading what it was sent (a
+        client that asks and never reads would otherwise make the back end
+        produce replies only to pile them up here)."""
+        while self.state != CLOSED:
+            if not self.readable.is_set():
+                await self.readable.wait()
+            elif self.gate.limiter.behind(self.transport.queued()):
+                _inc(BACKPRESSURE, "behind")
+                if not await self.transport.flushed():
+                    return
+            else:
+                return
 
     def bad_input(self, why: str, detail: str) -> None:
         CLOSED_BAD.labels(why).inc()
@@ -311,7 +328,7 @@ class ClientConnection:
         payload = BIN.encode(msg, 0)
         self.pending += 1
         if self.gate.limiter.reading_paused(self.pending) and self.readable.is_set():
-            BACKPRESSURE.inc()
+            _inc(BACKPRESSURE, "pending")
             self.readable.clear()
 
         def done(reply_payload):
@@ -457,7 +474,11 @@ class ClientConnection:
         idle = self.gate.cfg["idle_timeout_s"]
         left = self.last_rx + idle - self.gate.now()
         if left <= 0:
-            self.kick(KickCode.IDLE, f"nothing received for {idle} s")
+            if self.gate.limiter.behind(self.transport.queued()):
+                # Not idle: paused, because it reads nothing of what it is sent.
+                self.slow_consumer(f"read nothing for {idle} s")
+            else:
+                self.kick(KickCode.IDLE, f"nothing received for {idle} s")
         else:
             self._idle_timer = self.gate.call_later(left, self._idle_check)
 
@@ -508,6 +529,17 @@ class SlowConsumer(Exception):
     pass
 
 
+async def _completed(future) -> bool:
+    """Whether `future` (a write) completed well; False at once for None."""
+    if future is None:
+        return False
+    try:
+        await future
+    except Exception:  # the stream closed: the read loop sees it next
+        return False
+    return True
+
+
 def _queued_bytes(stream) -> int:
     """Bytes a Tornado stream holds for the peer (0 once it is closed)."""
     buf = getattr(stream, "_write_buffer", None)
@@ -546,6 +578,11 @@ class TcpTransport:
             self.backlog += data
         else:
             self._hand_over(data)
+
+    async def flushed(self) -> bool:
+        """Wait until the write in flight has reached the kernel; False if
+        there was none, or it failed."""
+        return await _completed(self.in_flight)
 
     def _hand_over(self, data) -> None:
         try:
@@ -635,7 +672,7 @@ class GateTCPServer(TCPServer):
     async def handle_stream(self, stream, address):
         gate = self.gate
         ip = address[0] if isinstance(address, tuple) else str(address)
-        refused = gate.limiter.admit(ip)
+        refused = gate.limiter.admit(ip, gate.now())
         if refused is not None:
             gate.connection_refused(refused, ip)
             stream.close()
@@ -670,9 +707,7 @@ class GateTCPServer(TCPServer):
                 turn = 0
                 try:
                     while conn.state != CLOSED:
-                        if not conn.readable.is_set():
-                            await conn.readable.wait()
-                            continue
+                        await conn.ready_to_read()
                         if turn >= FRAMES_PER_TURN:
                             turn = 0
                             await asyncio.sleep(0)
@@ -805,6 +840,10 @@ class WsTransport:
         if self.in_flight is None:
             self._hand_over()
 
+    async def flushed(self) -> bool:
+        """As TcpTransport.flushed."""
+        return await _completed(self.in_flight)
+
     def _hand_over(self):
         while self.backlog and self.in_flight is None:
             p = self.backlog.popleft()
@@ -864,7 +903,7 @@ class WebSocketHandler(websocket.WebSocketHandler):
     def open(self):
         gate: Gate = self.application.settings["gate"]
         address = self.request.remote_ip or ""
-        refused = gate.limiter.admit(address)
+        refused = gate.limiter.admit(address, gate.now())
         if refused is not None:
             gate.connection_refused(refused, address)
             self.close()
@@ -884,8 +923,7 @@ class WebSocketHandler(websocket.WebSocketHandler):
         conn.payload_received(message)
         # Tornado reads the next message when this returns: backpressure, and
         # a turn for the other connections now and then.
-        if not conn.readable.is_set():
-            await conn.readable.wait()
+        await conn.ready_to_read()
         self.turn += 1
         if self.turn >= FRAMES_PER_TURN:
             self.turn = 0

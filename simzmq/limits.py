@@ -319,8 +319,11 @@ class LimitsConfig:
     history_burst: int = 20
     max_connections: int = 20000
     max_connections_per_address: int = 100
+    connects_per_address_per_s: float = 10.0
+    connects_per_address_burst: int = 50
     max_sessions_per_user: int = 20
     max_pending_requests: int = 64
+    pause_reading_bytes: int = 262144
     max_outbound_total_bytes: int = 268435456
     slow_consumer_min_bytes: int = 65536
     close_linger_s: float = 2.0
@@ -369,9 +372,10 @@ LOGIN_USER = "login_user"
 SESSIONS = "sessions"
 CONNECTIONS = "connections"
 ADDRESS_CONNECTIONS = "address_connections"
+ADDRESS_CONNECTS = "address_connects"
 HISTORY = "history"
 LIMIT_NAMES = (REQUESTS, SENDS, REGISTER_ADDRESS, REGISTER_USER, LOGIN_ADDRESS, LOGIN_USER, SESSIONS,
-               CONNECTIONS, ADDRESS_CONNECTIONS, HISTORY)
+               CONNECTIONS, ADDRESS_CONNECTIONS, ADDRESS_CONNECTS, HISTORY)
 
 
 class Limiter:
@@ -387,6 +391,8 @@ class Limiter:
         self.register_user = BucketTable(cfg.registers_per_user_per_min / 60, cfg.registers_per_user_burst,
                                          max_entries=n)
         self.history_address = BucketTable(cfg.history_per_s, cfg.history_burst, max_entries=n)
+        self.connects_address = BucketTable(cfg.connects_per_address_per_s, cfg.connects_per_address_burst,
+                                            max_entries=n)
         self.login_user = FailureThrottle(cfg.login_free_failures_per_user, cfg.login_delay_base_s,
                                           cfg.login_delay_max_s, cfg.login_forget_s, n)
         self.login_address = FailureThrottle(cfg.login_free_failures_per_address, cfg.login_delay_base_s,
@@ -399,13 +405,19 @@ class Limiter:
 
     # -- connections ----------------------------------------------------------
 
-    def admit(self, address: str) -> str | None:
-        """Count a new connection from `address`; or the name of the limit it hits."""
+    def admit(self, address: str, now: float) -> str | None:
+        """Count a new connection from `address`; or the name of the limit it hits.
+
+        Refused here, a connection costs an accept and a close: no handshake,
+        which is the most a client can make the gate compute unasked.
+        """
         if self.connections >= self.cfg.max_connections:
             return CONNECTIONS
-        if (not self.is_trusted(address)
-                and self.per_address.get(address) >= self.cfg.max_connections_per_address):
-            return ADDRESS_CONNECTIONS
+        if not self.is_trusted(address):
+            if self.per_address.get(address) >= self.cfg.max_connections_per_address:
+                return ADDRESS_CONNECTIONS
+            if self.connects_address.check(address, now):
+                return ADDRESS_CONNECTS
         self.connections += 1
         self.per_address.add(address)
         return None
@@ -423,6 +435,11 @@ class Limiter:
 
     def reading_paused(self, pending: int) -> bool:
         return pending >= self.cfg.max_pending_requests
+
+    def behind(self, queued_bytes: int) -> bool:
+        """A client this far behind in reading gets no more of its requests
+        read until it catches up: what it asks for could only pile up."""
+        return queued_bytes > self.cfg.pause_reading_bytes
 
     # -- requests ----------------------------------------------------------
 
@@ -475,6 +492,7 @@ class Limiter:
         """Forget what no longer matters; returns the entries left per table."""
         tables = {"sends": self.sends, "register_address": self.register_address,
                   "register_user": self.register_user, "history": self.history_address,
+                  "connects_address": self.connects_address,
                   "login_user": self.login_user, "login_address": self.login_address}
         for table in tables.values():
             table.prune(now)

@@ -17,8 +17,10 @@ class Closed(Exception):
 
 class RawClient:
     def __init__(self, port: int, gate_pk: bytes | None = None, codec: int = 1, handshake: bool = True,
-                 timeout: float = 10.0):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+                 timeout: float = 10.0, source: str | None = None):
+        # `source` (127.0.0.2, ...) makes this client come from another address.
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.ref = 0
         self.ready = None
         if handshake:

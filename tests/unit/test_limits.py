@@ -238,13 +238,13 @@ def limiter(**kw) -> Limiter:
 
 def test_connections_per_gate_and_per_address():
     lim = limiter(max_connections=3, max_connections_per_address=2, trusted_addresses=("10.0.0.9",))
-    assert lim.admit("10.0.0.1") is None
-    assert lim.admit("10.0.0.1") is None
-    assert lim.admit("10.0.0.1") == "address_connections"
-    assert lim.admit("10.0.0.9") is None
-    assert lim.admit("10.0.0.2") == "connections"
+    assert lim.admit("10.0.0.1", 0) is None
+    assert lim.admit("10.0.0.1", 0) is None
+    assert lim.admit("10.0.0.1", 0) == "address_connections"
+    assert lim.admit("10.0.0.9", 0) is None
+    assert lim.admit("10.0.0.2", 0) == "connections"
     lim.release("10.0.0.1")
-    assert lim.admit("10.0.0.1") is None
+    assert lim.admit("10.0.0.1", 0) is None
     for _ in range(3):
         lim.release("10.0.0.1")
     lim.release("10.0.0.9")
@@ -253,8 +253,25 @@ def test_connections_per_gate_and_per_address():
 
 def test_trusted_address_skips_only_per_address_connection_cap():
     lim = limiter(max_connections=2, max_connections_per_address=1, trusted_addresses=("127.0.0.1",))
-    assert lim.admit("127.0.0.1") is None and lim.admit("127.0.0.1") is None
-    assert lim.admit("127.0.0.1") == "connections"
+    assert lim.admit("127.0.0.1", 0) is None and lim.admit("127.0.0.1", 0) is None
+    assert lim.admit("127.0.0.1", 0) == "connections"
+
+
+def test_new_connections_per_address_are_rate_limited_before_any_handshake():
+    lim = limiter(connects_per_address_per_s=2, connects_per_address_burst=3, trusted_addresses=("10.0.0.9",))
+    assert [lim.admit("10.0.0.1", 0) for _ in range(4)] == [None, None, None, "address_connects"]
+    assert lim.admit("10.0.0.2", 0) is None  # another address has its own bucket
+    assert lim.admit("10.0.0.1", 0.5) is None  # one back after 1/rate
+    assert lim.admit("10.0.0.1", 0.5) == "address_connects"
+    assert all(lim.admit("10.0.0.9", 0) is None for _ in range(10))  # trusted: no rate
+    # A refused connection is not counted as held.
+    assert lim.per_address.get("10.0.0.1") == 4
+
+
+def test_a_client_far_behind_in_reading_is_paused():
+    lim = limiter(pause_reading_bytes=1000)
+    assert not lim.behind(0) and not lim.behind(1000)
+    assert lim.behind(1001)
 
 
 def test_connection_bucket_kicks_after_abuse_factor_bursts():
@@ -333,7 +350,7 @@ def test_prune_reports_table_sizes():
     lim = limiter()
     lim.send("a", 0)
     lim.login_failed("a", "10.0.0.1", True, 0)
-    lim.admit("10.0.0.1")
+    lim.admit("10.0.0.1", 0)
     sizes = lim.prune(1)
     assert sizes["sends"] == 0  # refilled already: nothing to remember
     assert sizes["login_user"] == 1 and sizes["login_address"] == 1 and sizes["address_connections"] == 1
