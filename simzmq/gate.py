@@ -220,6 +220,7 @@ class ClientConnection:
         if request:
             _inc(REQUESTS, request, "rate_limited")
         if verdict == Verdict.ABUSE:
+            self.gate.limiter.abused(self.address, self.gate.now())
             self.kick(KickCode.ABUSE, f"far over the {limit} limit")
             return
         self.gate.log_throttled("limit:" + limit, "rate limited %s (%s): %s limit", self.peer, self.user, limit)

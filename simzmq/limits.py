@@ -321,6 +321,8 @@ class LimitsConfig:
     max_connections_per_address: int = 100
     connects_per_address_per_s: float = 10.0
     connects_per_address_burst: int = 50
+    abuse_ban_s: float = 10.0
+    abuse_ban_max_s: float = 600.0
     max_sessions_per_user: int = 20
     max_pending_requests: int = 64
     pause_reading_bytes: int = 262144
@@ -373,9 +375,10 @@ SESSIONS = "sessions"
 CONNECTIONS = "connections"
 ADDRESS_CONNECTIONS = "address_connections"
 ADDRESS_CONNECTS = "address_connects"
+ADDRESS_BANNED = "address_banned"
 HISTORY = "history"
 LIMIT_NAMES = (REQUESTS, SENDS, REGISTER_ADDRESS, REGISTER_USER, LOGIN_ADDRESS, LOGIN_USER, SESSIONS,
-               CONNECTIONS, ADDRESS_CONNECTIONS, ADDRESS_CONNECTS, HISTORY)
+               CONNECTIONS, ADDRESS_CONNECTIONS, ADDRESS_CONNECTS, ADDRESS_BANNED, HISTORY)
 
 
 class Limiter:
@@ -393,6 +396,9 @@ class Limiter:
         self.history_address = BucketTable(cfg.history_per_s, cfg.history_burst, max_entries=n)
         self.connects_address = BucketTable(cfg.connects_per_address_per_s, cfg.connects_per_address_burst,
                                             max_entries=n)
+        # Kick{abuse} bans the address: abuse_ban_s, doubling with each
+        # further kick; one kick is forgotten per abuse_ban_max_s.
+        self.banned_address = FailureThrottle(1, cfg.abuse_ban_s, cfg.abuse_ban_max_s, cfg.abuse_ban_max_s, n)
         self.login_user = FailureThrottle(cfg.login_free_failures_per_user, cfg.login_delay_base_s,
                                           cfg.login_delay_max_s, cfg.login_forget_s, n)
         self.login_address = FailureThrottle(cfg.login_free_failures_per_address, cfg.login_delay_base_s,
@@ -414,6 +420,8 @@ class Limiter:
         if self.connections >= self.cfg.max_connections:
             return CONNECTIONS
         if not self.is_trusted(address):
+            if self.cfg.abuse_ban_s and self.banned_address.wait(address, now) > 0:
+                return ADDRESS_BANNED
             if self.per_address.get(address) >= self.cfg.max_connections_per_address:
                 return ADDRESS_CONNECTIONS
             if self.connects_address.check(address, now):
@@ -421,6 +429,13 @@ class Limiter:
         self.connections += 1
         self.per_address.add(address)
         return None
+
+    def abused(self, address: str, now: float) -> None:
+        """A connection from `address` was kicked for abuse: refuse the
+        address's new connections for a while. A client that goes far over
+        its limits would otherwise only reconnect and start again."""
+        if self.cfg.abuse_ban_s and not self.is_trusted(address):
+            self.banned_address.failed(address, now)
 
     def release(self, address: str) -> None:
         self.connections = max(0, self.connections - 1)
@@ -492,7 +507,7 @@ class Limiter:
         """Forget what no longer matters; returns the entries left per table."""
         tables = {"sends": self.sends, "register_address": self.register_address,
                   "register_user": self.register_user, "history": self.history_address,
-                  "connects_address": self.connects_address,
+                  "connects_address": self.connects_address, "banned_address": self.banned_address,
                   "login_user": self.login_user, "login_address": self.login_address}
         for table in tables.values():
             table.prune(now)

@@ -37,6 +37,7 @@ LIMITS = {
     "HISTORY_PER_S": "0.2", "HISTORY_BURST": "3",
     "MAX_CONNECTIONS": "40", "MAX_CONNECTIONS_PER_ADDRESS": "5", "MAX_SESSIONS_PER_USER": "3",
     "MAX_PENDING_REQUESTS": "4",
+    "CONNECTS_PER_ADDRESS_PER_S": "4", "CONNECTS_PER_ADDRESS_BURST": "12", "ABUSE_BAN_S": "2",
     "LOG_LINES_PER_LIMIT": "3", "LOG_INTERVAL_S": "3600",
 }
 
@@ -195,9 +196,16 @@ def test_requests_per_connection_then_abuse_kick(region):
     got = until_closed(c)
     ref, last, final = got[-1]
     assert isinstance(last, m.Kick) and last.code == KickCode.ABUSE and final
+    # The address is banned for abuse_ban_s: it cannot just start again.
+    banned_before = limited_count(region, "address_banned")
+    assert refused(region, src)
+    assert limited_count(region, "address_banned") > banned_before
     # Everyone else is still served.
     other = connect(region, new_source())
     assert isinstance(other.request(m.Ping(ts_ms=2)), m.Pong)
+    # And the ban ends.
+    assert poll(lambda: not refused(region, src), timeout=10, step=0.5)
+    assert isinstance(connect(region, src).request(m.Ping(ts_ms=3)), m.Pong)
 
 
 @pytest.mark.timeout(60)
@@ -301,6 +309,19 @@ def test_connections_per_address(region):
 
 
 @pytest.mark.timeout(60)
+def test_new_connections_per_address_per_second(region):
+    src = new_source()
+    before = limited_count(region, "address_connects")
+    # A burst of 12, each closed at once (it is the rate, not the count held).
+    for _ in range(12):
+        connect(region, src).close()
+    assert refused(region, src)
+    assert limited_count(region, "address_connects") > before
+    assert not refused(region, new_source())
+    assert poll(lambda: not refused(region, src), step=0.5)  # 4 a second come back
+
+
+@pytest.mark.timeout(60)
 def test_connections_per_gate(region):
     held = []
     try:
@@ -345,14 +366,15 @@ def test_sessions_per_user(region):
 @pytest.mark.timeout(60)
 def test_pending_requests_backpressure_loses_nothing(region):
     c = user(region, new_source())
-    before = metrics(region).get("simzmq_gate_backpressure_total", 0.0)
+    key = 'simzmq_gate_backpressure_total{why="pending"}'
+    before = metrics(region).get(key, 0.0)
     refs = [c.send(m.Sync(since=0, limit=0)) for _ in range(40)]
     got = {}
     while len(got) < 40:
         ref, msg, _ = c.recv()
         got[ref] = msg
     assert set(got) == set(refs) and all(isinstance(x, m.Batch) for x in got.values())
-    assert metrics(region).get("simzmq_gate_backpressure_total", 0.0) > before
+    assert metrics(region).get(key, 0.0) > before
 
 
 @pytest.mark.timeout(90)
@@ -624,3 +646,76 @@ def test_thousand_clients_flood_and_never_read(crowd_region):
     assert poll(lambda: health(region)["connections"] <= 1, timeout=30)
     fresh_client = RawClient(region.gate_port, region.gate_pk)
     assert isinstance(fresh_client.request(m.Ping(ts_ms=1)), m.Pong)
+
+
+# --- a client that asks and does not read ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pause_region(tmp_path_factory):
+    env = {"SIMZMQ_GATE_LIMITS_TRUSTED_ADDRESSES": "", "SIMZMQ_GATE_LIMITS_MAX_PENDING_REQUESTS": "4",
+           "SIMZMQ_GATE_LIMITS_PAUSE_READING_BYTES": str(64 * 1024), "SIMZMQ_GATE_IDLE_TIMEOUT_S": "6"}
+    r = Region(tmp_path_factory.mktemp("pause") / "data", extra_env=env)
+    r.start()
+    yield r
+    r.stop()
+
+
+def syncs_answered(region) -> float:
+    return metrics(region).get('simzmq_gate_requests_total{type="Sync",outcome="ok"}', 0.0)
+
+
+def deaf_reader(region, src):
+    """A user with 100 kB in its inbox, and a second connection of it that
+    reads next to nothing (a 32 KiB receive buffer, not read)."""
+    sender = user(region, src)
+    reader = user(region, src)
+    for i in range(20):
+        sent = sender.request(m.Send(to=reader.name, cmid=b"c%d" % i, kind=0, body=b"%05d" % i * 1000))
+        assert isinstance(sent, m.SendOk)
+    deaf = connect(region, src, rcvbuf=32 * 1024, timeout=30)
+    assert isinstance(deaf.request(m.Login(user=reader.name, password="", token=reader.token, device="deaf")),
+                      m.LoginOk)
+    return sender, deaf
+
+
+@pytest.mark.timeout(90)
+def test_a_client_behind_in_reading_is_paused_not_answered_then_served(pause_region):
+    region = pause_region
+    sender, deaf = deaf_reader(region, new_source())
+    paused_before = metrics(region).get('simzmq_gate_backpressure_total{why="behind"}', 0.0)
+    answered_before = syncs_answered(region)
+    # 190 Syncs of 100 kB each: 19 MB, far beyond what the kernel's buffers
+    # hold. Without the pause the back end would answer them all.
+    refs = [deaf.send(m.Sync(since=0, limit=0)) for _ in range(190)]
+    assert poll(lambda: metrics(region).get('simzmq_gate_backpressure_total{why="behind"}', 0.0) > paused_before)
+    time.sleep(1.0)
+    answered_while_deaf = syncs_answered(region) - answered_before
+    assert answered_while_deaf < 100, answered_while_deaf
+    # The others are served meanwhile.
+    assert isinstance(sender.request(m.Ping(ts_ms=1)), m.Pong)
+    # Reading again, the client gets every answer, complete and in order:
+    # paused, not dropped, and not kicked.
+    got = [deaf.recv() for _ in refs]
+    assert [ref for ref, _, _ in got] == refs
+    for _, batch, final in got:
+        assert isinstance(batch, m.Batch) and not final
+        assert [x.body[:5] for x in batch.msgs] == [b"%05d" % i for i in range(20)]
+    assert isinstance(deaf.request(m.Ping(ts_ms=2)), m.Pong)
+
+
+@pytest.mark.timeout(90)
+def test_a_client_that_stays_behind_is_kicked_as_a_slow_consumer(pause_region):
+    region = pause_region
+    sender, deaf = deaf_reader(region, new_source())
+    kicks = 'simzmq_gate_kicks_total{reason="slow_consumer"}'
+    before = metrics(region).get(kicks, 0.0)
+    for _ in range(190):
+        deaf.send(m.Sync(since=0, limit=0))
+    # Paused, it sends nothing the gate reads: after idle_timeout_s it goes,
+    # as the slow consumer it is (not as idle), and its queue with it.
+    assert poll(lambda: metrics(region).get(kicks, 0.0) > before, timeout=30)
+    got = until_closed(deaf)
+    assert all(isinstance(msg, (m.Batch, m.Kick)) for _, msg, _ in got)
+    assert [msg.code for _, msg, _ in got if isinstance(msg, m.Kick)] in ([], [KickCode.SLOW_CONSUMER])
+    # (The sender, silent as long, went as idle; a new connection is served.)
+    assert isinstance(connect(region, new_source()).request(m.Ping(ts_ms=1)), m.Pong)
