@@ -299,7 +299,8 @@ def test_good_clients_are_served_through_an_attack(region):
                           "p99_ms": round(percentile(latencies, 99), 2),
                           "max_ms": round(max(latencies), 2), "pushes_missing": pushes_missing,
                           "cpu_s": {name: round(after[name][0] - before[name][0], 2) for name in pids
-                                    if before.get(name) and after.get(name)}}
+                                    if before.get(name) and after.get(name)},
+                          "gate_rss_mb": round(after["gate-1"][1] / 2**20, 1) if after.get("gate-1") else None}
         results[phase]["machine"] = machine_report(before, after, sum(results[phase]["cpu_s"].values()), 0)
     status, metrics = region.http_get("/metrics")
     counters = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
