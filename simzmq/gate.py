@@ -123,10 +123,13 @@ class ClientConnection:
         self.last_rx = now
         self.bucket = gate.limiter.connection_bucket(now)
         # Requests forwarded and not yet answered; at max_pending_requests the
-        # gate stops reading this connection until replies drain.
+        # gate stops reading this connection (`paused`) until replies drain.
+        # The Event that wakes the reader is made only when first needed:
+        # most connections never pause, and an Event per connection is a
+        # noticeable part of accepting one.
         self.pending = 0
-        self.readable = asyncio.Event()
-        self.readable.set()
+        self.paused = False
+        self._unpaused: asyncio.Event | None = None
         self._lost = False
         self.final_sent = False  # the frame with TAG_FINAL is sealed: nothing may follow
         self._handshake_timer = gate.call_later(gate.cfg["handshake_timeout_s"], self._handshake_expired)
@@ -169,21 +172,33 @@ class ClientConnection:
         except SlowConsumer:
             self.slow_consumer("cannot take the handshake")
 
+    def must_wait(self) -> bool:
+        """Backpressure, asked before each frame is read: whether
+        max_pending_requests are with the back end, or the client is more
+        than pause_reading_bytes behind in reading what it was sent (a client
+        that asks and never reads would otherwise make the back end produce
+        replies only to pile them up here)."""
+        return self.paused or self.gate.limiter.behind(self.transport.queued())
+
     async def ready_to_read(self) -> None:
-        """Backpressure, before each frame is read: wait while
-        max_pending_requests are with the back end, or while the client is
-        more than pause_reading_bytes behind in reading what it was sent (a
-        client that asks and never reads would otherwise make the back end
-        produce replies only to pile them up here)."""
+        """Wait until must_wait() is over, or the connection is."""
         while self.state != CLOSED:
-            if not self.readable.is_set():
-                await self.readable.wait()
+            if self.paused:
+                if self._unpaused is None:
+                    self._unpaused = asyncio.Event()
+                self._unpaused.clear()
+                await self._unpaused.wait()
             elif self.gate.limiter.behind(self.transport.queued()):
                 _inc(BACKPRESSURE, "behind")
                 if not await self.transport.flushed():
                     return
             else:
                 return
+
+    def _set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        if not paused and self._unpaused is not None:
+            self._unpaused.set()
 
     def bad_input(self, why: str, detail: str) -> None:
         CLOSED_BAD.labels(why).inc()
@@ -328,14 +343,14 @@ class ClientConnection:
         return None when it has answered itself, and then to the client."""
         payload = BIN.encode(msg, 0)
         self.pending += 1
-        if self.gate.limiter.reading_paused(self.pending) and self.readable.is_set():
+        if not self.paused and self.gate.limiter.reading_paused(self.pending):
             _inc(BACKPRESSURE, "pending")
-            self.readable.clear()
+            self._set_paused(True)
 
         def done(reply_payload):
             self.pending -= 1
-            if not self.gate.limiter.reading_paused(self.pending):
-                self.readable.set()
+            if self.paused and not self.gate.limiter.reading_paused(self.pending):
+                self._set_paused(False)
             if (on_reply is None and self.codec is BIN and reply_payload is not None
                     and reply_payload[:1] in PASS_THROUGH_REPLIES and self.state != CLOSED):
                 # The usual case, a bin client and a success reply: the
@@ -453,7 +468,7 @@ class ClientConnection:
             return
         self._lost = True
         self.state = CLOSED
-        self.readable.set()  # a reader paused for backpressure must see the end
+        self._set_paused(False)  # a reader paused for backpressure must see the end
         self._handshake_timer.cancel()
         self._idle_timer.cancel()
         CONNECTIONS.dec()
@@ -708,7 +723,9 @@ class GateTCPServer(TCPServer):
                 turn = 0
                 try:
                     while conn.state != CLOSED:
-                        await conn.ready_to_read()
+                        if conn.must_wait():
+                            await conn.ready_to_read()
+                            continue
                         if turn >= FRAMES_PER_TURN:
                             turn = 0
                             await asyncio.sleep(0)
@@ -924,7 +941,8 @@ class WebSocketHandler(websocket.WebSocketHandler):
         conn.payload_received(message)
         # Tornado reads the next message when this returns: backpressure, and
         # a turn for the other connections now and then.
-        await conn.ready_to_read()
+        if conn.must_wait():
+            await conn.ready_to_read()
         self.turn += 1
         if self.turn >= FRAMES_PER_TURN:
             self.turn = 0

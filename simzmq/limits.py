@@ -279,10 +279,23 @@ def pick_slow_consumers(queued: Mapping[Hashable, int], total_limit: int, min_by
 class AddressSet:
     """Addresses and networks (`"10.0.0.0/8"`, `"::1"`)."""
 
+    # Answers remembered per address string: parsing one costs more than the
+    # rest of accepting a connection's limits together. Cleared when full.
+    MEMO_SIZE = 4096
+
     def __init__(self, specs: Iterable[str]):
         self.networks = [ipaddress.ip_network(s.strip(), strict=False) for s in specs if s.strip()]
+        self._memo: dict[str, bool] = {}
 
     def __contains__(self, address: str) -> bool:
+        known = self._memo.get(address)
+        if known is None:
+            if len(self._memo) >= self.MEMO_SIZE:
+                self._memo.clear()
+            known = self._memo[address] = self._match(address)
+        return known
+
+    def _match(self, address: str) -> bool:
         if not self.networks:
             return False
         try:

@@ -401,7 +401,7 @@ class GateMachine(RuleBasedStateMachine):
         assert set(gate.sessions) == set(gate.backend.subscribed)
         for conn in live:
             assert conn.pending >= 0
-            assert conn.readable.is_set() == (conn.pending < gate.limiter.cfg.max_pending_requests)
+            assert conn.paused == (conn.pending >= gate.limiter.cfg.max_pending_requests)
         pending_logins = sum(1 for c in gate.connections if c.login_pending)
         assert pending_logins <= sum(gate.logins_pending.values())
 
@@ -438,10 +438,10 @@ def test_backpressure_flag_follows_pending_requests():
     cb(reply_for(msg, origin, "ok"))
     for ref in range(2, 6):
         c.conn.payload_received(c.tx.seal(BIN.encode(m.Sync(), ref)))
-    assert c.conn.pending == 4 and not c.conn.readable.is_set()
+    assert c.conn.pending == 4 and c.conn.paused
     _, origin, msg, cb = gate.backend.pending.pop(0)
     cb(reply_for(msg, origin, "ok"))
-    assert c.conn.readable.is_set()
+    assert not c.conn.paused
 
 
 def test_slow_consumer_is_kicked_and_closed():

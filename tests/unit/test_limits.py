@@ -381,3 +381,13 @@ def test_abuse_bans_can_be_turned_off():
     lim = limiter(abuse_ban_s=0)
     lim.abused("10.0.0.1", 0)
     assert lim.admit("10.0.0.1", 0) is None
+
+
+def test_address_set_answers_the_same_from_its_memo():
+    trusted = AddressSet(["10.0.0.0/8", "::1"])
+    for _ in range(2):  # parsed, then remembered
+        assert "10.1.2.3" in trusted and "::1" in trusted and "::ffff:10.0.0.1" in trusted
+        assert "11.0.0.1" not in trusted and "nonsense" not in trusted
+    for i in range(AddressSet.MEMO_SIZE + 10):  # a full memo starts again, answers unchanged
+        assert (f"10.0.{i // 256 % 256}.{i % 256}" in trusted) is True
+    assert len(trusted._memo) <= AddressSet.MEMO_SIZE
