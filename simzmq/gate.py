@@ -182,6 +182,7 @@ class ClientConnection:
 
     async def ready_to_read(self) -> None:
         """Wait until must_wait() is over, or the connection is."""
+        counted = False
         while self.state != CLOSED:
             if self.paused:
                 if self._unpaused is None:
@@ -189,7 +190,9 @@ class ClientConnection:
                 self._unpaused.clear()
                 await self._unpaused.wait()
             elif self.gate.limiter.behind(self.transport.queued()):
-                _inc(BACKPRESSURE, "behind")
+                if not counted:  # once per pause, however many writes it waits for
+                    counted = True
+                    _inc(BACKPRESSURE, "behind")
                 if not await self.transport.flushed():
                     return
             else:
