@@ -616,7 +616,13 @@ class TcpTransport:
 
     def _written(self, fut) -> None:
         self.in_flight = None
-        if fut.cancelled() or fut.exception() is not None or not self.backlog:
+        if fut.cancelled() or fut.exception() is not None:
+            # The stream is gone: what waited for it never leaves, and must
+            # not be counted as queued (a reader paused behind would wait on
+            # it forever).
+            self.backlog = bytearray()
+            return
+        if not self.backlog:
             return
         data, self.backlog = bytes(self.backlog), bytearray()
         try:
@@ -728,6 +734,8 @@ class GateTCPServer(TCPServer):
                     while conn.state != CLOSED:
                         if conn.must_wait():
                             await conn.ready_to_read()
+                            if conn.must_wait():
+                                break  # no write to wait for: the socket read below tells why
                             continue
                         if turn >= FRAMES_PER_TURN:
                             turn = 0

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+import struct
 import threading
 import time
 
@@ -719,3 +720,23 @@ def test_a_client_that_stays_behind_is_kicked_as_a_slow_consumer(pause_region):
     assert [msg.code for _, msg, _ in got if isinstance(msg, m.Kick)] in ([], [KickCode.SLOW_CONSUMER])
     # (The sender, silent as long, went as idle; a new connection is served.)
     assert isinstance(connect(region, new_source()).request(m.Ping(ts_ms=1)), m.Pong)
+
+
+@pytest.mark.timeout(90)
+def test_a_paused_client_that_resets_leaves_the_gate_serving(pause_region):
+    # Regression: a write that failed while the reader was paused behind left
+    # its backlog counted, and the reader spun on it with the loop blocked.
+    region = pause_region
+    _, deaf = deaf_reader(region, new_source())
+    before = metrics(region).get('simzmq_gate_backpressure_total{why="behind"}', 0.0)
+    for _ in range(190):
+        deaf.send(m.Sync(since=0, limit=0))
+    assert poll(lambda: metrics(region).get('simzmq_gate_backpressure_total{why="behind"}', 0.0) > before)
+    # Reset, not close: the gate's write in flight fails.
+    deaf.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    deaf.sock.close()
+    time.sleep(0.5)
+    for _ in range(5):
+        assert metrics(region)  # /metrics answers (it waits 5 s at most)
+        assert isinstance(connect(region, new_source()).request(m.Ping(ts_ms=1)), m.Pong)
+        time.sleep(0.2)
