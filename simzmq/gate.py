@@ -238,7 +238,9 @@ class ClientConnection:
         if request:
             _inc(REQUESTS, request, "rate_limited")
         if verdict == Verdict.ABUSE:
-            self.gate.limiter.abused(self.address, self.gate.now())
+            ban_s = self.gate.limiter.abused(self.address, self.gate.now())
+            if ban_s:
+                self.gate.log_throttled("ban", "banning %s for %.0f s: kicked for abuse", self.address, ban_s)
             self.kick(KickCode.ABUSE, f"far over the {limit} limit")
             return
         self.gate.log_throttled("limit:" + limit, "rate limited %s (%s): %s limit", self.peer, self.user, limit)

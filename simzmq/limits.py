@@ -443,12 +443,15 @@ class Limiter:
         self.per_address.add(address)
         return None
 
-    def abused(self, address: str, now: float) -> None:
+    def abused(self, address: str, now: float) -> float:
         """A connection from `address` was kicked for abuse: refuse the
-        address's new connections for a while. A client that goes far over
-        its limits would otherwise only reconnect and start again."""
-        if self.cfg.abuse_ban_s and not self.is_trusted(address):
-            self.banned_address.failed(address, now)
+        address's new connections for a while (returned, in seconds; 0 for
+        none). A client that goes far over its limits would otherwise only
+        reconnect and start again."""
+        if not self.cfg.abuse_ban_s or self.is_trusted(address):
+            return 0.0
+        self.banned_address.failed(address, now)
+        return self.banned_address.wait(address, now)
 
     def release(self, address: str) -> None:
         self.connections = max(0, self.connections - 1)

@@ -201,6 +201,7 @@ def test_requests_per_connection_then_abuse_kick(region):
     banned_before = limited_count(region, "address_banned")
     assert refused(region, src)
     assert limited_count(region, "address_banned") > banned_before
+    assert poll(lambda: f"banning {src} for 2 s: kicked for abuse" in region.read_log())
     # Everyone else is still served.
     other = connect(region, new_source())
     assert isinstance(other.request(m.Ping(ts_ms=2)), m.Pong)

@@ -366,14 +366,14 @@ def test_defaults_are_finite_and_sane():
 
 def test_abuse_bans_the_address_for_a_growing_while():
     lim = limiter(abuse_ban_s=10, abuse_ban_max_s=600, trusted_addresses=("10.0.0.9",))
-    lim.abused("10.0.0.1", 0)
+    assert lim.abused("10.0.0.1", 0) == 10
     assert lim.admit("10.0.0.1", 1) == "address_banned"
     assert lim.admit("10.0.0.2", 1) is None  # only that address
     assert lim.admit("10.0.0.1", 10.5) is None
-    lim.abused("10.0.0.1", 11)
+    assert lim.abused("10.0.0.1", 11) == 20
     assert lim.admit("10.0.0.1", 25) == "address_banned"  # 20 s the second time
     assert lim.admit("10.0.0.1", 31.5) is None
-    lim.abused("10.0.0.9", 0)  # trusted: never banned
+    assert lim.abused("10.0.0.9", 0) == 0  # trusted: never banned
     assert lim.admit("10.0.0.9", 1) is None
 
 
