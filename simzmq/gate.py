@@ -551,14 +551,24 @@ class SlowConsumer(Exception):
 
 
 async def _completed(future) -> bool:
-    """Whether `future` (a write) completed well; False at once for None."""
+    """Whether `future` (a write) completed well; False at once for None.
+
+    Either way it yields to the loop once after the write is done: the
+    future's own callbacks (the transport's `_written`, which hands the
+    backlog over or drops it) are queued, not yet run, and awaiting a future
+    that is already done does not yield. A reader that looked again before
+    them would see the same queue and wait on the same future, forever,
+    with the loop blocked.
+    """
     if future is None:
         return False
     try:
         await future
+        ok = True
     except Exception:  # the stream closed: the read loop sees it next
-        return False
-    return True
+        ok = False
+    await asyncio.sleep(0)
+    return ok
 
 
 def _queued_bytes(stream) -> int:
@@ -736,8 +746,11 @@ class GateTCPServer(TCPServer):
                     while conn.state != CLOSED:
                         if conn.must_wait():
                             await conn.ready_to_read()
-                            if conn.must_wait():
-                                break  # no write to wait for: the socket read below tells why
+                            if conn.must_wait() or stream.closed():
+                                # No write to wait for, or the peer is gone
+                                # (what it sent is not worth serving): the
+                                # socket read below ends or resumes it.
+                                break
                             continue
                         if turn >= FRAMES_PER_TURN:
                             turn = 0
