@@ -307,6 +307,22 @@ class AddressSet:
         return any(ip in net for net in self.networks)
 
 
+def address_key(address: str) -> str:
+    """What the per-address limits count a client as: its IPv4 address
+    (IPv4-mapped IPv6 ones too), or the /64 of its IPv6 address. One host
+    commonly holds a whole /64 and could otherwise take a fresh address,
+    and with it a fresh allowance, for every connection."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 # --- configuration and policy -------------------------------------------------------------------
 
 
@@ -374,6 +390,9 @@ class LimitsConfig:
             out[name] = value
         cfg = cls(**out)
         AddressSet(cfg.trusted_addresses)  # fail at start on a bad address
+        if cfg.abuse_ban_s and cfg.abuse_ban_max_s < cfg.abuse_ban_s:
+            raise ValueError("gate.limits.abuse_ban_max_s must be at least abuse_ban_s "
+                             "(abuse_ban_s = 0 turns bans off)")
         return cfg
 
 
@@ -418,9 +437,19 @@ class Limiter:
                                              cfg.login_delay_max_s, cfg.login_forget_s, n)
         self.connections = 0
         self.per_address = Counts()
+        self._keys: dict[str, str] = {}
 
     def is_trusted(self, address: str) -> bool:
         return address in self.trusted
+
+    def key(self, address: str) -> str:
+        """address_key(address), remembered like the trusted answers."""
+        key = self._keys.get(address)
+        if key is None:
+            if len(self._keys) >= AddressSet.MEMO_SIZE:
+                self._keys.clear()
+            key = self._keys[address] = address_key(address)
+        return key
 
     # -- connections ----------------------------------------------------------
 
@@ -432,15 +461,16 @@ class Limiter:
         """
         if self.connections >= self.cfg.max_connections:
             return CONNECTIONS
+        key = self.key(address)
         if not self.is_trusted(address):
-            if self.cfg.abuse_ban_s and self.banned_address.wait(address, now) > 0:
+            if self.cfg.abuse_ban_s and self.banned_address.wait(key, now) > 0:
                 return ADDRESS_BANNED
-            if self.per_address.get(address) >= self.cfg.max_connections_per_address:
+            if self.per_address.get(key) >= self.cfg.max_connections_per_address:
                 return ADDRESS_CONNECTIONS
-            if self.connects_address.check(address, now):
+            if self.connects_address.check(key, now):
                 return ADDRESS_CONNECTS
         self.connections += 1
-        self.per_address.add(address)
+        self.per_address.add(key)
         return None
 
     def abused(self, address: str, now: float) -> float:
@@ -450,12 +480,13 @@ class Limiter:
         reconnect and start again."""
         if not self.cfg.abuse_ban_s or self.is_trusted(address):
             return 0.0
-        self.banned_address.failed(address, now)
-        return self.banned_address.wait(address, now)
+        key = self.key(address)
+        self.banned_address.failed(key, now)
+        return self.banned_address.wait(key, now)
 
     def release(self, address: str) -> None:
         self.connections = max(0, self.connections - 1)
-        self.per_address.remove(address)
+        self.per_address.remove(self.key(address))
 
     def connection_bucket(self, now: float) -> TokenBucket:
         cfg = self.cfg
@@ -479,7 +510,7 @@ class Limiter:
 
     def register(self, user: str, address: str, now: float) -> tuple[Verdict, str]:
         if not self.is_trusted(address):
-            verdict = self.register_address.check(address, now)
+            verdict = self.register_address.check(self.key(address), now)
             if verdict:
                 return verdict, REGISTER_ADDRESS
         return self.register_user.check(user, now), REGISTER_USER
@@ -492,7 +523,7 @@ class Limiter:
         cannot lock the victim's token resumes out.
         """
         if not self.is_trusted(address):
-            wait = self.login_address.wait(address, now)
+            wait = self.login_address.wait(self.key(address), now)
             if wait > 0:
                 return wait, LOGIN_ADDRESS
         if password:
@@ -503,7 +534,7 @@ class Limiter:
 
     def login_failed(self, user: str, address: str, password: bool, now: float) -> None:
         if not self.is_trusted(address):
-            self.login_address.failed(address, now)
+            self.login_address.failed(self.key(address), now)
         if password:
             self.login_user.failed(user, now)
 
@@ -515,7 +546,7 @@ class Limiter:
     def history(self, address: str, now: float) -> Verdict:
         if self.is_trusted(address):
             return Verdict.ALLOW
-        return self.history_address.check(address, now)
+        return self.history_address.check(self.key(address), now)
 
     # -- housekeeping --------------------------------------------------------
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from simzmq import config
 from simzmq.limits import (
     AddressSet,
+    address_key,
     BucketTable,
     FailureThrottle,
     Limiter,
@@ -391,3 +392,28 @@ def test_address_set_answers_the_same_from_its_memo():
     for i in range(AddressSet.MEMO_SIZE + 10):  # a full memo starts again, answers unchanged
         assert (f"10.0.{i // 256 % 256}.{i % 256}" in trusted) is True
     assert len(trusted._memo) <= AddressSet.MEMO_SIZE
+
+
+def test_per_address_limits_count_ipv6_by_its_slash_64():
+    assert address_key("2001:db8:1:2:aaaa::1") == "2001:db8:1:2::/64"
+    assert address_key("::ffff:10.0.0.1") == "10.0.0.1"
+    assert address_key("10.0.0.1") == "10.0.0.1"
+    assert address_key("not an address") == "not an address"
+    lim = limiter(max_connections_per_address=2, abuse_ban_s=10)
+    assert lim.admit("2001:db8:1:2::1", 0) is None
+    assert lim.admit("2001:db8:1:2::ffff", 0) is None  # another address, the same /64
+    assert lim.admit("2001:db8:1:2:1:2:3:4", 0) == "address_connections"
+    assert lim.admit("2001:db8:1:3::1", 0) is None  # the next /64 is someone else
+    lim.release("2001:db8:1:2::1")
+    assert lim.admit("2001:db8:1:2::77", 0) is None
+    # A ban holds for the whole /64; an IPv4-mapped address is its IPv4 one.
+    lim.abused("2001:db8:9:9::1", 0)
+    assert lim.admit("2001:db8:9:9::2", 1) == "address_banned"
+    lim.abused("::ffff:10.0.0.5", 0)
+    assert lim.admit("10.0.0.5", 1) == "address_banned"
+
+
+def test_a_ban_ceiling_below_the_ban_is_refused_at_start():
+    with pytest.raises(ValueError, match="abuse_ban_max_s"):
+        LimitsConfig.from_mapping({"abuse_ban_s": 10.0, "abuse_ban_max_s": 0.0})
+    assert LimitsConfig.from_mapping({"abuse_ban_s": 0.0, "abuse_ban_max_s": 0.0}).abuse_ban_s == 0
