@@ -8,6 +8,7 @@ per-address limits of one test do not leak into the next.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -677,6 +678,7 @@ def deaf_reader(region, src):
     deaf = connect(region, src, rcvbuf=32 * 1024, timeout=30)
     assert isinstance(deaf.request(m.Login(user=reader.name, password="", token=reader.token, device="deaf")),
                       m.LoginOk)
+    deaf.name, deaf.token = reader.name, reader.token
     return sender, deaf
 
 
@@ -741,3 +743,105 @@ def test_a_paused_client_that_resets_leaves_the_gate_serving(pause_region):
         assert metrics(region)  # /metrics answers (it waits 5 s at most)
         assert isinstance(connect(region, new_source()).request(m.Ping(ts_ms=1)), m.Pong)
         time.sleep(0.2)
+
+
+class RawWebSocket:
+    """A blocking WebSocket client of the gate's /ws that reads only when
+    told to (Tornado's client reads in the background, so it cannot stand
+    for a client that does not read). Each binary message is one frame
+    payload of the protocol."""
+
+    def __init__(self, region, source: str, rcvbuf: int | None = None):
+        sock = socket.socket()
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(30)
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", region.http_port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += self._read_from(sock, 1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        self.sock = sock
+        hs = ClientHandshake(region.gate_pk, codecs=(1,))
+        self.send_payload(hs.hello())
+        hs.receive_welcome(self.recv_payload())
+        self.rx, self.tx, self.codec = hs.receiver, hs.sender, CODECS[hs.codec_id]
+        _, self.ready = self.codec.decode(self.rx.open(self.recv_payload())[0])
+        self.send_payload(self.tx.header)
+        self.ref = 0
+
+    @staticmethod
+    def _read_from(sock, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = sock.recv(n - len(buf))
+            if not chunk:
+                raise Closed()
+            buf += chunk
+        return buf
+
+    def send_payload(self, payload: bytes) -> None:
+        n = len(payload)
+        if n < 126:
+            header = bytes([0x82, 0x80 | n])
+        elif n < 65536:
+            header = bytes([0x82, 0x80 | 126]) + struct.pack(">H", n)
+        else:
+            header = bytes([0x82, 0x80 | 127]) + struct.pack(">Q", n)
+        mask = os.urandom(4)
+        masked = (int.from_bytes(payload, "big") ^ int.from_bytes((mask * (n // 4 + 1))[:n], "big")).to_bytes(n, "big")
+        self.sock.sendall(header + mask + masked)
+
+    def recv_payload(self) -> bytes:
+        while True:
+            b0, b1 = self._read_from(self.sock, 2)
+            n = b1 & 0x7F
+            if n == 126:
+                (n,) = struct.unpack(">H", self._read_from(self.sock, 2))
+            elif n == 127:
+                (n,) = struct.unpack(">Q", self._read_from(self.sock, 8))
+            payload = self._read_from(self.sock, n)
+            opcode = b0 & 0x0F
+            if opcode == 0x8:
+                raise Closed()
+            if opcode == 0x2:
+                return payload
+
+    def send(self, msg) -> int:
+        self.ref += 1
+        self.send_payload(self.tx.seal(self.codec.encode(msg, self.ref)))
+        return self.ref
+
+    def recv(self):
+        plaintext, final = self.rx.open(self.recv_payload())
+        ref, msg = self.codec.decode(plaintext)
+        return ref, msg, final
+
+
+@pytest.mark.timeout(90)
+def test_a_websocket_client_behind_in_reading_is_paused_then_served(pause_region):
+    # The WebSocket transport waits the same way as TCP: paused, not answered,
+    # not dropped, and the gate keeps serving the others meanwhile.
+    region = pause_region
+    src = new_source()
+    sender, tcp = deaf_reader(region, src)
+    tcp.close()
+    ws = RawWebSocket(region, src, rcvbuf=32 * 1024)
+    ws.send(m.Login(user=tcp.name, password="", token=tcp.token, device="ws"))
+    _, ok, _ = ws.recv()
+    assert isinstance(ok, m.LoginOk), ok
+    paused_before = metrics(region).get('simzmq_gate_backpressure_total{why="behind"}', 0.0)
+    answered_before = syncs_answered(region)
+    refs = [ws.send(m.Sync(since=0, limit=0)) for _ in range(190)]
+    assert poll(lambda: metrics(region).get('simzmq_gate_backpressure_total{why="behind"}', 0.0) > paused_before)
+    time.sleep(1.0)
+    answered_while_deaf = syncs_answered(region) - answered_before
+    assert answered_while_deaf < 100, answered_while_deaf
+    assert isinstance(sender.request(m.Ping(ts_ms=1)), m.Pong)
+    got = [ws.recv() for _ in refs]
+    assert [ref for ref, _, _ in got] == refs
+    assert all(isinstance(batch, m.Batch) and len(batch.msgs) == 20 for _, batch, _ in got)
