@@ -26,7 +26,7 @@ import pytest
 from simzmq.bench import machine_report, read_pid_files, sample_all
 from simzmq.client import Connection, RequestError
 from simzmq.wire import messages as m
-from tests.rawclient import Closed, RawClient
+from tests.rawclient import RawClient
 from tests.region import Region
 
 pytestmark = pytest.mark.timeout(300)
@@ -84,58 +84,61 @@ class Tally:
             self.counts[key] = self.counts.get(key, 0) + n
 
 
-def _flood(port, pk, name, token, stop, tally):
-    """Requests as fast as the socket takes them, never waiting for answers."""
+def _again_and_again(kind, stop, tally, retry_s, attempt):
+    """One attacker: `attempt` on a fresh connection, and again whenever the
+    gate ends it, until `stop`."""
     while not stop.is_set():
         try:
-            tally.add("flood connections")
-            c = RawClient(port, pk, timeout=5, source=FLOOD_ADDRESS)
-            c.request(m.Login(user=name, password="", token=token, device=f"flood{random.random()}"))
-            while not stop.is_set():
-                c.send(m.Ping(ts_ms=1))
-                tally.add("flood frames")
-        except (Closed, OSError, Exception):
-            time.sleep(0.05)
+            tally.add(f"{kind} connections")
+            attempt()
+        except Exception:  # kicked, refused, banned, timed out: start over
+            time.sleep(retry_s)
+
+
+def _logged_in(port, pk, source, name, token, device):
+    c = RawClient(port, pk, timeout=5, source=source)
+    c.request(m.Login(user=name, password="", token=token, device=f"{device}{random.random()}"))
+    return c
+
+
+def _flood(port, pk, name, token, stop, tally):
+    """Requests as fast as the socket takes them, never waiting for answers."""
+    def attempt():
+        c = _logged_in(port, pk, FLOOD_ADDRESS, name, token, "flood")
+        while not stop.is_set():
+            c.send(m.Ping(ts_ms=1))
+            tally.add("flood frames")
+    _again_and_again("flood", stop, tally, 0.05, attempt)
 
 
 def _never_read(port, pk, name, token, stop, tally):
     """Asks for its whole inbox again and again and reads none of it."""
-    while not stop.is_set():
-        try:
-            tally.add("never_read connections")
-            c = RawClient(port, pk, timeout=5, source=DEAF_ADDRESS)
-            c.request(m.Login(user=name, password="", token=token, device=f"deaf{random.random()}"))
-            while not stop.is_set():
-                c.send(m.Sync(since=0, limit=0))
-                tally.add("never_read frames")
-                time.sleep(0.01)
-        except (Closed, OSError, Exception):
-            time.sleep(0.05)
+    def attempt():
+        c = _logged_in(port, pk, DEAF_ADDRESS, name, token, "deaf")
+        while not stop.is_set():
+            c.send(m.Sync(since=0, limit=0))
+            tally.add("never_read frames")
+            time.sleep(0.01)
+    _again_and_again("never_read", stop, tally, 0.05, attempt)
 
 
 def _garbage(port, pk, stop, tally):
     """A handshake, then bytes that are no frame of ours."""
-    while not stop.is_set():
-        try:
-            tally.add("garbage connections")
-            c = RawClient(port, pk, timeout=5, source=GARBAGE_ADDRESS)
-            c.send_frame(os.urandom(random.randint(20, 400)))
-            c.closed_without_data()
-        except (Closed, OSError, Exception):
-            time.sleep(0.01)
+    def attempt():
+        c = RawClient(port, pk, timeout=5, source=GARBAGE_ADDRESS)
+        c.send_frame(os.urandom(random.randint(20, 400)))
+        c.closed_without_data()
+    _again_and_again("garbage", stop, tally, 0.01, attempt)
 
 
 def _brute_force(port, pk, victim, stop, tally):
     """Guesses a good user's password."""
-    while not stop.is_set():
-        try:
-            tally.add("brute_force connections")
-            c = RawClient(port, pk, timeout=30, source=GUESS_ADDRESS)
-            while not stop.is_set():
-                c.request(m.Login(user=victim, password=f"guess{random.random()}", token=b"", device=""))
-                tally.add("brute_force guesses")
-        except (Closed, OSError, Exception):
-            time.sleep(0.05)
+    def attempt():
+        c = RawClient(port, pk, timeout=30, source=GUESS_ADDRESS)
+        while not stop.is_set():
+            c.request(m.Login(user=victim, password=f"guess{random.random()}", token=b"", device=""))
+            tally.add("brute_force guesses")
+    _again_and_again("brute_force", stop, tally, 0.05, attempt)
 
 
 def attack(port, pk, flood_tokens, deaf_tokens, victim, stop, report):
