@@ -663,8 +663,33 @@ def pause_region(tmp_path_factory):
     r.stop()
 
 
+BEHIND = 'simzmq_gate_backpressure_total{why="behind"}'
+
+
 def syncs_answered(region) -> float:
     return metrics(region).get('simzmq_gate_requests_total{type="Sync",outcome="ok"}', 0.0)
+
+
+def paused_not_answered_then_served(region, client, witness) -> None:
+    """`client` (RawClient or RawWebSocket, logged in as a deaf_reader user)
+    asks for its 100 kB inbox 190 times and reads nothing: 19 MB, far beyond
+    what the kernel's buffers hold, so without the pause the back end would
+    answer them all. Then it reads: every answer, complete and in order."""
+    paused_before = metrics(region).get(BEHIND, 0.0)
+    answered_before = syncs_answered(region)
+    refs = [client.send(m.Sync(since=0, limit=0)) for _ in range(190)]
+    assert poll(lambda: metrics(region).get(BEHIND, 0.0) > paused_before)
+    time.sleep(1.0)
+    answered_while_deaf = syncs_answered(region) - answered_before
+    assert answered_while_deaf < 100, answered_while_deaf
+    # The others are served meanwhile.
+    assert isinstance(witness.request(m.Ping(ts_ms=1)), m.Pong)
+    # Paused, not dropped, and not kicked.
+    got = [client.recv() for _ in refs]
+    assert [ref for ref, _, _ in got] == refs
+    for _, batch, final in got:
+        assert isinstance(batch, m.Batch) and not final
+        assert [x.body[:5] for x in batch.msgs] == [b"%05d" % i for i in range(20)]
 
 
 def deaf_reader(region, src):
@@ -684,26 +709,8 @@ def deaf_reader(region, src):
 
 @pytest.mark.timeout(90)
 def test_a_client_behind_in_reading_is_paused_not_answered_then_served(pause_region):
-    region = pause_region
-    sender, deaf = deaf_reader(region, new_source())
-    paused_before = metrics(region).get('simzmq_gate_backpressure_total{why="behind"}', 0.0)
-    answered_before = syncs_answered(region)
-    # 190 Syncs of 100 kB each: 19 MB, far beyond what the kernel's buffers
-    # hold. Without the pause the back end would answer them all.
-    refs = [deaf.send(m.Sync(since=0, limit=0)) for _ in range(190)]
-    assert poll(lambda: metrics(region).get('simzmq_gate_backpressure_total{why="behind"}', 0.0) > paused_before)
-    time.sleep(1.0)
-    answered_while_deaf = syncs_answered(region) - answered_before
-    assert answered_while_deaf < 100, answered_while_deaf
-    # The others are served meanwhile.
-    assert isinstance(sender.request(m.Ping(ts_ms=1)), m.Pong)
-    # Reading again, the client gets every answer, complete and in order:
-    # paused, not dropped, and not kicked.
-    got = [deaf.recv() for _ in refs]
-    assert [ref for ref, _, _ in got] == refs
-    for _, batch, final in got:
-        assert isinstance(batch, m.Batch) and not final
-        assert [x.body[:5] for x in batch.msgs] == [b"%05d" % i for i in range(20)]
+    sender, deaf = deaf_reader(pause_region, new_source())
+    paused_not_answered_then_served(pause_region, deaf, sender)
     assert isinstance(deaf.request(m.Ping(ts_ms=2)), m.Pong)
 
 
@@ -731,10 +738,10 @@ def test_a_paused_client_that_resets_leaves_the_gate_serving(pause_region):
     # its backlog counted, and the reader spun on it with the loop blocked.
     region = pause_region
     _, deaf = deaf_reader(region, new_source())
-    before = metrics(region).get('simzmq_gate_backpressure_total{why="behind"}', 0.0)
+    before = metrics(region).get(BEHIND, 0.0)
     for _ in range(190):
         deaf.send(m.Sync(since=0, limit=0))
-    assert poll(lambda: metrics(region).get('simzmq_gate_backpressure_total{why="behind"}', 0.0) > before)
+    assert poll(lambda: metrics(region).get(BEHIND, 0.0) > before)
     # Reset, not close: the gate's write in flight fails.
     deaf.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     deaf.sock.close()
@@ -834,14 +841,4 @@ def test_a_websocket_client_behind_in_reading_is_paused_then_served(pause_region
     ws.send(m.Login(user=tcp.name, password="", token=tcp.token, device="ws"))
     _, ok, _ = ws.recv()
     assert isinstance(ok, m.LoginOk), ok
-    paused_before = metrics(region).get('simzmq_gate_backpressure_total{why="behind"}', 0.0)
-    answered_before = syncs_answered(region)
-    refs = [ws.send(m.Sync(since=0, limit=0)) for _ in range(190)]
-    assert poll(lambda: metrics(region).get('simzmq_gate_backpressure_total{why="behind"}', 0.0) > paused_before)
-    time.sleep(1.0)
-    answered_while_deaf = syncs_answered(region) - answered_before
-    assert answered_while_deaf < 100, answered_while_deaf
-    assert isinstance(sender.request(m.Ping(ts_ms=1)), m.Pong)
-    got = [ws.recv() for _ in refs]
-    assert [ref for ref, _, _ in got] == refs
-    assert all(isinstance(batch, m.Batch) and len(batch.msgs) == 20 for _, batch, _ in got)
+    paused_not_answered_then_served(region, ws, sender)
