@@ -10,6 +10,7 @@ forgets its least recently used entry.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 from dataclasses import dataclass, fields
@@ -276,24 +277,21 @@ def pick_slow_consumers(queued: Mapping[Hashable, int], total_limit: int, min_by
     return picked
 
 
+# Answers about an address string remembered (least recently used
+# forgotten): parsing one costs more than the rest of accepting a
+# connection's limits together.
+ADDRESS_MEMO = 4096
+
+
 class AddressSet:
     """Addresses and networks (`"10.0.0.0/8"`, `"::1"`)."""
 
-    # Answers remembered per address string: parsing one costs more than the
-    # rest of accepting a connection's limits together. Cleared when full.
-    MEMO_SIZE = 4096
-
     def __init__(self, specs: Iterable[str]):
         self.networks = [ipaddress.ip_network(s.strip(), strict=False) for s in specs if s.strip()]
-        self._memo: dict[str, bool] = {}
+        self._contains = functools.lru_cache(maxsize=ADDRESS_MEMO)(self._match)
 
     def __contains__(self, address: str) -> bool:
-        known = self._memo.get(address)
-        if known is None:
-            if len(self._memo) >= self.MEMO_SIZE:
-                self._memo.clear()
-            known = self._memo[address] = self._match(address)
-        return known
+        return self._contains(address)
 
     def _match(self, address: str) -> bool:
         if not self.networks:
@@ -307,6 +305,7 @@ class AddressSet:
         return any(ip in net for net in self.networks)
 
 
+@functools.lru_cache(maxsize=ADDRESS_MEMO)
 def address_key(address: str) -> str:
     """What the per-address limits count a client as: its IPv4 address
     (IPv4-mapped IPv6 ones too), or the /64 of its IPv6 address. One host
@@ -437,19 +436,9 @@ class Limiter:
                                              cfg.login_delay_max_s, cfg.login_forget_s, n)
         self.connections = 0
         self.per_address = Counts()
-        self._keys: dict[str, str] = {}
 
     def is_trusted(self, address: str) -> bool:
         return address in self.trusted
-
-    def key(self, address: str) -> str:
-        """address_key(address), remembered like the trusted answers."""
-        key = self._keys.get(address)
-        if key is None:
-            if len(self._keys) >= AddressSet.MEMO_SIZE:
-                self._keys.clear()
-            key = self._keys[address] = address_key(address)
-        return key
 
     # -- connections ----------------------------------------------------------
 
@@ -461,7 +450,7 @@ class Limiter:
         """
         if self.connections >= self.cfg.max_connections:
             return CONNECTIONS
-        key = self.key(address)
+        key = address_key(address)
         if not self.is_trusted(address):
             if self.cfg.abuse_ban_s and self.banned_address.wait(key, now) > 0:
                 return ADDRESS_BANNED
@@ -480,13 +469,13 @@ class Limiter:
         reconnect and start again."""
         if not self.cfg.abuse_ban_s or self.is_trusted(address):
             return 0.0
-        key = self.key(address)
+        key = address_key(address)
         self.banned_address.failed(key, now)
         return self.banned_address.wait(key, now)
 
     def release(self, address: str) -> None:
         self.connections = max(0, self.connections - 1)
-        self.per_address.remove(self.key(address))
+        self.per_address.remove(address_key(address))
 
     def connection_bucket(self, now: float) -> TokenBucket:
         cfg = self.cfg
@@ -510,7 +499,7 @@ class Limiter:
 
     def register(self, user: str, address: str, now: float) -> tuple[Verdict, str]:
         if not self.is_trusted(address):
-            verdict = self.register_address.check(self.key(address), now)
+            verdict = self.register_address.check(address_key(address), now)
             if verdict:
                 return verdict, REGISTER_ADDRESS
         return self.register_user.check(user, now), REGISTER_USER
@@ -523,7 +512,7 @@ class Limiter:
         cannot lock the victim's token resumes out.
         """
         if not self.is_trusted(address):
-            wait = self.login_address.wait(self.key(address), now)
+            wait = self.login_address.wait(address_key(address), now)
             if wait > 0:
                 return wait, LOGIN_ADDRESS
         if password:
@@ -534,7 +523,7 @@ class Limiter:
 
     def login_failed(self, user: str, address: str, password: bool, now: float) -> None:
         if not self.is_trusted(address):
-            self.login_address.failed(self.key(address), now)
+            self.login_address.failed(address_key(address), now)
         if password:
             self.login_user.failed(user, now)
 
@@ -546,7 +535,7 @@ class Limiter:
     def history(self, address: str, now: float) -> Verdict:
         if self.is_trusted(address):
             return Verdict.ALLOW
-        return self.history_address.check(self.key(address), now)
+        return self.history_address.check(address_key(address), now)
 
     # -- housekeeping --------------------------------------------------------
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from simzmq import config
 from simzmq.limits import (
+    ADDRESS_MEMO,
     AddressSet,
     address_key,
     BucketTable,
@@ -389,9 +390,9 @@ def test_address_set_answers_the_same_from_its_memo():
     for _ in range(2):  # parsed, then remembered
         assert "10.1.2.3" in trusted and "::1" in trusted and "::ffff:10.0.0.1" in trusted
         assert "11.0.0.1" not in trusted and "nonsense" not in trusted
-    for i in range(AddressSet.MEMO_SIZE + 10):  # a full memo starts again, answers unchanged
+    for i in range(ADDRESS_MEMO + 10):  # a full memo forgets, answers unchanged
         assert (f"10.0.{i // 256 % 256}.{i % 256}" in trusted) is True
-    assert len(trusted._memo) <= AddressSet.MEMO_SIZE
+    assert trusted._contains.cache_info().currsize <= ADDRESS_MEMO
 
 
 def test_per_address_limits_count_ipv6_by_its_slash_64():
