@@ -159,6 +159,12 @@ class Client:
         self.conn.payload_received(self.hs.sender.header)
         self.hs_done = True
 
+    def forwarded(self, gate, msg, ref: int = 1):
+        """Send `msg`; what the gate forwarded for it: (key, origin, msg, callback)."""
+        self.sent_refs[ref] += 1
+        self.conn.payload_received(self.tx.seal(self.codec.encode(msg, ref)))
+        return gate.backend.pending.pop()
+
     def read(self):
         """Decrypt everything new the gate wrote and check each frame."""
         frames = self.transport.frames
@@ -473,9 +479,7 @@ def test_back_end_reply_outside_the_protocol_becomes_internal(reply):
     gate, loop = make_gate()
     c = Client(gate, 1, 1)
     c.finish_handshake()
-    c.sent_refs[1] += 1
-    c.conn.payload_received(c.tx.seal(BIN.encode(m.Register(user="alice", password="pw"), 1)))
-    _, _, _, callback = gate.backend.pending.pop()
+    _, _, _, callback = c.forwarded(gate, m.Register(user="alice", password="pw"))
     callback(BIN.encode(reply, 0))
     c.read()
     ref, got, _ = c.received[-1]
@@ -489,9 +493,7 @@ def test_only_messages_and_read_notices_are_pushed(payload):
     gate, loop = make_gate()
     c = Client(gate, 1, 1)
     c.finish_handshake()
-    c.sent_refs[1] += 1
-    c.conn.payload_received(c.tx.seal(BIN.encode(m.Login(user="alice", password="pw"), 1)))
-    _, origin, msg, callback = gate.backend.pending.pop()
+    _, origin, msg, callback = c.forwarded(gate, m.Login(user="alice", password="pw"))
     callback(reply_for(msg, origin, "ok"))
     before = len(c.transport.frames)
     gate.on_notification(b"alice\0", b"", payload)
@@ -502,9 +504,7 @@ def test_a_push_that_does_not_decode_is_dropped_for_a_msgpack_client():
     gate, loop = make_gate()
     c = Client(gate, 1, 2)
     c.finish_handshake()
-    c.sent_refs[1] += 1
-    c.conn.payload_received(c.tx.seal(c.codec.encode(m.Login(user="alice", password="pw"), 1)))
-    _, origin, msg, callback = gate.backend.pending.pop()
+    _, origin, msg, callback = c.forwarded(gate, m.Login(user="alice", password="pw"))
     callback(reply_for(msg, origin, "ok"))
     c.read()
     before = len(c.transport.frames)
