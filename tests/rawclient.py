@@ -70,12 +70,17 @@ class RawClient:
         return ref, msg, final
 
     def request(self, msg):
-        """Send and return the reply with the same ref, skipping pushes."""
+        """Send and return the reply with the same ref; what comes before it
+        (pushes) goes to skipped()."""
         ref = self.send(msg)
         while True:
             got_ref, reply, _ = self.recv()
             if got_ref == ref:
                 return reply
+            self.skipped(reply)
+
+    def skipped(self, msg) -> None:
+        """A message request() read past; dropped unless a subclass keeps it."""
 
     def closed_without_data(self) -> bool:
         """True if the gate closes the connection without sending anything more."""

@@ -24,13 +24,8 @@ class Tracked(RawClient):
         super().__init__(*a, **kw)
         self.pushes = []
 
-    def request(self, msg):
-        ref = self.send(msg)
-        while True:
-            got_ref, reply, _ = self.recv()
-            if got_ref == ref:
-                return reply
-            self.pushes.append(reply)
+    def skipped(self, msg):
+        self.pushes.append(msg)
 
     def settle(self):
         """Everything the gate sent before now has been read (a Ping is answered after it)."""
