@@ -19,7 +19,7 @@ from typing import Any, Callable
 import msgpack
 
 from .errors import ProtocolError, ShortPayload
-from .messages import MESSAGES, FieldSpec, NewMsg, field_specs
+from .messages import MESSAGES, STRUCTS, FieldSpec, NewMsg, field_specs
 
 _BAD_REQUEST = 1
 
@@ -42,32 +42,34 @@ def peek_header(payload: bytes) -> tuple[int, int]:
 
 
 class Codec:
-    """A message codec: ``encode(msg, ref) -> payload``, ``decode(payload) -> (ref, msg)``."""
+    """A message codec: ``encode(msg, ref) -> payload``, ``decode(payload) -> (ref, msg)``.
+
+    ``encode_struct`` and ``decode_struct`` give a declared struct's body
+    alone, without the header (a group event's inbox body is a GroupEvent in
+    bin, section 7).
+    """
 
     id: int
     name: str
 
     def __init__(self) -> None:
         self._encoders: dict[type, Callable[[Any], bytes]] = {}
-        self._decoders: dict[int, Callable[[bytes], Any]] = {}
+        self._decoders: dict[int, Callable[[bytes, int], Any]] = {}
         for type_id, cls in MESSAGES.items():
             self._encoders[cls], self._decoders[type_id] = self._compile(cls)
+        self._bodies: dict[type, tuple[Callable[[Any], bytes], Callable[[bytes, int], Any]]] = {
+            cls: self._compile(cls) for cls in STRUCTS
+        }
 
-    def _compile(self, cls: type) -> tuple[Callable[[Any], bytes], Callable[[bytes], Any]]:
+    def _compile(self, cls: type) -> tuple[Callable[[Any], bytes], Callable[[bytes, int], Any]]:
+        """(encode(obj) -> body, decode(buf, start) -> obj) for a message or struct class."""
         raise NotImplementedError
 
     def encode(self, msg: object, ref: int) -> bytes:
         encoder = self._encoders.get(type(msg))
         if encoder is None:
             raise ProtocolError(_BAD_REQUEST, f"not a protocol message: {type(msg).__name__}", ref)
-        try:
-            return HEADER.pack(msg.TYPE, ref) + encoder(msg)
-        except (struct.error, TypeError, ValueError, AttributeError, OverflowError) as exc:
-            raise ProtocolError(
-                _BAD_REQUEST,
-                f"cannot encode {type(msg).__name__}: {exc}",
-                ref if type(ref) is int else 0,
-            ) from exc
+        return _encoding(lambda: HEADER.pack(msg.TYPE, ref) + encoder(msg), msg, ref if type(ref) is int else 0)
 
     def decode(self, payload: bytes) -> tuple[int, object]:
         if len(payload) < HEADER.size:
@@ -78,23 +80,50 @@ class Codec:
         decoder = self._decoders.get(type_id)
         if decoder is None:
             raise ProtocolError(_BAD_REQUEST, f"unknown message type {type_id}", ref)
-        try:
-            return ref, decoder(payload)
-        except (_Malformed, struct.error, UnicodeDecodeError) as exc:
-            raise ProtocolError(
-                _BAD_REQUEST, f"malformed {MESSAGES[type_id].__name__}: {exc}", ref
-            ) from exc
+        return ref, _decoding(decoder, payload, HEADER.size, MESSAGES[type_id], ref)
+
+    def encode_struct(self, value: object) -> bytes:
+        """The body of a declared struct (no header)."""
+        codec = self._bodies.get(type(value))
+        if codec is None:
+            raise ProtocolError(_BAD_REQUEST, f"not a protocol struct: {type(value).__name__}")
+        return _encoding(lambda: codec[0](value), value, 0)
+
+    def decode_struct(self, cls: type, body: bytes) -> object:
+        """A ``cls`` from its whole body; ProtocolError(bad_request) if malformed."""
+        codec = self._bodies.get(cls)
+        if codec is None:
+            raise ProtocolError(_BAD_REQUEST, f"not a protocol struct: {getattr(cls, '__name__', cls)}")
+        return _decoding(codec[1], bytes(body), 0, cls, 0)
 
     def __repr__(self) -> str:
         return f"<Codec {self.id} {self.name}>"
 
 
+def _encoding(encode: Callable[[], bytes], value: object, ref: int) -> bytes:
+    """``encode()``, with values that do not fit their kinds as ProtocolError."""
+    try:
+        return encode()
+    except (struct.error, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        raise ProtocolError(_BAD_REQUEST, f"cannot encode {type(value).__name__}: {exc}", ref) from exc
+
+
+def _decoding(decode: Callable[[bytes, int], Any], buf: bytes, start: int, cls: type, ref: int):
+    """``decode(buf, start)``, with a malformed body as ProtocolError."""
+    try:
+        return decode(buf, start)
+    except (_Malformed, struct.error, UnicodeDecodeError) as exc:
+        raise ProtocolError(_BAD_REQUEST, f"malformed {cls.__name__}: {exc}", ref) from exc
+
+
 # --- bin (id 1) --------------------------------------------------------------
 #
-# A struct compiles to a list of steps. Consecutive fixed-width fields share one
-# struct.Struct; str, bytes, list and nested struct fields get a step each.
-# Encode steps append chunks to a list; decode steps append values and return
-# the new offset.
+# A struct compiles to a list of (get, encode, decode) steps. Consecutive
+# fixed-width fields share one struct.Struct; str, bytes, list and nested
+# struct fields get a step each. `get(obj)` gives what `encode(value, out)`
+# appends to the chunk list `out`; `decode(buf, off, values)` appends what it
+# reads to `values` and returns the new offset. List items use the same
+# value codecs as fields.
 
 
 def _group_runs(specs: tuple[FieldSpec, ...]) -> list[list[FieldSpec]]:
@@ -108,34 +137,25 @@ def _group_runs(specs: tuple[FieldSpec, ...]) -> list[list[FieldSpec]]:
     return runs
 
 
-def _bin_min_size(cls: type) -> int:
-    """Fewest bytes any value of ``cls`` takes; bounds hostile list counts."""
-    size = 0
-    for spec in field_specs(cls):
-        if spec.kind in _FIXED_FORMAT:
-            size += struct.calcsize(">" + _FIXED_FORMAT[spec.kind])
-        elif spec.kind == "struct":
-            size += _bin_min_size(spec.struct)
-        else:
-            size += 4
-    return size
+def _bin_min_size(spec: FieldSpec) -> int:
+    """Fewest bytes any value of ``spec`` takes; bounds hostile list counts."""
+    if spec.kind in _FIXED_FORMAT:
+        return struct.calcsize(">" + _FIXED_FORMAT[spec.kind])
+    if spec.kind == "struct":
+        return sum(_bin_min_size(s) for s in field_specs(spec.struct))
+    return 4
 
 
-def _bin_fixed_steps(run: list[FieldSpec]):
+def _bin_fixed_run(run: list[FieldSpec]):
+    """(encode(values, out), decode(buf, off, values) -> off) for a tuple of fixed-width values."""
     packer = struct.Struct(">" + "".join(_FIXED_FORMAT[s.kind] for s in run))
     names = [s.name for s in run]
     bools = tuple(i for i, s in enumerate(run) if s.kind == "bool")
     size = packer.size
-    if len(names) == 1:
-        single = operator.attrgetter(names[0])
-        getter = lambda obj: (single(obj),)  # noqa: E731
-    else:
-        getter = operator.attrgetter(*names)
 
     if bools:
 
-        def encode(obj, out):
-            values = getter(obj)
+        def encode(values, out):
             for i in bools:
                 if type(values[i]) is not bool:
                     raise TypeError(f"{names[i]} must be a bool")
@@ -152,8 +172,8 @@ def _bin_fixed_steps(run: list[FieldSpec]):
 
     else:
 
-        def encode(obj, out):
-            out.append(packer.pack(*getter(obj)))
+        def encode(values, out):
+            out.append(packer.pack(*values))
 
         def decode(buf, off, values):
             values.extend(packer.unpack_from(buf, off))
@@ -162,16 +182,22 @@ def _bin_fixed_steps(run: list[FieldSpec]):
     return encode, decode
 
 
-def _bin_var_steps(spec: FieldSpec, struct_codecs: dict):
-    get = operator.attrgetter(spec.name)
+def _bin_value(spec: FieldSpec, struct_codecs: dict):
+    """(encode(value, out), decode(buf, off, values) -> off) for one value of ``spec``."""
     name = spec.name
     pack_u32 = _U32.pack
     unpack_u32 = _U32.unpack_from
 
-    if spec.kind == "str":
+    if spec.kind in _FIXED_FORMAT:
+        encode_tuple, decode = _bin_fixed_run([spec])
 
-        def encode(obj, out):
-            raw = get(obj).encode("utf-8")
+        def encode(value, out):
+            encode_tuple((value,), out)
+
+    elif spec.kind == "str":
+
+        def encode(value, out):
+            raw = value.encode("utf-8")
             out.append(pack_u32(len(raw)))
             out.append(raw)
 
@@ -186,12 +212,11 @@ def _bin_var_steps(spec: FieldSpec, struct_codecs: dict):
 
     elif spec.kind == "bytes":
 
-        def encode(obj, out):
-            raw = get(obj)
-            if not isinstance(raw, (bytes, bytearray)):
+        def encode(value, out):
+            if not isinstance(value, (bytes, bytearray)):
                 raise TypeError(f"{name} must be bytes")
-            out.append(pack_u32(len(raw)))
-            out.append(raw)
+            out.append(pack_u32(len(value)))
+            out.append(value)
 
         def decode(buf, off, values):
             (n,) = unpack_u32(buf, off)
@@ -205,30 +230,23 @@ def _bin_var_steps(spec: FieldSpec, struct_codecs: dict):
     elif spec.kind == "struct":
         item_cls = spec.struct
 
-        def encode(obj, out):
-            item = get(obj)
-            if type(item) is not item_cls:
+        def encode(value, out):
+            if type(value) is not item_cls:
                 raise TypeError(f"{name} must be a {item_cls.__name__}")
-            struct_codecs[item_cls][0](item, out)
+            struct_codecs[item_cls][0](value, out)
 
         def decode(buf, off, values):
-            item, off = struct_codecs[item_cls][1](buf, off)
-            values.append(item)
-            return off
+            return struct_codecs[item_cls][1](buf, off, values)
 
     elif spec.kind == "list":
-        item_cls = spec.struct
-        min_item = max(1, _bin_min_size(item_cls))
+        encode_item, decode_item = _bin_value(spec.item, struct_codecs)
+        min_item = max(1, _bin_min_size(spec.item))
 
-        def encode(obj, out):
-            items = get(obj)
-            if not isinstance(items, (list, tuple)):
+        def encode(value, out):
+            if not isinstance(value, (list, tuple)):
                 raise TypeError(f"{name} must be a list")
-            out.append(pack_u32(len(items)))
-            encode_item = struct_codecs[item_cls][0]
-            for item in items:
-                if type(item) is not item_cls:
-                    raise TypeError(f"{name} items must be {item_cls.__name__}")
+            out.append(pack_u32(len(value)))
+            for item in value:
                 encode_item(item, out)
 
         def decode(buf, off, values):
@@ -236,12 +254,9 @@ def _bin_var_steps(spec: FieldSpec, struct_codecs: dict):
             off += 4
             if n * min_item > len(buf) - off:
                 raise _Malformed(f"{name}: list count past end")
-            decode_item = struct_codecs[item_cls][1]
-            items = []
-            append = items.append
+            items: list = []
             for _ in range(n):
-                item, off = decode_item(buf, off)
-                append(item)
+                off = decode_item(buf, off, items)
             values.append(items)
             return off
 
@@ -255,35 +270,44 @@ class BinCodec(Codec):
     name = "bin"
 
     def __init__(self) -> None:
-        # (encode(obj, out), decode(buf, off) -> (obj, off)) per class, shared by
-        # nested structs; filled lazily so declaration order does not matter.
+        # (encode(obj, out), decode(buf, off, values) -> off) per class, shared
+        # by nested structs; filled lazily so declaration order does not matter.
         self._structs: dict[type, tuple[Callable, Callable]] = {}
         super().__init__()
 
     def _struct_codec(self, cls: type) -> tuple[Callable, Callable]:
         if cls in self._structs:
             return self._structs[cls]
-        encoders = []
+        steps = []
         decoders = []
         for run in _group_runs(field_specs(cls)):
             if run[0].kind in _FIXED_FORMAT:
-                enc, dec = _bin_fixed_steps(run)
+                names = [s.name for s in run]
+                if len(names) == 1:
+                    single = operator.attrgetter(names[0])
+                    get = lambda obj, single=single: (single(obj),)  # noqa: E731
+                else:
+                    get = operator.attrgetter(*names)
+                enc, dec = _bin_fixed_run(run)
             else:
-                enc, dec = _bin_var_steps(run[0], self._structs)
-                if run[0].struct is not None:
-                    self._struct_codec(run[0].struct)
-            encoders.append(enc)
+                get = operator.attrgetter(run[0].name)
+                enc, dec = _bin_value(run[0], self._structs)
+                for spec in (run[0], run[0].item):
+                    if spec is not None and spec.struct is not None:
+                        self._struct_codec(spec.struct)
+            steps.append((get, enc))
             decoders.append(dec)
 
         def encode(obj, out):
-            for step in encoders:
-                step(obj, out)
+            for get, enc in steps:
+                enc(get(obj), out)
 
-        def decode(buf, off):
+        def decode(buf, off, out):
             values: list = []
             for step in decoders:
                 off = step(buf, off, values)
-            return cls(*values), off
+            out.append(cls(*values))
+            return off
 
         self._structs[cls] = (encode, decode)
         return encode, decode
@@ -291,16 +315,17 @@ class BinCodec(Codec):
     def _compile(self, cls: type):
         encode_struct, decode_struct = self._struct_codec(cls)
 
-        def encode(msg) -> bytes:
+        def encode(obj) -> bytes:
             out: list = []
-            encode_struct(msg, out)
+            encode_struct(obj, out)
             return b"".join(out)
 
-        def decode(payload: bytes):
-            msg, end = decode_struct(payload, HEADER.size)
-            if end != len(payload):
-                raise _Malformed(f"{len(payload) - end} trailing bytes")
-            return msg
+        def decode(buf: bytes, start: int):
+            values: list = []
+            end = decode_struct(buf, start, values)
+            if end != len(buf):
+                raise _Malformed(f"{len(buf) - end} trailing bytes")
+            return values[0]
 
         return encode, decode
 
@@ -387,12 +412,7 @@ class MsgpackCodec(Codec):
             return self._structs[cls]
         fields = []
         for spec in field_specs(cls):
-            if spec.kind == "struct":
-                to_wire, from_wire = self._struct_codec(spec.struct)
-            elif spec.kind == "list":
-                to_wire, from_wire = self._list_codec(spec.struct)
-            else:
-                to_wire, from_wire = _MP_SCALARS[spec.kind]
+            to_wire, from_wire = self._value_codec(spec)
             fields.append((spec.name, operator.attrgetter(spec.name), to_wire, from_wire))
 
         def to_wire(obj):
@@ -419,8 +439,16 @@ class MsgpackCodec(Codec):
         self._structs[cls] = (to_wire, from_wire)
         return to_wire, from_wire
 
-    def _list_codec(self, item_cls: type) -> tuple[Callable, Callable]:
-        item_to_wire, item_from_wire = self._struct_codec(item_cls)
+    def _value_codec(self, spec: FieldSpec) -> tuple[Callable, Callable]:
+        """(to_wire(value), from_wire(parsed)) for one value of ``spec``."""
+        if spec.kind == "struct":
+            return self._struct_codec(spec.struct)
+        if spec.kind == "list":
+            return self._list_codec(spec.item)
+        return _MP_SCALARS[spec.kind]
+
+    def _list_codec(self, item: FieldSpec) -> tuple[Callable, Callable]:
+        item_to_wire, item_from_wire = self._value_codec(item)
 
         def to_wire(items):
             if not isinstance(items, (list, tuple)):
@@ -442,10 +470,10 @@ class MsgpackCodec(Codec):
         def encode(msg) -> bytes:
             return packb(to_wire(msg), use_bin_type=True)
 
-        def decode(payload: bytes):
+        def decode(buf: bytes, start: int):
             try:
                 tree = unpackb(
-                    memoryview(payload)[HEADER.size :],
+                    memoryview(buf)[start:],
                     raw=False,
                     use_list=True,
                     strict_map_key=True,

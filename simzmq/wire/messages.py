@@ -1,11 +1,12 @@
-"""The message catalog of shared/protocol.md section 3, declared once.
+"""The message catalog of shared/protocol.md sections 3 and 7, declared once.
 
-Each message is a slotted dataclass whose fields are annotated with the wire
-kinds below (``U8``, ``U16``, ``U32``, ``U64``, ``Str``, ``Bytes``, ``Bool``,
-``List[Struct]`` or a struct class). The codecs in ``codec.py`` are derived
-from these declarations; adding a message means adding a class here and
-nothing else. Field order is wire order. Defaults are the zero value of each
-kind so that callers can name only the fields they need.
+Each message and struct is a slotted dataclass whose fields are annotated with
+the wire kinds below (``U8``, ``U16``, ``U32``, ``U64``, ``Str``, ``Bytes``,
+``Bool``, a struct class, or ``List[...]`` of a struct or of a scalar kind).
+The codecs in ``codec.py`` are derived from these declarations; adding a
+message means adding a class here and nothing else. Field order is wire order.
+Defaults are the zero value of each kind so that callers can name only the
+fields they need.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ SCALAR_KINDS = frozenset({"u8", "u16", "u32", "u64", "str", "bytes", "bool"})
 
 
 class List:
-    """``List[Msg]``: a wire list of a struct (``u32 count`` + items in bin)."""
+    """``List[Msg]``, ``List[Str]``: a wire list of a struct or of a scalar
+    kind (``u32 count`` + the items in bin)."""
 
     def __class_getitem__(cls, item: type) -> object:
         return Annotated[list[item], "list"]
@@ -38,14 +40,34 @@ class List:
 
 @dataclass(frozen=True, slots=True)
 class FieldSpec:
-    """One declared field: its name, wire kind and, for list/struct, the struct class."""
+    """One declared field (or, as ``item``, a list's items): its name, wire
+    kind, the struct class of a struct, and the spec of a list's items."""
 
     name: str
     kind: str  # one of SCALAR_KINDS, "list" or "struct"
     struct: type | None = None
+    item: FieldSpec | None = None
 
 
 _SPEC_CACHE: dict[type, tuple[FieldSpec, ...]] = {}
+
+
+def _spec(where: str, name: str, hint: object) -> FieldSpec:
+    """The FieldSpec of one annotation; `where` names it in errors."""
+    if typing.get_origin(hint) is Annotated:
+        base, kind = typing.get_args(hint)[:2]
+        if kind == "list":
+            (item_hint,) = typing.get_args(base)
+            item = _spec(f"{where}[]", name, item_hint)
+            if item.kind == "list":
+                raise TypeError(f"{where}: a List cannot hold a List")
+            return FieldSpec(name, "list", item=item)
+        if kind in SCALAR_KINDS:
+            return FieldSpec(name, kind)
+        raise TypeError(f"{where}: unknown wire kind {kind!r}")
+    if dataclasses.is_dataclass(hint):
+        return FieldSpec(name, "struct", hint)
+    raise TypeError(f"{where}: not a wire kind: {hint!r}")
 
 
 def field_specs(cls: type) -> tuple[FieldSpec, ...]:
@@ -54,30 +76,21 @@ def field_specs(cls: type) -> tuple[FieldSpec, ...]:
     if cached is not None:
         return cached
     hints = typing.get_type_hints(cls, include_extras=True)
-    specs = []
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        if typing.get_origin(hint) is Annotated:
-            base, kind = typing.get_args(hint)[:2]
-            if kind == "list":
-                (item,) = typing.get_args(base)
-                if not dataclasses.is_dataclass(item):
-                    raise TypeError(f"{cls.__name__}.{f.name}: List[...] must hold a struct")
-                specs.append(FieldSpec(f.name, "list", item))
-            elif kind in SCALAR_KINDS:
-                specs.append(FieldSpec(f.name, kind))
-            else:
-                raise TypeError(f"{cls.__name__}.{f.name}: unknown wire kind {kind!r}")
-        elif dataclasses.is_dataclass(hint):
-            specs.append(FieldSpec(f.name, "struct", hint))
-        else:
-            raise TypeError(f"{cls.__name__}.{f.name}: not a wire kind: {hint!r}")
-    result = tuple(specs)
+    result = tuple(_spec(f"{cls.__name__}.{f.name}", f.name, hints[f.name]) for f in dataclasses.fields(cls))
     _SPEC_CACHE[cls] = result
     return result
 
 
 MESSAGES: dict[int, type] = {}
+STRUCTS: list[type] = []
+
+
+def _struct(cls: type) -> type:
+    """Make ``cls`` a slotted dataclass and register it as a struct."""
+    cls = dataclass(slots=True)(cls)
+    STRUCTS.append(cls)
+    field_specs(cls)  # fail at import on a bad declaration
+    return cls
 
 
 def _message(cls: type) -> type:
@@ -106,6 +119,33 @@ class ErrorCode(IntEnum):
     EXISTS = 10
 
 
+class GroupOp(IntEnum):
+    """``GroupEvent.op`` (section 7, "Group events")."""
+
+    CREATED = 1
+    ADDED = 2
+    REMOVED = 3
+    LEFT = 4
+    TITLE_CHANGED = 5
+    OWNER_CHANGED = 6
+
+
+class PresenceState(IntEnum):
+    """``Presence.state`` and ``SetPresence.state`` (section 7, "Presence")."""
+
+    UNKNOWN = 0
+    OFFLINE = 1
+    ONLINE = 2
+    AWAY = 3
+
+
+# Msg.kind values that belong to the protocol from 1.1 on (a Send with one is
+# bad_request); a group event is an inbox entry of kind GROUP_EVENT_KIND whose
+# body is the bin encoding of a GroupEvent.
+PROTOCOL_KINDS = range(250, 256)
+GROUP_EVENT_KIND = 255
+
+
 class KickCode(IntEnum):
     SHUTDOWN = 0
     PROTOCOL_VIOLATION = 1
@@ -118,7 +158,7 @@ class KickCode(IntEnum):
 # --- structs -----------------------------------------------------------------
 
 
-@dataclass(slots=True)
+@_struct
 class Msg:
     msg_id: U64 = 0
     seq: U64 = 0
@@ -130,12 +170,30 @@ class Msg:
     body: Bytes = b""
 
 
-@dataclass(slots=True)
+@_struct
 class Conv:
     peer: Str = ""
     last_msg_id: U64 = 0
     unread: U32 = 0
     peer_read: U64 = 0
+
+
+@_struct
+class Presence:
+    user: Str = ""
+    state: U8 = 0
+    last_seen_ms: U64 = 0
+
+
+@_struct
+class GroupEvent:
+    """Never a message of its own: the bin-encoded body of a kind-255 inbox entry."""
+
+    op: U8 = 0
+    actor: Str = ""
+    users: List[Str] = field(default_factory=list)
+    title: Str = ""
+    version: U64 = 0
 
 
 # --- client protocol messages (protocol.md section 3) ------------------------
@@ -276,6 +334,96 @@ class Ready:
     idle_timeout_s: U32 = 0
 
 
+# --- groups, presence and typing (protocol.md section 7, protocol 1.1) ---------
+
+
+@_message
+class GroupCreate:
+    TYPE: ClassVar[int] = 20
+    group: Str = ""
+    title: Str = ""
+    members: List[Str] = field(default_factory=list)
+
+
+@_message
+class GroupInfo:
+    TYPE: ClassVar[int] = 21
+    group: Str = ""
+    title: Str = ""
+    owner: Str = ""
+    members: List[Str] = field(default_factory=list)
+    version: U64 = 0
+
+
+@_message
+class GroupAdd:
+    TYPE: ClassVar[int] = 22
+    group: Str = ""
+    users: List[Str] = field(default_factory=list)
+    cmid: Bytes = b""
+
+
+@_message
+class GroupRemove:
+    TYPE: ClassVar[int] = 23
+    group: Str = ""
+    users: List[Str] = field(default_factory=list)
+    cmid: Bytes = b""
+
+
+@_message
+class GroupGet:
+    TYPE: ClassVar[int] = 24
+    group: Str = ""
+
+
+@_message
+class GroupTitle:
+    TYPE: ClassVar[int] = 25
+    group: Str = ""
+    title: Str = ""
+    cmid: Bytes = b""
+
+
+@_message
+class Watch:
+    TYPE: ClassVar[int] = 26
+    users: List[Str] = field(default_factory=list)
+
+
+@_message
+class PresenceList:
+    TYPE: ClassVar[int] = 27
+    states: List[Presence] = field(default_factory=list)
+
+
+@_message
+class PresenceNotice:
+    TYPE: ClassVar[int] = 28
+    state: Presence = field(default_factory=Presence)
+
+
+@_message
+class SetPresence:
+    TYPE: ClassVar[int] = 29
+    state: U8 = 0
+
+
+@_message
+class Typing:
+    TYPE: ClassVar[int] = 30
+    peer: Str = ""
+    typing: Bool = False
+
+
+@_message
+class TypingNotice:
+    TYPE: ClassVar[int] = 31
+    user: Str = ""
+    peer: Str = ""
+    typing: Bool = False
+
+
 # --- internal messages (docs/internal-protocol.md), never from a client -------
 
 
@@ -322,5 +470,13 @@ class Catchup:
 
 # The types a client may send; anything else from a client is bad_request.
 CLIENT_REQUESTS: frozenset[int] = frozenset(
-    cls.TYPE for cls in (Login, Send, Sync, Read, Ping, Pong, Logout, Register, Convs)
+    cls.TYPE
+    for cls in (
+        Login, Send, Sync, Read, Ping, Pong, Logout, Register, Convs,
+        GroupCreate, GroupAdd, GroupRemove, GroupGet, GroupTitle, Watch, SetPresence, Typing,
+    )
 )
+
+# The types of section 7: a gate that does not serve protocol 1.1 answers
+# every one of them Error{bad_request}, as a 1.0 gate does.
+PROTOCOL_1_1_TYPES: frozenset[int] = frozenset(range(20, 32))

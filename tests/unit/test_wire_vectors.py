@@ -18,35 +18,42 @@ from simzmq.wire.handshake import (
 
 VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "vectors"
 CODEC_VECTORS = json.loads((VECTORS / "codec.json").read_text())
+GROUP_VECTORS = json.loads((VECTORS / "codec-groups.json").read_text())
 HS = json.loads((VECTORS / "handshake.json").read_text())
+MESSAGE_VECTORS = CODEC_VECTORS["messages"] + GROUP_VECTORS["messages"]
+MALFORMED_VECTORS = CODEC_VECTORS["malformed"] + GROUP_VECTORS["malformed"]
 
 
 def hx(name: str) -> bytes:
     return bytes.fromhex(HS[name])
 
 
+def value(spec, raw):
+    """One field's value from the vector's JSON (bytes as {"hex": ...})."""
+    if spec.kind == "list":
+        return [value(spec.item, item) for item in raw]
+    if spec.kind == "struct":
+        return build(spec.struct, raw)
+    if spec.kind == "bytes":
+        return bytes.fromhex(raw["hex"])
+    assert type(raw) is {"str": str, "bool": bool}.get(spec.kind, int)
+    return raw
+
+
 def build(cls, fields):
-    """A message or struct from the vector's JSON fields (bytes as {"hex": ...})."""
-    values = {}
-    for spec in M.field_specs(cls):
-        raw = fields[spec.name]
-        if spec.kind == "list":
-            values[spec.name] = [build(spec.struct, item) for item in raw]
-        elif spec.kind == "struct":
-            values[spec.name] = build(spec.struct, raw)
-        elif spec.kind == "bytes":
-            values[spec.name] = bytes.fromhex(raw["hex"])
-        else:
-            values[spec.name] = raw
+    """A message or struct from the vector's JSON fields."""
     assert set(fields) == {s.name for s in M.field_specs(cls)}
-    return cls(**values)
+    return cls(**{spec.name: value(spec, fields[spec.name]) for spec in M.field_specs(cls)})
 
 
 def test_vectors_cover_every_client_message():
     assert {m["type"] for m in CODEC_VECTORS["messages"]} == set(range(1, 20))
+    assert {m["type"] for m in GROUP_VECTORS["messages"]} - {M.NewMsg.TYPE} == set(range(20, 32))
+    assert set(range(20, 32)) == M.PROTOCOL_1_1_TYPES
+    assert {t for t in M.MESSAGES if t < 128} == set(range(1, 32))
 
 
-@pytest.mark.parametrize("vector", CODEC_VECTORS["messages"], ids=lambda v: v["name"])
+@pytest.mark.parametrize("vector", MESSAGE_VECTORS, ids=lambda v: f"{v['type']}-{v['name']}")
 @pytest.mark.parametrize("codec_name", ["bin", "msgpack"])
 def test_message_vector(vector, codec_name):
     codec = BIN if codec_name == "bin" else MSGPACK
@@ -58,7 +65,7 @@ def test_message_vector(vector, codec_name):
     assert codec.decode(expected) == (vector["ref"], msg)
 
 
-@pytest.mark.parametrize("vector", CODEC_VECTORS["malformed"], ids=lambda v: v["why"])
+@pytest.mark.parametrize("vector", MALFORMED_VECTORS, ids=lambda v: v["why"])
 def test_malformed_vector(vector):
     codec = CODECS[1 if vector["codec"] == "bin" else 2]
     payload = bytes.fromhex(vector["payload"])
@@ -66,6 +73,33 @@ def test_malformed_vector(vector):
         codec.decode(payload)
     assert info.value.code == 1
     assert info.value.ref == int.from_bytes(payload[1:5], "big")
+
+
+@pytest.mark.parametrize("vector", GROUP_VECTORS["group_events"], ids=lambda v: v["why"])
+def test_group_event_vector(vector):
+    event = build(M.GroupEvent, vector["fields"])
+    body = bytes.fromhex(vector["bin"])
+    assert BIN.encode_struct(event) == body
+    assert BIN.decode_struct(M.GroupEvent, body) == event
+    assert event.op in set(M.GroupOp)
+
+
+@pytest.mark.parametrize("vector", GROUP_VECTORS["group_events_malformed"], ids=lambda v: v["why"])
+def test_malformed_group_event_vector(vector):
+    with pytest.raises(ProtocolError) as info:
+        BIN.decode_struct(M.GroupEvent, bytes.fromhex(vector["bin"]))
+    assert info.value.code == 1
+
+
+def test_group_event_as_it_arrives():
+    """The NewMsg vector carries the 'created' event as the body of a kind-255 entry."""
+    (vector,) = [v for v in GROUP_VECTORS["messages"] if v["name"] == "NewMsg"]
+    for codec in (BIN, MSGPACK):
+        _, push = codec.decode(bytes.fromhex(vector[codec.name]))
+        assert push.msg.kind == M.GROUP_EVENT_KIND and push.msg.cmid == b"" and push.msg.to.startswith("#")
+        event = BIN.decode_struct(M.GroupEvent, push.msg.body)
+        assert event == build(M.GroupEvent, GROUP_VECTORS["group_events"][0]["fields"])
+        assert event.actor == push.msg.sender
 
 
 def test_public_keys_from_secrets():
