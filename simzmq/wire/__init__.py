@@ -1,4 +1,4 @@
-"""The client protocol of shared/protocol.md, sections 1-5, without I/O or clocks."""
+"""The client protocol of shared/protocol.md, sections 1-5 and 7, without I/O or clocks."""
 
 from .codec import BIN, CODECS, MSGPACK, Codec, peek_header
 from .errors import ChannelError, FrameTooLarge, HandshakeError, ProtocolError, ShortPayload
@@ -11,8 +11,8 @@ from .handshake import (
     Sender,
     derive_keys,
 )
-from .messages import CLIENT_REQUESTS, MESSAGES, ErrorCode, KickCode
-from .rules import is_valid_user_id, validate_request
+from .messages import CLIENT_REQUESTS, MESSAGES, PROTOCOL_1_1_TYPES, ErrorCode, GroupOp, KickCode, PresenceState
+from .rules import is_valid_group_id, is_valid_user_id, validate_request
 
 __all__ = [
     "BIN",
@@ -21,6 +21,7 @@ __all__ = [
     "MAX_HANDSHAKE_FRAME",
     "MESSAGES",
     "MSGPACK",
+    "PROTOCOL_1_1_TYPES",
     "ChannelError",
     "ClientHandshake",
     "Codec",
@@ -28,14 +29,17 @@ __all__ = [
     "FrameDecoder",
     "FrameTooLarge",
     "GateHandshake",
+    "GroupOp",
     "HandshakeError",
     "KickCode",
+    "PresenceState",
     "ProtocolError",
     "Receiver",
     "Sender",
     "ShortPayload",
     "derive_keys",
     "encode_frame",
+    "is_valid_group_id",
     "is_valid_user_id",
     "peek_header",
     "validate_request",
