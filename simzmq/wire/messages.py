@@ -119,6 +119,15 @@ class ErrorCode(IntEnum):
     EXISTS = 10
 
 
+class KickCode(IntEnum):
+    SHUTDOWN = 0
+    PROTOCOL_VIOLATION = 1
+    REPLACED = 2
+    IDLE = 3
+    SLOW_CONSUMER = 4
+    ABUSE = 5
+
+
 class GroupOp(IntEnum):
     """``GroupEvent.op`` (section 7, "Group events")."""
 
@@ -144,15 +153,6 @@ class PresenceState(IntEnum):
 # body is the bin encoding of a GroupEvent.
 PROTOCOL_KINDS = range(250, 256)
 GROUP_EVENT_KIND = 255
-
-
-class KickCode(IntEnum):
-    SHUTDOWN = 0
-    PROTOCOL_VIOLATION = 1
-    REPLACED = 2
-    IDLE = 3
-    SLOW_CONSUMER = 4
-    ABUSE = 5
 
 
 # --- structs -----------------------------------------------------------------
