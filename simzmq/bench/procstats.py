@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import time
 from pathlib import Path
 
-CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+import psutil
 
 
 def read_pid_files(data_dir: str | Path | None) -> dict[str, int]:
@@ -26,21 +27,13 @@ def read_pid_files(data_dir: str | Path | None) -> dict[str, int]:
 def proc_sample(pid: int) -> tuple[float, int] | None:
     """``(cpu_seconds, rss_bytes)`` of a live process, None if it is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-        with open(f"/proc/{pid}/status") as f:
-            status = f.read()
-    except OSError:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            cpu = proc.cpu_times()
+            rss = proc.memory_info().rss
+    except psutil.Error:
         return None
-    # The command name may hold spaces and parentheses: split after the last ")".
-    fields = stat.rpartition(")")[2].split()
-    cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
-    rss = 0
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1]) * 1024
-            break
-    return cpu, rss
+    return cpu.user + cpu.system, rss
 
 
 MACHINE = ""  # the key of the whole machine's CPU sample in sample_all()
@@ -49,13 +42,15 @@ MACHINE = ""  # the key of the whole machine's CPU sample in sample_all()
 def machine_cpu() -> tuple[float, float] | None:
     """``(busy_cpu_seconds, all_cpu_seconds)`` of the whole machine since boot."""
     try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
+        t = psutil.cpu_times()
+    except (psutil.Error, OSError):
         return None
-    user, nice, system, idle, iowait, irq, softirq, steal = fields
-    busy = user + nice + system + irq + softirq + steal
-    return busy / CLK_TCK, (busy + idle + iowait) / CLK_TCK
+    # Time the CPUs spent on nothing: idle, and waiting for I/O where the
+    # system counts it; the rest (user, system, interrupts, guests...) is busy.
+    idle = t.idle + getattr(t, "iowait", 0.0)
+    # guest and guest_nice are already part of user and nice.
+    total = sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+    return total - idle, total
 
 
 def sample_all(pids: dict[str, int]) -> dict[str, tuple | None]:
@@ -78,19 +73,14 @@ def machine_report(before: dict, after: dict, region_cpu_s: float, generator_cpu
             "other_pct_of_one_cpu": round(100 * max(0.0, busy - region_cpu_s - generator_cpu_s) / wall, 1)}
 
 
-def gate_port_from_pid(data_dir: str | Path | None) -> int | None:
-    """The client port of gate-1 as `simzmq up` started it (its --port), if
-    the region runs on this machine."""
-    pid = read_pid_files(data_dir).get("gate-1")
-    if pid is None:
-        return None
+def _option_of(pid: int, flag: str) -> int | None:
+    """The integer value of ``flag`` on a process's command line, if any."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
+        argv = psutil.Process(pid).cmdline()
+    except psutil.Error:
         return None
     for i, arg in enumerate(argv[:-1]):
-        if arg == b"--port":
+        if arg == flag:
             try:
                 return int(argv[i + 1])
             except ValueError:
@@ -98,26 +88,22 @@ def gate_port_from_pid(data_dir: str | Path | None) -> int | None:
     return None
 
 
+def gate_port_from_pid(data_dir: str | Path | None) -> int | None:
+    """The client port of gate-1 as `simzmq up` started it (its --port), if
+    the region runs on this machine."""
+    pid = read_pid_files(data_dir).get("gate-1")
+    return None if pid is None else _option_of(pid, "--port")
+
+
 def gate_http_ports(data_dir: str | Path | None) -> dict[str, int]:
     """``{gate name: HTTP port}`` from the gates' command lines (their --http-port)."""
     ports = {}
     for name, pid in read_pid_files(data_dir).items():
-        if not name.startswith("gate-"):
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        for i, arg in enumerate(argv[:-1]):
-            if arg == b"--http-port":
-                try:
-                    ports[name] = int(argv[i + 1])
-                except ValueError:
-                    pass
+        if name.startswith("gate-"):
+            port = _option_of(pid, "--http-port")
+            if port is not None:
+                ports[name] = port
     return ports
-
-
 
 
 def server_report(pids: dict[str, int], before: dict, after: dict, wall_s: float, per: int = 0) -> dict:
@@ -150,24 +136,18 @@ def server_report(pids: dict[str, int], before: dict, after: dict, wall_s: float
 
 def machine_info() -> dict:
     """What the numbers were measured on."""
-    cpu = ""
+    return {"cpus": os.cpu_count(), "cpu_model": _cpu_model(), "mem_total_mb": psutil.virtual_memory().total >> 20,
+            "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def _cpu_model() -> str:
+    # psutil does not name the CPU; Linux says it in /proc/cpuinfo.
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    mem_kb = 0
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    mem_kb = int(line.split()[1])
-                    break
-    except OSError:
-        pass
-    return {"cpus": os.cpu_count(), "cpu_model": cpu, "mem_total_mb": mem_kb // 1024,
-            "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    return platform.processor()
