@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
 # Gate counters worth a look after a run: each one that moved means the run
 # met failovers, lost pushes, timeouts or the gate's limits.
 GATE_EVENTS = ("simzmq_gate_failovers_total", "simzmq_gate_catchups_total", "simzmq_gate_push_holes_total",
@@ -11,23 +15,27 @@ GATE_EVENTS = ("simzmq_gate_failovers_total", "simzmq_gate_catchups_total", "sim
 
 def gate_events(host: str, ports: dict[str, int]) -> dict[str, float]:
     """The GATE_EVENTS counters, summed over labels and gates, from /metrics."""
-    import urllib.request
     totals: dict[str, float] = {}
     for port in ports.values():
         try:
             with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=2) as resp:
                 text = resp.read().decode("utf-8", "replace")
+            counts = event_totals(text)
         except (OSError, ValueError):
-            continue
-        for line in text.splitlines():
-            if not line.startswith("simzmq_gate_"):
-                continue
-            name = line.split("{", 1)[0].split(" ", 1)[0]
-            if name in GATE_EVENTS:
-                try:
-                    totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-                except ValueError:
-                    continue
+            continue  # a gate that does not answer (or garbles) is left out of the sum
+        for name, value in counts.items():
+            totals[name] = totals.get(name, 0.0) + value
+    return totals
+
+
+def event_totals(text: str) -> dict[str, float]:
+    """The GATE_EVENTS counters in one Prometheus text exposition, summed over
+    their labels. Raises ValueError on text that is not the exposition format."""
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in GATE_EVENTS:
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
     return totals
 
 
