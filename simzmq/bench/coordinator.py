@@ -51,23 +51,22 @@ class Coordinator:
     def wait_phase(self, name: str, label: str, counter: int | tuple[int, ...], total: int) -> dict[int, dict]:
         """Wait until every child reports `name` done; returns their infos."""
         infos: dict[int, dict] = {}
-        started = time.monotonic()
         counter = counter if isinstance(counter, tuple) else (counter,)
-        base = self.total(counter)
-        while len(infos) < len(self.plans):
-            ready = multiprocessing.connection.wait(self.pipes, timeout=PROGRESS_INTERVAL_S)
-            for pipe in ready:
-                try:
-                    msg = pipe.recv()
-                except EOFError:
-                    continue
-                self._handle(msg, name, infos)
-            for p in self.children:
-                if not p.is_alive() and p.exitcode not in (0, None) and len(infos) < len(self.plans):
-                    self._drain_errors()
-                    raise BenchError(f"bench process {p.name} exited with {p.exitcode}")
-            self.progress.show(label, self.total(counter), total, started, base)
-        self.progress.show(label, self.total(counter), total, started, base)
+        with self.progress.phase(label, total, self.total(counter)) as advance:
+            while len(infos) < len(self.plans):
+                ready = multiprocessing.connection.wait(self.pipes, timeout=PROGRESS_INTERVAL_S)
+                for pipe in ready:
+                    try:
+                        msg = pipe.recv()
+                    except EOFError:
+                        continue
+                    self._handle(msg, name, infos)
+                for p in self.children:
+                    if not p.is_alive() and p.exitcode not in (0, None) and len(infos) < len(self.plans):
+                        self._drain_errors()
+                        raise BenchError(f"bench process {p.name} exited with {p.exitcode}")
+                advance(self.total(counter))
+            advance(self.total(counter))
         return infos
 
     def _handle(self, msg, name, infos) -> None:
@@ -130,22 +129,19 @@ def run(opts: Options, progress: bool = True) -> dict:
     validate(opts)
     _raise_fd_limit()
     pids = read_pid_files(opts.data_dir)
-    bar = Progress(progress)
-    coord = Coordinator(opts, bar)
+    coord = Coordinator(opts, Progress(progress))
     t_start = time.monotonic()
     coord.start()
     # A terminated bench stops its processes too (they would hold connections).
     old_term = signal.signal(signal.SIGTERM, _terminated)
     try:
-        report = _drive(opts, coord, pids, bar)
+        report = _drive(opts, coord, pids)
     except BaseException:
-        bar.end()
         coord.abort()
         raise
     finally:
         signal.signal(signal.SIGTERM, old_term)
     coord.finish()
-    bar.end()
     report["elapsed_s"] = round(time.monotonic() - t_start, 3)
     return report
 
@@ -163,7 +159,7 @@ def _params(opts: Options) -> dict:
     return d
 
 
-def _drive(opts: Options, coord: Coordinator, pids: dict, bar: Progress) -> dict:
+def _drive(opts: Options, coord: Coordinator, pids: dict) -> dict:
     sc = opts.scenario
     n_users = opts.resolved_users()
     plans = coord.plans

@@ -1,42 +1,42 @@
-"""Progress of a phase on stderr."""
+"""Progress of each phase on stderr, drawn by click's progress bar."""
 
 from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
+
+import click
+
 
 class Progress:
-    """A one-line progress bar on stderr."""
+    """Opens one bar per phase; a disabled Progress draws nothing."""
 
     def __init__(self, enabled: bool, stream=None):
-        self.stream = stream or sys.stderr
         self.enabled = enabled
-        self.tty = self.stream.isatty()
-        self.last_line = 0.0
-        self.width = 0
+        self.stream = stream or sys.stderr
 
-    def show(self, label: str, done: int, total: int, started: float, base: int = 0) -> None:
+    @contextmanager
+    def phase(self, label: str, total: int, done: int = 0):
+        """A bar for ``total`` steps, of which ``done`` are already counted
+        (the counters run across phases); yields a function that takes the new
+        count."""
         if not self.enabled:
+            yield lambda count: None
             return
-        now = time.monotonic()
-        if not self.tty and now - self.last_line < 2.0:
-            return
-        self.last_line = now
-        elapsed = now - started
-        frac = min(1.0, done / total) if total else 0.0
-        bar = "#" * int(frac * 30)
-        rate = (done - base) / elapsed if elapsed > 0 else 0.0
-        line = f"{label:<9}[{bar:<30}] {done}/{total} {frac * 100:5.1f}% {rate:9.0f}/s {elapsed:6.1f}s"
-        if self.tty:
-            pad = max(0, self.width - len(line))
-            self.stream.write("\r" + line + " " * pad)
-            self.width = len(line)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        started = time.monotonic()
+        drawn = done
 
-    def end(self) -> None:
-        if self.enabled and self.tty and self.width:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.width = 0
+        def rate(_item) -> str:
+            elapsed = time.monotonic() - started
+            return f"{(drawn - done) / elapsed:.0f}/s" if elapsed > 0 else ""
+
+        with click.progressbar(length=max(1, total), label=f"{label:<8}", file=self.stream, show_pos=True,
+                               show_eta=True, item_show_func=rate) as bar:
+            def advance(count: int) -> None:
+                nonlocal drawn
+                step = min(count, done + total) - drawn
+                if step > 0:
+                    drawn += step
+                    bar.update(step)
+            yield advance
