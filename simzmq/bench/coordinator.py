@@ -12,12 +12,13 @@ from dataclasses import asdict
 
 from simzmq.bench.check import check_delivery, merge_errors, merge_latency, percentiles
 from simzmq.bench.gatemetrics import events_delta, gate_events
-from simzmq.bench.load import _child_entry, _raise_fd_limit
+from simzmq.bench.load import _child_entry
 from simzmq.bench.plan import (F_ACKED, F_DELIVERED, F_LOGINS, F_SETUP, F_SYNCED, N_FIELDS, BenchError, Options,
                                make_plans, validate)
 from simzmq.bench.procstats import (MACHINE, gate_http_ports, machine_report, read_pid_files, sample_all,
                                     server_report)
 from simzmq.bench.progress import Progress
+from simzmq.cli import raise_fd_limit
 
 PROGRESS_INTERVAL_S = 0.25
 
@@ -127,7 +128,7 @@ def run(opts: Options, progress: bool = True) -> dict:
     if not opts.prefix:
         opts.prefix = "b" + secrets.token_hex(4)
     validate(opts)
-    _raise_fd_limit()
+    raise_fd_limit()
     pids = read_pid_files(opts.data_dir)
     coord = Coordinator(opts, Progress(progress))
     t_start = time.monotonic()

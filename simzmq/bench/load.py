@@ -13,6 +13,7 @@ from array import array
 
 from simzmq.bench.plan import (CODEC_IDS, F_ACKED, F_DELIVERED, F_ERRORS, F_LOGINS, F_SENT, F_SETUP, F_SYNCED,
                                N_FIELDS, BenchError, Flow, Options, Plan, password_for)
+from simzmq.cli import raise_fd_limit
 from simzmq.wire import messages as m
 from simzmq.wire.errors import ProtocolError
 from simzmq.wire.messages import ErrorCode
@@ -40,14 +41,8 @@ QUIET_S = 5.0
 SYNC_LIMIT = 500
 
 
-def _raise_fd_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def _child_entry(opts: Options, plan: Plan, ctl, counters) -> None:
-    _raise_fd_limit()
+    raise_fd_limit()
     try:
         import uvloop
         runner = uvloop.run
