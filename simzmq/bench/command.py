@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 from simzmq import keys as keys_mod
+from simzmq.bench.calibrate import calibrate
 from simzmq.bench.coordinator import run
-from simzmq.bench.plan import BenchError, Options
+from simzmq.bench.plan import BenchError, Options, validate
 from simzmq.bench.procstats import gate_port_from_pid, machine_info
 from simzmq.bench.report import format_report
 
@@ -31,8 +32,11 @@ def main(cfg, *, scenario: str, host: str | None, port: int | None, gate_key: st
     port = port or gate_port_from_pid(data_dir) or g["port"]
     opts = Options(scenario=scenario, host=host or g["host"], port=port, gate_pk=pk, data_dir=str(data_dir),
                    **options)
+    validate(opts)  # bad arguments are refused before the calibration takes its seconds
+    calibration = calibrate(data_dir)
     report = run(opts, progress=progress)
     report["machine"] = machine_info()
+    report["calibration"] = calibration
     if as_json:
         print(json.dumps(report, indent=2, default=_json_default))
     else:

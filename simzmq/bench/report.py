@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from simzmq.bench.calibrate import format_calibration
+
+
 def _fmt_lat(d: dict) -> str:
     if not d.get("n"):
         return "-"
@@ -20,6 +23,8 @@ def format_report(r: dict) -> str:
     else:
         head += f", connections {p['connections']}, concurrency {p['concurrency']} per process"
     lines.append(head)
+    if "calibration" in r:
+        lines.append("  " + format_calibration(r["calibration"]))
     lines.append(f"  setup (registration, first logins{', inbox fill' if r['scenario'] == 'backlog' else ''}; "
                  f"not measured): {r['setup_s']:.2f} s")
     rows: list[tuple[str, str]] = []

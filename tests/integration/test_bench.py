@@ -54,6 +54,14 @@ def assert_server_measured(report):
     assert report["server"]["total"]["rss_after_kb"] == sum(p["rss_after_kb"] for p in procs.values())
 
 
+def assert_calibrated(report, region):
+    cal = report["calibration"]
+    assert cal["python"]["ops_per_s"] > 0
+    fsync = cal["fsync"]
+    assert fsync["dir"] == str(region.data_dir) and fsync["n"] == 200 and fsync["block_bytes"] == 4096
+    assert 0 <= fsync["p50_ms"] <= fsync["p99_ms"]
+
+
 @pytest.mark.timeout(60)
 def test_pairs_window_two_procs(region):
     r = bench(region, "pairs", "--users", "4", "--messages", "20", "--window", "4", "--procs", "2")
@@ -72,6 +80,7 @@ def test_pairs_window_two_procs(region):
     assert r["gate_metrics_from"] == ["gate-1"] and isinstance(r["gate_events"], dict)
     assert r["generator"]["procs"] == 2
     assert r["machine"]["cpus"] >= 1
+    assert_calibrated(r, region)
 
 
 @pytest.mark.timeout(60)
@@ -117,6 +126,19 @@ def test_connect(region):
     assert {p["name"] for p in mem["processes"]} >= {"gate-1", "im-1"}
     assert r["errors"] == {} and r["ok"] is True
     assert_server_measured(r)
+
+
+@pytest.mark.timeout(60)
+def test_text_report_has_the_calibration_line(region):
+    proc = subprocess.run([sys.executable, "-m", "simzmq", "bench", "pairs", "--users", "2", "--messages", "5",
+                           "--data", str(region.data_dir), "--no-progress"],
+                          cwd=str(ROOT), env=region.env, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("simzmq bench pairs:")
+    assert lines[1].startswith("  calibration: CPython ") and "loop ops/s" in lines[1]
+    assert f"write+fsync of 4 KiB in {region.data_dir}: p50 " in lines[1]
+    assert lines[-1] == "  result: OK"
 
 
 @pytest.mark.timeout(30)
