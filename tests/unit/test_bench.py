@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 
+from simzmq.bench.ab import figures, summarize
 from simzmq.bench.calibrate import calibrate, format_calibration, fsync_latency, python_loop, python_speed
 from simzmq.bench.gatemetrics import event_totals
 
@@ -76,3 +77,43 @@ def test_event_totals_sums_labels_and_ignores_other_metrics():
 def test_event_totals_refuses_text_that_is_not_metrics():
     with pytest.raises(ValueError):
         event_totals("this is not { the exposition format\n")
+
+
+# --- the A/B runner's arithmetic -------------------------------------------------------
+
+def pairs_report(delivered: int, cpu: dict[str, float], rate=None, p50=1.0, p99=2.0) -> dict:
+    return {"scenario": "pairs", "ok": True, "params": {"rate": rate},
+            "counts": {"delivered_pushes": delivered}, "rates": {"delivered_per_s": delivered / 2},
+            "latency_ms": {"send_to_push": {"n": delivered, "p50": p50, "p99": p99}},
+            "server": {"processes": [{"name": name, "cpu_s": v} for name, v in cpu.items()]}}
+
+
+REGION_CPU = {"broker-primary": 0.3, "broker-backup": 0.1, "gate-1": 0.5, "im-1": 0.8, "im-2": 0.2}
+
+
+def test_figures_per_role_cpu_per_delivered_message():
+    figs = figures(pairs_report(1000, REGION_CPU, rate=500))
+    assert figs == {"delivered msgs/s": 500.0, "send→push p50 ms (at 500/s)": 1.0, "send→push p99 ms (at 500/s)": 2.0,
+                    "gate CPU µs/msg": 500.0, "broker CPU µs/msg": 400.0, "worker CPU µs/msg": 1000.0,
+                    "region CPU µs/msg": 1900.0}
+
+
+def test_figures_per_token_login_and_without_pid_files():
+    connect = {"scenario": "connect", "counts": {"token_logins": 200}, "rates": {"token_logins_per_s": 100.0},
+               "latency_ms": {"token_login": {"n": 200, "p50": 3.0, "p99": 9.0}},
+               "server": {"processes": [{"name": "gate-1", "cpu_s": 0.1}, {"name": "im-1", "pid": 9, "gone": True}]}}
+    figs = figures(connect)
+    assert figs["gate CPU µs/token login"] == 500.0 and figs["worker CPU µs/token login"] == 0.0
+    assert figs["token logins/s"] == 100.0 and figs["token login p99 ms"] == 9.0
+    connect["server"]["processes"] = []
+    assert figures(connect)["region CPU µs/token login"] is None
+
+
+def test_summary_medians_and_ratio_of_interleaved_runs():
+    runs = [("A", {"x": 10.0, "y": None}), ("B", {"x": 30.0, "y": 1.0}),
+            ("A", {"x": 12.0, "y": None}), ("B", {"x": 20.0, "y": 3.0}),
+            ("A", {"x": 50.0, "y": None}), ("B", {"x": 24.0, "y": 2.0})]
+    x, y = summarize(runs)
+    assert x == {"figure": "x", "a": [10.0, 12.0, 50.0], "b": [30.0, 20.0, 24.0], "median_a": 12.0, "median_b": 24.0,
+                 "ratio_b_a": 2.0}
+    assert y["median_a"] is None and y["median_b"] == 2.0 and y["ratio_b_a"] is None
