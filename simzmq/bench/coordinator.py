@@ -98,29 +98,24 @@ class Coordinator:
         return t0
 
     def finish(self) -> None:
-        for pipe in self.pipes:
-            try:
-                pipe.send(("go", "exit", 0.0))
-            except OSError:
-                pass
-        for p in self.children:
-            p.join(10)
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
+        """The children's last go: they exit once their results are read."""
+        self._end(("go", "exit", 0.0), grace_s=10, kill_wait_s=5)
 
     def abort(self) -> None:
+        self._end(("abort",), grace_s=3, kill_wait_s=3)
+
+    def _end(self, last_word: tuple, grace_s: float, kill_wait_s: float) -> None:
+        """Tell every child ``last_word``; terminate those still alive after ``grace_s``."""
         for pipe in self.pipes:
             try:
-                pipe.send(("abort",))
+                pipe.send(last_word)
             except OSError:
                 pass
         for p in self.children:
-            p.join(3)
+            p.join(grace_s)
             if p.is_alive():
                 p.terminate()
-                p.join(3)
-
+                p.join(kill_wait_s)
 
 
 def run(opts: Options, progress: bool = True) -> dict:
