@@ -48,5 +48,7 @@ from simzmq.bench.check import check_delivery, order_check, percentiles
 from simzmq.bench.command import main
 from simzmq.bench.coordinator import run
 from simzmq.bench.plan import SCENARIOS, BenchError, Options
+from simzmq.bench.procstats import machine_report, read_pid_files, sample_all
 
-__all__ = ["SCENARIOS", "BenchError", "Options", "check_delivery", "main", "order_check", "percentiles", "run"]
+__all__ = ["SCENARIOS", "BenchError", "Options", "check_delivery", "machine_report", "main", "order_check",
+           "percentiles", "read_pid_files", "run", "sample_all"]

@@ -93,7 +93,8 @@ REGION_CPU = {"broker-primary": 0.3, "broker-backup": 0.1, "gate-1": 0.5, "im-1"
 
 def test_figures_per_role_cpu_per_delivered_message():
     figs = figures(pairs_report(1000, REGION_CPU, rate=500))
-    assert figs == {"delivered msgs/s": 500.0, "send→push p50 ms (at 500/s)": 1.0, "send→push p99 ms (at 500/s)": 2.0,
+    assert figs == {"delivered msgs/s": 500.0,
+                    "send→push p50 ms (at 500/s)": 1.0, "send→push p99 ms (at 500/s)": 2.0,
                     "gate CPU µs/msg": 500.0, "broker CPU µs/msg": 400.0, "worker CPU µs/msg": 1000.0,
                     "region CPU µs/msg": 1900.0}
 
