@@ -461,7 +461,7 @@ def chat(ctx, data, host, port, gate_key, user_id, device, register):
 
 
 # ---------------------------------------------------------------------------
-# Benchmark (simzmq/bench.py does the work).
+# Benchmark (the simzmq.bench package does the work).
 # ---------------------------------------------------------------------------
 
 @main.command()

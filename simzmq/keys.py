@@ -123,25 +123,18 @@ def curve_cert_text(role: str, public: bytes, secret: bytes | None = None) -> st
 
 
 def read_curve_cert(path: Path) -> tuple[bytes, bytes | None]:
-    """(public, secret or None) as z85 bytes from a ZPL certificate."""
+    """(public, secret or None) as z85 bytes from a ZPL certificate, checked:
+    keys of 32 bytes, and a secret that belongs to its public key."""
     import zmq
+    import zmq.auth
     from zmq.utils import z85
 
-    public = secret = None
     try:
-        lines = Path(path).read_bytes().splitlines()
+        public, secret = zmq.auth.load_certificate(path)
     except OSError as exc:
         raise KeyFileError(f"cannot read {path}: {exc}") from None
-    for line in lines:
-        line = line.strip()
-        if line.startswith(b"#") or b"=" not in line:
-            continue
-        name, value = (part.strip() for part in line.split(b"=", 1))
-        value = value.strip(b"'\"")
-        if name == b"public-key":
-            public = value
-        elif name == b"secret-key":
-            secret = value
+    except ValueError:
+        raise KeyFileError(f"{path}: no public-key in it") from None
     for what, key in (("public", public), ("secret", secret)):
         if key is not None:
             try:
@@ -149,8 +142,6 @@ def read_curve_cert(path: Path) -> tuple[bytes, bytes | None]:
                     raise ValueError("not 32 bytes")
             except (ValueError, KeyError, TypeError) as exc:
                 raise KeyFileError(f"{path}: bad {what} key: {exc}") from None
-    if public is None:
-        raise KeyFileError(f"{path}: no public-key in it")
     if secret is not None and zmq.curve_public(secret) != public:
         raise KeyFileError(f"{path}: the public key does not belong to the secret key")
     return public, secret

@@ -8,6 +8,7 @@ at the bottom show can fail, finds nothing lost, doubled or reordered.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from array import array
@@ -54,6 +55,14 @@ def assert_server_measured(report):
     assert report["server"]["total"]["rss_after_kb"] == sum(p["rss_after_kb"] for p in procs.values())
 
 
+def assert_calibrated(report, region):
+    cal = report["calibration"]
+    assert cal["python"]["ops_per_s"] > 0
+    fsync = cal["fsync"]
+    assert fsync["dir"] == str(region.data_dir) and fsync["n"] == 200 and fsync["block_bytes"] == 4096
+    assert 0 <= fsync["p50_ms"] <= fsync["p99_ms"]
+
+
 @pytest.mark.timeout(60)
 def test_pairs_window_two_procs(region):
     r = bench(region, "pairs", "--users", "4", "--messages", "20", "--window", "4", "--procs", "2")
@@ -72,6 +81,7 @@ def test_pairs_window_two_procs(region):
     assert r["gate_metrics_from"] == ["gate-1"] and isinstance(r["gate_events"], dict)
     assert r["generator"]["procs"] == 2
     assert r["machine"]["cpus"] >= 1
+    assert_calibrated(r, region)
 
 
 @pytest.mark.timeout(60)
@@ -117,6 +127,19 @@ def test_connect(region):
     assert {p["name"] for p in mem["processes"]} >= {"gate-1", "im-1"}
     assert r["errors"] == {} and r["ok"] is True
     assert_server_measured(r)
+
+
+@pytest.mark.timeout(60)
+def test_text_report_has_the_calibration_line(region):
+    proc = subprocess.run([sys.executable, "-m", "simzmq", "bench", "pairs", "--users", "2", "--messages", "5",
+                           "--data", str(region.data_dir), "--no-progress"],
+                          cwd=str(ROOT), env=region.env, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("simzmq bench pairs:")
+    assert lines[1].startswith("  calibration: CPython ") and "loop ops/s" in lines[1]
+    assert f"write+fsync of 4 KiB in {region.data_dir}: p50 " in lines[1]
+    assert lines[-1] == "  result: OK"
 
 
 @pytest.mark.timeout(30)
@@ -166,3 +189,57 @@ def test_percentiles_nearest_rank():
     p = percentiles([i / 1000 for i in range(1, 101)])
     assert (p["n"], p["p50"], p["p95"], p["p99"], p["max"]) == (100, 50.0, 95.0, 99.0, 100.0)
     assert percentiles([]) == {"n": 0}
+
+
+# --- the A/B runner: two regions, started from checkouts, interleaved ----------------
+
+
+def ab(*args, tmp_path, timeout=240) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIMZMQ_")}
+    return subprocess.run([sys.executable, "-m", "simzmq.bench.ab", *args], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(300)
+def test_ab_runs_a_revision_against_this_checkout(tmp_path):
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout: no revision to export")
+    work = tmp_path / "work"
+    proc = ab("--a", "HEAD", "--b", str(ROOT), "--runs", "1", "--work", str(work), "--no-progress", "--json",
+              "connect", "--users", "2", "--connections", "4", "--settle", "0.1", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    r = json.loads(proc.stdout)
+    assert r["order"] == ["A", "B"] and [run["side"] for run in r["per_run"]] == ["A", "B"]
+    assert r["sides"]["A"].startswith("HEAD = ") and str(ROOT) in r["sides"]["B"]
+    # Side A ran from the exported revision, B from this checkout.
+    assert (work / f"src-{r['sides']['A'].split()[2]}" / "simzmq" / "cli.py").is_file()
+    assert r["calibration"]["fsync"]["dir"] == str(work) and r["calibration"]["python"]["ops_per_s"] > 0
+    for run in r["per_run"]:
+        assert run["ok"] is True and run["report"]["counts"]["token_logins"] == 4
+        assert run["figures"]["region CPU µs/token login"] is not None
+    figures = {row["figure"]: row for row in r["summary"]}
+    assert {"gate CPU µs/token login", "broker CPU µs/token login", "worker CPU µs/token login",
+            "token logins/s", "token login p50 ms"} <= set(figures)
+    row = figures["token logins/s"]
+    assert len(row["a"]) == len(row["b"]) == 1 and row["ratio_b_a"] is not None
+
+
+@pytest.mark.timeout(300)
+def test_ab_text_output_same_checkout_pairs_at_a_fixed_rate(tmp_path):
+    proc = ab("--a", str(ROOT), "--b", str(ROOT), "--runs", "1", "--no-progress",
+              "pairs", "--users", "2", "--messages", "10", "--rate", "100", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    out = proc.stdout
+    assert "interleaved (A B)" in out and "  calibration: CPython " in out
+    for figure in ("delivered msgs/s", "send→push p50 ms (at 100/s)", "send→push p99 ms (at 100/s)",
+                   "gate CPU µs/msg", "broker CPU µs/msg", "worker CPU µs/msg"):
+        assert f"  {figure} " in out
+    assert "run 1 (A): OK" in out and "run 2 (B): OK" in out
+
+
+@pytest.mark.timeout(60)
+def test_ab_refuses_bad_sides_and_options(tmp_path):
+    proc = ab("--a", str(tmp_path / "nothing"), "--b", str(ROOT), "pairs", tmp_path=tmp_path)
+    assert proc.returncode != 0 and "neither a checkout" in proc.stderr
+    proc = ab("--a", str(ROOT), "--b", str(ROOT), "pairs", "--port", "1", tmp_path=tmp_path)
+    assert proc.returncode != 0 and "--port: the A/B runner sets this itself" in proc.stderr
