@@ -95,3 +95,73 @@ def test_chat_reports_bad_password_and_unreachable_gate():
         assert any("cannot reach the gate" in line for line in output)
 
     asyncio.run(main())
+
+
+def drop_then_unavailable(gate):
+    """The gate stores alice's first Send and drops the connection before the
+    SendOk (a failover), then answers the resend `unavailable` once: the
+    client's Sync after the reconnect brings her own message back before any
+    SendOk does."""
+    original = gate._send
+
+    def first_send(conn, ref, msg):
+        gate._send = original
+        gate.drop_after_commit.add(msg.cmid)
+        original(conn, ref, msg)
+        gate.unavailable.add(msg.cmid)
+
+    gate._send = first_send
+
+
+@pytest.mark.timeout(20)
+def test_own_message_synced_back_before_its_sendok_is_shown_once():
+    async def main():
+        gate = await FakeGate().start()
+        bob = Client("127.0.0.1", gate.port, gate.pk, "bob", "pw")
+        await bob.register()
+        await bob.login()
+        drop_then_unavailable(gate)
+        output = []
+        lines = scripted(["/to bob", "once", "/convs", "/quit"])
+        code = await run_chat("127.0.0.1", gate.port, gate.pk, "alice", "pw", "term", True,
+                              lines=lines, out=output.append)
+        assert code == 0
+        assert len(gate.inbox["alice"]) == 1  # stored once
+        # /convs runs after the send is done, so a second copy would be above it.
+        assert sum("-> bob: once" in line for line in output) == 1, output
+        await bob.close()
+        await gate.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(20)
+def test_opening_a_conversation_marks_it_read():
+    async def main():
+        gate = await FakeGate().start()
+        bob = Client("127.0.0.1", gate.port, gate.pk, "bob", "pw")
+        await bob.register()
+        await bob.login()
+        output = []
+
+        async def bob_writes_twice():
+            await bob.send("alice", b"one")
+            await bob.send("alice", b"two")
+            await wait_for(lambda: sum("<- bob:" in line for line in output) == 2, "bob's messages")
+
+        def reads():
+            return [msg for c in gate.conns if c.user == "alice" for _, msg in c.received if type(msg) is m.Read]
+
+        async def nothing_read_yet():
+            assert reads() == []
+
+        lines = scripted(["/to carol", bob_writes_twice, nothing_read_yet, "/to bob", "/quit"])
+        gate.users["carol"], gate.inbox["carol"] = "pw", []
+        await run_chat("127.0.0.1", gate.port, gate.pk, "alice", "pw", "term", True,
+                       lines=lines, out=output.append)
+        assert [(r.peer, r.msg_id) for r in reads()] == [("bob", gate.inbox["alice"][1].msg_id)]
+        await wait_for(lambda: any(type(e) is m.ReadNotice for e in list(bob.events._queue)), "receipt")
+        await bob.close()
+        await gate.stop()
+
+    asyncio.run(main())

@@ -586,3 +586,31 @@ def test_load_gate_key(tmp_path):
     (tmp_path / "keys" / "gate.pub").write_text("abc")
     with pytest.raises(KeyFileError):
         load_gate_key(tmp_path)
+
+
+@pytest.mark.timeout(20)
+def test_own_send_synced_back_completes_the_send_without_an_event():
+    async def main():
+        gate = await FakeGate().start()
+        await logged_in(gate, "bob")
+        alice = await logged_in(gate, "alice")
+        original = gate._send
+
+        def first_send(conn, ref, msg):
+            # Stored, the connection dropped before the SendOk, the resend
+            # answered unavailable: the Sync after the reconnect brings the
+            # message back first.
+            gate._send = original
+            gate.drop_after_commit.add(msg.cmid)
+            original(conn, ref, msg)
+            gate.unavailable.add(msg.cmid)
+
+        gate._send = first_send
+        ok = await asyncio.wait_for(alice.send("bob", b"once"), 10)
+        assert ok == gate.cmids[("alice", gate.inbox["alice"][0].cmid)]
+        assert alice.messages[ok.seq].body == b"once" and alice.unacked == 0
+        assert alice.events.empty()  # send() reported it; it is no NewMsg event too
+        await alice.close()
+        await gate.stop()
+
+    run(main())
