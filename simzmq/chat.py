@@ -1,24 +1,29 @@
 """A terminal chat for a person, on top of ``simzmq.client.Client``.
 
-Commands: ``/to PEER`` picks the conversation, a plain line sends to it,
-``/convs`` lists conversations with unread counts, ``/read`` marks the current
-conversation read, ``/history`` shows what this session holds of it, ``/quit``
-leaves. Incoming messages and read receipts print as they arrive; messages
-from the current peer are marked read as they are shown.
+Commands: ``/to PEER`` opens the conversation (and marks it read, as any chat
+app does), a plain line sends to it, ``/convs`` lists conversations with
+unread counts, ``/read`` marks the open conversation read, ``/history`` shows
+what this session holds of it, ``/quit`` leaves. Incoming messages and read
+receipts print as they arrive; messages arriving in the open conversation are
+marked read as they are shown.
 """
 
 from __future__ import annotations
 
 import asyncio
+import getpass
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from simzmq.client import Client, RequestError
+from simzmq.keys import KeyFileError, load_gate_public
 from simzmq.wire import messages as m
+from simzmq.wire.errors import ProtocolError
 from simzmq.wire.messages import ErrorCode
-from simzmq.wire.rules import is_valid_user_id
+from simzmq.wire.rules import MAX_PASSWORD, is_valid_user_id
 
 HELP = "commands: /to PEER, then type to send; /convs; /read; /history; /quit"
 TEXT_KIND = 0
@@ -70,6 +75,7 @@ class ChatSession:
             self.out(f"talking to {arg}")
             for msg in self.client.conversation(arg)[-10:]:
                 self.out(format_msg(msg, self.client.user))
+            await self._mark_read(quiet=True)
         elif command == "/convs":
             convs = await self.client.convs()
             if not convs:
@@ -104,15 +110,19 @@ class ChatSession:
             msg_id=ok.msg_id, seq=ok.seq, sender=self.client.user, to=peer, ts_ms=ok.ts_ms,
             body=text.encode("utf-8")), self.client.user))
 
-    async def _mark_read(self) -> None:
+    async def _mark_read(self, quiet: bool = False) -> None:
+        """Raise the read mark to the peer's newest held message (a Read that
+        does not raise it changes nothing and notifies no one)."""
         if not self._need_peer():
             return
-        held = self.client.conversation(self.peer)
-        if not held:
-            self.out("nothing to mark read")
+        theirs = [msg for msg in self.client.conversation(self.peer) if msg.sender == self.peer]
+        if not theirs:
+            if not quiet:
+                self.out("nothing to mark read")
             return
-        await self.client.read(self.peer, held[-1].msg_id)
-        self.out(f"marked read up to message {held[-1].msg_id}")
+        await self.client.read(self.peer, theirs[-1].msg_id)
+        if not quiet:
+            self.out(f"marked read up to message {theirs[-1].msg_id}")
 
     async def handle_event(self, event: object) -> None:
         me = self.client.user
@@ -181,6 +191,89 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
+@dataclass(frozen=True)
+class GateAddress:
+    host: str
+    port: int
+    http_host: str
+    http_port: int
+    http_scheme: str
+    gate_pk: bytes
+
+
+def find_gate(cfg, host: str | None = None, port: int | None = None, http_port: int | None = None,
+              gate_key: str | None = None) -> GateAddress:
+    """Where a person's client finds the region's gate: the flags first, then
+    gate-1 as `simzmq up` started it from DATA/run (its --port and
+    --http-port, as `simzmq bench` finds it), then the configuration. The
+    key is --gate-key, else DATA/keys/gate.pub. Raises KeyFileError."""
+    from simzmq.bench import gate_http_ports, gate_port_from_pid
+    if gate_key:
+        try:
+            pk = bytes.fromhex(gate_key)
+        except ValueError:
+            pk = b""
+        if len(pk) != 32:
+            raise KeyFileError("--gate-key must be 64 hex characters")
+    else:
+        pk = load_gate_public(cfg.data_dir)
+    g = cfg["gate"]
+    return GateAddress(
+        host=host or g["host"],
+        port=port or gate_port_from_pid(cfg.data_dir) or g["port"],
+        http_host=host or g["http_host"],
+        http_port=http_port or gate_http_ports(cfg.data_dir).get("gate-1") or g["http_port"],
+        http_scheme="https" if g["tls_cert"] else "http",
+        gate_pk=pk)
+
+
+class PasswordError(Exception):
+    """No usable password was given."""
+
+
+def read_password(user: str, confirm: bool = False) -> str:
+    """The password from a prompt that does not echo (typed twice when
+    ``confirm``, for a new account), or the first line of stdin when stdin is
+    not a terminal. Raises PasswordError for an empty or mistyped one."""
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"Password for {user}: ")
+        if confirm and password and getpass.getpass("Again: ") != password:
+            raise PasswordError("the two passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise PasswordError(f"empty password for {user}: type it at the prompt, or give it as the first "
+                            "line of standard input")
+    if len(password.encode()) > MAX_PASSWORD:
+        raise PasswordError(f"passwords are at most {MAX_PASSWORD} bytes")
+    return password
+
+
+def failure(exc: BaseException, host: str, port: int) -> str:
+    """The line a person reads when logging in failed with ``exc``."""
+    if isinstance(exc, RequestError):
+        return f"login refused: {exc}"
+    if isinstance(exc, ProtocolError):
+        return (f"the gate at {host}:{port} failed the handshake ({exc}); is the gate key "
+                "(--gate-key, or DATA/keys/gate.pub) this region's?")
+    if isinstance(exc, (OSError, ConnectionError, asyncio.TimeoutError)):
+        return f"cannot reach the gate at {host}:{port}: {exc or type(exc).__name__}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def log_in(client: Client, register: bool, out: Callable[[str], None]) -> m.LoginOk:
+    """Log in, registering first if asked (an existing account is fine)."""
+    if register:
+        try:
+            await client.register()
+            out(f"registered {client.user}")
+        except RequestError as exc:
+            if exc.code != ErrorCode.EXISTS:
+                raise
+            out(f"{client.user} exists already; logging in")
+    return await client.login()
+
+
 async def run_chat(
     host: str,
     port: int,
@@ -192,25 +285,19 @@ async def run_chat(
     *,
     lines: AsyncIterator[str] | None = None,
     out: Callable[[str], None] = _print,
-) -> None:
-    """Log in (registering first if asked) and chat until /quit or end of input."""
+) -> int:
+    """Log in (registering first if asked) and chat until /quit or end of
+    input. Returns the exit status: 0, or 1 if logging in failed."""
     client = Client(host, port, gate_pk, user, password, device)
     try:
-        if register:
-            try:
-                await client.register()
-                out(f"registered {user}")
-            except RequestError as exc:
-                if exc.code != ErrorCode.EXISTS:
-                    raise
-                out(f"{user} exists already; logging in")
-        ok = await client.login()
+        try:
+            ok = await log_in(client, register, out)
+        except (RequestError, ProtocolError, OSError, ConnectionError, asyncio.TimeoutError) as exc:
+            out(f"! {failure(exc, host, port)}")
+            return 1
         out(f"logged in as {ok.user} ({ok.max_seq} messages in the inbox). {HELP}")
         session = ChatSession(client, out)
         await session.run(lines if lines is not None else stdin_lines())
-    except RequestError as exc:
-        out(f"! {exc}")
-    except (OSError, ConnectionError) as exc:
-        out(f"! cannot reach the gate at {host}:{port}: {exc}")
+        return 0
     finally:
         await client.close()

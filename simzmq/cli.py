@@ -4,7 +4,6 @@ keys, chat, monitor and benchmark."""
 from __future__ import annotations
 
 import asyncio
-import getpass
 import logging
 import os
 import resource
@@ -429,35 +428,82 @@ def monitor(ctx, data, endpoints, as_json, count, interval):
 # Clients.
 # ---------------------------------------------------------------------------
 
+def client_gate(ctx, data, host, port, http_port, gate_key):
+    """The configuration and where its gate is, for a person's command."""
+    from simzmq.chat import find_gate
+    cfg = load_config(ctx, {"region": {"data": str(Path(data).resolve()) if data else None}})
+    try:
+        return cfg, find_gate(cfg, host, port, http_port, gate_key)
+    except keys_mod.KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def client_password(user_id: str, confirm: bool = False) -> str:
+    from simzmq.chat import PasswordError, read_password
+    try:
+        return read_password(user_id, confirm)
+    except PasswordError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (EOFError, KeyboardInterrupt):
+        raise click.ClickException("no password given") from None
+
+
+def gate_options(f):
+    for option in reversed([
+        data_option,
+        click.option("--host", default=None, help="Gate host (default gate.host, gate.http_host for HTTP)."),
+        click.option("--port", type=int, default=None,
+                     help="Gate port (default: gate-1's port from DATA/run, else gate.port)."),
+        click.option("--gate-key", default=None,
+                     help="The gate's public key, 64 hex (default: DATA/keys/gate.pub)."),
+        click.option("--user", "user_id", required=True),
+    ]):
+        f = option(f)
+    return f
+
+
 @main.command()
-@data_option
-@click.option("--host", default=None, help="Gate host (default gate.host).")
-@click.option("--port", type=int, default=None, help="Gate port (default gate.port).")
-@click.option("--gate-key", default=None, help="The gate's public key, 64 hex (default: DATA/keys/gate.pub).")
-@click.option("--user", "user_id", required=True)
+@gate_options
 @click.option("--device", default="terminal")
 @click.option("--register", is_flag=True, help="Create the account first.")
 @click.pass_context
 def chat(ctx, data, host, port, gate_key, user_id, device, register):
-    """Chat in the terminal: /to PEER, then type; /convs; /read; /quit."""
+    """Chat in the terminal: /to PEER, then type; /convs; /read; /quit.
+
+    The password comes from a prompt, or from the first line of standard
+    input when that is not a terminal."""
     from simzmq.chat import run_chat
-    cfg = load_config(ctx, {"region": {"data": str(Path(data).resolve()) if data else None}})
-    if gate_key:
-        try:
-            pk = bytes.fromhex(gate_key)
-        except ValueError:
-            raise click.ClickException("--gate-key must be 64 hex characters") from None
-    else:
-        try:
-            pk = keys_mod.load_gate_public(cfg.data_dir)
-        except keys_mod.KeyFileError as exc:
-            raise click.ClickException(str(exc)) from None
-    if sys.stdin.isatty():
-        password = getpass.getpass(f"Password for {user_id}: ")
-    else:
-        password = sys.stdin.readline().rstrip("\n")
-    g = cfg["gate"]
-    asyncio.run(run_chat(host or g["host"], port or g["port"], pk, user_id, password, device, register))
+    _, gate = client_gate(ctx, data, host, port, None, gate_key)
+    password = client_password(user_id, confirm=register)
+    sys.exit(asyncio.run(run_chat(gate.host, gate.port, gate.gate_pk, user_id, password, device, register)))
+
+
+@main.command()
+@gate_options
+@click.option("--http-port", type=int, default=None,
+              help="The gate's HTTP port (default: gate-1's from DATA/run, else gate.http_port).")
+@click.option("--before", type=click.IntRange(min=0), default=0,
+              help="Only messages older than this msg_id (0: the newest).")
+@click.option("--limit", type=click.IntRange(1, 100), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="The API's JSON answer as is (bodies in base64).")
+@click.argument("peer")
+@click.pass_context
+def history(ctx, data, host, port, gate_key, user_id, http_port, before, limit, as_json, peer):
+    """Show the conversation with PEER from the gate's HTTP history API.
+
+    Logs in like `chat` (password from a prompt, or the first line of
+    standard input), uses the session's token once, and logs out."""
+    from simzmq.history import HistoryError, run_history
+    from simzmq.wire.rules import is_valid_user_id
+    if not is_valid_user_id(peer):
+        raise click.ClickException("user ids are 1-64 characters of A-Z a-z 0-9 _ . -")
+    cfg, gate = client_gate(ctx, data, host, port, http_port, gate_key)
+    password = client_password(user_id)
+    try:
+        asyncio.run(run_history(gate, user_id, password, peer, before=before, limit=limit, as_json=as_json,
+                                cafile=cfg["gate"]["tls_cert"] or None))
+    except HistoryError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------

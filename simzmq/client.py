@@ -584,7 +584,7 @@ class Client:
             since = self.inbox.max_contiguous
             batch = await self._call(m.Sync(since=since, limit=SYNC_LIMIT))
             for msg in batch.msgs:
-                self._apply(msg, notify=True)
+                self._receive(msg)
             if not batch.more or self.inbox.max_contiguous == since:
                 # Done, or a Batch that does not advance the inbox: stop rather
                 # than ask the same question forever.
@@ -799,12 +799,24 @@ class Client:
             self.events.put_nowait(m.NewMsg(msg=msg))
         return True
 
+    def _receive(self, msg: m.Msg) -> None:
+        """A Msg from a push or a Batch. One that is this client's own Send still
+        waiting for its SendOk (its copy came another way first: a Sync after a
+        reconnect or a failover, a push to a new connection) completes that
+        Send, which `send()` reports; it is not also an event, or a chat would
+        show it twice."""
+        pending = self._unacked.get(msg.cmid) if msg.sender == self.user else None
+        if pending is None:
+            self._apply(msg, notify=True)
+        else:
+            self._send_ok(pending, m.SendOk(msg_id=msg.msg_id, seq=msg.seq, ts_ms=msg.ts_ms))
+
     def _on_push(self, push: object) -> None:
         kind = type(push)
         if kind is m.NewMsg:
             action = self.inbox.classify(push.msg.seq)
             if action == InboxTracker.APPLY:
-                self._apply(push.msg, notify=True)
+                self._receive(push.msg)
             elif action == InboxTracker.GAP:
                 self._request_sync()
         elif kind is m.ReadNotice or kind is m.Kick:

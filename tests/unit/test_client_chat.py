@@ -7,7 +7,7 @@ import pytest
 from simzmq.chat import format_body, format_conv, run_chat
 from simzmq.client import Client
 from simzmq.wire import messages as m
-from tests.unit.test_client_connection import FakeGate, wait_for
+from tests.unit.test_client_connection import FakeGate, logged_in, wait_for
 
 
 def test_format_body():
@@ -69,7 +69,7 @@ def test_chat_session_sends_receives_and_reads():
         assert "marked read up to message" in text
         assert [msg.body for msg in gate.inbox["bob"]] == [b"hello bob", b"hi alice"]
         # alice saw bob's message while talking to him, so it was marked read.
-        reads = [msg for c in gate.conns if c.user == "alice" for _, msg in c.received if type(msg) is m.Read]
+        reads = gate.requests_from("alice", m.Read)
         assert reads and reads[0].peer == "bob"
         await bob.close()
         await gate.stop()
@@ -93,5 +93,52 @@ def test_chat_reports_bad_password_and_unreachable_gate():
         await run_chat("127.0.0.1", port, gate.pk, "alice", "right", "", False,
                        lines=scripted([]), out=output.append)
         assert any("cannot reach the gate" in line for line in output)
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(20)
+def test_own_message_synced_back_before_its_sendok_is_shown_once():
+    async def main():
+        gate = await FakeGate().start()
+        bob = await logged_in(gate, "bob")
+        gate.lose_first_sendok()
+        output = []
+        lines = scripted(["/to bob", "once", "/convs", "/quit"])
+        code = await run_chat("127.0.0.1", gate.port, gate.pk, "alice", "pw", "term", True,
+                              lines=lines, out=output.append)
+        assert code == 0
+        assert len(gate.inbox["alice"]) == 1  # stored once
+        # /convs runs after the send is done, so a second copy would be above it.
+        assert sum("-> bob: once" in line for line in output) == 1, output
+        await bob.close()
+        await gate.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(20)
+def test_opening_a_conversation_marks_it_read():
+    async def main():
+        gate = await FakeGate().start()
+        bob = await logged_in(gate, "bob")
+        output = []
+
+        async def bob_writes_twice():
+            await bob.send("alice", b"one")
+            await bob.send("alice", b"two")
+            await wait_for(lambda: sum("<- bob:" in line for line in output) == 2, "bob's messages")
+
+        async def nothing_read_yet():
+            assert gate.requests_from("alice", m.Read) == []
+
+        lines = scripted(["/to carol", bob_writes_twice, nothing_read_yet, "/to bob", "/quit"])
+        gate.users["carol"], gate.inbox["carol"] = "pw", []
+        await run_chat("127.0.0.1", gate.port, gate.pk, "alice", "pw", "term", True,
+                       lines=lines, out=output.append)
+        assert [(r.peer, r.msg_id) for r in gate.requests_from("alice", m.Read)] == [("bob", gate.inbox["alice"][1].msg_id)]
+        await wait_for(lambda: any(type(e) is m.ReadNotice for e in list(bob.events._queue)), "receipt")
+        await bob.close()
+        await gate.stop()
 
     asyncio.run(main())

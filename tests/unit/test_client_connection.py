@@ -75,6 +75,25 @@ class FakeGate:
         self.server.close()
         await self.server.wait_closed()
 
+    def lose_first_sendok(self):
+        """The next Send is stored, then its connection dropped before the
+        SendOk (a failover), and the resend answered unavailable once: the
+        client's Sync after the reconnect brings the message back before any
+        SendOk does."""
+        original = self._send
+
+        def first_send(conn, ref, msg):
+            self._send = original
+            self.drop_after_commit.add(msg.cmid)
+            original(conn, ref, msg)
+            self.unavailable.add(msg.cmid)
+
+        self._send = first_send
+
+    def requests_from(self, user, kind):
+        """The requests of this type that ``user``'s connections sent, in order."""
+        return [msg for c in self.conns if c.user == user for _, msg in c.received if type(msg) is kind]
+
     def online(self, user):
         return [c for c in self.conns if c.user == user and not c.writer.is_closing()]
 
@@ -586,3 +605,20 @@ def test_load_gate_key(tmp_path):
     (tmp_path / "keys" / "gate.pub").write_text("abc")
     with pytest.raises(KeyFileError):
         load_gate_key(tmp_path)
+
+
+@pytest.mark.timeout(20)
+def test_own_send_synced_back_completes_the_send_without_an_event():
+    async def main():
+        gate = await FakeGate().start()
+        await logged_in(gate, "bob")
+        alice = await logged_in(gate, "alice")
+        gate.lose_first_sendok()
+        ok = await asyncio.wait_for(alice.send("bob", b"once"), 10)
+        assert ok == gate.cmids[("alice", gate.inbox["alice"][0].cmid)]
+        assert alice.messages[ok.seq].body == b"once" and alice.unacked == 0
+        assert alice.events.empty()  # send() reported it; it is no NewMsg event too
+        await alice.close()
+        await gate.stop()
+
+    run(main())
