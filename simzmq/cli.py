@@ -149,9 +149,9 @@ def up(ctx, data, port_base, gate_port, http_port, workers, gates, store, open_r
                           "allow_register": open_registration},
                  "im": {"workers": workers, "store": store}}
     cfg = load_config(ctx, overrides, UP_FLAGS)
-    clashes = config_mod.port_clashes(config_mod.region_listeners(cfg))
-    if clashes:
-        refuse([f"{c} (gate-N listens on gate.port + N - 1 and gate.http_port + N - 1)" for c in clashes])
+    problems = config_mod.local_problems(cfg)
+    if problems:
+        refuse(problems)
     data_dir = cfg.data_dir
     run_dir = data_dir / "run"
     run_dir.mkdir(parents=True, exist_ok=True)

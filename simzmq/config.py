@@ -453,9 +453,11 @@ def env_name(key: str) -> str:
 ENV_NAMES: dict[str, str] = {env_name(key): key for key in SCHEMA}
 
 
-def _did_you_mean(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
+def _did_you_mean(word: str, choices: Iterable[str], prefix: str = "") -> str:
+    """The closest choice, compared without the `prefix` they all share."""
+    by_rest = {c[len(prefix):]: c for c in choices}
+    close = difflib.get_close_matches(word[len(prefix):], list(by_rest), n=1, cutoff=0.6)
+    return f" (did you mean {by_rest[close[0]]}?)" if close else ""
 
 
 # --- the configuration of a process ----------------------------------------------------------
@@ -543,7 +545,7 @@ class _Layers:
             key = ENV_NAMES.get(name)
             if key is None:
                 self.problems.append(f"unknown environment variable {name}"
-                                     + _did_you_mean(name, list(ENV_NAMES) + sorted(NOT_CONFIGURATION)))
+                                     + _did_you_mean(name, list(ENV_NAMES) + sorted(NOT_CONFIGURATION), ENV_PREFIX))
                 continue
             text = env[name]
             try:
@@ -670,10 +672,6 @@ def cross_check(cfg: Config) -> list[str]:
                         f"gate.probe_interval_ms ({g.probe_interval_ms})")
     if bool(g.tls_cert) != bool(g.tls_key):
         problems.append("gate.tls_cert and gate.tls_key go together: set both or neither")
-    for key in ("tls_cert", "tls_key"):
-        path = getattr(g, key)
-        if path and not os.access(path, os.R_OK):
-            problems.append(f"gate.{key} = {path!r}: no readable file there")
     if b.request_timeout_ms >= g.request_timeout_s * 1000:
         problems.append(f"broker.request_timeout_ms ({b.request_timeout_ms}) must be below "
                         f"gate.request_timeout_s ({g.request_timeout_s} s), so that a request the gate "
@@ -746,6 +744,18 @@ def region_listeners(cfg: Config) -> list[Listener]:
     for i in range(1, cfg.gate.gates + 1):
         out += gate_listeners(cfg, f"gate-{i}", *gate_ports(cfg, i))
     return out
+
+
+def local_problems(cfg: Config) -> list[str]:
+    """What stops a whole region from running on this one machine (`simzmq
+    up`): a port used twice, a gate's TLS files missing here."""
+    problems = [f"{clash} (gate-N listens on gate.port + N - 1 and gate.http_port + N - 1)"
+                for clash in port_clashes(region_listeners(cfg))]
+    for key in ("tls_cert", "tls_key"):
+        path = getattr(cfg.gate, key)
+        if path and not os.access(path, os.R_OK):
+            problems.append(f"gate.{key} = {path!r}: no readable file there")
+    return problems
 
 
 def port_clashes(listeners: list[Listener]) -> list[str]:

@@ -124,6 +124,8 @@ class Child:
             self.relay.join(2.0)  # what it wrote before exiting
         code = self.proc.returncode if self.proc is not None else None
         said = failure_reason(self.critical or self.last_line)
+        if said.startswith(self.name + " "):
+            said = said[len(self.name) + 1:]
         how = f"exited with code {code}" if code is not None and code >= 0 else f"killed by signal {-(code or 0)}"
         return said if self.critical else (f"{how}: {said}" if said else how)
 
