@@ -4,11 +4,13 @@ it up, and stop it in order.
 Start: brokers, then IM workers and gates. The region is announced only when
 a broker reports itself active with every IM worker registered (its state
 socket), and every gate answers /v1/health with 200 and accepts a TCP
-connection on its client port. A child that exits before that cannot start
-(a port taken, an address that is not this machine's, a bad key): the region
-is stopped and `up` says which process, which address and why, in one line.
-Once ready, a child that dies is restarted (at once the first time, then with
-a growing delay while it keeps dying quickly).
+connection on its client port. A child that exits before it has shown it
+runs (a broker publishing its state, the workers registered, a gate
+answering) cannot start (a port taken, an address that is not this
+machine's, a bad key): the region is stopped and `up` says which process,
+which address and why, in one line. A child that dies after it ran is
+restarted (at once the first time, then with a growing delay while it keeps
+dying quickly), before and after the region is announced.
 
 Stop (SIGTERM, SIGINT, SIGHUP): gates first (clients get Kick{shutdown}), then
 workers, then brokers. Children run in their own process group, so a closed
@@ -122,12 +124,13 @@ class Child:
         """Why the child stopped, from what it said last."""
         if self.relay is not None:
             self.relay.join(2.0)  # what it wrote before exiting
+        if self.critical:
+            said = failure_reason(self.critical)
+            return said[len(self.name) + 1:] if said.startswith(self.name + " ") else said
         code = self.proc.returncode if self.proc is not None else None
-        said = failure_reason(self.critical or self.last_line)
-        if said.startswith(self.name + " "):
-            said = said[len(self.name) + 1:]
-        how = f"exited with code {code}" if code is not None and code >= 0 else f"killed by signal {-(code or 0)}"
-        return said if self.critical else (f"{how}: {said}" if said else how)
+        if code is not None and code < 0:
+            return f"killed by signal {-code}"
+        return f"exited with code {code}" + (f": {self.last_line}" if self.last_line else "")
 
     def exited(self) -> int | None:
         return self.proc.poll() if self.proc is not None else None
@@ -240,7 +243,9 @@ class ReadinessProbe:
             sock.connect(ep)
             self.subs[sock] = ep
             self.poller.register(sock, zmq.POLLIN)
-        self.gate_state: dict[str, str] = {name: "not asked yet" for name, *_ in gates}
+        # Processes that have shown they run: a broker publishing its state, the
+        # workers registered, a gate answering HTTP and accepting connections.
+        self.ready: set[str] = set()
 
     def close(self) -> None:
         for sock in self.subs:
@@ -265,6 +270,8 @@ class ReadinessProbe:
     def broker_waiting(self) -> str | None:
         """None once a broker is active with every worker; else what is missing."""
         self._read_states()
+        for status in self.status.values():
+            self.ready.add(f"broker-{status.get('role')}")
         if not self.status:
             return "no broker state heard yet"
         best = 0
@@ -273,6 +280,7 @@ class ReadinessProbe:
             workers = (services.get(self.service) or {}).get("workers", 0)
             if status.get("state") == "active":
                 if workers >= self.workers:
+                    self.ready.update(f"im-{i}" for i in range(1, self.workers + 1))
                     return None
                 best = max(best, workers)
         if not any(s.get("state") == "active" for s in self.status.values()):
@@ -281,6 +289,8 @@ class ReadinessProbe:
         return f"{best} of {self.workers} IM workers registered with the active broker"
 
     def gate_waiting(self, name: str, host: str, port: int, http_host: str, http_port: int, https: bool) -> str | None:
+        """None once the gate accepts clients and reports itself healthy. A gate
+        that answers at all is running (ready to be restarted if it dies)."""
         scheme = "https" if https else "http"
         url = f"{scheme}://{_connect_host(http_host)}:{http_port}/v1/health"
         context = ssl._create_unverified_context() if https else None  # our own gate, by its address
@@ -291,23 +301,22 @@ class ReadinessProbe:
             status = exc.code
         except OSError as exc:
             return f"{url}: {getattr(exc, 'reason', exc)}"
-        if status != 200:
-            return f"{url} answered {status}"
         try:
             socket.create_connection((_connect_host(host), port), timeout=0.5).close()
         except OSError as exc:
             return f"client port {host}:{port}: {exc.strerror or exc}"
-        return None
+        self.ready.add(name)
+        return None if status == 200 else f"{url} answered {status}"
 
     def waiting_for(self) -> list[str]:
-        """What is not ready yet, one phrase each; empty when the region is up."""
+        """What is not ready yet, one phrase each; empty when the region is up.
+        Also notes in `ready` each process that has shown it runs."""
         out = []
         broker = self.broker_waiting()
         if broker:
             out.append("brokers: " + broker)
         for gate in self.gates:
             state = self.gate_waiting(*gate)
-            self.gate_state[gate[0]] = state or "ready"
             if state:
                 out.append(f"{gate[0]}: {state}")
         return out
@@ -353,7 +362,9 @@ class Supervisor:
         try:
             while not self.stopping:
                 for child in self.children:
-                    if child.exited() is not None:
+                    if child.name in probe.ready:
+                        child.restart_if_dead(time.monotonic())  # it ran: a crash, not a failure to start
+                    elif child.exited() is not None:
                         raise StartFailed(f"{child.name} could not start: {child.reason()}")
                 waiting = probe.waiting_for()
                 if not waiting:
