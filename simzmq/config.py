@@ -123,26 +123,20 @@ class Int(Kind):
 
 
 @dataclass(frozen=True)
-class Port(Kind):
+class Port(Int):
     """A TCP port; with `off`, 0 turns the listener off."""
+    lo: int = 1
+    hi: int | None = 65535
     off: bool = False
 
     @property
     def expect(self) -> str:
         return "a port 1-65535" + (" (0: off)" if self.off else "")
 
-    def from_text(self, text: str) -> int:
-        try:
-            return int(text.strip())
-        except ValueError:
-            raise ValueError(self.expect) from None
-
     def check(self, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(self.expect)
-        if not (1 <= value <= 65535 or (self.off and value == 0)):
-            raise ValueError(self.expect)
-        return value
+        if self.off and value == 0 and not isinstance(value, bool):
+            return 0
+        return super().check(value)
 
     def shift(self, value: int, delta: int) -> int:
         if value == 0:

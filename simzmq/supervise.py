@@ -21,7 +21,6 @@ each child asks the kernel to send it SIGTERM if `up` dies without stopping it.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import signal
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Callable
 
 import zmq
+
+from simzmq.monitor import PairView
 
 log = logging.getLogger("simzmq.up")
 
@@ -231,7 +232,8 @@ class ReadinessProbe:
         self.service = service
         self.gates = gates
         self.ctx = zmq.Context()
-        self.status: dict[str, dict] = {}
+        self.view = PairView(state_endpoints, time.monotonic())
+        self.status: dict[str, dict] = {}  # endpoint -> the broker's latest state
         self.subs: dict[zmq.Socket, str] = {}
         self.poller = zmq.Poller()
         for ep in state_endpoints:
@@ -259,13 +261,8 @@ class ReadinessProbe:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                if len(frames) == 2 and frames[0] == b"state":
-                    try:
-                        status = json.loads(frames[1])
-                    except ValueError:
-                        continue
-                    if isinstance(status, dict):
-                        self.status[self.subs[sock]] = status
+                self.view.on_state(self.subs[sock], frames, time.monotonic())
+        self.status = {b.endpoint: b.status for b in self.view.brokers if b.status is not None}
 
     def broker_waiting(self) -> str | None:
         """None once a broker is active with every worker; else what is missing."""

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from simzmq import config
 from simzmq.client import Connection
 from simzmq.supervise import is_simzmq_process
 from simzmq.wire import messages as m
+from tests.integration.test_cli import wait_for
 from tests.region import ROOT, Region
 
 pytestmark = pytest.mark.timeout(180)
@@ -67,16 +67,6 @@ def free_port_base(avoid: tuple[int, ...] = ()) -> int:
     raise AssertionError("no free port range")
 
 
-def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
-
-
 def started_pids(text: str) -> list[int]:
     return [int(pid) for pid in re.findall(r"started \S+ \(pid (\d+)\)", text)]
 
@@ -103,7 +93,7 @@ class Up:
         return self.log_path.read_text(errors="replace")
 
     def wait_up(self) -> None:
-        wait_for(lambda: BANNER in self.text() or self.proc.poll() is not None, 120)
+        wait_for(lambda: BANNER in self.text() or self.proc.poll() is not None, 120.0)
         assert BANNER in self.text(), self.text()[-3000:]
 
     def finish(self, timeout=60) -> int:
@@ -237,7 +227,7 @@ def test_children_stop_when_up_is_killed(tmp_path):
     region.proc.kill()
     region.proc.wait(30)
     region.stop()
-    wait_for(lambda: not any(is_simzmq_process(pid) for pid in pids.values()), 60)
+    wait_for(lambda: not any(is_simzmq_process(pid) for pid in pids.values()), 60.0)
     out = simzmq("down", "--data", str(region.data_dir))
     assert out.returncode == 0 and "no region is running" in out.stdout
 
@@ -267,6 +257,6 @@ def test_a_killed_gate_is_restarted_at_once_and_serves_again(tmp_path):
         old = region.pid("gate-1")
         os.kill(old, signal.SIGKILL)
         wait_for(lambda: (data_pid := region.pid("gate-1")) != old and data_pid)
-        wait_for(lambda: region.health() == 200, 60)
+        wait_for(lambda: region.health() == 200, 60.0)
         assert re.search(rf"gate-1 \(pid {old}\) killed by signal 9 after [0-9.]+ s; restarting at once",
                          region.read_log())
