@@ -8,7 +8,7 @@ import logging
 import os
 import resource
 import signal
-import subprocess
+import socket
 import sys
 import time
 from pathlib import Path
@@ -21,31 +21,33 @@ from simzmq import keys as keys_mod
 log = logging.getLogger("simzmq.up")
 
 LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
-# A child that dies is restarted after this delay, doubled on each quick
-# death up to the maximum, so a crash loop does not spin the CPU.
-RESTART_DELAY_S = 0.2
-RESTART_DELAY_MAX_S = 5.0
-# A child that ran this long before dying counts as healthy: its delay resets.
-HEALTHY_RUN_S = 10.0
-STOP_GRACE_S = 5.0
+# Exit status of a command refused for its configuration or flags.
+EXIT_CONFIG = 2
 
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
 
 
-def load_config(ctx: click.Context, overrides=None) -> config_mod.Config:
+def refuse(problems: list[str]) -> None:
+    """One line per problem on stderr, then exit: nothing was started."""
+    for problem in problems:
+        click.echo(f"simzmq: {problem}", err=True)
+    sys.exit(EXIT_CONFIG)
+
+
+def load_config(ctx: click.Context, overrides=None, flag_names=None) -> config_mod.Config:
     try:
-        return config_mod.load(ctx.obj.get("config_path"), overrides=overrides)
+        return config_mod.load(ctx.obj.get("config_path"), overrides=overrides, flag_names=flag_names)
     except config_mod.ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        refuse(exc.problems)
 
 
 def bus_client(cfg: config_mod.Config, role: str, process: str):
     """``configure_socket`` for a process connecting to the brokers as ROLE,
     or None when [bus] curve is off."""
     from simzmq import bus as bus_mod
-    if not cfg["bus"]["curve"]:
+    if not cfg.bus.curve:
         bus_mod.curve_off_warning(process)
         return None
     try:
@@ -59,6 +61,10 @@ def data_option(f):
                         help="Data directory (default: region.data from the config).")(f)
 
 
+def data_override(data) -> dict:
+    return {"region": {"data": str(Path(data).resolve()) if data else None}}
+
+
 @click.group()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), envvar="SIMZMQ_CONFIG",
               default=None, help="A TOML file overriding conf/simzmq.toml (env SIMZMQ_CONFIG).")
@@ -70,71 +76,8 @@ def main(ctx, config_path):
 
 
 # ---------------------------------------------------------------------------
-# simzmq up: the supervisor of a whole local region.
+# simzmq up / down: a whole local region (simzmq/supervise.py does the work).
 # ---------------------------------------------------------------------------
-
-class Child:
-    def __init__(self, name: str, argv: list[str], env: dict, run_dir: Path):
-        self.name = name
-        self.argv = argv
-        self.env = env
-        self.pid_file = run_dir / f"{name}.pid"
-        self.proc: subprocess.Popen | None = None
-        self.started = 0.0
-        self.delay = RESTART_DELAY_S
-        self.restart_at: float | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL)
-        self.started = time.monotonic()
-        self.restart_at = None
-        tmp = self.pid_file.with_suffix(".tmp")
-        tmp.write_text(f"{self.proc.pid}\n")
-        os.replace(tmp, self.pid_file)
-        log.info("started %s (pid %d)", self.name, self.proc.pid)
-
-    def check(self, now: float) -> None:
-        """Notice a death and schedule or perform the restart."""
-        if self.proc is not None and self.proc.poll() is not None:
-            code = self.proc.returncode
-            ran = now - self.started
-            self.delay = RESTART_DELAY_S if ran > HEALTHY_RUN_S else min(self.delay * 2, RESTART_DELAY_MAX_S)
-            log.warning("%s (pid %d) exited with %s after %.1f s; restarting in %.1f s",
-                        self.name, self.proc.pid, code, ran, self.delay)
-            self.proc = None
-            self.restart_at = now + self.delay
-        if self.proc is None and self.restart_at is not None and now >= self.restart_at:
-            self.start()
-
-    def terminate(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-
-    def wait(self, deadline: float) -> None:
-        if self.proc is None:
-            return
-        try:
-            self.proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in time; killing it", self.name)
-            self.proc.kill()
-            self.proc.wait()
-        self.pid_file.unlink(missing_ok=True)
-
-
-def live_pid_files(run_dir: Path) -> list[str]:
-    """Names whose pid file points at a live process (stale files are removed)."""
-    live = []
-    for path in sorted(run_dir.glob("*.pid")):
-        try:
-            os.kill(int(path.read_text().strip()), 0)
-        except (ValueError, ProcessLookupError):
-            path.unlink(missing_ok=True)
-            continue
-        except PermissionError:
-            pass
-        live.append(path.stem)
-    return live
 
 
 def raise_fd_limit() -> int:
@@ -145,29 +88,77 @@ def raise_fd_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+UP_FLAGS = {"region.data": "--data", "gate.port": "--gate-port", "gate.http_port": "--http-port",
+            "im.workers": "--workers", "gate.gates": "--gates", "gate.allow_register": "--open-registration",
+            "region.port_base": "--port-base", "im.store": "--store"}
+
+
+def region_children(cfg: config_mod.Config, env: dict, run_dir: Path) -> list:
+    from simzmq.supervise import Child
+    base = [sys.executable, "-m", "simzmq"]
+    children = [Child(f"broker-{role}", base + ["broker", "--role", role], env, run_dir)
+                for role in ("primary", "backup")]
+    for i in range(1, cfg.im.workers + 1):
+        children.append(Child(f"im-{i}", base + ["im", "--name", f"im-{i}"], env, run_dir))
+    for i in range(1, cfg.gate.gates + 1):
+        port, http_port = config_mod.gate_ports(cfg, i)
+        children.append(Child(f"gate-{i}", base + ["gate", "--name", f"gate-{i}", "--port", str(port),
+                                                  "--http-port", str(http_port)], env, run_dir))
+    return children
+
+
+def readiness_probe(cfg: config_mod.Config):
+    from simzmq.supervise import ReadinessProbe
+    gates = []
+    for i in range(1, cfg.gate.gates + 1):
+        port, http_port = config_mod.gate_ports(cfg, i)
+        gates.append((f"gate-{i}", cfg.gate.host, port, cfg.gate.http_host, http_port, bool(cfg.gate.tls_cert)))
+    configure_socket = bus_client(cfg, "ops", "simzmq up") if cfg.bus.curve else None
+    return ReadinessProbe([cfg.broker.primary.state, cfg.broker.backup.state], configure_socket,
+                          cfg.im.workers, IM_SERVICE, gates)
+
+
+# The service IM workers register under (simzmq/im.py SERVICE).
+IM_SERVICE = "im"
+
+
 @main.command()
 @data_option
+@click.option("--port-base", type=int, default=None,
+              help="Shift every port of the region so that the first gate listens here (region.port_base).")
 @click.option("--gate-port", type=int, default=None, help="Client TCP port of the first gate.")
 @click.option("--http-port", type=int, default=None, help="HTTP port of the first gate.")
 @click.option("--workers", type=int, default=None, help="How many IM workers.")
 @click.option("--gates", type=int, default=None, help="How many gates.")
+@click.option("--store", default=None, help="The store: sqlite, sqlite:///PATH or postgresql://... (im.store).")
 @click.option("--open-registration/--closed-registration", default=None,
               help="Whether clients may Register (default: gate.allow_register).")
 @click.pass_context
-def up(ctx, data, gate_port, http_port, workers, gates, open_registration):
-    """Start a whole region as supervised processes: broker, IM workers, gates."""
+def up(ctx, data, port_base, gate_port, http_port, workers, gates, store, open_registration):
+    """Start a whole region as supervised processes: brokers, IM workers, gates.
+
+    Prints "region up" once a broker is active with every worker and every
+    gate answers; a process that cannot start stops the region, with one line
+    saying which and why (exit 1). SIGTERM, SIGINT (Ctrl-C) and SIGHUP stop
+    the region: gates, then workers, then brokers."""
+    from simzmq import supervise
     setup_logging()
-    overrides = {"region": {"data": str(Path(data).resolve()) if data else None},
+    overrides = {"region": {"data": str(Path(data).resolve()) if data else None, "port_base": port_base},
                  "gate": {"port": gate_port, "http_port": http_port, "gates": gates,
                           "allow_register": open_registration},
-                 "im": {"workers": workers}}
-    cfg = load_config(ctx, overrides)
+                 "im": {"workers": workers, "store": store}}
+    cfg = load_config(ctx, overrides, UP_FLAGS)
+    problems = config_mod.local_problems(cfg)
+    if problems:
+        refuse(problems)
     data_dir = cfg.data_dir
     run_dir = data_dir / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    running = live_pid_files(run_dir)
+    running = supervise.live_processes(run_dir)
     if running:
-        raise click.ClickException(f"a region is already running on {data_dir}: {', '.join(running)}")
+        listed = ", ".join(f"{name} (pid {pid})" for name, pid in running.items())
+        refuse([f"a region is already running in {data_dir}: {listed}; stop it with "
+                f"`{command_name()} down --data {data_dir}`"])
     # The key exists before any gate accepts a connection, so a client that
     # reads keys/gate.pub right after `up` printed it can pin it.
     _, gate_pk = keys_mod.ensure_gate_key(data_dir)
@@ -176,7 +167,7 @@ def up(ctx, data, gate_port, http_port, workers, gates, open_registration):
         keys_mod.ensure_bus_keys(data_dir)
     except keys_mod.KeyFileError as exc:
         raise click.ClickException(str(exc)) from None
-    if not cfg["bus"]["curve"]:
+    if not cfg.bus.curve:
         from simzmq.bus import curve_off_warning
         curve_off_warning("region")
     fds = raise_fd_limit()
@@ -185,56 +176,137 @@ def up(ctx, data, gate_port, http_port, workers, gates, open_registration):
     env["SIMZMQ_REGION_DATA"] = str(data_dir)
     if ctx.obj.get("config_path"):
         env["SIMZMQ_CONFIG"] = str(Path(ctx.obj["config_path"]).resolve())
-    base = [sys.executable, "-m", "simzmq"]
-    children = [Child(f"broker-{role}", base + ["broker", "--role", role], env, run_dir)
-                for role in ("primary", "backup")]
-    for i in range(1, cfg["im"]["workers"] + 1):
-        children.append(Child(f"im-{i}", base + ["im", "--name", f"im-{i}"], env, run_dir))
-    g = cfg["gate"]
-    for i in range(1, g["gates"] + 1):
-        children.append(Child(f"gate-{i}", base + ["gate", "--name", f"gate-{i}", "--port", str(g["port"] + i - 1),
-                                                  "--http-port", str(g["http_port"] + i - 1)], env, run_dir))
+    region = supervise.Supervisor(region_children(cfg, env, run_dir), lambda: readiness_probe(cfg))
+    region.install_signals()
+    up_pid_file = run_dir / "up.pid"
+    supervise.write_pid_file(up_pid_file, os.getpid())
     log.info("region starting: data %s, config %s, fd limit %d", data_dir, cfg.describe(), fds)
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
-    signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
-    for child in children:
-        child.start()
-    # The command as this installation names it (bin/run users have no
-    # activated virtualenv, so a bare `simzmq` may not be on their PATH).
+    failure = None
+    try:
+        try:
+            ready = region.start()
+        except supervise.StartFailed as exc:
+            failure, ready = str(exc), False
+        if ready:
+            announce(cfg, gate_pk)
+            region.supervise()
+    finally:
+        log.info("region stopping")
+        region.stop()
+        up_pid_file.unlink(missing_ok=True)
+        log.info("region stopped")
+    if failure:
+        log.error("region not started: %s", failure)
+        click.echo(f"simzmq up: {failure}; region stopped", err=True)
+        sys.exit(1)
+
+
+def command_name() -> str:
+    """The command as this installation names it (bin/run users have no
+    activated virtualenv, so a bare `simzmq` may not be on their PATH)."""
     me = Path(sys.executable).parent / "simzmq"
-    cmd = str(me) if me.exists() else "simzmq"
+    return str(me) if me.exists() else "simzmq"
+
+
+def announce(cfg: config_mod.Config, gate_pk: bytes) -> None:
+    g, data_dir, cmd = cfg.gate, cfg.data_dir, command_name()
+    gates = ", ".join(f"{g.host}:{config_mod.gate_ports(cfg, i)[0]}" for i in range(1, g.gates + 1))
     click.echo(
-        f"\nsimzmq region up. Clients connect to {g['host']}:{g['port']} and pin the gate key\n"
+        f"\nsimzmq region up. Clients connect to {gates} and pin the gate key\n"
         f"  {gate_pk.hex()}   (in {data_dir / 'keys' / 'gate.pub'})\n"
-        f"HTTP (health, history, metrics): http://{g['http_host']}:{g['http_port']}/v1/health\n"
+        f"HTTP (health, history, metrics): http{'s' if g.tls_cert else ''}://{g.http_host}:{g.http_port}/v1/health\n"
         f"Talk:   {cmd} chat --data {data_dir} --user alice --register\n"
         f"        {cmd} chat --data {data_dir} --user bob --register   (in another terminal)\n"
         f"Watch:  {cmd} monitor --data {data_dir}\n"
-        f"Stop:   Ctrl-C\n", err=True)
-    try:
-        while not stopping:
-            now = time.monotonic()
-            for child in children:
-                child.check(now)
-            time.sleep(0.1)
-    finally:
-        log.info("region stopping")
-        # Gates first (clients get Kick{shutdown}), then workers, then brokers.
-        for group in (("gate-",), ("im-",), ("broker-",)):
-            members = [c for c in children if c.name.startswith(group)]
-            for c in members:
-                c.restart_at = None
-                c.terminate()
-            deadline = time.monotonic() + STOP_GRACE_S
-            for c in members:
-                c.wait(deadline)
-        log.info("region stopped")
+        f"Stop:   Ctrl-C, or {cmd} down --data {data_dir}\n", err=True)
+
+
+@main.command()
+@data_option
+@click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
+              help="Seconds to wait for the region to stop before killing what is left.")
+@click.pass_context
+def down(ctx, data, timeout):
+    """Stop the region running in the data directory (from its pid files in DATA/run/)."""
+    from simzmq import supervise
+    cfg = load_config(ctx, data_override(data))
+    run_dir = cfg.data_dir / "run"
+    running = supervise.live_processes(run_dir) if run_dir.is_dir() else {}
+    if not running:
+        click.echo(f"no region is running in {cfg.data_dir}")
+        return
+    # `up` stops its children in order; processes left without an `up`
+    # (it was killed) are stopped here in the same order.
+    for group in supervise.stop_order(running):
+        for name in group:
+            try:
+                os.kill(running[name], signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        left = group
+        while left and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = [n for n in left if supervise.is_simzmq_process(running[n])]
+        for name in left:
+            click.echo(f"{name} (pid {running[name]}) did not stop in {timeout:.0f} s; killing it", err=True)
+            try:
+                os.kill(running[name], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    supervise.live_processes(run_dir)  # removes the pid files of what stopped
+    click.echo(f"stopped the region in {cfg.data_dir}: {', '.join(sorted(running))}")
 
 
 # ---------------------------------------------------------------------------
 # One process of a region.
 # ---------------------------------------------------------------------------
+
+
+def can_listen(listener: config_mod.Listener) -> str | None:
+    """None if this machine lets us listen on it now, else why not."""
+    host = "0.0.0.0" if listener.host == "*" else listener.host
+    try:
+        infos = socket.getaddrinfo(host, listener.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot resolve {host}: {exc.strerror}"
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+def serve(name: str, listeners: list[config_mod.Listener], run) -> None:
+    """Run one process of a region. An address it cannot listen on, or any
+    failure, ends it with one CRITICAL line naming the process, the address
+    and the reason (the line `simzmq up` repeats)."""
+    proclog = logging.getLogger("simzmq." + name.split("-")[0])
+    for listener in listeners:
+        why = can_listen(listener)
+        if why:
+            proclog.critical("%s cannot listen on %s %s: %s", name, listener.what, listener.address(), why)
+            sys.exit(1)
+    try:
+        run()
+    except KeyboardInterrupt:
+        pass
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            proclog.critical("%s cannot run: %s", name, exc.code)
+            sys.exit(1)
+        raise
+    except click.ClickException as exc:
+        proclog.critical("%s cannot run: %s", name, exc.format_message())
+        sys.exit(1)
+    except Exception as exc:
+        proclog.exception("%s failed", name)
+        proclog.critical("%s failed: %s: %s", name, type(exc).__name__, exc)
+        sys.exit(1)
+
 
 @main.command()
 @click.option("--role", type=click.Choice(["primary", "backup"]), default="primary")
@@ -243,16 +315,20 @@ def broker(ctx, role):
     """Run one broker of the region's pair."""
     setup_logging()
     cfg = load_config(ctx)
-    from simzmq.broker import Broker
-    b = cfg["broker"]
-    mine = b[role]
-    peer = b["backup" if role == "primary" else "primary"]
     logging.getLogger("simzmq.broker").info("broker %s: config %s", role, cfg.describe())
+    serve(f"broker-{role}", config_mod.broker_listeners(cfg, role), lambda: run_broker(cfg, role))
+
+
+def run_broker(cfg: config_mod.Config, role: str) -> None:
+    from simzmq.broker import Broker
+    b = cfg.broker
+    mine = b.role(role)
+    peer = b.role("backup" if role == "primary" else "primary")
     import zmq
     from simzmq import bus as bus_mod
     context = zmq.Context.instance()
     bus = None
-    if cfg["bus"]["curve"]:
+    if cfg.bus.curve:
         # The ZAP handler must answer before the first socket binds, or
         # libzmq would let CURVE clients in without asking.
         try:
@@ -264,13 +340,13 @@ def broker(ctx, role):
     else:
         bus_mod.curve_off_warning(f"broker {role}")
     try:
-        Broker(frontend=mine["frontend"], backend=mine["backend"], notify_in=mine["notify_in"],
-               notify_out=mine["notify_out"], state_pub=mine["state"], peer_state=peer["state"],
-               role=role, heartbeat_interval=b["heartbeat_ms"] / 1000,
-               peer_heartbeat=b["peer_heartbeat_ms"] / 1000,
-               liveness=b["liveness"], request_timeout=b["request_timeout_ms"] / 1000,
-               keyed_services=set(b["keyed_services"]),
-               metrics_port=mine["metrics_port"], metrics_addr=cfg["region"]["metrics_host"],
+        Broker(frontend=mine.frontend, backend=mine.backend, notify_in=mine.notify_in,
+               notify_out=mine.notify_out, state_pub=mine.state, peer_state=peer.state,
+               role=role, heartbeat_interval=b.heartbeat_ms / 1000,
+               peer_heartbeat=b.peer_heartbeat_ms / 1000,
+               liveness=b.liveness, request_timeout=b.request_timeout_ms / 1000,
+               keyed_services=set(b.keyed_services),
+               metrics_port=mine.metrics_port or None, metrics_addr=cfg.region.metrics_host,
                context=context, configure_socket=bus.configure_socket if bus else None,
                auth_counts=bus.zap.counts if bus else None).run()
     finally:
@@ -278,11 +354,10 @@ def broker(ctx, role):
             bus.zap.stop()
 
 
-def store_url(cfg) -> str:
-    store = cfg["im"]["store"]
-    if store == "sqlite":
-        return "sqlite:///" + str(cfg.data_dir / cfg["im"]["sqlite_path"])
-    return store
+def process_index(name: str) -> int:
+    """N of a process named "im-N" or "gate-N" (1 for any other name)."""
+    tail = name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() and int(tail) >= 1 else 1
 
 
 @main.command()
@@ -292,40 +367,49 @@ def im(ctx, name):
     """Run one IM worker."""
     setup_logging()
     cfg = load_config(ctx)
-    from simzmq import im as im_mod
-    b = cfg["broker"]
-    index = int(name.rsplit("-", 1)[-1]) if name.rsplit("-", 1)[-1].isdigit() else 1
     logging.getLogger("simzmq.im").info("im worker %s: config %s", name, cfg.describe())
+    index = process_index(name)
+    serve(name, config_mod.im_listeners(cfg, index), lambda: run_im(cfg, name, index))
+
+
+def run_im(cfg: config_mod.Config, name: str, index: int) -> None:
+    from simzmq import im as im_mod
+    b = cfg.broker
     configure_socket = bus_client(cfg, "worker", f"im worker {name}")
     worker = im_mod.IMWorker(
-        name=name, store_url=store_url(cfg), im_cfg=cfg["im"], max_frame=cfg["gate"]["max_frame"],
-        backends=[b["primary"]["backend"], b["backup"]["backend"]],
-        notify_ins=[b["primary"]["notify_in"], b["backup"]["notify_in"]],
-        heartbeat_ms=b["heartbeat_ms"], liveness=b["liveness"],
-        metrics_port=cfg["im"]["metrics_port"] + index - 1 if cfg["im"]["metrics_port"] else None,
-        metrics_host=cfg["region"]["metrics_host"],
-        sqlite_synchronous=cfg["im"]["sqlite_synchronous"], configure_socket=configure_socket)
+        name=name, store_url=cfg.store_url(), im_cfg=cfg.section_dict("im"), max_frame=cfg.gate.max_frame,
+        backends=[b.primary.backend, b.backup.backend],
+        notify_ins=[b.primary.notify_in, b.backup.notify_in],
+        heartbeat_ms=b.heartbeat_ms, liveness=b.liveness,
+        metrics_port=config_mod.im_metrics_port(cfg, index) or None,
+        metrics_host=cfg.region.metrics_host,
+        sqlite_synchronous=cfg.im.sqlite_synchronous, configure_socket=configure_socket)
     im_mod.run(worker)
 
 
 @main.command()
 @click.option("--name", default="gate-1")
-@click.option("--port", type=int, default=None, help="Client TCP port (default gate.port).")
-@click.option("--http-port", type=int, default=None, help="HTTP port (default gate.http_port).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Client TCP port (default gate.port).")
+@click.option("--http-port", type=click.IntRange(1, 65535), default=None,
+              help="HTTP port (default gate.http_port).")
 @click.pass_context
 def gate(ctx, name, port, http_port):
     """Run one gate."""
     setup_logging()
     cfg = load_config(ctx)
+    port, http_port = port or cfg.gate.port, http_port or cfg.gate.http_port
+    serve(name, config_mod.gate_listeners(cfg, name, port, http_port), lambda: run_gate(cfg, name, port, http_port))
+
+
+def run_gate(cfg: config_mod.Config, name: str, port: int, http_port: int) -> None:
     from simzmq import gate as gate_mod
-    g = cfg["gate"]
-    b = cfg["broker"]
+    from simzmq.gatelink import BrokerEndpoints
+    g, b = cfg.gate, cfg.broker
     sk, pk = keys_mod.ensure_gate_key(cfg.data_dir)
     logging.getLogger("simzmq.gate").info("gate %s: config %s, key %s", name, cfg.describe(), pk.hex())
-    from simzmq.gatelink import BrokerEndpoints
-    brokers = [BrokerEndpoints(role, b[role]["frontend"], b[role]["notify_out"]) for role in ("primary", "backup")]
+    brokers = [BrokerEndpoints(role, b.role(role).frontend, b.role(role).notify_out) for role in ("primary", "backup")]
     configure_socket = bus_client(cfg, "gate", f"gate {name}")
-    gate_mod.run(name, g, sk, brokers, g["host"], port or g["port"], g["http_host"], http_port or g["http_port"],
+    gate_mod.run(name, cfg.section_dict("gate"), sk, brokers, g.host, port, g.http_host, http_port,
                  configure_socket=configure_socket)
 
 
@@ -357,9 +441,9 @@ def user_add(ctx, name, data, password_stdin):
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     if not 1 <= len(password.encode()) <= 256:
         raise click.ClickException("passwords are 1-256 bytes")
-    pw_hash = hash_password(password, cfg["im"]["pwhash_strength"])
+    pw_hash = hash_password(password, cfg.im.pwhash_strength)
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    store = open_store(store_url(cfg))
+    store = open_store(cfg.store_url())
     try:
         with store.transaction():
             created = store.create_user(name, pw_hash, int(time.time() * 1000))
@@ -393,7 +477,7 @@ def keys(ctx, data):
     for role in keys_mod.BUS_ROLES:
         for key, where in allowed[role].items():
             click.echo(f"  {role:<7} {key.decode()}  ({where})")
-    if not cfg["bus"]["curve"]:
+    if not cfg.bus.curve:
         click.echo("bus CURVE is off in the configuration ([bus] curve = false): these keys are not used")
 
 
@@ -416,7 +500,7 @@ def monitor(ctx, data, endpoints, as_json, count, interval):
     if endpoints:
         eps = [e.strip() for e in endpoints.split(",") if e.strip()]
     else:
-        eps = [cfg["broker"][role]["state"] for role in ("primary", "backup")]
+        eps = [cfg.broker.role(role).state for role in ("primary", "backup")]
     configure_socket = bus_client(cfg, "ops", "monitor")
     try:
         monitor_mod.run(eps, configure_socket, interval=interval, count=count, as_json=as_json)

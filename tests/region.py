@@ -70,7 +70,8 @@ class Region:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"simzmq up exited: {self.read_log()[-3000:]}")
-            if self.health() == 200:
+            # `up` announces the region once every process is ready.
+            if self.health() == 200 and "simzmq region up" in self.read_log():
                 return self
             time.sleep(0.1)
         raise RuntimeError(f"region did not become healthy: {self.read_log()[-3000:]}")

@@ -53,7 +53,7 @@ def test_up_supervises_and_stops_cleanly(tmp_path):
     try:
         run_dir = tmp_path / "data" / "run"
         names = {"broker-primary", "broker-backup", "im-1", "im-2", "gate-1"}
-        assert {p.stem for p in run_dir.glob("*.pid")} == names
+        assert {p.stem for p in run_dir.glob("*.pid")} == names | {"up"}
         pids = {n: region.pid(n) for n in names}
         for pid in pids.values():
             os.kill(pid, 0)  # alive
@@ -65,7 +65,7 @@ def test_up_supervises_and_stops_cleanly(tmp_path):
         assert "im-1" in region.read_log() and "restarting" in region.read_log()
         # A second region on the same data directory refuses to start.
         second = simzmq("up", "--data", str(tmp_path / "data"))
-        assert second.returncode != 0 and "already running" in second.stderr
+        assert second.returncode != 0 and "already running" in second.stderr and "down --data" in second.stderr
     finally:
         code = region.stop()
     assert code == 0
