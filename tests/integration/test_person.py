@@ -38,8 +38,10 @@ class Terminal:
         self.returncode: int | None = None
 
     def _read(self, timeout: float) -> bool:
-        ready, _, _ = select.select([self.fd], [], [], timeout)
-        if not ready:
+        # poll, not select: a long test run may have descriptors above 1024.
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        if not poller.poll(timeout * 1000):
             return True
         try:
             data = os.read(self.fd, 65536)
