@@ -353,7 +353,7 @@ class GateConfig:
     max_frame: int = setting(Int(1024, 64 * 1024 * 1024))
     max_body: int = setting(Int(1, 64 * 1024 * 1024))
     handshake_timeout_s: float = setting(Seconds())
-    idle_timeout_s: float = setting(Seconds())
+    idle_timeout_s: int = setting(Int(1, 2**32 - 1))  # whole seconds: clients read it in Ready
     request_timeout_s: float = setting(Seconds())
     probe_interval_ms: int = setting(Int(1))
     failover_after_ms: int = setting(Int(1))

@@ -39,13 +39,14 @@ def test_environment_overrides_with_types():
     env = {"SIMZMQ_GATE_PORT": "9000", "SIMZMQ_GATE_ALLOW_REGISTER": "false",
            "SIMZMQ_BROKER_PRIMARY_FRONTEND": "tcp://10.0.0.1:1", "SIMZMQ_BROKER_KEYED_SERVICES": "im, echo",
            "SIMZMQ_GATE_LIMITS_SENDS_PER_S": "7", "SIMZMQ_IM_SQLITE_SYNCHRONOUS": "normal",
-           "SIMZMQ_GATE_IDLE_TIMEOUT_S": "2.5"}
+           "SIMZMQ_GATE_HANDSHAKE_TIMEOUT_S": "2.5", "SIMZMQ_GATE_IDLE_TIMEOUT_S": "2"}
     cfg = config.load(env=env)
     assert cfg.gate.port == 9000 and cfg.gate.allow_register is False
     assert cfg.broker.primary.frontend == "tcp://10.0.0.1:1"
     assert cfg.broker.keyed_services == ("im", "echo")
     assert cfg.gate.limits.sends_per_s == 7.0 and cfg.im.sqlite_synchronous == "NORMAL"
-    assert cfg.gate.idle_timeout_s == 2.5
+    assert cfg.gate.handshake_timeout_s == 2.5
+    assert cfg.gate.idle_timeout_s == 2 and isinstance(cfg.gate.idle_timeout_s, int)  # goes on the wire
     assert "env" in cfg.describe()
 
 
@@ -66,9 +67,10 @@ BAD_ENVIRONMENT = [
     ("SIMZMQ_IM_METRICS_PORT", "-1", "must be a port 1-65535 (0: off)"),
     ("SIMZMQ_IM_SQLITE_PATH", " ", "im.sqlite_path = ' ' (from SIMZMQ_IM_SQLITE_PATH): must be a non-empty string"),
     ("SIMZMQ_GATE_ALLOW_REGISTER", "maybe", "gate.allow_register must be true or false"),
-    ("SIMZMQ_GATE_IDLE_TIMEOUT_S", "0", "gate.idle_timeout_s = 0.0 (from SIMZMQ_GATE_IDLE_TIMEOUT_S): must be a number > 0"),
-    ("SIMZMQ_GATE_IDLE_TIMEOUT_S", "nan", "must be a number > 0"),
-    ("SIMZMQ_GATE_IDLE_TIMEOUT_S", "soon", "gate.idle_timeout_s must be a number > 0"),
+    ("SIMZMQ_GATE_HANDSHAKE_TIMEOUT_S", "0", "gate.handshake_timeout_s = 0.0 (from SIMZMQ_GATE_HANDSHAKE_TIMEOUT_S): must be a number > 0"),
+    ("SIMZMQ_GATE_HANDSHAKE_TIMEOUT_S", "nan", "must be a number > 0"),
+    ("SIMZMQ_GATE_HANDSHAKE_TIMEOUT_S", "soon", "gate.handshake_timeout_s must be a number > 0"),
+    ("SIMZMQ_GATE_IDLE_TIMEOUT_S", "2.5", "gate.idle_timeout_s must be an integer 1-4294967295"),
     ("SIMZMQ_GATE_HOST", "not a host", "gate.host = 'not a host' (from SIMZMQ_GATE_HOST): must be an IP address"),
     ("SIMZMQ_GATE_HOST", "300.1.1.1", "must be an IP address or host name"),
     ("SIMZMQ_BROKER_PRIMARY_FRONTEND", "tcp://127.0.0.1", "the port must be 1-65535"),
