@@ -10,7 +10,7 @@ callbacks and asks the core what to send.
   (``MDPC01B``, docs/internal-protocol.md) once the broker answered
   ``mmi.batch`` with ``200``, plain 7/MDP requests before that.
 * **Failover** (Lazy Pirate, one broker at a time): a broker silent for
-  ``failover_after`` is left for the next one, and every pending request is
+  ``failover_after`` since it was first probed is left for the next one, and every pending request is
   sent again (requests are retry-safe). One late tick is excused — the gate
   itself was stalled and the broker's answers may be sitting unread — but
   only one: a gate whose loop stays busy still fails over.
@@ -96,8 +96,11 @@ class LinkCore:
         self._connected(now)
 
     def _connected(self, now: float) -> None:
-        # A broker just connected to gets a whole failover_after to answer.
+        # A broker just connected to gets a whole failover_after to answer,
+        # counted from the first probe it was sent: a gate whose loop was busy
+        # starting up must not leave a broker it has not even asked yet.
         self.connected_at = now
+        self.probed = False
         self.last_heard: float | None = None
         self.last_probe = float("-inf")
         self.batches = False  # until this broker answers mmi.batch with 200
@@ -163,7 +166,7 @@ class LinkCore:
         excuse = stalled and not self.excused
         self.excused = stalled
         switched = False
-        if self.brokers > 1 and self.silent_for(now) > self.failover_after and not excuse:
+        if self.brokers > 1 and self.probed and self.silent_for(now) > self.failover_after and not excuse:
             self.current = (self.current + 1) % self.brokers
             if self.ever_heard:
                 self.failovers += 1
@@ -184,6 +187,9 @@ class LinkCore:
         if now - self.last_probe < self.probe_interval:
             return []
         self.last_probe = now
+        if not self.probed:
+            self.probed = True
+            self.connected_at = now
         return [PROBE] if self.batches else [PROBE, ASK_BATCH]
 
     # -- notifications -----------------------------------------------------------

@@ -77,20 +77,28 @@ def test_failover_resends_exactly_what_is_unanswered_in_order():
     sent = corrs(core.outgoing())
     core.on_reply(mdp.build_client_reply(b"im", [pack_reply(sent[1][1], b"ok")]), 0.1)
     t = 0.1
-    while not core.tick(t).switched:
+    while not run_ticks(core, t).switched:
         t += PROBE_S / 2
         assert t < 2
     assert 0.7 <= t <= 0.8 and core.current == 1 and core.failovers == 1
     assert corrs(core.outgoing()) == [sent[0], sent[2]]
-    # The new broker has not said it takes batches: probe it.
-    assert core.probes(t) == [PROBE, ASK_BATCH]
+    # The new broker was probed at once, batches asked for too: until it
+    # answers, requests go plain.
+    assert core.batches is False and core.last_probe == t
+
+
+def run_ticks(core, t):
+    """One turn of the shell's tick: the core's tick, then its probes."""
+    tick = core.tick(t)
+    core.probes(t)
+    return tick
 
 
 def test_no_failover_is_counted_before_any_broker_answered():
     core = link()
     t, switches = 0.0, 0
     while t < 3.0:
-        switches += core.tick(t).switched
+        switches += run_ticks(core, t).switched
         t += PROBE_S / 2
     assert switches >= 4 and core.failovers == 0 and not core.reachable(t)
     core.on_reply(mdp.build_client_reply(mdp.MMI_SERVICE, [b"200"]), t)
@@ -102,15 +110,26 @@ def test_a_fresh_link_finds_the_serving_broker_quickly():
     other one within failover_after and a tick, not a request timeout."""
     core = link()
     t = 0.0
-    while not core.tick(t).switched:
+    while not run_ticks(core, t).switched:
         t += PROBE_S / 2
     assert t <= FAILOVER + PROBE_S and core.current == 1
+
+
+def test_a_link_started_late_asks_its_broker_before_judging_it():
+    """The gate's loop was busy for 2 s after the link was made: the first
+    broker is probed first and gets its whole failover_after to answer."""
+    core = link(now=0.0)
+    core.tick_due = 2.0  # the shell's start()
+    for t in (2.0, 2.05, 2.1, 2.5):
+        assert run_ticks(core, t).switched is False
+    core.on_reply(mdp.build_client_reply(mdp.MMI_SERVICE, [b"200"]), 2.55)
+    assert run_ticks(core, 2.6).switched is False and core.reachable(2.6)
 
 
 def test_one_late_tick_is_excused_but_not_a_busy_loop():
     core = link()
     core.on_reply(mdp.build_client_reply(mdp.MMI_SERVICE, [b"200"]), 0.0)
-    core.tick(0.0)
+    run_ticks(core, 0.0)
     # The loop stalls: every tick runs far too late.
     assert core.tick(1.0).switched is False        # one stall: the answers may be unread
     assert core.tick(1.5).switched is True         # still late: the broker is silent
@@ -188,7 +207,7 @@ def test_switching_forgets_the_stamps():
     core.subscribe("ann")
     core.on_notification([b"ann\0", pack_stamp(E1, 5), pack_notice(b"", b"p")])
     t = 0.0
-    while not core.tick(t).switched:
+    while not run_ticks(core, t).switched:
         t += PROBE_S / 2
     # The other broker's counters are its own: the first one is the baseline.
     assert core.on_notification([b"ann\0", pack_stamp(E2, 1), pack_notice(b"", b"p")]).resync == []
