@@ -77,7 +77,7 @@ class _Request:
         # The client address the worker sees and echoes back in REPLY: the
         # client's ROUTER identity followed by the request id, so a reply is
         # matched to exactly one outstanding request even when one gate has
-        # many requests at one worker. Opaque to workers, as spec 18 wants.
+        # many requests at one worker. Opaque to workers, as Majordomo wants.
         self.address = client + _RID.pack(rid)
         self.deadline = deadline
 
@@ -246,7 +246,7 @@ class BrokerCore:
                     self._on_reply(worker, client, [body], now, out)
         elif command == mdp.HEARTBEAT:
             if worker is None:
-                # Spec 18: anything but READY from a worker we do not know
+                # Majordomo: anything but READY from a worker we do not know
                 # gets DISCONNECT, so a worker that outlived our memory of it
                 # (broker restart, expiry) comes back with READY.
                 out.append((BACKEND, [identity, *_DISCONNECT_TAIL]))

@@ -68,7 +68,7 @@ MAX_SERVICE_LEN = 255
 
 
 class MDPError(ValueError):
-    """A message that does not follow 18/MDP (or its simzmq extensions)."""
+    """A message that does not follow 7/MDP (or its simzmq extensions)."""
 
 
 class WorkerCommand(NamedTuple):
