@@ -114,11 +114,7 @@ def parse_client_reply(frames: Sequence[bytes]) -> tuple[bytes, list[bytes]]:
 def build_client_batch(service: bytes, entries: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
     """A batch of requests for a keyed service, each ``(key, body)``:
     ``"" | MDPC01B | service | key₁ | body₁ | key₂ | body₂ …``."""
-    frames = [b"", C_BATCH, service]
-    for key, body in entries:
-        frames.append(key)
-        frames.append(body)
-    return frames
+    return _flatten([b"", C_BATCH, service], entries)
 
 
 def build_client_reply_batch(service: bytes, bodies: Sequence[bytes]) -> list[bytes]:
@@ -168,19 +164,19 @@ def build_ready(service: bytes, credit: int | None = None, batches: bool = False
 
 def build_request_batch(entries: Sequence[tuple[bytes, bytes, bytes]]) -> list[bytes]:
     """REQUEST_BATCH broker → worker: ``"" | MDPW01 | 0x12 | (client | key | body)…``."""
-    frames = [b"", W_WORKER, REQUEST_BATCH]
-    for entry in entries:
-        frames.extend(entry)
-    return frames
+    return _flatten([b"", W_WORKER, REQUEST_BATCH], entries)
 
 
 def build_reply_batch(entries: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
     """REPLY_BATCH worker → broker: ``"" | MDPW01 | 0x13 | (client | body)…``."""
-    frames = [b"", W_WORKER, REPLY_BATCH]
-    for client, body in entries:
-        frames.append(client)
-        frames.append(body)
-    return frames
+    return _flatten([b"", W_WORKER, REPLY_BATCH], entries)
+
+
+def _flatten(head: list[bytes], entries: Sequence[Sequence[bytes]]) -> list[bytes]:
+    """A batch message: its head frames, then every entry's frames in turn."""
+    for entry in entries:
+        head.extend(entry)
+    return head
 
 
 def build_request(client: bytes, body: Sequence[bytes]) -> list[bytes]:
