@@ -237,8 +237,12 @@ class LinkCore:
             raise EnvelopeError(f"notification of {len(frames)} frames")
         topic = frames[0]
         epoch, seq = unpack_stamp(frames[1])
+        if topic not in self.groups and topic not in self.topics:
+            # Still on its way after we unsubscribed: neither delivered nor
+            # remembered (a stale stamp would look like a gap later).
+            return Notices([], [])
         if is_group_topic(topic):
-            members = self.groups.get(topic, ())
+            members = self.groups[topic]
             deliveries = []
             for user, origin, payload in unpack_notices(frames[2]):
                 user_t = user + b"\0"

@@ -211,3 +211,17 @@ def test_switching_forgets_the_stamps():
         t += PROBE_S / 2
     # The other broker's counters are its own: the first one is the baseline.
     assert core.on_notification([b"ann\0", pack_stamp(E2, 1), pack_notice(b"", b"p")]).resync == []
+
+
+def test_notifications_after_unsubscribing_are_dropped_and_forgotten():
+    core = link()
+    group = group_topic(b"ann")
+    core.subscribe("ann")
+    core.on_notification([group, pack_stamp(E1, 1), pack_notices([(b"ann", b"", b"p")])])
+    core.unsubscribe("ann")
+    late = core.on_notification([group, pack_stamp(E1, 2), pack_notices([(b"ann", b"", b"p")])])
+    assert late == ([], []) and core.stamps == {}
+    # Back online much later: the first notification is the new baseline.
+    core.subscribe("ann")
+    again = core.on_notification([group, pack_stamp(E1, 40), pack_notices([(b"ann", b"", b"p")])])
+    assert again == ([(b"ann\0", b"", b"p")], [])
