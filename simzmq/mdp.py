@@ -198,7 +198,7 @@ def build_disconnect() -> list[bytes]:
 
 
 def parse_worker_message(frames: Sequence[bytes]) -> WorkerCommand:
-    """A command a worker sent to the broker: READY, REPLY, HEARTBEAT or DISCONNECT."""
+    """A command a worker sent to the broker: READY, REPLY, REPLY_BATCH, HEARTBEAT or DISCONNECT."""
     command = _worker_header(frames)
     if command == READY:
         if len(frames) not in (4, 5, 6):
@@ -222,11 +222,11 @@ def parse_worker_message(frames: Sequence[bytes]) -> WorkerCommand:
         if len(frames) != 3:
             raise MDPError(f"{COMMAND_NAMES[command]} has {len(frames)} frames, needs 3")
         return WorkerCommand(command)
-    raise MDPError(f"worker sent command {bytes(command)[:4]!r}, not READY/REPLY/HEARTBEAT/DISCONNECT")
+    raise MDPError(f"worker sent command {bytes(command)[:4]!r}, not READY/REPLY/REPLY_BATCH/HEARTBEAT/DISCONNECT")
 
 
 def parse_broker_message(frames: Sequence[bytes]) -> WorkerCommand:
-    """A command the broker sent to a worker: REQUEST, HEARTBEAT or DISCONNECT."""
+    """A command the broker sent to a worker: REQUEST, REQUEST_BATCH, HEARTBEAT or DISCONNECT."""
     command = _worker_header(frames)
     if command == REQUEST:
         client, body = _envelope(frames, "REQUEST")
@@ -238,7 +238,7 @@ def parse_broker_message(frames: Sequence[bytes]) -> WorkerCommand:
         if len(frames) != 3:
             raise MDPError(f"{COMMAND_NAMES[command]} has {len(frames)} frames, needs 3")
         return WorkerCommand(command)
-    raise MDPError(f"broker sent command {bytes(command)[:4]!r}, not REQUEST/HEARTBEAT/DISCONNECT")
+    raise MDPError(f"broker sent command {bytes(command)[:4]!r}, not REQUEST/REQUEST_BATCH/HEARTBEAT/DISCONNECT")
 
 
 def parse_credit(frame: bytes) -> int:
