@@ -104,6 +104,7 @@ class LinkCore:
         self.last_heard: float | None = None
         self.last_probe = float("-inf")
         self.batches = False  # until this broker answers mmi.batch with 200
+        self.batches_known = False  # it answered mmi.batch at all
         self.stamps.clear()
 
     # -- state -------------------------------------------------------------------
@@ -146,6 +147,7 @@ class LinkCore:
         if service != SERVICE:
             if service == mdp.MMI_BATCH:
                 self.batches = rest == [mdp.MMI_FOUND]
+                self.batches_known = True
             return []  # a probe's answer: hearing it was the point
         if not batched and len(rest) != 1:
             raise EnvelopeError(f"an im reply with {len(rest)} body frames")
@@ -190,7 +192,7 @@ class LinkCore:
         if not self.probed:
             self.probed = True
             self.connected_at = now
-        return [PROBE] if self.batches else [PROBE, ASK_BATCH]
+        return [PROBE] if self.batches_known else [PROBE, ASK_BATCH]
 
     # -- notifications -----------------------------------------------------------
 

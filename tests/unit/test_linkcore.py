@@ -225,3 +225,13 @@ def test_notifications_after_unsubscribing_are_dropped_and_forgotten():
     core.subscribe("ann")
     again = core.on_notification([group, pack_stamp(E1, 40), pack_notices([(b"ann", b"", b"p")])])
     assert again == ([(b"ann\0", b"", b"p")], [])
+
+
+def test_a_broker_without_batches_gets_plain_requests_and_is_asked_once():
+    core = link()
+    assert core.probes(0.0) == [PROBE, ASK_BATCH]
+    core.on_reply(mdp.build_client_reply(mdp.MMI_BATCH, [mdp.MMI_NOT_IMPLEMENTED]), 0.01)
+    assert core.probes(1.0) == [PROBE]
+    ask(core, b"a")
+    ask(core, b"b")
+    assert [frames[1] for frames in core.outgoing()] == [mdp.C_CLIENT, mdp.C_CLIENT]
