@@ -63,29 +63,33 @@ _DISCONNECT_TAIL = [b"", mdp.W_WORKER, mdp.DISCONNECT]
 
 
 class _Request:
-    __slots__ = ("rid", "client", "service", "key", "body", "address", "deadline")
+    __slots__ = ("rid", "client", "service", "key", "body", "address", "deadline", "batched")
 
-    def __init__(self, rid, client, service, key, body, deadline):
+    def __init__(self, rid, client, service, key, body, deadline, batched=False):
         self.rid = rid
         self.client = client
         self.service = service
         self.key = key
         self.body = body
+        # Came in a client batch: its reply goes back packed with its
+        # neighbours' (the client announced it takes batches).
+        self.batched = batched
         # The client address the worker sees and echoes back in REPLY: the
         # client's ROUTER identity followed by the request id, so a reply is
         # matched to exactly one outstanding request even when one gate has
-        # many requests at one worker. Opaque to workers, as spec 18 wants.
+        # many requests at one worker. Opaque to workers, as Majordomo wants.
         self.address = client + _RID.pack(rid)
         self.deadline = deadline
 
 
 class _Worker:
-    __slots__ = ("identity", "service", "credit", "in_flight", "backlog", "expiry", "last_sent", "since")
+    __slots__ = ("identity", "service", "credit", "batches", "in_flight", "backlog", "expiry", "last_sent", "since")
 
-    def __init__(self, identity, service, credit, now, expiry):
+    def __init__(self, identity, service, credit, now, expiry, batches=False):
         self.identity = identity
         self.service = service
         self.credit = credit
+        self.batches = batches  # announced in READY: takes REQUEST_BATCH
         self.in_flight: dict[int, _Request] = {}  # rid -> request, in dispatch order
         self.backlog: deque[_Request] = deque()   # keyed requests bound here, beyond credit
         self.expiry = expiry
@@ -143,6 +147,10 @@ class BrokerCore:
         self.gates: dict[bytes, float] = {}
         self._next_rid = 1
         self._queued = 0  # requests in services' waiting queues
+        # Batches being filled during one call: (destination, identity[, service])
+        # -> the frames of a message already placed in that call's output, so
+        # entries join it in order and one message per peer goes out.
+        self._packs: dict[tuple, list[bytes]] = {}
         # Counters the shell exports as metrics.
         self.requests_total = 0
         self.replies_total = 0
@@ -156,41 +164,61 @@ class BrokerCore:
     # --- input --------------------------------------------------------------
 
     def on_client(self, identity: bytes, frames: list[bytes], now: float) -> list[Out]:
-        """A message from a client (gate) on the frontend, after its identity."""
+        """A message from a client (gate) on the frontend, after its identity:
+        one request, or a batch of them (split here, each entry a request of
+        its own from then on: credit, key order, requeue and resend)."""
         try:
-            service_name, body = mdp.parse_client_request(frames)
+            batched, service_name, body = mdp.parse_client_message(frames)
+            if batched:
+                if service_name not in self.keyed_services:
+                    raise mdp.MDPError(f"batch for {service_name!r}, which is not a keyed service")
+                if len(body) % 2:
+                    raise mdp.MDPError(f"batch with {len(body)} entry frames, not key and body pairs")
         except mdp.MDPError as exc:
             self.malformed_total += 1
             log.info("dropped malformed client message from %s: %s", identity.hex(), exc)
             return []
         self.gates[identity] = now
-        self.requests_total += 1
         out: list[Out] = []
+        self._packs.clear()
+        if batched:
+            service = self.services.get(service_name) or self._service(service_name)
+            for i in range(0, len(body), 2):
+                self._accept(identity, service, body[i:i + 2], now, out, True)
+            return out
         if service_name.startswith(mdp.MMI_PREFIX):
+            self.requests_total += 1
             self._mmi(identity, service_name, body, out)
             return out
         service = self.services.get(service_name)
         if service is None:
             service = self._service(service_name)
+        self._accept(identity, service, body, now, out, False)
+        return out
+
+    def _accept(self, identity: bytes, service: _Service, body: list[bytes], now: float, out: list[Out],
+                batched: bool) -> None:
+        """One request (or one entry of a batch) for ``service``."""
+        self.requests_total += 1
         service.requests += 1
+        service_name = service.name
         if service.keyed:
             if not body:
                 self.malformed_total += 1
                 log.info("dropped request for keyed service %r without a routing key from %s",
                          service_name, identity.hex())
-                return out
+                return
             key = body[0]
         else:
             key = None
         rid = self._next_rid
         self._next_rid = rid + 1
-        request = _Request(rid, identity, service_name, key, body, now + self.request_timeout)
+        request = _Request(rid, identity, service_name, key, body, now + self.request_timeout, batched)
         if service.keyed:
             self._route_keyed(service, request, now, out)
         else:
             self._enqueue(service, request)
             self._dispatch_unkeyed(service, now, out)
-        return out
 
     def on_worker(self, identity: bytes, frames: list[bytes], now: float) -> list[Out]:
         """A message from a worker on the backend, after its identity."""
@@ -201,17 +229,24 @@ class BrokerCore:
             log.info("dropped malformed worker message from %s: %s", identity.hex(), exc)
             return []
         out: list[Out] = []
+        self._packs.clear()
         worker = self.workers.get(identity)
         command = cmd.command
-        if command == mdp.REPLY:
+        if command == mdp.REPLY or command == mdp.REPLY_BATCH:
             if worker is None:
                 out.append((BACKEND, [identity, *_DISCONNECT_TAIL]))
                 return out
             worker.expiry = now + self.worker_timeout
-            self._on_reply(worker, cmd.client, cmd.body, now, out)
+            if command == mdp.REPLY:
+                self._on_reply(worker, cmd.client, cmd.body, now, out)
+            else:
+                # Any subset of what the worker holds may be answered; the
+                # rest stays in flight (and is re-sent if the worker goes).
+                for client, body in cmd.entries:
+                    self._on_reply(worker, client, [body], now, out)
         elif command == mdp.HEARTBEAT:
             if worker is None:
-                # Spec 18: anything but READY from a worker we do not know
+                # Majordomo: anything but READY from a worker we do not know
                 # gets DISCONNECT, so a worker that outlived our memory of it
                 # (broker restart, expiry) comes back with READY.
                 out.append((BACKEND, [identity, *_DISCONNECT_TAIL]))
@@ -226,7 +261,7 @@ class BrokerCore:
                 log.info("worker %s offered reserved service %r; disconnecting it", identity.hex(), cmd.service)
                 out.append((BACKEND, [identity, *_DISCONNECT_TAIL]))
             else:
-                self._add_worker(identity, cmd.service, cmd.credit, now, out)
+                self._add_worker(identity, cmd.service, cmd.credit, now, out, cmd.batches)
         else:  # DISCONNECT
             if worker is not None:
                 self.worker_disconnects_total += 1
@@ -240,6 +275,7 @@ class BrokerCore:
         Call about once per heartbeat interval.
         """
         out: list[Out] = []
+        self._packs.clear()
         expired = [w for w in self.workers.values() if w.expiry <= now]
         for worker in expired:
             self.worker_expiries_total += 1
@@ -334,6 +370,8 @@ class BrokerCore:
                 return
             service = self.services.get(body[0])
             code = mdp.MMI_FOUND if service is not None and service.workers else mdp.MMI_NOT_FOUND
+        elif service_name == mdp.MMI_BATCH:
+            code = mdp.MMI_FOUND
         else:
             code = mdp.MMI_NOT_IMPLEMENTED
         out.append((FRONTEND, [client, b"", mdp.C_CLIENT, service_name, code]))
@@ -351,8 +389,20 @@ class BrokerCore:
     def _send(self, worker: _Worker, request: _Request, now: float, out: list[Out]) -> None:
         worker.in_flight[request.rid] = request
         worker.last_sent = now
+        body = request.body
+        pack_id = (BACKEND, worker.identity)
+        if worker.batches and len(body) == 2:
+            pack = self._packs.get(pack_id)
+            if pack is None:
+                pack = self._packs[pack_id] = [worker.identity, b"", mdp.W_WORKER, mdp.REQUEST_BATCH]
+                out.append((BACKEND, pack))
+            pack += (request.address, body[0], body[1])
+            return
+        # Whatever goes to this worker after a plain message starts a new
+        # batch behind it, so the worker sees everything in order.
+        self._packs.pop(pack_id, None)
         out.append((BACKEND, [worker.identity, b"", mdp.W_WORKER, mdp.REQUEST,
-                              request.address, b"", *request.body]))
+                              request.address, b"", *body]))
 
     def _winner(self, service: _Service, key: bytes) -> _Worker:
         worker = service.winners.get(key)
@@ -411,7 +461,16 @@ class BrokerCore:
             log.info("dropped reply from worker %s for a request it does not hold", worker.identity.hex())
             return
         self.replies_total += 1
-        out.append((FRONTEND, [request.client, b"", mdp.C_CLIENT, request.service, *body]))
+        pack_id = (FRONTEND, request.client, request.service)
+        if request.batched and len(body) == 1:
+            pack = self._packs.get(pack_id)
+            if pack is None:
+                pack = self._packs[pack_id] = [request.client, b"", mdp.C_BATCH, request.service]
+                out.append((FRONTEND, pack))
+            pack.append(body[0])
+        else:
+            self._packs.pop(pack_id, None)
+            out.append((FRONTEND, [request.client, b"", mdp.C_CLIENT, request.service, *body]))
         service = self.services[worker.service]
         if service.keyed:
             binding = service.bindings.get(request.key)
@@ -425,14 +484,15 @@ class BrokerCore:
         else:
             self._dispatch_unkeyed(service, now, out)
 
-    def _add_worker(self, identity: bytes, service_name: bytes, credit: int, now: float, out: list[Out]) -> None:
-        worker = _Worker(identity, service_name, credit, now, now + self.worker_timeout)
+    def _add_worker(self, identity: bytes, service_name: bytes, credit: int, now: float, out: list[Out],
+                    batches: bool = False) -> None:
+        worker = _Worker(identity, service_name, credit, now, now + self.worker_timeout, batches)
         self.workers[identity] = worker
         service = self.services.get(service_name) or self._service(service_name)
         service.workers[identity] = worker
         service.winners.clear()
-        log.info("worker %s ready for %r with credit %d (%d workers for it)",
-                 identity.hex(), service_name, credit, len(service.workers))
+        log.info("worker %s ready for %r with credit %d%s (%d workers for it)",
+                 identity.hex(), service_name, credit, ", batches" if batches else "", len(service.workers))
         self._drain(service, now, out)
 
     def _remove_worker(self, worker: _Worker, now: float, out: list[Out]) -> None:

@@ -7,6 +7,8 @@ together is packed into one frame (docs/internal-protocol.md):
     reply body:     corr(8) payload
     notification:   topic | origin_len(1) origin payload           (worker → broker)
                     topic | epoch(8) seq(8) | origin_len(1) origin payload   (broker → gate)
+    packed notifications, one message per (commit, topic group):
+                    group | (user_len(1) user origin_len(1) origin payload_len(4) payload)…
 
 `key` stays a frame of its own: it is what the broker routes by.
 """
@@ -70,3 +72,38 @@ def unpack_stamp(frame: bytes) -> tuple[bytes, int]:
     if len(frame) != STAMP_SIZE:
         raise EnvelopeError(f"stamp of {len(frame)} bytes")
     return frame[:8], int.from_bytes(frame[8:], "big")
+
+
+def pack_notices(entries) -> bytes:
+    """One frame for many notifications, each ``(user, origin, payload)``
+    (user and origin at most 255 bytes)."""
+    parts = []
+    for user, origin, payload in entries:
+        parts.append(bytes((len(user),)))
+        parts.append(user)
+        parts.append(bytes((len(origin),)))
+        parts.append(origin)
+        parts.append(len(payload).to_bytes(4, "big"))
+        parts.append(payload)
+    return b"".join(parts)
+
+
+def unpack_notices(frame: bytes) -> list[tuple[bytes, bytes, bytes]]:
+    """``[(user, origin, payload)]`` of a packed frame; all or nothing."""
+    entries = []
+    at, end = 0, len(frame)
+    if not end:
+        raise EnvelopeError("empty packed notifications")
+    while at < end:
+        user_end = at + 1 + frame[at]
+        if user_end >= end:
+            raise EnvelopeError("packed notification's user runs past the frame")
+        origin_end = user_end + 1 + frame[user_end]
+        if origin_end + 4 > end:
+            raise EnvelopeError("packed notification's origin runs past the frame")
+        payload_end = origin_end + 4 + int.from_bytes(frame[origin_end:origin_end + 4], "big")
+        if payload_end > end:
+            raise EnvelopeError("packed notification's payload runs past the frame")
+        entries.append((frame[at + 1:user_end], frame[user_end + 1:origin_end], frame[origin_end + 4:payload_end]))
+        at = payload_end
+    return entries

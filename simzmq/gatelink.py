@@ -10,6 +10,11 @@ twice). A passive broker does not answer, so a gate that switched too eagerly
 switches back. After each switch the gate catches its online users up from the
 store, because notifications published meanwhile went to the other broker.
 
+All decisions (failover, pending requests, deadlines, resends, batching,
+notification gaps) are made by the pure :class:`simzmq.linkcore.LinkCore`;
+this module is the shell that owns the sockets and calls the callbacks, each
+one guarded so a callback that raises cannot stop the link.
+
 Separate from simzmq/gate.py so the client-facing side and the bus side can be
 read (and changed) apart.
 """
@@ -25,13 +30,12 @@ import zmq
 from prometheus_client import Counter, Gauge, Histogram
 
 from simzmq import mdp
-from simzmq.envelope import EnvelopeError, pack_request, unpack_notice, unpack_reply, unpack_stamp
+from simzmq.envelope import EnvelopeError
+from simzmq.linkcore import LinkCore
 from simzmq.zmqio import receiver, send_frames
 
 log = logging.getLogger("simzmq.gate")
 
-SERVICE = b"im"
-PROBE = [b"", mdp.C_CLIENT, mdp.MMI_SERVICE, SERVICE]
 # Messages read per wake-up of one socket, so a flood of replies or
 # notifications cannot keep the loop from its clients; the rest is read on
 # the next turn of the loop.
@@ -41,25 +45,18 @@ BACKEND_LATENCY = Histogram("simzmq_gate_backend_seconds", "Time from forwarding
                             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5))
 BACKEND_TIMEOUTS = Counter("simzmq_gate_backend_timeouts_total", "Requests answered unavailable after request_timeout")
 BACKEND_PENDING = Gauge("simzmq_gate_backend_pending", "Requests waiting for the back end")
-FAILOVERS = Counter("simzmq_gate_failovers_total", "Switches from one broker to the other")
+FAILOVERS = Counter("simzmq_gate_failovers_total",
+                    "Switches from one broker to the other after a broker had answered")
 BROKER_SILENCE = Gauge("simzmq_gate_broker_silence_seconds", "Time since the current broker last answered")
 NOTIFY_GAPS = Counter("simzmq_gate_notification_gaps_total", "Notification sequence gaps or epoch changes seen")
+CALLBACK_ERRORS = Counter("simzmq_gate_backend_callback_errors_total",
+                          "Reply, notification or resync callbacks that raised (logged; the link goes on)")
 
 
 class BrokerEndpoints(NamedTuple):
     name: str
     frontend: str
     notify_out: str
-
-
-class Pending:
-    __slots__ = ("callback", "deadline", "frames", "started")
-
-    def __init__(self, callback, deadline, frames, started):
-        self.callback = callback
-        self.deadline = deadline
-        self.frames = frames
-        self.started = started
 
 
 class Backend:
@@ -69,6 +66,11 @@ class Backend:
     file descriptor. That descriptor is edge-triggered, so every wake-up drains
     until EAGAIN, and after sending we check EVENTS in case input arrived
     meanwhile (otherwise that input would wait for the next edge).
+
+    The gate's API: ``request(key, origin, payload, callback)``,
+    ``subscribe(user)`` / ``unsubscribe(user)``, ``reachable(now)``,
+    ``broker_name``, ``failovers``, and the ``on_notification(topic, origin,
+    payload)`` / ``on_resync(user or None)`` callbacks it passes in.
     """
 
     def __init__(self, ctx: zmq.Context, brokers: list[BrokerEndpoints], request_timeout_s: float,
@@ -78,24 +80,16 @@ class Backend:
                  configure_socket: Callable[[zmq.Socket, str], None] | None = None):
         self.ctx = ctx
         self.brokers = brokers
-        self.request_timeout_s = request_timeout_s
-        self.probe_interval_s = probe_interval_s
         self.failover_after_s = failover_after_s
         self.on_notification = on_notification
         self.on_resync = on_resync
         self.configure_socket = configure_socket
-        self.pending: dict[bytes, Pending] = {}
-        self.next_corr = 1
-        self.topics: dict[bytes, int] = {}
-        # Per topic, the (epoch, seq) of the last notification: a jump in seq
-        # or a new epoch means notifications were lost on the way.
-        self.topic_seq: dict[bytes, tuple[bytes, int]] = {}
+        self.core = LinkCore(len(brokers), request_timeout_s, probe_interval_s, failover_after_s, time.monotonic())
         self.loop = asyncio.get_event_loop()
-        self.current = 0
-        self.failovers = 0
         self.dealer = self.sub = None
         self._timer = None
-        self._connect(time.monotonic())
+        self._flush_scheduled = False
+        self._connect()
 
     # -- connection to one broker ----------------------------------------------
 
@@ -109,24 +103,18 @@ class Backend:
             self.configure_socket(sock, name)
         return sock
 
-    def _connect(self, now: float) -> None:
-        broker = self.brokers[self.current]
+    def _connect(self) -> None:
+        broker = self.brokers[self.core.current]
         self.dealer = self._socket(zmq.DEALER, "frontend")
         self.dealer.connect(broker.frontend)
         self.sub = self._socket(zmq.SUB, "notify_out")
         self.sub.connect(broker.notify_out)
-        for topic in self.topics:
+        for topic in self.core.subscriptions():
             self.sub.setsockopt(zmq.SUBSCRIBE, topic)
-        self.topic_seq.clear()
         self._recv_dealer = receiver(self.dealer)
         self._recv_sub = receiver(self.sub)
         self.loop.add_reader(self.dealer.getsockopt(zmq.FD), self._drain_dealer)
         self.loop.add_reader(self.sub.getsockopt(zmq.FD), self._drain_sub)
-        # A broker we just connected to gets a whole failover_after to answer
-        # before we give up on it; it counts as reachable once it has answered.
-        self.connected_at = now
-        self.last_heard = 0.0
-        self.last_probe = 0.0
 
     def _disconnect(self) -> None:
         for sock in (self.dealer, self.sub):
@@ -135,163 +123,148 @@ class Backend:
                 sock.close(0)
         self.dealer = self.sub = None
 
-    def _fail_over(self, now: float) -> None:
-        old = self.brokers[self.current]
-        self._disconnect()
-        self.current = (self.current + 1) % len(self.brokers)
-        self.failovers += 1
-        FAILOVERS.inc()
-        self._connect(now)
-        log.warning("broker %s silent for %.2f s: switching to %s (%s), resending %d requests",
-                    old.name, self.failover_after_s, self.brokers[self.current].name,
-                    self.brokers[self.current].frontend, len(self.pending))
-        for pending in self.pending.values():
-            self._send(pending.frames)
-        # Notifications published while we were away went to the other broker.
-        self.on_resync(None)
+    # -- state the gate reads ----------------------------------------------------
+
+    def reachable(self, now: float) -> bool:
+        return self.core.reachable(now)
+
+    @property
+    def broker_name(self) -> str:
+        return self.brokers[self.core.current].name
+
+    @property
+    def failovers(self) -> int:
+        return self.core.failovers
+
+    @property
+    def pending(self) -> dict:
+        return self.core.pending
 
     # -- requests ---------------------------------------------------------------
 
     def start(self) -> None:
-        self._tick_due = time.monotonic()
+        self.core.tick_due = time.monotonic()
         self._timer = self.loop.call_later(0, self._tick)
-
-    def reachable(self, now: float) -> bool:
-        return now - self.last_heard < self.failover_after_s
-
-    @property
-    def broker_name(self) -> str:
-        return self.brokers[self.current].name
 
     def request(self, key: bytes, origin: bytes, payload: bytes, callback) -> None:
         """Forward one request; `callback(reply_payload or None)` runs once,
-        with None after request_timeout_s."""
-        corr = self.next_corr.to_bytes(8, "big")
-        self.next_corr += 1
-        frames = [b"", mdp.C_CLIENT, SERVICE, key, pack_request(corr, origin, payload)]
-        now = time.monotonic()
-        self.pending[corr] = Pending(callback, now + self.request_timeout_s, frames, now)
-        self._send(frames)
+        with None after request_timeout_s. Everything requested in one turn
+        of the loop goes to the broker as one message."""
+        if self.core.request(key, origin, payload, callback, time.monotonic()) and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
 
-    def _send(self, frames) -> None:
-        try:
-            send_frames(self.dealer, frames, nonblock=True)
-        except zmq.Again:
-            pass  # unlimited HWM, so only while disconnected: the timeout answers it
-        if self.dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self._send_all(self.core.outgoing())
+
+    def _send_all(self, messages) -> None:
+        if not messages:
+            return
+        dealer = self.dealer
+        for frames in messages:
+            try:
+                send_frames(dealer, frames, nonblock=True)
+            except zmq.Again:
+                pass  # unlimited HWM, so only while disconnected: the timeout answers it
+        if dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self.loop.call_soon(self._drain_dealer)
 
+    def _answer(self, answers) -> None:
+        for answer in answers:
+            if answer.payload is not None:
+                BACKEND_LATENCY.observe(answer.waited)
+            else:
+                BACKEND_TIMEOUTS.inc()
+            self._guarded(answer.callback, answer.payload)
+
+    def _guarded(self, callback, *args) -> None:
+        try:
+            callback(*args)
+        except Exception:
+            CALLBACK_ERRORS.inc()
+            log.exception("a bus callback failed; the link goes on")
+
     def _drain_dealer(self) -> None:
-        sock = self.dealer
-        if sock is None:
+        if self.dealer is None:
             return
         recv = self._recv_dealer
+        core = self.core
         for _ in range(DRAIN_BATCH):
             frames = recv()
             if frames is None:
                 return
-            self.last_heard = time.monotonic()
-            # "" | MDPC01 | service | body…
-            if len(frames) < 4 or frames[0] != b"" or frames[1] != mdp.C_CLIENT:
-                log.info("dropping a malformed reply from the broker (%d frames)", len(frames))
-                continue
-            if frames[2] != SERVICE:
-                continue  # a probe's answer: hearing it was the point
-            if len(frames) != 4:
-                log.info("dropping an im reply with %d frames", len(frames))
-                continue
             try:
-                corr, payload = unpack_reply(frames[3])
-            except EnvelopeError as exc:
-                log.info("dropping an im reply: %s", exc)
+                answers = core.on_reply(frames, time.monotonic())
+            except (mdp.MDPError, EnvelopeError) as exc:
+                log.info("dropping a malformed reply from the broker: %s", exc)
                 continue
-            pending = self.pending.pop(corr, None)
-            if pending is None:
-                continue  # answered already (a late reply after a timeout, or a resend's twin)
-            BACKEND_LATENCY.observe(self.last_heard - pending.started)
-            pending.callback(payload)
+            self._answer(answers)
         # More may be waiting, and the descriptor will not signal it again.
         self.loop.call_soon(self._drain_dealer)
 
     # -- notifications ----------------------------------------------------------
 
     def _drain_sub(self) -> None:
-        sock = self.sub
-        if sock is None:
+        if self.sub is None:
             return
         recv = self._recv_sub
+        core = self.core
         for _ in range(DRAIN_BATCH):
             frames = recv()
             if frames is None:
                 return
-            # topic | stamp | notice (docs/internal-protocol.md)
-            if len(frames) != 3:
-                log.info("dropping a malformed notification (%d frames)", len(frames))
-                continue
-            topic = frames[0]
             try:
-                epoch, seq = unpack_stamp(frames[1])
-                origin, payload = unpack_notice(frames[2])
+                notices = core.on_notification(frames)
             except EnvelopeError as exc:
                 log.info("dropping a malformed notification: %s", exc)
                 continue
-            last = self.topic_seq.get(topic)
-            self.topic_seq[topic] = (epoch, seq)
-            if last is not None and (last[0] != epoch or seq != last[1] + 1):
+            if notices.resync:
                 NOTIFY_GAPS.inc()
-                log.info("notification gap for %r (epoch changed: %s, %d -> %d); catching up",
-                         topic[:-1], last[0] != epoch, last[1], seq)
-                self.on_resync(topic[:-1].decode("utf-8", "replace"))
-            try:
-                self.on_notification(topic, origin, payload)
-            except Exception:
-                log.exception("notification handling failed")
+                log.info("notification gap on %r; catching up %d users", bytes(frames[0][:-1]), len(notices.resync))
+                for user in notices.resync:
+                    self._guarded(self.on_resync, user)
+            for topic, origin, payload in notices.deliveries:
+                self._guarded(self.on_notification, topic, origin, payload)
         self.loop.call_soon(self._drain_sub)
 
     def subscribe(self, user: str) -> None:
-        topic = user.encode() + b"\0"
-        count = self.topics.get(topic, 0)
-        self.topics[topic] = count + 1
-        if count == 0:
+        for topic in self.core.subscribe(user):
             self.sub.setsockopt(zmq.SUBSCRIBE, topic)
 
     def unsubscribe(self, user: str) -> None:
-        topic = user.encode() + b"\0"
-        count = self.topics.get(topic, 0)
-        if count > 1:
-            self.topics[topic] = count - 1
-            return
-        self.topics.pop(topic, None)
-        self.topic_seq.pop(topic, None)
-        if count == 1:
+        for topic in self.core.unsubscribe(user):
             self.sub.setsockopt(zmq.UNSUBSCRIBE, topic)
 
     # -- time -------------------------------------------------------------------
 
     def _tick(self) -> None:
+        # Re-armed first, so nothing below (a callback that raises included)
+        # can stop the link from ticking: no more failover, no more timeouts.
+        self._timer = self.loop.call_later(self.core.probe_interval / 2, self._tick)
         # Replies may be waiting unread when the loop is busy (the socket's
         # descriptor only signals edges): read them before judging the broker
         # silent, or a loaded gate would fail over from a healthy broker.
         self._drain_dealer()
+        core = self.core
         now = time.monotonic()
-        silent_since = max(self.last_heard, self.connected_at)
-        BROKER_SILENCE.set(now - silent_since)
-        # A tick that itself ran late means this gate was stalled (a busy
-        # loop, a paused process), not that the broker went quiet: give the
-        # broker's answers one more tick to be read before judging it.
-        stalled = now - self._tick_due > self.probe_interval_s
-        if now - silent_since > self.failover_after_s and len(self.brokers) > 1 and not stalled:
-            self._fail_over(now)
-        expired = [corr for corr, p in self.pending.items() if p.deadline <= now]
-        for corr in expired:
-            BACKEND_TIMEOUTS.inc()
-            self.pending.pop(corr).callback(None)
-        BACKEND_PENDING.set(len(self.pending))
-        if now - self.last_probe >= self.probe_interval_s:
-            self.last_probe = now
-            self._send(PROBE)
-        self._tick_due = now + self.probe_interval_s / 2
-        self._timer = self.loop.call_later(self.probe_interval_s / 2, self._tick)
+        BROKER_SILENCE.set(core.silent_for(now))
+        old = self.brokers[core.current]
+        tick = core.tick(now)
+        if tick.switched:
+            self._disconnect()
+            self._connect()
+            if core.ever_heard:
+                FAILOVERS.inc()
+            new = self.brokers[core.current]
+            log.warning("broker %s silent for %.2f s: switching to %s (%s), resending %d requests",
+                        old.name, self.failover_after_s, new.name, new.frontend, len(core.pending))
+        self._send_all(core.probes(now) + core.outgoing())
+        self._answer(tick.answers)
+        BACKEND_PENDING.set(len(core.pending))
+        if tick.resync_all:
+            # Notifications published while we were away went to the other broker.
+            self._guarded(self.on_resync, None)
 
     def close(self) -> None:
         if self._timer:

@@ -1,4 +1,4 @@
-"""The IM worker: an 18/MDP worker for service `im`, the only writer of the store.
+"""The IM worker: a 7/MDP worker for service `im`, the only writer of the store.
 
 A thin I/O shell around simzmq.service. Its loop:
 
@@ -7,7 +7,8 @@ A thin I/O shell around simzmq.service. Its loop:
 2. take everything that is waiting — that is the batch;
 3. run the whole batch in ONE transaction, each request in its own savepoint
    (group commit: one fsync for the batch, and one bad request spoils nothing);
-4. commit, and only then send the replies and publish the notifications.
+4. commit, and only then send the replies (one message per broker session)
+   and publish the notifications (one message per topic group).
 
 Argon2id hashing and verification take tens of milliseconds, so they run on a
 small thread pool and their requests join a later batch.
@@ -29,8 +30,9 @@ import nacl.pwhash
 import zmq
 from prometheus_client import Counter, Histogram, start_http_server
 
-from simzmq.envelope import EnvelopeError, pack_notice, pack_reply, unpack_request
+from simzmq.envelope import EnvelopeError, pack_notices, pack_reply, unpack_request
 from simzmq.mdpworker import Request, WorkerSession
+from simzmq.notify import group_topic
 from simzmq.service import IMService, Outcome, RegisterWork, error
 from simzmq.store import StoreBusy, open_store
 from simzmq.wire import messages as m
@@ -138,9 +140,10 @@ class IMWorker:
         # One identity with every broker, so each routes the same users here.
         identity = os.urandom(8)
         configure = self.configure_socket
-        sessions = [WorkerSession(context=ctx, endpoint=ep, service=SERVICE, credit=self.im_cfg["credit"], heartbeat_interval=self.heartbeat_s,
-                                  liveness=self.liveness, identity=identity,
-                                  configure_socket=(lambda sock: configure(sock, "backend")) if configure else None)
+        sessions = [WorkerSession(context=ctx, endpoint=ep, service=SERVICE, credit=self.im_cfg["credit"],
+                                  heartbeat_interval=self.heartbeat_s, liveness=self.liveness, identity=identity,
+                                  configure_socket=(lambda sock: configure(sock, "backend")) if configure else None,
+                                  batches=True)
                     for ep in self.backends]
         pub = ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 1000)
@@ -244,12 +247,19 @@ class IMWorker:
                 answered.append((job, self._handle_one(store, service, job, now_ms)))
         COMMIT_SECONDS.observe(time.monotonic() - started)
         BATCH_SIZE.observe(len(jobs))
-        # Committed: now the world may hear of it.
+        # Committed: now the world may hear of it. One reply message per
+        # broker session, one notification message per topic group.
+        answers: dict = {}
+        notices = []
         for job, outcome in answered:
-            job.request.session.reply(job.request, [pack_reply(job.corr, BIN.encode(outcome.reply, 0))])
+            answers.setdefault(job.request.session, []).append(
+                (job.request, pack_reply(job.corr, BIN.encode(outcome.reply, 0))))
             count_request(type(job.msg).__name__, _outcome(outcome.reply))
-            for topic, notice in encode_notices(outcome.notices):
-                publish((topic, notice))
+            notices.extend(outcome.notices)
+        for session, replies in answers.items():
+            session.reply_all(replies)
+        for message in encode_notices(notices):
+            publish(message)
         for job, pw_hash in deferred:
             fut = pool.submit(self._password_work, job, pw_hash)
             fut.add_done_callback(self._password_done)
@@ -294,10 +304,12 @@ class IMWorker:
             pass
 
 
-def encode_notices(notices):
-    """(topic, notice frame) of each notice. The copies of one message
-    differ only in their seq, so later copies are the first one re-stamped
-    rather than encoded again."""
+def encode_notices(notices) -> list[tuple[bytes, bytes]]:
+    """The notifications of one commit as ``(group topic, packed frame)``
+    messages, one per topic group, each user's in commit order. The copies of
+    one message differ only in their seq, so later copies are the first one
+    re-stamped rather than encoded again."""
+    groups: dict[bytes, list] = {}
     first = None  # (msg_id, payload) of the first NewMsg
     for notice in notices:
         msg = notice.msg
@@ -309,7 +321,9 @@ def encode_notices(notices):
                 first = (msg.msg.msg_id, payload)
         else:
             payload = BIN.encode(msg, 0)
-        yield notice.user.encode() + b"\0", pack_notice(notice.origin, payload)
+        user = notice.user.encode()
+        groups.setdefault(group_topic(user), []).append((user, notice.origin, payload))
+    return [(topic, pack_notices(entries)) for topic, entries in groups.items()]
 
 
 class _Undo(Exception):

@@ -1,4 +1,4 @@
-"""A Majordomo (18/MDP) worker session, for a worker's own Poller loop.
+"""A Majordomo (7/MDP) worker session, for a worker's own Poller loop.
 
 A worker holds one :class:`WorkerSession` per broker (both brokers of a
 Binary Star pair): a blocking DEALER that sends READY (with the Credit
@@ -84,7 +84,9 @@ class WorkerSession:
     """One MDP worker session with one broker, on a blocking DEALER.
 
     ``context`` may be None for the process's shared context. ``credit`` None
-    sends a plain READY without the credit frame.
+    sends a plain READY without the credit frame. ``batches`` announces the
+    batch extension: the broker may then send REQUEST_BATCH, and
+    :meth:`reply_all` answers with one REPLY_BATCH.
     """
 
     def __init__(
@@ -98,8 +100,10 @@ class WorkerSession:
         identity: bytes | None = None,
         configure_socket: Callable[[zmq.Socket], None] | None = None,
         now: float | None = None,
+        batches: bool = False,
     ) -> None:
         self.endpoint = endpoint
+        self.batches = batches
         self.service = service.encode() if isinstance(service, str) else service
         # None sends a plain READY without the credit frame.
         self.credit = credit
@@ -130,7 +134,7 @@ class WorkerSession:
         self.generation += 1
         self.connects += 1
         self.protocol.reset(now)
-        self._send(mdp.build_ready(self.service, self.credit), now)
+        self._send(mdp.build_ready(self.service, self.credit, self.batches), now)
 
     def _send(self, frames: Sequence[bytes], now: float) -> None:
         try:
@@ -151,6 +155,9 @@ class WorkerSession:
         self.protocol.heard(now)
         if cmd.command == mdp.REQUEST:
             return [Request(self, cmd.client, cmd.body, self.generation)]
+        if cmd.command == mdp.REQUEST_BATCH:
+            generation = self.generation
+            return [Request(self, client, body, generation) for client, body in cmd.entries]
         if cmd.command == mdp.DISCONNECT:
             # Reconnect in tick(), not here: the socket is only ever replaced
             # there, so a caller's poller needs re-registering in one place.
@@ -178,6 +185,23 @@ class WorkerSession:
             return False
         self._send(mdp.build_reply(request.client, body), time.monotonic() if now is None else now)
         return True
+
+    def reply_all(self, answers: Sequence[tuple[Request, bytes]], now: float | None = None) -> int:
+        """Answers to requests that came on this session, one body frame each:
+        one REPLY_BATCH if batches were announced, else one REPLY per answer.
+        Answers for an older connection are left out (the broker re-sent
+        those requests elsewhere). Returns how many went."""
+        generation = self.generation
+        current = [(request.client, body) for request, body in answers if request.generation == generation]
+        if not current:
+            return 0
+        now = time.monotonic() if now is None else now
+        if self.batches:
+            self._send(mdp.build_reply_batch(current), now)
+        else:
+            for client, body in current:
+                self._send(mdp.build_reply(client, [body]), now)
+        return len(current)
 
     def tick(self, now: float) -> bool:
         """Heartbeat and reconnect as due; True if ``self.socket`` was replaced."""

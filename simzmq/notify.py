@@ -10,8 +10,30 @@ notifications were lost on the way and catches that user up from the store.
 from __future__ import annotations
 
 import os
+import zlib
 
 from simzmq.envelope import pack_stamp
+
+# Workers publish one message per (commit, topic group): the notifications of
+# one commit for every user whose id hashes into that group. Few groups mean
+# few messages per commit; a gate with a handful of users online still gets
+# the group's other users' notifications and drops them with one dict lookup
+# each. A gate with more than a few dozen users online subscribes to every
+# group whatever their number, so more groups would cost messages and save
+# nothing (docs/internal-protocol.md).
+GROUPS = 16
+# A group topic: "*" (never in a user id, [A-Za-z0-9_.-]), one hex digit,
+# the zero byte. Per-user topics (user id + zero byte) stay valid.
+GROUP_PREFIX = b"*"
+
+
+def group_topic(user: bytes) -> bytes:
+    """The topic of the group a user's notifications are published in."""
+    return b"*%x\0" % (zlib.crc32(user) % GROUPS)
+
+
+def is_group_topic(topic: bytes) -> bool:
+    return topic[:1] == GROUP_PREFIX
 
 # Topics are user ids (at most 64 bytes) plus a zero byte; anything longer did
 # not come from a worker of ours.

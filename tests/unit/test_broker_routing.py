@@ -419,3 +419,116 @@ def test_random_operations_keep_invariants(operations):
     # Requests of one key are first handed out in the order they arrived.
     for seqs in first_dispatch.values():
         assert seqs == sorted(seqs)
+
+
+# --- the batch extension ------------------------------------------------------
+
+
+def batch_ready(c, worker, credit=256, now=0.0):
+    return c.on_worker(worker, mdp.build_ready(b"im", credit, batches=True), now)
+
+
+def batch_request(c, client, entries, now=0.0):
+    return c.on_client(client, mdp.build_client_batch(b"im", entries), now)
+
+
+def batches_sent(outs):
+    """{worker: [(address, key, body)]} of the REQUEST_BATCHes in outs, and
+    their count."""
+    sent, count = {}, 0
+    for dest, frames in outs:
+        if dest == BACKEND and frames[3:4] == [mdp.REQUEST_BATCH]:
+            count += 1
+            cmd = mdp.parse_broker_message(frames[1:])
+            sent.setdefault(frames[0], []).extend((client, body[0], body[1]) for client, body in cmd.entries)
+    return sent, count
+
+
+def key_to(c, worker_ids, wanted):
+    """A key whose rendezvous winner among worker_ids is wanted."""
+    for i in range(1000):
+        key = b"user%d" % i
+        if max(worker_ids, key=lambda w: (rendezvous_score(key, w), w)) == wanted:
+            return key
+    raise AssertionError("no key found")
+
+
+def test_mmi_batch_is_announced():
+    c = core()
+    outs = c.on_client(b"gate", mdp.build_client_request(mdp.MMI_BATCH, []), 0.0)
+    assert replies(outs) == [(b"gate", mdp.MMI_BATCH, [mdp.MMI_FOUND])]
+
+
+def test_batch_is_split_by_key_one_message_per_worker_in_order():
+    c = core()
+    batch_ready(c, b"w1")
+    batch_ready(c, b"w2")
+    k1, k2 = key_to(c, [b"w1", b"w2"], b"w1"), key_to(c, [b"w1", b"w2"], b"w2")
+    entries = [(k1, b"a1"), (k2, b"b1"), (k1, b"a2"), (k2, b"b2"), (k1, b"a3")]
+    sent, count = batches_sent(batch_request(c, b"gate", entries))
+    assert count == 2
+    assert [(k, b) for _, k, b in sent[b"w1"]] == [(k1, b"a1"), (k1, b"a2"), (k1, b"a3")]
+    assert [(k, b) for _, k, b in sent[b"w2"]] == [(k2, b"b1"), (k2, b"b2")]
+    # Each entry has its own address (request id): answered one by one, or
+    # several at once, the gate gets the replies packed, per call.
+    w1 = sent[b"w1"]
+    outs = c.on_worker(b"w1", mdp.build_reply_batch([(w1[0][0], b"r1"), (w1[1][0], b"r2")]), 0.0)
+    assert outs == [(FRONTEND, [b"gate", b"", mdp.C_BATCH, b"im", b"r1", b"r2"])]
+    assert c.replies_total == 2 and c.in_flight() == 3
+
+
+def test_batch_entries_use_credit_and_key_order():
+    c = core()
+    batch_ready(c, b"w1", credit=2)
+    sent, _ = batches_sent(batch_request(c, b"gate", [(b"k", b"1"), (b"k", b"2"), (b"k", b"3")]))
+    assert [b for _, _, b in sent[b"w1"]] == [b"1", b"2"]
+    assert c.queue_depth() == 1
+    # A second batch with the same key waits behind the first.
+    assert batches_sent(batch_request(c, b"gate", [(b"k", b"4")]))[1] == 0
+    outs = c.on_worker(b"w1", mdp.build_reply_batch([(sent[b"w1"][0][0], b"r1")]), 0.0)
+    assert [b for _, _, b in batches_sent(outs)[0][b"w1"]] == [b"3"]
+
+
+def test_partial_answer_then_worker_death_resends_exactly_the_rest():
+    c = core()
+    batch_ready(c, b"w1")
+    sent, _ = batches_sent(batch_request(c, b"gate", [(b"k", b"1"), (b"k", b"2"), (b"k", b"3")]))
+    first = sent[b"w1"][0][0]
+    c.on_worker(b"w1", mdp.build_reply_batch([(first, b"r1")]), 0.0)
+    batch_ready(c, b"w2")
+    outs = c.on_worker(b"w1", mdp.build_disconnect(), 0.1)
+    again, count = batches_sent(outs)
+    assert count == 1 and [b for _, _, b in again[b"w2"]] == [b"2", b"3"]
+    # A late answer from the dead worker is not taken.
+    assert c.on_worker(b"w1", mdp.build_reply_batch([(sent[b"w1"][1][0], b"late")]), 0.2) \
+        == [(BACKEND, [b"w1", b"", mdp.W_WORKER, mdp.DISCONNECT])]
+
+
+def test_plain_worker_and_plain_gate_see_no_batches():
+    c = core()
+    ready(c, b"plain", credit=10)
+    outs = batch_request(c, b"gate", [(b"k1", b"1"), (b"k2", b"2")])
+    sent = requests_sent(outs)
+    assert [body for _, _, body in sent] == [[b"k1", b"1"], [b"k2", b"2"]]
+    # The batch's entries are answered packed to the gate that sent a batch...
+    outs = reply(c, b"plain", sent[0][1], [b"r1"]) + reply(c, b"plain", sent[1][1], [b"r2"])
+    assert [frames[2] for _, frames in outs] == [mdp.C_BATCH, mdp.C_BATCH]
+    # ...and a plain request from a plain client goes to a batch worker packed
+    # but is answered plain.
+    c = core()
+    batch_ready(c, b"w1")
+    sent, _ = batches_sent(request(c, b"client", [b"k", b"x"]))
+    outs = c.on_worker(b"w1", mdp.build_reply_batch([(sent[b"w1"][0][0], b"r")]), 0.0)
+    assert replies(outs) == [(b"client", b"im", [b"r"])]
+
+
+@pytest.mark.parametrize("frames", [
+    [b"", mdp.C_BATCH, b"im", b"k"],                 # a key without its body
+    [b"", mdp.C_BATCH, b"echo", b"k", b"v"],         # not a keyed service
+    [b"", mdp.C_BATCH, b"im"],
+])
+def test_malformed_batches_change_nothing(frames):
+    c = core()
+    batch_ready(c, b"w1")
+    assert c.on_client(b"gate", frames, 0.0) == []
+    assert c.malformed_total == 1 and c.requests_total == 0 and c.in_flight() == 0

@@ -24,3 +24,15 @@ def test_reply_notice_and_stamp():
     assert e.unpack_stamp(e.pack_stamp(b"E" * 8, 2**40)) == (b"E" * 8, 2**40)
     with pytest.raises(e.EnvelopeError):
         e.unpack_stamp(b"E" * 8)
+
+
+def test_packed_notices_round_trip_and_refuse_truncation():
+    from simzmq.envelope import pack_notices, unpack_notices
+    entries = [(b"ann", b"", b"p1"), (b"bob", b"S" * 16, b""), (b"c" * 64, b"o", b"x" * 70000)]
+    frame = pack_notices(entries)
+    assert unpack_notices(frame) == entries
+    for cut in (1, 4, 5, len(frame) - 1):
+        with pytest.raises(e.EnvelopeError):
+            unpack_notices(frame[:cut])
+    with pytest.raises(e.EnvelopeError):
+        unpack_notices(b"")

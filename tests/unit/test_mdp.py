@@ -64,7 +64,11 @@ def test_heartbeat_and_disconnect_both_ways():
     [b"", b"MDPW01", mdp.REQUEST, b"c", b"", b"body"],  # REQUEST is broker → worker only
     [b"", b"MDPW01", mdp.READY],
     [b"", b"MDPW01", mdp.READY, b""],
-    [b"", b"MDPW01", mdp.READY, b"im", b"1", b"extra"],
+    [b"", b"MDPW01", mdp.READY, b"im", b"1", b"batch", b"extra"],
+    [b"", b"MDPW01", mdp.REPLY_BATCH],
+    [b"", b"MDPW01", mdp.REPLY_BATCH, b"c"],
+    [b"", b"MDPW01", mdp.REPLY_BATCH, b"", b"body"],
+    [b"", b"MDPW01", mdp.REQUEST_BATCH, b"c", b"k", b"body"],  # broker → worker only
     [b"", b"MDPW01", mdp.REPLY, b"c"],
     [b"", b"MDPW01", mdp.REPLY, b"c", b"not-empty", b"body"],
     [b"", b"MDPW01", mdp.REPLY, b"", b"", b"body"],
@@ -121,3 +125,41 @@ def test_worker_disconnect_means_reconnect_at_next_tick():
     assert p.broker_silent(0.1)
     p.reset(0.2)
     assert not p.reconnect_requested and not p.broker_silent(0.3)
+
+
+def test_batch_announcements():
+    assert mdp.parse_worker_message(mdp.build_ready(b"im", 256)).batches is False
+    ready = mdp.parse_worker_message(mdp.build_ready(b"im", 256, batches=True))
+    assert (ready.service, ready.credit, ready.batches) == (b"im", 256, True)
+    # Feature words it does not know are ignored, not refused.
+    ready = mdp.parse_worker_message([b"", b"MDPW01", mdp.READY, b"im", b"5", b"zstd batch"])
+    assert (ready.credit, ready.batches) == (5, True)
+    assert mdp.parse_worker_message([b"", b"MDPW01", mdp.READY, b"im", b"5", b"zstd"]).batches is False
+
+
+def test_batch_round_trips():
+    request = mdp.parse_broker_message(mdp.build_request_batch([(b"c1", b"k1", b"v1"), (b"c2", b"k2", b"v2")]))
+    assert request.command == mdp.REQUEST_BATCH
+    assert request.entries == [(b"c1", [b"k1", b"v1"]), (b"c2", [b"k2", b"v2"])]
+    reply = mdp.parse_worker_message(mdp.build_reply_batch([(b"c1", b"r1"), (b"c2", b"")]))
+    assert (reply.command, reply.entries) == (mdp.REPLY_BATCH, [(b"c1", b"r1"), (b"c2", b"")])
+    frames = mdp.build_client_batch(b"im", [(b"k1", b"v1"), (b"k2", b"v2")])
+    assert mdp.parse_client_message(frames) == (True, b"im", [b"k1", b"v1", b"k2", b"v2"])
+    assert mdp.parse_client_message(mdp.build_client_reply_batch(b"im", [b"a", b"b"])) == (True, b"im", [b"a", b"b"])
+    assert mdp.parse_client_message(mdp.build_client_request(b"im", [b"k", b"v"])) == (False, b"im", [b"k", b"v"])
+
+
+@pytest.mark.parametrize("frames", [
+    [b"", mdp.C_BATCH, b"im"],               # no entries
+    [b"", mdp.C_BATCH],
+    [b"x", mdp.C_BATCH, b"im", b"k", b"v"],
+    [b"", b"MDPC01C", b"im", b"k", b"v"],
+])
+def test_malformed_client_batches(frames):
+    with pytest.raises(mdp.MDPError):
+        mdp.parse_client_message(frames)
+
+
+def test_request_batch_entries_are_whole():
+    with pytest.raises(mdp.MDPError):
+        mdp.parse_broker_message([b"", b"MDPW01", mdp.REQUEST_BATCH, b"c", b"k"])
