@@ -65,12 +65,14 @@ class Fanout:
             self.pushlogs[conn.user] = PushLog()
         # The client syncs up to max_seq itself; pushes start above it.
         self.pushlogs[conn.user].raise_watermark(max_seq)
-        if conn.device:
-            for other in list(mine.values()):
-                if other.device == conn.device:
-                    other.kick(KickCode.REPLACED, "logged in elsewhere with the same device")
         mine[conn.session] = conn
         SESSIONS.inc()
+        # After adding this one: the user stays online (and subscribed) while
+        # the sessions it replaces end.
+        if conn.device:
+            for other in list(mine.values()):
+                if other is not conn and other.device == conn.device:
+                    other.kick(KickCode.REPLACED, "logged in elsewhere with the same device")
 
     def session_ended(self, conn) -> None:
         mine = self.sessions.get(conn.user)
