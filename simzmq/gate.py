@@ -139,9 +139,29 @@ class Gate:
             args = args + (suppressed,)
         log.log(level, fmt, *args, exc_info=exc_info)
 
-    def connection_refused(self, limit: str, address: str) -> None:
-        RATE_LIMITED.labels(limit).inc()
-        self.log_throttled("limit:" + limit, "refusing a connection from %s: %s limit", address, limit)
+    # -- connections (the transports call these) ---------------------------------
+
+    def admit(self, address: str) -> bool:
+        """Whether a new connection from `address` may stay (the connection
+        limits and bans); if so, connection_ended() must follow."""
+        refused = self.limiter.admit(address, self.now())
+        if refused is None:
+            return True
+        RATE_LIMITED.labels(refused).inc()
+        self.log_throttled("limit:" + refused, "refusing a connection from %s: %s limit", address, refused)
+        return False
+
+    def connection_started(self, transport, peer: str, address: str) -> ClientConnection:
+        conn = ClientConnection(self, transport, peer, address)
+        self.connections.add(conn)
+        return conn
+
+    def connection_ended(self, conn: ClientConnection | None, address: str) -> None:
+        """An admitted connection from `address` is gone (`conn`: its session, if it got one)."""
+        if conn is not None:
+            conn.connection_lost()
+            self.connections.discard(conn)
+        self.limiter.release(address)
 
     def queued_write(self, n: int) -> None:
         """A connection queued `n` bytes behind others it has not sent yet.

@@ -17,8 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tornado import web, websocket
 
 from simzmq import limits as lim
-from simzmq.gate_session import (BACKPRESSURE, CLOSED, RATE_LIMITED, ClientConnection, SlowConsumer, _code_name,
-                                 _inc)
+from simzmq.gate_session import BACKPRESSURE, CLOSED, RATE_LIMITED, SlowConsumer, _code_name, _inc
 from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN
 from simzmq.wire.errors import ProtocolError
@@ -212,15 +211,12 @@ class WebSocketHandler(websocket.WebSocketHandler):
     def open(self):
         gate = self.application.settings["gate"]
         address = self.request.remote_ip or ""
-        refused = gate.limiter.admit(address, gate.now())
-        if refused is not None:
-            gate.connection_refused(refused, address)
+        if not gate.admit(address):
             self.close()
             return
         self.address = address
         self.transport = WsTransport(self, gate)
-        self.conn = ClientConnection(gate, self.transport, f"ws:{address}", address)
-        gate.connections.add(self.conn)
+        self.conn = gate.connection_started(self.transport, f"ws:{address}", address)
 
     async def on_message(self, message):
         conn = self.conn
@@ -261,12 +257,8 @@ class WebSocketHandler(websocket.WebSocketHandler):
                 return
 
     def on_close(self):
-        gate = self.application.settings["gate"]
-        if self.conn is not None:
-            self.conn.connection_lost()
-            gate.connections.discard(self.conn)
         if self.address is not None:
-            gate.limiter.release(self.address)
+            self.application.settings["gate"].connection_ended(self.conn, self.address)
             self.address = None
 
 

@@ -95,9 +95,7 @@ class GateProtocol(asyncio.BufferedProtocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         ip = peer[0] if isinstance(peer, tuple) else str(peer or "")
-        refused = gate.limiter.admit(ip, gate.now())
-        if refused is not None:
-            gate.connection_refused(refused, ip)
+        if not gate.admit(ip):
             self.closing = True
             transport.close()
             return
@@ -110,8 +108,7 @@ class GateProtocol(asyncio.BufferedProtocol):
                 pass
         behind = gate.limiter.cfg.pause_reading_bytes
         transport.set_write_buffer_limits(high=behind, low=behind)
-        self.conn = ClientConnection(gate, self, f"{ip}:{peer[1]}" if isinstance(peer, tuple) else ip, ip)
-        gate.connections.add(self.conn)
+        self.conn = gate.connection_started(self, f"{ip}:{peer[1]}" if isinstance(peer, tuple) else ip, ip)
 
     def get_buffer(self, sizehint: int):
         return _read_view
@@ -149,12 +146,8 @@ class GateProtocol(asyncio.BufferedProtocol):
         self.out_bytes = 0
         if self._linger is not None:
             self._linger.cancel()
-        gate = self.gate
-        if self.conn is not None:
-            self.conn.connection_lost()
-            gate.connections.discard(self.conn)
         if self.address is not None:
-            gate.limiter.release(self.address)
+            self.gate.connection_ended(self.conn, self.address)
             self.address = None
 
     # -- reading -----------------------------------------------------------------
