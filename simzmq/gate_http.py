@@ -17,17 +17,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tornado import web, websocket
 
 from simzmq import limits as lim
-from simzmq.gate_session import BACKPRESSURE, CLOSED, RATE_LIMITED, SlowConsumer, _code_name, _inc
+from simzmq.gate_session import (BACKPRESSURE, CLOSED, FRAMES_PER_TURN, RATE_LIMITED, SlowConsumer, code_name,
+                                 inc)
 from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN
 from simzmq.wire.errors import ProtocolError
 from simzmq.wire.handshake import MAX_HANDSHAKE_FRAME
 from simzmq.wire.messages import ErrorCode
 from simzmq.wire.rules import is_valid_user_id
-
-# Messages of one WebSocket connection handled before the event loop serves
-# the others (as gate_tcp.FRAMES_PER_TURN).
-FRAMES_PER_TURN = 8
 
 
 class HealthHandler(web.RequestHandler):
@@ -81,7 +78,7 @@ class HistoryHandler(web.RequestHandler):
             return self._json(500, {"error": "internal"})
         if isinstance(reply, m.Error):
             status = 401 if reply.code == ErrorCode.AUTH_FAILED else 400
-            return self._json(status, {"error": _code_name(reply.code), "reason": reply.reason})
+            return self._json(status, {"error": code_name(reply.code), "reason": reply.reason})
         if not isinstance(reply, m.HistoryPage):
             return self._json(500, {"error": "internal"})
         self._json(200, {"messages": [
@@ -250,7 +247,7 @@ class WebSocketHandler(websocket.WebSocketHandler):
             elif limiter.behind(transport.queued()):
                 if not counted:  # once per pause, however many writes it waits for
                     counted = True
-                    _inc(BACKPRESSURE, "behind")
+                    inc(BACKPRESSURE, "behind")
                 if not await transport.flushed():
                     return
             else:

@@ -39,6 +39,11 @@ from simzmq.wire.messages import CLIENT_REQUESTS, ErrorCode, KickCode
 from simzmq.wire.rules import validate_request
 
 SESSION_ID_BYTES = 16
+# Frames of one connection served before the event loop serves the others
+# (both transports). Small, so that a thousand busy clients still let the
+# loop come round (the broker link, timers, HTTP) every few hundred
+# milliseconds: a frame costs a few tens of microseconds.
+FRAMES_PER_TURN = 8
 
 CONNECTIONS = Gauge("simzmq_gate_connections", "Open client connections")
 REQUESTS = Counter("simzmq_gate_requests_total", "Client requests by type and outcome", ["type", "outcome"])
@@ -156,7 +161,7 @@ class ClientConnection:
             return
         name = TYPE_NAMES.get(mtype, "unknown")
         if mtype not in CLIENT_REQUESTS:
-            _inc(REQUESTS, "unknown", "bad_request")
+            inc(REQUESTS, "unknown", "bad_request")
             self.reply_error(ref, ErrorCode.BAD_REQUEST, f"not a client request type: {mtype}")
             return
         try:
@@ -165,7 +170,7 @@ class ClientConnection:
         except ShortPayload:
             raise
         except ProtocolError as exc:
-            _inc(REQUESTS, name, ErrorCode(exc.code).name.lower())
+            inc(REQUESTS, name, ErrorCode(exc.code).name.lower())
             self.reply_error(ref, exc.code, exc.reason)
             return
         handler = self._handlers[mtype]
@@ -175,7 +180,7 @@ class ClientConnection:
         """A request over `limit`: Error{rate_limited}, or Kick{abuse} when far over."""
         RATE_LIMITED.labels(limit).inc()
         if request:
-            _inc(REQUESTS, request, "rate_limited")
+            inc(REQUESTS, request, "rate_limited")
         if verdict == Verdict.ABUSE:
             ban_s = self.gate.limiter.abused(self.address, self.gate.now())
             if ban_s:
@@ -186,15 +191,15 @@ class ClientConnection:
         self.reply_error(ref, ErrorCode.RATE_LIMITED, reason)
 
     def _ping(self, ref, msg: m.Ping):
-        _inc(REQUESTS, "Ping", "ok")
+        inc(REQUESTS, "Ping", "ok")
         self.send_message(m.Pong(ts_ms=msg.ts_ms), ref)
 
     def _pong(self, ref, msg):
-        _inc(REQUESTS, "Pong", "ok")
+        inc(REQUESTS, "Pong", "ok")
 
     def _register(self, ref, msg: m.Register):
         if not self.gate.cfg["allow_register"]:
-            _inc(REQUESTS, "Register", "forbidden")
+            inc(REQUESTS, "Register", "forbidden")
             self.reply_error(ref, ErrorCode.FORBIDDEN, "registration is closed")
             return
         verdict, limit = self.gate.limiter.register(msg.user, self.address, self.gate.now())
@@ -206,7 +211,7 @@ class ClientConnection:
     def _login(self, ref, msg: m.Login):
         gate = self.gate
         if self.user is not None or self.login_pending:
-            _inc(REQUESTS, "Login", "bad_request")
+            inc(REQUESTS, "Login", "bad_request")
             self.reply_error(ref, ErrorCode.BAD_REQUEST, "already logged in")
             return
         password = bool(msg.password)
@@ -241,7 +246,7 @@ class ClientConnection:
 
     def _logout(self, ref, msg):
         if self.user is None:
-            _inc(REQUESTS, "Logout", "ok")
+            inc(REQUESTS, "Logout", "ok")
             self.send_message(m.Ok(), ref, final=True)
             self.close("logged out")
             return
@@ -257,7 +262,7 @@ class ClientConnection:
     def _session_request(self, ref, msg):
         name = type(msg).__name__
         if self.user is None:
-            _inc(REQUESTS, name, "not_logged_in")
+            inc(REQUESTS, name, "not_logged_in")
             self.reply_error(ref, ErrorCode.NOT_LOGGED_IN, "log in first")
             return
         if type(msg) is m.Send:
@@ -288,7 +293,7 @@ class ClientConnection:
         payload = BIN.encode(msg, 0)
         self.pending += 1
         if not self.paused and self.gate.limiter.reading_paused(self.pending):
-            _inc(BACKPRESSURE, "pending")
+            inc(BACKPRESSURE, "pending")
             self._set_paused(True)
 
         def done(reply_payload):
@@ -300,7 +305,7 @@ class ClientConnection:
                 # The usual case, a bin client and a success reply: the
                 # worker's payload is already what the client reads, but for
                 # the ref.
-                _inc(REQUESTS, name, "ok")
+                inc(REQUESTS, name, "ok")
                 self.send_plaintext(reply_payload[:1] + ref.to_bytes(4, "big") + reply_payload[5:])
                 return
             if reply_payload is None:
@@ -316,12 +321,12 @@ class ClientConnection:
             if on_reply is not None:
                 reply = on_reply(ref, reply)
             if reply is None:
-                _inc(REQUESTS, name, "ok")
+                inc(REQUESTS, name, "ok")
                 return
             if isinstance(reply, m.Error):
-                _inc(REQUESTS, name, _code_name(reply.code))
+                inc(REQUESTS, name, code_name(reply.code))
             else:
-                _inc(REQUESTS, name, "ok")
+                inc(REQUESTS, name, "ok")
             if self.state != CLOSED:
                 self.send_message(reply, ref)
 
@@ -376,7 +381,7 @@ class ClientConnection:
         """A notification (bin payload, ref 0) for this session."""
         if self.state != OPEN:
             return
-        _inc(PUSHES, TYPE_NAMES.get(msg_type, "unknown"))
+        inc(PUSHES, TYPE_NAMES.get(msg_type, "unknown"))
         if self.codec is BIN:
             self.send_plaintext(payload)
             return
@@ -467,7 +472,7 @@ def _checked_reply(gate: "Gate", reply, name: str):
 _metric_children: dict = {}
 
 
-def _inc(metric, *labels) -> None:
+def inc(metric, *labels) -> None:
     """metric.labels(*labels).inc(), keeping the children: labels() takes a
     lock and builds a key on every call, and the gate counts every request
     and push."""
@@ -478,7 +483,7 @@ def _inc(metric, *labels) -> None:
     child.inc()
 
 
-def _code_name(code: int) -> str:
+def code_name(code: int) -> str:
     try:
         return ErrorCode(code).name.lower()
     except ValueError:

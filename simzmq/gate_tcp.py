@@ -25,7 +25,7 @@ import logging
 import socket
 import struct
 
-from simzmq.gate_session import BACKPRESSURE, CLOSED, ClientConnection, SlowConsumer, _inc
+from simzmq.gate_session import BACKPRESSURE, CLOSED, FRAMES_PER_TURN, ClientConnection, SlowConsumer, inc
 from simzmq.wire.errors import ProtocolError
 from simzmq.wire.frames import FrameDecoder
 from simzmq.wire.handshake import MAX_HANDSHAKE_FRAME
@@ -36,11 +36,6 @@ from simzmq.wire.handshake import MAX_HANDSHAKE_FRAME
 # many connections is most of a busy gate's memory; a large frame simply
 # takes several reads.
 READ_CHUNK = 16384
-# Frames of one connection served before the event loop serves the others.
-# Small, so that a thousand busy clients still let the loop come round (the
-# broker link, timers, HTTP) every few hundred milliseconds: a frame costs a
-# few tens of microseconds.
-FRAMES_PER_TURN = 8
 # Connections a listener lets wait to be accepted.
 LISTEN_BACKLOG = 1024
 
@@ -133,7 +128,7 @@ class GateProtocol(asyncio.BufferedProtocol):
     def pause_writing(self) -> None:
         self.writing_paused = True
         if self.conn is not None and self.conn.state != CLOSED:
-            _inc(BACKPRESSURE, "behind")
+            inc(BACKPRESSURE, "behind")
         self._update_reading()
 
     def resume_writing(self) -> None:
