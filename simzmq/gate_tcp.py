@@ -40,8 +40,7 @@ READ_CHUNK = 16384
 LISTEN_BACKLOG = 1024
 
 _LENGTH = struct.Struct(">I").pack
-_read_buffer = bytearray(READ_CHUNK)
-_read_view = memoryview(_read_buffer)
+_read_view = memoryview(bytearray(READ_CHUNK))
 
 
 class Flusher:
@@ -113,7 +112,7 @@ class GateProtocol(asyncio.BufferedProtocol):
         if conn is None or conn.state == CLOSED:
             return  # refused, or a lingering close: dropped
         try:
-            self.decoder.append(_read_buffer[:nbytes])
+            self.decoder.append(_read_view[:nbytes])
         except ProtocolError as exc:
             conn.bad_input(type(exc).__name__, str(exc))
             return
