@@ -1,5 +1,5 @@
 """The gate's request handling, fuzzed in memory: real Gate and
-ClientConnection objects, a fake transport, a fake back end that answers
+ClientConnection (gate_session) objects, a fake transport, a fake back end that answers
 however the test likes, a fake clock.
 
 Whatever clients send and the back end answers, the gate never raises, only
@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from simzmq import gate as gate_mod
+from simzmq import gate_session
 from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN, CODECS
 from simzmq.wire.errors import ProtocolError
@@ -53,8 +54,8 @@ class FakeLoop:
         self.timers = []
         self.seq = itertools.count()
 
-    def call_later(self, delay, callback):
-        handle = FakeHandle(callback)
+    def call_later(self, delay, callback, *args):
+        handle = FakeHandle(lambda: callback(*args))
         heapq.heappush(self.timers, (self.now + delay, next(self.seq), handle))
         return handle
 
@@ -110,11 +111,14 @@ class FakeTransport:
     def write_payloads(self, payloads):
         assert not self.closed, "the gate wrote after closing"
         if self.full:
-            raise gate_mod.SlowConsumer()
+            raise gate_session.SlowConsumer()
         self.frames.extend(payloads)
 
     def close(self):
         self.closed = True
+
+    def pause_changed(self):
+        pass
 
 
 GATE_CFG = {
@@ -140,7 +144,7 @@ class Client:
 
     def __init__(self, gate, index, codec_id):
         self.transport = FakeTransport()
-        self.conn = gate_mod.ClientConnection(gate, self.transport, f"client{index}", f"10.0.0.{index}")
+        self.conn = gate_session.ClientConnection(gate, self.transport, f"client{index}", f"10.0.0.{index}")
         gate.connections.add(self.conn)
         self.hs = ClientHandshake(GATE_PK, codecs=(codec_id,))
         self.read_upto = 0
@@ -361,7 +365,7 @@ class GateMachine(RuleBasedStateMachine):
     @rule(user=st.sampled_from(USERS), seq=st.integers(1, 8), other=st.sampled_from(USERS))
     def notification(self, user, seq, other):
         push = m.NewMsg(msg=m.Msg(msg_id=seq, seq=seq, sender=user, to=other, body=b"for " + user.encode()))
-        self.gate.on_notification(user.encode() + b"\0", b"", BIN.encode(push, 0))
+        self.gate.fanout.on_notification(user.encode() + b"\0", b"", BIN.encode(push, 0))
         for c in self.clients:
             if c.read_upto < len(c.transport.frames):
                 c.read()
@@ -399,17 +403,17 @@ class GateMachine(RuleBasedStateMachine):
     def gate_books_balance(self):
         gate = self.gate
         live = [conn for conn in gate.connections if not conn._lost]
-        for user, mine in gate.sessions.items():
+        for user, mine in gate.fanout.sessions.items():
             for conn in mine.values():
                 assert conn.user == user and not conn._lost
             assert len(mine) <= gate.limiter.cfg.max_sessions_per_user
-        assert sum(len(s) for s in gate.sessions.values()) == sum(1 for c in live if c.user is not None)
-        assert set(gate.sessions) == set(gate.backend.subscribed)
+        assert sum(len(s) for s in gate.fanout.sessions.values()) == sum(1 for c in live if c.user is not None)
+        assert set(gate.fanout.sessions) == set(gate.backend.subscribed)
         for conn in live:
             assert conn.pending >= 0
             assert conn.paused == (conn.pending >= gate.limiter.cfg.max_pending_requests)
         pending_logins = sum(1 for c in gate.connections if c.login_pending)
-        assert pending_logins <= sum(gate.logins_pending.values())
+        assert pending_logins <= sum(gate.fanout.logins_pending.values())
 
 
 TestGateMachine = GateMachine.TestCase
@@ -456,7 +460,7 @@ def test_slow_consumer_is_kicked_and_closed():
     c.finish_handshake()
     c.transport.full = True
     c.conn.payload_received(c.tx.seal(BIN.encode(m.Ping(ts_ms=1), 1)))
-    assert c.transport.closed and c.conn.state == gate_mod.CLOSED
+    assert c.transport.closed and c.conn.state == gate_session.CLOSED
 
 
 def test_kick_that_cannot_be_written_still_closes():
@@ -467,7 +471,7 @@ def test_kick_that_cannot_be_written_still_closes():
     c.finish_handshake()
     c.transport.full = True
     c.conn.payload_received(c.tx.seal(b""))  # short payload: Kick{protocol_violation}
-    assert c.transport.closed and c.conn.state == gate_mod.CLOSED
+    assert c.transport.closed and c.conn.state == gate_session.CLOSED
     c.conn.kick(KickCode.SHUTDOWN, "again")  # nothing more, no exception
 
 
@@ -496,7 +500,7 @@ def test_only_messages_and_read_notices_are_pushed(payload):
     _, origin, msg, callback = c.forwarded(gate, m.Login(user="alice", password="pw"))
     callback(reply_for(msg, origin, "ok"))
     before = len(c.transport.frames)
-    gate.on_notification(b"alice\0", b"", payload)
+    gate.fanout.on_notification(b"alice\0", b"", payload)
     assert len(c.transport.frames) == before and not c.transport.closed
 
 
@@ -509,7 +513,7 @@ def test_a_push_that_does_not_decode_is_dropped_for_a_msgpack_client():
     c.read()
     before = len(c.transport.frames)
     broken = BIN.encode(m.NewMsg(msg=m.Msg(msg_id=1, seq=7, sender="x", to="alice")), 0)[:25]
-    gate.on_notification(b"alice\0", b"", broken)  # the seq reads; the rest does not decode
+    gate.fanout.on_notification(b"alice\0", b"", broken)  # the seq reads; the rest does not decode
     assert len(c.transport.frames) == before and not c.transport.closed
 
 
@@ -524,7 +528,7 @@ def test_a_write_that_spends_the_budget_may_kick_the_writer():
     gate.sweep()  # under the budget (1000): nothing happens, the estimate is 965
     c.transport.queued_bytes = 1001
     loop.advance(100.0)  # the idle Kick is the write that passes the budget
-    assert c.transport.closed and c.conn.state == gate_mod.CLOSED
+    assert c.transport.closed and c.conn.state == gate_session.CLOSED
     c.read()
     assert isinstance(c.received[-1][1], m.Kick) and c.received[-1][2]
 

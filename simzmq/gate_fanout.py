@@ -1,0 +1,192 @@
+"""The gate's fan-out: who is online here, and what each user is pushed.
+
+Per online user: their sessions (one subscription to the bus while there is
+at least one), which inbox seqs were already pushed (each goes out once,
+PushLog), and whether a catch-up from the store is under way. Notifications
+from the bus come in through on_notification(); a resync (the bus link lost
+notifications) or a hole in a user's seqs that stays open starts a catch-up.
+The time and timers come from the `gate` host, like for the sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge
+
+from simzmq.pushlog import PushLog
+from simzmq.wire import messages as m
+from simzmq.wire.codec import BIN, bin_newmsg_seq
+from simzmq.wire.errors import ProtocolError
+from simzmq.wire.messages import KickCode
+
+SESSIONS = Gauge("simzmq_gate_sessions", "Logged-in client connections")
+CATCHUPS = Counter("simzmq_gate_catchups_total", "Catch-ups of an online user from the store")
+HOLES = Counter("simzmq_gate_push_holes_total", "Lost pushes noticed by a hole in a user's seqs")
+
+
+class Fanout:
+    def __init__(self, gate):
+        self.gate = gate
+        self.sessions: dict[str, dict[bytes, object]] = {}  # user -> session id -> ClientConnection
+        self.pushlogs: dict[str, PushLog] = {}
+        self.catching_up: dict[str, bool] = {}  # user -> go again when the one under way ends
+        # Logins under way per user: they count towards max_sessions_per_user.
+        self.logins_pending: dict[str, int] = {}
+        self._hole_timer = None
+
+    def count(self) -> int:
+        return sum(len(s) for s in self.sessions.values())
+
+    # -- sessions ---------------------------------------------------------------
+
+    def sessions_full(self, user: str, device: str) -> bool:
+        """Whether a Login for `user` would be one session too many here. A
+        Login that replaces a session of the same device does not add one."""
+        mine = self.sessions.get(user, {})
+        if device and any(c.device == device for c in mine.values()):
+            return False
+        return self.gate.limiter.sessions_full(len(mine) + self.logins_pending.get(user, 0))
+
+    def login_started(self, user: str) -> None:
+        self.logins_pending[user] = self.logins_pending.get(user, 0) + 1
+
+    def login_ended(self, user: str) -> None:
+        n = self.logins_pending.get(user, 0) - 1
+        if n > 0:
+            self.logins_pending[user] = n
+        else:
+            self.logins_pending.pop(user, None)
+
+    def session_started(self, conn, max_seq: int) -> None:
+        mine = self.sessions.setdefault(conn.user, {})
+        if not mine:
+            self.gate.backend.subscribe(conn.user)
+            self.pushlogs[conn.user] = PushLog()
+        # The client syncs up to max_seq itself; pushes start above it.
+        self.pushlogs[conn.user].raise_watermark(max_seq)
+        mine[conn.session] = conn
+        SESSIONS.inc()
+        # After adding this one: the user stays online (and subscribed) while
+        # the sessions it replaces end.
+        if conn.device:
+            for other in list(mine.values()):
+                if other is not conn and other.device == conn.device:
+                    other.kick(KickCode.REPLACED, "logged in elsewhere with the same device")
+
+    def session_ended(self, conn) -> None:
+        mine = self.sessions.get(conn.user)
+        if mine is None or mine.pop(conn.session, None) is None:
+            return
+        SESSIONS.dec()
+        if not mine:
+            del self.sessions[conn.user]
+            self.pushlogs.pop(conn.user, None)
+            self.gate.backend.unsubscribe(conn.user)
+
+    # -- notifications from the bus ---------------------------------------------
+
+    def _undecodable(self, user: str, exc) -> None:
+        self.gate.log_throttled("backend", "undecodable notification for %s: %s", user, exc, level=logging.WARNING)
+
+    def on_notification(self, topic: bytes, origin: bytes, payload: bytes) -> None:
+        user = topic[:-1].decode("utf-8", "replace")
+        mine = self.sessions.get(user)
+        if not mine or len(payload) < 5:
+            return
+        mtype = payload[0]
+        if mtype == m.SessionStarted.TYPE:
+            try:
+                _, started = BIN.decode(payload)
+            except ProtocolError as exc:
+                self._undecodable(user, exc)
+                return
+            if started.device:
+                for conn in list(mine.values()):
+                    if conn.session != started.session and conn.device == started.device:
+                        conn.kick(KickCode.REPLACED, "logged in elsewhere with the same device")
+            return
+        if mtype != m.NewMsg.TYPE and mtype != m.ReadNotice.TYPE:
+            # Only these two are pushed: nothing internal reaches a client.
+            self.gate.log_throttled("backend", "not pushing a notification of type %d to %s", mtype, user,
+                                    level=logging.WARNING)
+            return
+        if mtype == m.NewMsg.TYPE:
+            try:
+                seq = bin_newmsg_seq(payload)  # read at its offset: bin clients get the payload as it is
+            except ProtocolError as exc:
+                self._undecodable(user, exc)
+                return
+            if not self.pushlogs[user].first_time(seq, self.gate.now()):
+                return
+        cache = []
+
+        def decoded():
+            """For clients of another codec: decoded once, on first need."""
+            if not cache:
+                cache.append(BIN.decode(payload)[1])
+            return cache[0]
+        for conn in list(mine.values()):
+            if conn.session != origin:
+                conn.push(payload, mtype, decoded)
+
+    # -- catching up from the store ----------------------------------------------
+
+    def resync(self, user: str | None) -> None:
+        """Catch `user` (None: every online user) up from the store: push
+        every message above what this gate pushed to them."""
+        for u in ([user] if user is not None else list(self.sessions)):
+            if u in self.sessions:
+                self._catch_up(u)
+
+    def _catch_up(self, user: str) -> None:
+        if user in self.catching_up:
+            self.catching_up[user] = True  # go again when the one under way ends
+            return
+        self.catching_up[user] = False
+        log_ = self.pushlogs[user]
+        CATCHUPS.inc()
+        gate = self.gate
+
+        def done(reply_payload):
+            again = self.catching_up.pop(user, False)
+            if user not in self.sessions:
+                return
+            batch = None
+            if reply_payload is not None:
+                try:
+                    _, batch = BIN.decode(reply_payload)
+                except ProtocolError as exc:
+                    self._undecodable(user, exc)
+            if not isinstance(batch, m.Batch):
+                # Unavailable or refused: try once more, later.
+                gate.call_later(gate.cfg["request_timeout_s"] / 5, self.resync, user)
+                return
+            now = gate.now()
+            for msg in batch.msgs:
+                if log_.first_time(msg.seq, now):
+                    push = m.NewMsg(msg=msg)
+                    payload = BIN.encode(push, 0)
+                    for conn in list(self.sessions[user].values()):
+                        conn.push(payload, m.NewMsg.TYPE, lambda: push)
+            if batch.more or again:
+                self._catch_up(user)
+
+        gate.backend.request(user.encode(), b"", BIN.encode(m.Catchup(since=log_.watermark, limit=0), 0), done)
+
+    def check_holes(self) -> None:
+        """A hole in a user's pushes that stays open means a push was lost
+        (its worker died between commit and publish, say): catch up. Runs
+        every half push_hole_timeout_ms until stop()."""
+        now = self.gate.now()
+        limit = self.gate.cfg["push_hole_timeout_ms"] / 1000
+        for user, log_ in self.pushlogs.items():
+            if log_.hole_open_for(now) > limit and user not in self.catching_up:
+                HOLES.inc()
+                log_.hole_since = now  # once per timeout, not on every check
+                self._catch_up(user)
+        self._hole_timer = self.gate.call_later(limit / 2, self.check_holes)
+
+    def stop(self) -> None:
+        if self._hole_timer is not None:
+            self._hole_timer.cancel()
