@@ -225,24 +225,30 @@ class PostgresStore(SQLStore):
         return f"postgres {info.user}@{where}/{info.dbname} (synchronous_commit=on)"
 
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor:
-        return self.conn.execute(_formatted(sql), params)
+        try:
+            return self.conn.execute(_formatted(sql), params)
+        except _BUSY_ERRORS as exc:
+            raise StoreBusy(str(exc)) from exc
 
     def _executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        with self.conn.cursor() as cur:
-            cur.executemany(_formatted(sql), rows)
+        try:
+            with self.conn.cursor() as cur:
+                cur.executemany(_formatted(sql), rows)
+        except _BUSY_ERRORS as exc:
+            raise StoreBusy(str(exc)) from exc
 
     # inbox (the rest is in SQLStore)
 
     def new_msg_ids(self, count: int) -> list[int]:
-        rows = self.conn.execute(
-            "SELECT nextval('messages_msg_id_seq') FROM generate_series(1, %s)", (count,)
+        rows = self._execute(
+            "SELECT nextval('messages_msg_id_seq') FROM generate_series(1, ?)", (count,)
         ).fetchall()
         return sorted(row[0] for row in rows)
 
     def raise_delivered(self, user: str, since: int) -> None:
         since = clamp_id(since)
-        self.conn.execute(
-            "UPDATE users SET delivered = LEAST(%s, max_seq)"
-            " WHERE id = %s AND delivered < LEAST(%s, max_seq)",
+        self._execute(
+            "UPDATE users SET delivered = LEAST(?, max_seq)"
+            " WHERE id = ? AND delivered < LEAST(?, max_seq)",
             (since, user, since),
         )
