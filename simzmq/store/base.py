@@ -89,8 +89,8 @@ class DuplicateSend(StoreError):
 class StoreBusy(StoreError):
     """A transient conflict (lock timeout, deadlock, serialization failure).
 
-    The request had no effect (its savepoint or transaction is rolled back);
-    it may be retried, or answered with `unavailable`.
+    The step had no effect once its transaction is rolled back; the request
+    may be retried, or answered with `unavailable`.
     """
 
 
@@ -128,12 +128,6 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """One write transaction: commit on normal exit, roll back on exception."""
-        raise NotImplementedError
-        yield  # pragma: no cover
-
-    @contextmanager
-    def savepoint(self) -> Iterator[None]:
-        """Inside a transaction: on exception roll back only this block, re-raise."""
         raise NotImplementedError
         yield  # pragma: no cover
 

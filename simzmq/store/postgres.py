@@ -172,7 +172,7 @@ class PostgresStore(SQLStore):
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
-        # autocommit: transaction() and savepoint() say where transactions
+        # autocommit: transaction() says where transactions
         # begin and end; outside them each read stands alone.
         self.conn = psycopg.connect(dsn, autocommit=True)
         # Prepare the fixed statements from their first use.
@@ -202,14 +202,6 @@ class PostgresStore(SQLStore):
     def transaction(self) -> Iterator[None]:
         if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             raise StoreError("a transaction is already open")
-        try:
-            with self.conn.transaction():
-                yield
-        except _BUSY_ERRORS as exc:
-            raise StoreBusy(str(exc)) from exc
-
-    @contextmanager
-    def savepoint(self) -> Iterator[None]:
         try:
             with self.conn.transaction():
                 yield

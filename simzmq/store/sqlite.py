@@ -180,7 +180,7 @@ class SQLiteStore(SQLStore):
             parent = os.path.dirname(os.path.abspath(path))
             os.makedirs(parent, exist_ok=True)
         # isolation_level=None: the module never opens transactions behind our
-        # back; transaction() and savepoint() issue BEGIN/SAVEPOINT themselves.
+        # back; transaction() issues BEGIN and COMMIT itself.
         self.conn = sqlite3.connect(
             path, isolation_level=None, check_same_thread=False, cached_statements=256
         )
@@ -196,7 +196,6 @@ class SQLiteStore(SQLStore):
         self._executemany = self.conn.executemany
         self.db = sqlite_utils.Database(self.conn, execute_plugins=False)
         self._migrate()
-        self._savepoint_depth = 0
         self.checkpointer = None
         if path != ":memory:":
             # No commit of ours ever checkpoints: the checkpointer does.
@@ -248,25 +247,6 @@ class SQLiteStore(SQLStore):
             if _is_busy(exc):
                 raise StoreBusy(str(exc)) from exc
             raise
-
-    @contextmanager
-    def savepoint(self) -> Iterator[None]:
-        self._savepoint_depth += 1
-        name = f"request_{self._savepoint_depth}"
-        self.conn.execute(f"SAVEPOINT {name}")
-        try:
-            yield
-        except BaseException:
-            # An error that already ended the whole transaction leaves no
-            # savepoint to roll back to; the original exception matters more.
-            if self.conn.in_transaction:
-                self.conn.execute(f"ROLLBACK TO {name}")
-                self.conn.execute(f"RELEASE {name}")
-            raise
-        else:
-            self.conn.execute(f"RELEASE {name}")
-        finally:
-            self._savepoint_depth -= 1
 
     def close(self) -> None:
         if self.checkpointer is not None:
