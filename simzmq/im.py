@@ -34,7 +34,7 @@ from prometheus_client import Counter, Histogram, start_http_server
 from simzmq.envelope import EnvelopeError, pack_notice, pack_reply, unpack_request
 from simzmq.mdpworker import Request, WorkerSession
 from simzmq.service import IMService, Outcome, RegisterWork, StepFailed, error
-from simzmq.service import Request as IMRequest
+from simzmq.service import Request as IMRequest  # mdpworker's Request is the MDP one
 from simzmq.store import StoreBusy, open_store
 from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN, bin_newmsg_with_seq
