@@ -31,11 +31,11 @@ from .base import (
     NewMessage,
     SentRecord,
     Store,
+    UnknownUser,
     clamp_history_limit,
     clamp_id,
     clamp_sync_limit,
     msg_wire_size,
-    UnknownUser,
 )
 
 # Unread count after a read mark: own messages to oneself never count, and
@@ -215,7 +215,7 @@ class SQLStore(Store):
     def add_messages(self, msgs: Sequence[NewMessage]) -> None:
         if not msgs:
             return
-        self._executemany(_INSERT_MESSAGES, [(*msg[:5], bytes(msg.cmid), bytes(msg.body), *msg[7:]) for msg in msgs])
+        self._executemany(_INSERT_MESSAGES, msgs)  # a NewMessage is the row, column for column
         inbox = []
         tops: dict[str, int] = {}
         convs: dict[tuple[str, str], list[int]] = {}
