@@ -5,8 +5,10 @@ A thin I/O shell around simzmq.service. Its loop:
 1. wait for input on any broker session (a worker holds one per broker of the
    pair) or for finished password work;
 2. take everything that is waiting — that is the batch;
-3. run the whole batch in ONE transaction, each request in its own savepoint
-   (group commit: one fsync for the batch, and one bad request spoils nothing);
+3. run the whole batch in ONE transaction (group commit: one fsync for the
+   batch), its Sends written together (see commit_batch: a request whose
+   store step fails is left out and the batch run again, so one bad request
+   spoils nothing);
 4. commit, and only then send the replies (one message per broker session)
    and publish the notifications (one message per topic group).
 
@@ -33,7 +35,8 @@ from prometheus_client import Counter, Histogram, start_http_server
 from simzmq.envelope import EnvelopeError, pack_notices, pack_reply, unpack_request
 from simzmq.mdpworker import Request, WorkerSession
 from simzmq.notify import group_topic
-from simzmq.service import IMService, Outcome, RegisterWork, error
+from simzmq.service import IMService, Outcome, RegisterWork, StepFailed, error
+from simzmq.service import Request as IMRequest  # mdpworker's Request is the MDP one
 from simzmq.store import StoreBusy, open_store
 from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN, bin_newmsg_with_seq
@@ -229,22 +232,21 @@ class IMWorker:
     def process(self, store, service: IMService, pool, publish, jobs: list[Job]) -> None:
         started = time.monotonic()
         now_ms = int(time.time() * 1000)
-        answered: list[tuple[Job, Outcome]] = []
-        deferred: list[tuple[Job, str | None]] = []
-        with store.transaction():
-            for job in jobs:
-                msg = job.msg
-                if job.prepared is None:
-                    if isinstance(msg, m.Register):
-                        # The stored hash, if the user exists: a Register the
-                        # broker delivered twice (its worker died) must answer
-                        # Ok again, not exists.
-                        deferred.append((job, store.get_password_hash(msg.user)))
-                        continue
-                    if isinstance(msg, m.Login) and not msg.token:
-                        deferred.append((job, store.get_password_hash(msg.user)))
-                        continue
-                answered.append((job, self._handle_one(store, service, job, now_ms)))
+        ready: list[Job] = []
+        waiting: list[Job] = []  # need password work first
+        for job in jobs:
+            msg = job.msg
+            if job.prepared is None and (isinstance(msg, m.Register)
+                                         or (isinstance(msg, m.Login) and not msg.token)):
+                waiting.append(job)
+            else:
+                ready.append(job)
+        outcomes, hashes = commit_batch(store, service, [IMRequest(j.key, j.origin, j.msg, j.prepared) for j in ready],
+                                        now_ms, [j.msg.user for j in waiting])
+        answered: list[tuple[Job, Outcome]] = list(zip(ready, outcomes))
+        # For Register, the stored hash if the user exists: a Register the
+        # broker delivered twice (its worker died) must answer Ok again.
+        deferred: list[tuple[Job, str | None]] = list(zip(waiting, hashes))
         COMMIT_SECONDS.observe(time.monotonic() - started)
         BATCH_SIZE.observe(len(jobs))
         # Committed: now the world may hear of it. One reply message per
@@ -263,24 +265,6 @@ class IMWorker:
         for job, pw_hash in deferred:
             fut = pool.submit(self._password_work, job, pw_hash)
             fut.add_done_callback(self._password_done)
-
-    def _handle_one(self, store, service: IMService, job: Job, now_ms: int) -> Outcome:
-        try:
-            with store.savepoint():
-                outcome = service.handle(job.key, job.origin, job.msg, now_ms, job.prepared)
-                if isinstance(outcome.reply, m.Error):
-                    raise _Undo(outcome)
-                return outcome
-        except _Undo as undo:
-            return undo.outcome
-        except StoreBusy as exc:
-            # A lock timeout or deadlock: nothing of it stays, and the client
-            # retries (a Send with the same cmid).
-            log.info("request %s hit a busy store: %s", type(job.msg).__name__, exc)
-            return error(ErrorCode.UNAVAILABLE, "the store is busy; retry")
-        except Exception:
-            log.exception("request %s failed", type(job.msg).__name__)
-            return error(ErrorCode.INTERNAL, "internal error")
 
     def _password_work(self, job: Job, pw_hash: str | None) -> Job:
         if isinstance(job.msg, m.Register):
@@ -326,11 +310,48 @@ def encode_notices(notices) -> list[tuple[bytes, bytes]]:
     return [(topic, pack_notices(entries)) for topic, entries in groups.items()]
 
 
-class _Undo(Exception):
-    """Roll back a request's savepoint and answer its Error."""
+def commit_batch(store, service: IMService, requests: list[IMRequest], now_ms: int,
+                 password_users: list[str] = ()) -> tuple[list[Outcome], list[str | None]]:
+    """Run the batch in one transaction and commit it: the outcome of each
+    request, and the stored password hash of each of `password_users`.
 
-    def __init__(self, outcome):
-        self.outcome = outcome
+    The batch runs optimistically, without savepoints. When a store step
+    fails, the transaction is rolled back and the batch runs again: a step
+    that served one request gets that request its Error and leaves it out; a
+    step that served several (a run of Sends) has them written one by one
+    next time, which finds the one at fault."""
+    failed: dict[int, Outcome] = {}
+    alone: set[int] = set()
+    while True:
+        live = [i for i in range(len(requests)) if i not in failed]
+        try:
+            with store.transaction():
+                outcomes = service.handle_batch([requests[i] for i in live], now_ms,
+                                                {k for k, i in enumerate(live) if i in alone})
+                hashes = [store.get_password_hash(user) for user in password_users]
+        except StepFailed as exc:
+            culprits = [live[k] for k in exc.indices]
+            if len(culprits) > 1 and not alone.issuperset(culprits):
+                alone.update(culprits)
+                continue
+            for i in culprits:
+                failed[i] = _failure(requests[i], exc.cause)
+            continue
+        done = dict(zip(live, outcomes))
+        done.update(failed)
+        return [done[i] for i in range(len(requests))], hashes
+
+
+def _failure(request: IMRequest, exc: BaseException) -> Outcome:
+    """The Error of a request whose store step raised."""
+    name = type(request.msg).__name__
+    if isinstance(exc, StoreBusy):
+        # A lock timeout or deadlock: nothing of it stays, and the client
+        # retries (a Send with the same cmid).
+        log.info("request %s hit a busy store: %s", name, exc)
+        return error(ErrorCode.UNAVAILABLE, "the store is busy; retry")
+    log.error("request %s failed", name, exc_info=exc)
+    return error(ErrorCode.INTERNAL, "internal error")
 
 
 def _outcome(reply) -> str:

@@ -3,15 +3,26 @@
 No sockets, no clock: the worker shell (simzmq/im.py) passes the time in and
 sends what this returns. Every method runs inside the caller's transaction, so
 a reply and its notifications only leave after the commit.
+
+A batch (handle_batch) is applied in arrival order per user. Its Sends are
+gathered and written together: one cmid lookup, one read of the users' seqs
+and one executemany per table for the whole run (see store/base.py). A Send
+run is written before any other request that touches one of its users, so
+every request sees what came before it. Handlers refuse (Error) before they
+write anything, so an Error needs no rollback. A store step that raises
+spoils the transaction: it surfaces as StepFailed naming the requests the
+step served, and the caller runs the batch again without them (see
+simzmq/im.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Container, Sequence
 from typing import NamedTuple
 
-from simzmq.store.base import Store, UnknownUser, clamp_history_limit, clamp_sync_limit
+from simzmq.store.base import NewMessage, SentRecord, Store, clamp_history_limit, clamp_sync_limit
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode
 
@@ -40,6 +51,24 @@ class RegisterWork(NamedTuple):
     same_password: bool
 
 
+class Request(NamedTuple):
+    """One request of a batch: from the user `key`, over the session `origin`."""
+    key: str
+    origin: bytes
+    msg: object
+    prepared: object = None  # the password work's result (see IMService.handle)
+
+
+class StepFailed(Exception):
+    """A store step of a batch raised; the transaction is spoilt. `indices`
+    are the positions (in the batch) of the requests that step served."""
+
+    def __init__(self, indices: Sequence[int], cause: BaseException):
+        super().__init__(f"requests {list(indices)}: {cause!r}")
+        self.indices = list(indices)
+        self.cause = cause
+
+
 class Refused(Exception):
     """A request that gets an Error and changes nothing."""
 
@@ -58,6 +87,52 @@ def error(code: ErrorCode, reason: str) -> Outcome:
     return Outcome(m.Error(code=int(code), reason=reason[:256]))
 
 
+def users_touched(key: str, msg) -> frozenset | None:
+    """The users whose stored state `msg` from `key` reads or writes; None
+    when that is not known before it runs (History names its user by token).
+    A Send run touching none of them may be written after it."""
+    kind = type(msg)
+    if kind is m.Send:
+        return frozenset((key, msg.to))
+    if kind is m.Read:
+        return frozenset((key, msg.peer))
+    if kind in (m.Register, m.Login):
+        return frozenset((key, msg.user))
+    if kind in (m.Sync, m.Catchup, m.Convs):
+        return frozenset((key,))
+    if kind is m.Revoke:
+        return frozenset()  # tokens only
+    return None
+
+
+def _step(indices, fn, *args):
+    """Run one store step of a batch; its failure names the requests it served."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        raise StepFailed(indices, exc) from exc
+
+
+class _SendBatch:
+    """What one transaction has learnt of Sends and seqs, so each cmid and
+    each user's seq is read once however many runs the batch has."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.sent: dict[tuple[str, bytes], SentRecord | None] = {}  # None: looked up, not stored
+        self.seqs: dict[str, int] = {}  # max_seq of the existing users looked up
+
+    def look_up(self, run: list[int], keys: list[tuple[str, bytes]], users: set[str]) -> None:
+        new_keys = [k for k in set(keys) if k not in self.sent]
+        if new_keys:
+            found = _step(run, self.store.find_sends, new_keys)
+            for k in new_keys:
+                self.sent[k] = found.get(k)
+        new_users = [u for u in users if u not in self.seqs]
+        if new_users:
+            self.seqs.update(_step(run, self.store.user_seqs, new_users))
+
+
 class IMService:
     def __init__(self, store: Store, token_ttl_ms: int, max_frame: int):
         self.store = store
@@ -68,6 +143,8 @@ class IMService:
         """One request from the user `key`. `prepared` is the result of the
         password work the shell ran off the loop: for a password Login whether
         it matched, for Register the new Argon2id hash."""
+        if type(msg) is m.Send:
+            return self.handle_batch([Request(key, origin, msg, prepared)], now_ms)[0]
         try:
             handler = self._handlers[type(msg)]
         except KeyError:
@@ -76,6 +153,83 @@ class IMService:
             return handler(self, key, origin, msg, now_ms, prepared)
         except Refused as exc:
             return error(exc.code, exc.reason)
+
+    def handle_batch(self, requests: Sequence[Request], now_ms: int,
+                     alone: Container[int] = ()) -> list[Outcome]:
+        """The outcome of each request, in order. A Send whose position is in
+        `alone` is written on its own, so a failing write names it alone.
+        Raises StepFailed when a store step raises."""
+        outcomes: list = [None] * len(requests)
+        batch = _SendBatch(self.store)
+        run: list[int] = []
+        run_users: set[str] = set()
+        for i, req in enumerate(requests):
+            if type(req.msg) is m.Send and i not in alone:
+                run.append(i)
+                run_users.update((req.key, req.msg.to))
+                continue
+            touched = users_touched(req.key, req.msg)
+            if run and (touched is None or not run_users.isdisjoint(touched)):
+                self._write_sends(batch, requests, run, outcomes, now_ms)
+                run, run_users = [], set()
+            if type(req.msg) is m.Send:
+                self._write_sends(batch, requests, [i], outcomes, now_ms)
+            else:
+                outcomes[i] = _step([i], self.handle, req.key, req.origin, req.msg, now_ms, req.prepared)
+        if run:
+            self._write_sends(batch, requests, run, outcomes, now_ms)
+        return outcomes
+
+    def _write_sends(self, batch: _SendBatch, requests: Sequence[Request], run: list[int],
+                     outcomes: list, now_ms: int) -> None:
+        """Decide and write the Sends at positions `run` (in arrival order)."""
+        keys = [(requests[i].key, bytes(requests[i].msg.cmid)) for i in run]
+        batch.look_up(run, keys, {u for i in run for u in (requests[i].key, requests[i].msg.to)})
+        planned: dict[tuple[str, bytes], tuple] = {}  # (sender, cmid) -> content, for the run's new ones
+        fresh: list[int] = []
+        retries: list[int] = []
+        for i, send_key in zip(run, keys):
+            sender, msg = requests[i].key, requests[i].msg
+            content = (msg.to, msg.kind, bytes(msg.body))
+            earlier = batch.sent.get(send_key)
+            seen = (earlier.to, earlier.kind, bytes(earlier.body)) if earlier else planned.get(send_key)
+            if seen is not None:
+                # The same cmid again, from an earlier batch or earlier in
+                # this one: a retry if it is the same message.
+                if seen != content:
+                    outcomes[i] = error(ErrorCode.BAD_REQUEST, "cmid already used for a different message")
+                else:
+                    retries.append(i)
+                continue
+            missing = [u for u in (msg.to, sender) if u not in batch.seqs]
+            if missing:
+                outcomes[i] = error(ErrorCode.NO_SUCH_USER, f"no such user: {missing[0]}")
+                continue
+            planned[send_key] = content
+            fresh.append(i)
+        if fresh:
+            stored = []
+            for i, msg_id in zip(fresh, _step(run, self.store.new_msg_ids, len(fresh))):
+                sender, msg = requests[i].key, requests[i].msg
+                recipient_seq = batch.seqs[msg.to] = batch.seqs[msg.to] + 1
+                if msg.to == sender:
+                    sender_seq = recipient_seq
+                else:
+                    sender_seq = batch.seqs[sender] = batch.seqs[sender] + 1
+                new = NewMessage(msg_id, sender, msg.to, msg.kind, now_ms, bytes(msg.cmid), bytes(msg.body),
+                                 sender_seq, recipient_seq)
+                stored.append(new)
+                batch.sent[(sender, new.cmid)] = SentRecord(msg_id, sender_seq, now_ms, msg.to, msg.kind,
+                                                            new.body, recipient_seq)
+            _step(run, self.store.add_messages, stored)
+        # Every new one, and every retry: answer the stored SendOk and publish
+        # the copies (again, for a retry, because its first attempt may have
+        # died between its commit and its publish; gates push each inbox seq
+        # once, so nobody sees it twice).
+        for i in sorted(fresh + retries):
+            sender, origin, msg = requests[i][:3]
+            rec = batch.sent[(sender, bytes(msg.cmid))]
+            outcomes[i] = self._sent(sender, origin, msg, rec.msg_id, rec.ts_ms, rec.sender_seq, rec.recipient_seq)
 
     # -- accounts -----------------------------------------------------------
 
@@ -115,23 +269,6 @@ class IMService:
         return Outcome(m.Ok())
 
     # -- messages -----------------------------------------------------------
-
-    def _send(self, sender, origin, msg: m.Send, now_ms, prepared) -> Outcome:
-        store = self.store
-        earlier = store.find_send(sender, msg.cmid)
-        if earlier is not None:
-            if (earlier.to, earlier.kind, bytes(earlier.body)) != (msg.to, msg.kind, msg.body):
-                raise Refused(ErrorCode.BAD_REQUEST, "cmid already used for a different message")
-            # A retry: answer the first SendOk and publish again, because the
-            # first attempt may have died between its commit and its publish.
-            # Gates push each inbox seq once, so nobody sees it twice.
-            return self._sent(sender, origin, msg, earlier.msg_id, earlier.ts_ms,
-                              earlier.sender_seq, earlier.recipient_seq)
-        try:
-            done = store.append_message(sender, msg.to, msg.cmid, msg.kind, msg.body, now_ms)
-        except UnknownUser:
-            raise Refused(ErrorCode.NO_SUCH_USER, f"no such user: {msg.to}") from None
-        return self._sent(sender, origin, msg, done.msg_id, done.ts_ms, done.sender_seq, done.recipient_seq)
 
     @staticmethod
     def _sent(sender, origin, msg: m.Send, msg_id, ts_ms, sender_seq, recipient_seq) -> Outcome:
@@ -189,7 +326,6 @@ class IMService:
         m.Register: _register,
         m.Login: _login,
         m.Revoke: _revoke,
-        m.Send: _send,
         m.Sync: _sync,
         m.Catchup: _catchup,
         m.Read: _read,

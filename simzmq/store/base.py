@@ -1,8 +1,13 @@
 """The storage interface shared by the SQLite and Postgres back ends.
 
 The IM worker is the only writer. It opens one write transaction per batch of
-requests (group commit) and wraps each request in a savepoint, so a request
-that fails leaves no trace while the rest of the batch still commits.
+requests (group commit) and writes the batch's messages with a few set-wide
+statements: find_sends looks up every cmid at once, user_seqs reads (and in
+Postgres locks) every user involved, new_msg_ids draws the ids, and
+add_messages writes messages, inboxes, seqs and conversations with one
+executemany each. The caller allocates the seqs (max_seq + 1, ... in arrival
+order); the transaction is exclusive for those users, so inboxes stay gapless
+and seq order equals msg_id order.
 
 Every method runs inside the caller's current transaction; none of them
 commits on its own. Time is always passed in (`now_ms`, `ts_ms`): the store
@@ -17,7 +22,7 @@ is remembered forever (protocol.md asks for at least `token_ttl`).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 # The wire's record types, so the worker encodes what the store returns as is.
 from simzmq.wire.messages import Conv, Msg
@@ -55,6 +60,20 @@ class Appended(NamedTuple):
     recipient_seq: int  # == sender_seq when the sender wrote to itself
 
 
+class NewMessage(NamedTuple):
+    """A message to store; the fields are the columns of the messages table."""
+
+    msg_id: int
+    sender: str
+    to: str
+    kind: int
+    ts_ms: int
+    cmid: bytes
+    body: bytes
+    sender_seq: int
+    recipient_seq: int  # == sender_seq when the sender wrote to itself
+
+
 class StoreError(Exception):
     """Base of the errors a store raises on purpose."""
 
@@ -70,8 +89,8 @@ class DuplicateSend(StoreError):
 class StoreBusy(StoreError):
     """A transient conflict (lock timeout, deadlock, serialization failure).
 
-    The request had no effect (its savepoint or transaction is rolled back);
-    it may be retried, or answered with `unavailable`.
+    The step had no effect once its transaction is rolled back; the request
+    may be retried, or answered with `unavailable`.
     """
 
 
@@ -109,12 +128,6 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """One write transaction: commit on normal exit, roll back on exception."""
-        raise NotImplementedError
-        yield  # pragma: no cover
-
-    @contextmanager
-    def savepoint(self) -> Iterator[None]:
-        """Inside a transaction: on exception roll back only this block, re-raise."""
         raise NotImplementedError
         yield  # pragma: no cover
 
@@ -165,10 +178,30 @@ class Store:
     def find_send(self, sender: str, cmid: bytes) -> SentRecord | None:
         raise NotImplementedError
 
+    def find_sends(self, keys: Iterable[tuple[str, bytes]]) -> dict[tuple[str, bytes], SentRecord]:
+        """The stored Sends among the (sender, cmid) keys, in one query."""
+        raise NotImplementedError
+
+    def user_seqs(self, users: Iterable[str]) -> dict[str, int]:
+        """max_seq of each of `users` that exists, in one query. In Postgres
+        this also locks their rows (in id order) until the transaction ends,
+        so seqs allocated from it are this transaction's alone."""
+        raise NotImplementedError
+
+    def new_msg_ids(self, count: int) -> list[int]:
+        """`count` rising msg_ids above every stored one (after user_seqs)."""
+        raise NotImplementedError
+
+    def add_messages(self, msgs: Sequence[NewMessage]) -> None:
+        """Store messages whose ids come from new_msg_ids and whose seqs
+        follow on user_seqs in order: both inboxes, each user's max_seq and
+        each conversation (last message, unread count) once per call."""
+        raise NotImplementedError
+
     def append_message(
         self, sender: str, to: str, cmid: bytes, kind: int, body: bytes, ts_ms: int
     ) -> Appended:
-        """Store a message in both inboxes. Raises UnknownUser, DuplicateSend."""
+        """Store one message in both inboxes. Raises UnknownUser, DuplicateSend."""
         raise NotImplementedError
 
     def sync(

@@ -4,34 +4,33 @@
 survives a power loss of the database server; group commit keeps that to one
 flush per batch.
 
-Ordering: several workers may write at once. An append first locks the
-sender's and recipient's user rows (sorted by id, so two opposite sends
-cannot deadlock each other), and only then allocates seqs and the msg_id,
-so within a conversation seq order and msg_id order agree in both inboxes.
-The whole append is one server-side function: one round trip per message.
+Ordering: several workers may write at once. A batch first locks the user
+rows of every sender and recipient in it (user_seqs: SELECT ... ORDER BY id
+FOR UPDATE, so two batches take them in the same order), and only then draws
+msg_ids, so within every inbox seq order and msg_id order agree.
+
+Round trips: each step of a batch is one (the cmid lookup, the user rows,
+the msg_ids, and each executemany, which psycopg pipelines).
 
 Locks are held until the batch commits, so two workers' batches can still
 deadlock on user rows; Postgres then aborts one statement, which surfaces as
-StoreBusy after the request's savepoint has been rolled back.
+StoreBusy and the worker retries the batch without the request.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Any, Iterator, Sequence
 
 import psycopg
 from psycopg import errors as pg_errors
 
-from .base import Appended, DuplicateSend, StoreBusy, StoreError, UnknownUser, clamp_id
+from .base import StoreBusy, StoreError, clamp_id
 from .sql import SQLStore
 
 # Taken while migrating, so workers starting together migrate once.
 MIGRATION_LOCK_KEY = 0x73696D7A6D71  # "simzmq"
-
-APPEND_OK = 0
-APPEND_UNKNOWN_USER = 1
-APPEND_DUPLICATE = 2
 
 _SCHEMA_V1 = """
 CREATE TABLE users (
@@ -145,7 +144,10 @@ END
 $fn$;
 """
 
-MIGRATIONS = [_SCHEMA_V1]
+# Appends are batched in Python now (SQLStore.add_messages).
+_SCHEMA_V2 = "DROP FUNCTION simzmq_append(text, text, bytea, smallint, bytea, bigint);"
+
+MIGRATIONS = [_SCHEMA_V1, _SCHEMA_V2]
 
 # SQLSTATEs of transient conflicts: deadlock, serialization failure, lock
 # timeout, cancelled statement (statement_timeout).
@@ -157,22 +159,20 @@ _BUSY_ERRORS = (
 )
 
 
-def _format_placeholders(sql: str) -> str:
-    """A statement written with `?` placeholders, in psycopg's `%s` style."""
+@lru_cache(maxsize=None)
+def _formatted(sql: str) -> str:
+    """A statement written with `?` placeholders, in psycopg's `%s` style.
+    The shared statements are a fixed set, so each is rewritten once."""
     return sql.replace("%", "%%").replace("?", "%s")
-
-
-# Statement text -> its `%s` form. The shared statements are a fixed set, so
-# this stays small, and each text is rewritten once per process.
-_FORMATTED: dict[str, str] = {}
 
 
 class PostgresStore(SQLStore):
     _NO_LIMIT = None
+    _LOCK_ROWS = " ORDER BY id FOR UPDATE"
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
-        # autocommit: transaction() and savepoint() say where transactions
+        # autocommit: transaction() says where transactions
         # begin and end; outside them each read stands alone.
         self.conn = psycopg.connect(dsn, autocommit=True)
         # Prepare the fixed statements from their first use.
@@ -208,14 +208,6 @@ class PostgresStore(SQLStore):
         except _BUSY_ERRORS as exc:
             raise StoreBusy(str(exc)) from exc
 
-    @contextmanager
-    def savepoint(self) -> Iterator[None]:
-        try:
-            with self.conn.transaction():
-                yield
-        except _BUSY_ERRORS as exc:
-            raise StoreBusy(str(exc)) from exc
-
     def close(self) -> None:
         self.conn.close()
 
@@ -225,31 +217,30 @@ class PostgresStore(SQLStore):
         return f"postgres {info.user}@{where}/{info.dbname} (synchronous_commit=on)"
 
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor:
-        query = _FORMATTED.get(sql)
-        if query is None:
-            query = _FORMATTED[sql] = _format_placeholders(sql)
-        return self.conn.execute(query, params)
+        try:
+            return self.conn.execute(_formatted(sql), params)
+        except _BUSY_ERRORS as exc:
+            raise StoreBusy(str(exc)) from exc
+
+    def _executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        try:
+            with self.conn.cursor() as cur:
+                cur.executemany(_formatted(sql), rows)
+        except _BUSY_ERRORS as exc:
+            raise StoreBusy(str(exc)) from exc
 
     # inbox (the rest is in SQLStore)
 
-    def append_message(
-        self, sender: str, to: str, cmid: bytes, kind: int, body: bytes, ts_ms: int
-    ) -> Appended:
-        cmid = bytes(cmid)
-        status, msg_id, sender_seq, recipient_seq = self.conn.execute(
-            "SELECT * FROM simzmq_append(%s, %s, %s, %s::smallint, %s, %s)",
-            (sender, to, cmid, kind, bytes(body), ts_ms),
-        ).fetchone()
-        if status == APPEND_UNKNOWN_USER:
-            raise UnknownUser(to if sender != to and self.user_exists(sender) else sender)
-        if status == APPEND_DUPLICATE:
-            raise DuplicateSend((sender, cmid))
-        return Appended(msg_id, ts_ms, sender_seq, recipient_seq)
+    def new_msg_ids(self, count: int) -> list[int]:
+        rows = self._execute(
+            "SELECT nextval('messages_msg_id_seq') FROM generate_series(1, ?)", (count,)
+        ).fetchall()
+        return sorted(row[0] for row in rows)
 
     def raise_delivered(self, user: str, since: int) -> None:
         since = clamp_id(since)
-        self.conn.execute(
-            "UPDATE users SET delivered = LEAST(%s, max_seq)"
-            " WHERE id = %s AND delivered < LEAST(%s, max_seq)",
+        self._execute(
+            "UPDATE users SET delivered = LEAST(?, max_seq)"
+            " WHERE id = ? AND delivered < LEAST(?, max_seq)",
             (since, user, since),
         )

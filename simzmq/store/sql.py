@@ -6,23 +6,32 @@ connection's own execute, so its hot path pays nothing for the sharing;
 Postgres's rewrites each statement text to `%s` on first use and reuses the
 rewrite. No statement here may hold a literal `?` (e.g. inside a string).
 
+Batched statements take a list of keys as a VALUES list or IN list whose
+length is rounded up to a power of two (the last key repeated), so a handful
+of statement texts serve every batch size and stay prepared.
+
 What differs between the dialects stays in the back end: the schema,
-transactions, append_message (a server-side function in Postgres) and
+transactions, how user rows are locked and msg_ids drawn, and
 raise_delivered (MIN in SQLite, LEAST in Postgres).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import lru_cache
 from typing import Any
 
 from .base import (
     ID_CEILING,
+    Appended,
     Conv,
+    DuplicateSend,
     HistoryMsg,
     Msg,
+    NewMessage,
     SentRecord,
     Store,
+    UnknownUser,
     clamp_history_limit,
     clamp_id,
     clamp_sync_limit,
@@ -60,15 +69,54 @@ _HISTORY_PAIR = (
     " ORDER BY msg_id DESC LIMIT ?"
 )
 
+_INSERT_MESSAGES = (
+    "INSERT INTO messages (msg_id, sender, recipient, kind, ts_ms, cmid, body, sender_seq, recipient_seq)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# excluded.unread is how many of the batch's messages the user has not read:
+# the new msg_ids are above any read mark, and messages to oneself or from
+# oneself never count.
+_UPSERT_CONVERSATIONS = (
+    "INSERT INTO conversations (user_id, peer, last_msg_id, read_mark, unread) VALUES (?, ?, ?, 0, ?)"
+    " ON CONFLICT (user_id, peer) DO UPDATE SET last_msg_id = excluded.last_msg_id,"
+    " unread = conversations.unread + excluded.unread"
+)
+
+
+def _padded(keys: list) -> list:
+    """keys, its length rounded up to a power of two by repeating the last."""
+    width = 1 << (len(keys) - 1).bit_length()
+    return keys + keys[-1:] * (width - len(keys))
+
+
+@lru_cache(maxsize=None)
+def _find_sends_sql(count: int) -> str:
+    values = ", ".join(["(?, ?)"] * count)
+    return (
+        "SELECT m.sender, m.cmid, m.msg_id, m.sender_seq, m.ts_ms, m.recipient, m.kind, m.body,"
+        f" m.recipient_seq FROM (VALUES {values}) AS k"
+        " JOIN messages m ON m.sender = k.column1 AND m.cmid = k.column2"
+    )
+
+
+@lru_cache(maxsize=None)
+def _user_seqs_sql(count: int, lock_rows: str) -> str:
+    return f"SELECT id, max_seq FROM users WHERE id IN ({', '.join(['?'] * count)}){lock_rows}"
+
 
 class SQLStore(Store):
     """The methods whose SQL is the same in both back ends."""
 
     # Runs one statement written with `?` placeholders; returns a DB-API cursor.
     _execute: Callable[[str, Sequence[Any]], Any]
+    # Runs one statement once per row of parameters.
+    _executemany: Callable[[str, Sequence[Sequence[Any]]], Any]
     # The LIMIT parameter that means no limit: SQLite takes a negative one and
     # refuses NULL, Postgres the other way round.
     _NO_LIMIT: int | None
+    # What user_seqs appends to lock the rows it reads ("" where the write
+    # transaction is exclusive anyway).
+    _LOCK_ROWS: str
 
     @staticmethod
     def _fill_batch(rows, limit: int, max_bytes: int) -> tuple[list[Msg], bool]:
@@ -144,12 +192,66 @@ class SQLStore(Store):
         return row[0] if row else 0
 
     def find_send(self, sender: str, cmid: bytes) -> SentRecord | None:
-        row = self._execute(
-            "SELECT msg_id, sender_seq, ts_ms, recipient, kind, body, recipient_seq FROM messages"
-            " WHERE sender = ? AND cmid = ?",
-            (sender, bytes(cmid)),
-        ).fetchone()
-        return SentRecord(row[0], row[1], row[2], row[3], row[4], bytes(row[5]), row[6]) if row else None
+        return self.find_sends([(sender, bytes(cmid))]).get((sender, bytes(cmid)))
+
+    def find_sends(self, keys: Iterable[tuple[str, bytes]]) -> dict[tuple[str, bytes], SentRecord]:
+        keys = list(keys)
+        if not keys:
+            return {}
+        keys = _padded(keys)
+        params = [x for sender, cmid in keys for x in (sender, bytes(cmid))]
+        rows = self._execute(_find_sends_sql(len(keys)), params).fetchall()
+        return {
+            (r[0], bytes(r[1])): SentRecord(r[2], r[3], r[4], r[5], r[6], bytes(r[7]), r[8]) for r in rows
+        }
+
+    def user_seqs(self, users: Iterable[str]) -> dict[str, int]:
+        users = sorted(set(users))
+        if not users:
+            return {}
+        users = _padded(users)
+        return dict(self._execute(_user_seqs_sql(len(users), self._LOCK_ROWS), users).fetchall())
+
+    def add_messages(self, msgs: Sequence[NewMessage]) -> None:
+        if not msgs:
+            return
+        self._executemany(_INSERT_MESSAGES, msgs)  # a NewMessage is the row, column for column
+        inbox = []
+        tops: dict[str, int] = {}
+        convs: dict[tuple[str, str], list[int]] = {}
+        for msg in msgs:
+            inbox.append((msg.sender, msg.sender_seq, msg.msg_id))
+            tops[msg.sender] = msg.sender_seq
+            mine = convs.setdefault((msg.sender, msg.to), [0, 0])
+            mine[0] = msg.msg_id
+            if msg.to != msg.sender:
+                inbox.append((msg.to, msg.recipient_seq, msg.msg_id))
+                tops[msg.to] = msg.recipient_seq
+                theirs = convs.setdefault((msg.to, msg.sender), [0, 0])
+                theirs[0] = msg.msg_id
+                theirs[1] += 1
+        self._executemany("INSERT INTO inbox (user_id, seq, msg_id) VALUES (?, ?, ?)", inbox)
+        # In id order, the order user_seqs locked them in.
+        self._executemany(
+            "UPDATE users SET max_seq = ? WHERE id = ?", [(tops[user], user) for user in sorted(tops)]
+        )
+        self._executemany(_UPSERT_CONVERSATIONS, [(*pair, last, unread) for pair, (last, unread) in convs.items()])
+
+    def append_message(
+        self, sender: str, to: str, cmid: bytes, kind: int, body: bytes, ts_ms: int
+    ) -> Appended:
+        cmid = bytes(cmid)
+        if self.find_sends([(sender, cmid)]):
+            raise DuplicateSend((sender, cmid))
+        seqs = self.user_seqs((sender, to))
+        for user in (to, sender):
+            if user not in seqs:
+                raise UnknownUser(user)
+        (msg_id,) = self.new_msg_ids(1)
+        recipient_seq = seqs[to] + 1
+        sender_seq = recipient_seq if sender == to else seqs[sender] + 1
+        self.add_messages([NewMessage(msg_id, sender, to, kind, ts_ms, cmid, bytes(body), sender_seq, recipient_seq)])
+        return Appended(msg_id, ts_ms, sender_seq, recipient_seq)
 
     def sync(self, user: str, since: int, limit: int, max_bytes: int) -> tuple[list[Msg], bool]:
         limit = clamp_sync_limit(limit)

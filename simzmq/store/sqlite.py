@@ -8,6 +8,13 @@ Durability: `synchronous=FULL` (the default) makes every commit survive a
 power loss; group commit keeps that to one fsync per batch. `NORMAL` survives
 the crash of any process but may lose the last commits on power loss.
 
+Checkpoints are off the commit path: the writer's connection never
+checkpoints (`wal_autocheckpoint = 0`); a background thread with its own
+connection runs `PRAGMA wal_checkpoint(PASSIVE)` every CHECKPOINT_INTERVAL_S,
+or sooner once the WAL has grown by CHECKPOINT_WAL_BYTES. PASSIVE never waits
+for the write lock, so it never delays a commit; once it has copied the whole
+WAL back, the next commit starts the WAL over from its beginning.
+
 Writers serialize on `BEGIN IMMEDIATE`; `busy_timeout` makes a second worker
 process wait for the lock instead of failing at once. Because the write
 transaction is exclusive, allocating seqs and msg_ids inside it keeps every
@@ -16,20 +23,33 @@ inbox gapless and seq order equal to msg_id order.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
+import threading
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
 import sqlite_utils
 
-from .base import Appended, DuplicateSend, StoreBusy, StoreError, UnknownUser, clamp_id
+from .base import StoreBusy, StoreError, clamp_id
 from .sql import SQLStore
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 # Long enough to ride out another worker's group commit (one fsync plus a
 # batch of a few hundred requests), short enough to surface a stuck writer.
 DEFAULT_BUSY_TIMEOUT_MS = 10_000
+# The background checkpoint runs at least this often,
+CHECKPOINT_INTERVAL_S = 1.0
+# and sooner when the WAL file has grown this much since the last one (what
+# SQLite's own auto-checkpoint would let it grow: 1000 pages of 4 KiB).
+CHECKPOINT_WAL_BYTES = 4 << 20
+CHECKPOINT_POLL_S = 0.1
+# A WAL file that grew past this is cut back to it when it starts over.
+WAL_SIZE_LIMIT_BYTES = 64 << 20
+
+log = logging.getLogger("simzmq.store")
 
 
 def _create_v1(db: sqlite_utils.Database) -> None:
@@ -96,8 +116,54 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
+class Checkpointer:
+    """A thread that checkpoints the WAL of `path` through its own connection."""
+
+    def __init__(self, path: str, synchronous: str):
+        self.path = path
+        self.synchronous = synchronous
+        self.checkpoints = 0  # how many have run, for tests and curiosity
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _wal_size(self) -> int:
+        try:
+            return os.path.getsize(self.path + "-wal")
+        except OSError:
+            return 0
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            # The checkpoint syncs the database file as the writer would have.
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            last_size = 0
+            last_at = time.monotonic()
+            while not self._stop.wait(CHECKPOINT_POLL_S):
+                size = self._wal_size()
+                now = time.monotonic()
+                grown = size - last_size >= CHECKPOINT_WAL_BYTES
+                if not grown and (now - last_at < CHECKPOINT_INTERVAL_S or size == 0):
+                    continue
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    log.warning("checkpoint of %s failed: %s", self.path, exc)
+                self.checkpoints += 1
+                last_size = self._wal_size()
+                last_at = now
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class SQLiteStore(SQLStore):
     _NO_LIMIT = -1
+    _LOCK_ROWS = ""
 
     def __init__(
         self,
@@ -114,7 +180,7 @@ class SQLiteStore(SQLStore):
             parent = os.path.dirname(os.path.abspath(path))
             os.makedirs(parent, exist_ok=True)
         # isolation_level=None: the module never opens transactions behind our
-        # back; transaction() and savepoint() issue BEGIN/SAVEPOINT themselves.
+        # back; transaction() issues BEGIN and COMMIT itself.
         self.conn = sqlite3.connect(
             path, isolation_level=None, check_same_thread=False, cached_statements=256
         )
@@ -127,9 +193,15 @@ class SQLiteStore(SQLStore):
         self.conn.execute("PRAGMA cache_size = -32768")
         # The shared queries are written in sqlite3's own placeholder style.
         self._execute = self.conn.execute
+        self._executemany = self.conn.executemany
         self.db = sqlite_utils.Database(self.conn, execute_plugins=False)
         self._migrate()
-        self._savepoint_depth = 0
+        self.checkpointer = None
+        if path != ":memory:":
+            # No commit of ours ever checkpoints: the checkpointer does.
+            self.conn.execute("PRAGMA wal_autocheckpoint = 0")
+            self.conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}")
+            self.checkpointer = Checkpointer(path, mode)
 
     def _migrate(self) -> None:
         (version,) = self.conn.execute("PRAGMA user_version").fetchone()
@@ -176,26 +248,9 @@ class SQLiteStore(SQLStore):
                 raise StoreBusy(str(exc)) from exc
             raise
 
-    @contextmanager
-    def savepoint(self) -> Iterator[None]:
-        self._savepoint_depth += 1
-        name = f"request_{self._savepoint_depth}"
-        self.conn.execute(f"SAVEPOINT {name}")
-        try:
-            yield
-        except BaseException:
-            # An error that already ended the whole transaction leaves no
-            # savepoint to roll back to; the original exception matters more.
-            if self.conn.in_transaction:
-                self.conn.execute(f"ROLLBACK TO {name}")
-                self.conn.execute(f"RELEASE {name}")
-            raise
-        else:
-            self.conn.execute(f"RELEASE {name}")
-        finally:
-            self._savepoint_depth -= 1
-
     def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
         self.conn.close()
 
     def describe(self) -> str:
@@ -203,72 +258,10 @@ class SQLiteStore(SQLStore):
 
     # inbox (the rest is in SQLStore)
 
-    def _next_seq(self, user: str) -> int | None:
-        rows = self.conn.execute(
-            "UPDATE users SET max_seq = max_seq + 1 WHERE id = ? RETURNING max_seq", (user,)
-        ).fetchall()
-        return rows[0][0] if rows else None
-
-    def _undo_seq(self, user: str) -> None:
-        self.conn.execute("UPDATE users SET max_seq = max_seq - 1 WHERE id = ?", (user,))
-
-    def append_message(
-        self, sender: str, to: str, cmid: bytes, kind: int, body: bytes, ts_ms: int
-    ) -> Appended:
-        cmid = bytes(cmid)
-        body = bytes(body)
-        # The recipient first: it is the one that may not exist, and a failure
-        # before any write needs no undo.
-        recipient_seq = self._next_seq(to)
-        if recipient_seq is None:
-            raise UnknownUser(to)
-        if sender == to:
-            sender_seq = recipient_seq
-        else:
-            sender_seq = self._next_seq(sender)
-            if sender_seq is None:
-                self._undo_seq(to)
-                raise UnknownUser(sender)
-        try:
-            rows = self.conn.execute(
-                "INSERT INTO messages (sender, recipient, kind, ts_ms, cmid, body, sender_seq, recipient_seq)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING msg_id",
-                (sender, to, kind, ts_ms, cmid, body, sender_seq, recipient_seq),
-            ).fetchall()
-        except sqlite3.IntegrityError as exc:
-            # Leave the inboxes as they were, so a caller without a savepoint
-            # is not left with a gap.
-            self._undo_seq(to)
-            if sender != to:
-                self._undo_seq(sender)
-            raise DuplicateSend((sender, cmid)) from exc
-        msg_id = rows[0][0]
-        if sender == to:
-            self.conn.execute(
-                "INSERT INTO inbox (user_id, seq, msg_id) VALUES (?, ?, ?)", (sender, sender_seq, msg_id)
-            )
-            # Messages to oneself are one's own: they never count as unread.
-            self.conn.execute(
-                "INSERT INTO conversations (user_id, peer, last_msg_id, read_mark, unread)"
-                " VALUES (?, ?, ?, 0, 0)"
-                " ON CONFLICT (user_id, peer) DO UPDATE SET last_msg_id = excluded.last_msg_id",
-                (sender, sender, msg_id),
-            )
-        else:
-            self.conn.execute(
-                "INSERT INTO inbox (user_id, seq, msg_id) VALUES (?, ?, ?), (?, ?, ?)",
-                (sender, sender_seq, msg_id, to, recipient_seq, msg_id),
-            )
-            # The new msg_id is above any read mark, so it is unread for the
-            # recipient and not for the sender.
-            self.conn.execute(
-                "INSERT INTO conversations (user_id, peer, last_msg_id, read_mark, unread)"
-                " VALUES (?, ?, ?, 0, 0), (?, ?, ?, 0, 1)"
-                " ON CONFLICT (user_id, peer) DO UPDATE SET last_msg_id = excluded.last_msg_id,"
-                " unread = unread + excluded.unread",
-                (sender, to, msg_id, to, sender, msg_id),
-            )
-        return Appended(msg_id, ts_ms, sender_seq, recipient_seq)
+    def new_msg_ids(self, count: int) -> list[int]:
+        # The write transaction is exclusive, so max + 1 ... is ours.
+        (top,) = self.conn.execute("SELECT COALESCE(MAX(msg_id), 0) FROM messages").fetchone()
+        return list(range(top + 1, top + 1 + count))
 
     def raise_delivered(self, user: str, since: int) -> None:
         since = clamp_id(since)

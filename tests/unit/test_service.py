@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from simzmq.service import IMService, RegisterWork, token_hash
+from simzmq.service import IMService, RegisterWork, Request, StepFailed, token_hash, users_touched
 from simzmq.store import open_store
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode
@@ -17,7 +17,7 @@ TTL_MS = 7 * 24 * 3600 * 1000
 def svc():
     store = open_store("sqlite://:memory:")
     service = IMService(store, TTL_MS, 1 << 20)
-    for user in ("alice", "bob", "carol"):
+    for user in ("alice", "bob", "carol", "dave"):
         call(service, user, m.Register(user=user, password="pw"), prepared=RegisterWork("$argon2id$fake-" + user, False))
     yield service
     store.close()
@@ -182,3 +182,103 @@ def test_history_needs_a_valid_token_and_sees_only_own_conversations(svc):
 
 def test_token_hash_is_not_the_token():
     assert token_hash(b"t" * 32) != b"t" * 32 and len(token_hash(b"t" * 32)) == 32
+
+
+# batches
+
+class CountingStore:
+    """The store, counting the calls of each batch step."""
+
+    STEPS = ("find_sends", "user_seqs", "new_msg_ids", "add_messages")
+
+    def __init__(self, store):
+        self.store = store
+        self.calls = {name: 0 for name in self.STEPS}
+
+    def __getattr__(self, name):
+        real = getattr(self.store, name)
+        if name not in self.STEPS:
+            return real
+
+        def counted(*args):
+            self.calls[name] += 1
+            return real(*args)
+        return counted
+
+
+def sends(pairs, tag=b""):
+    return [Request(a, b"o" * 16, m.Send(to=b, cmid=tag + b"%d" % n, kind=0, body=b"%d" % n))
+            for n, (a, b) in enumerate(pairs)]
+
+
+def batch(service, requests, now=T0, alone=()):
+    with service.store.transaction():
+        return service.handle_batch(requests, now, alone)
+
+
+def test_a_batch_of_sends_reads_and_writes_each_thing_once(svc):
+    counting = CountingStore(svc.store)
+    service = IMService(counting, TTL_MS, 1 << 20)
+    pairs = [("alice", "bob"), ("bob", "alice"), ("carol", "alice"), ("alice", "alice")] * 25
+    requests = sends(pairs)
+    # requests of users with no Send pending do not cut the run
+    requests.insert(50, Request("dave", b"", m.Sync(since=0, limit=0)))
+    requests.insert(20, Request("nobody", b"", m.Convs()))
+    outcomes = batch(service, requests)
+    assert sum(isinstance(o.reply, m.SendOk) for o in outcomes) == 100
+    assert counting.calls == {"find_sends": 1, "user_seqs": 1, "new_msg_ids": 1, "add_messages": 1}
+
+
+def test_a_request_of_a_user_with_a_pending_send_sees_it(svc):
+    counting = CountingStore(svc.store)
+    service = IMService(counting, TTL_MS, 1 << 20)
+    requests = sends([("alice", "bob"), ("carol", "alice")])
+    requests.insert(1, Request("bob", b"", m.Sync(since=0, limit=0)))
+    first, synced, _ = batch(service, requests)
+    assert [x.msg_id for x in synced.reply.msgs] == [first.reply.msg_id]
+    # two runs, but the second reads only the user it has not seen
+    assert counting.calls == {"find_sends": 2, "user_seqs": 2, "new_msg_ids": 2, "add_messages": 2}
+
+
+def test_sends_written_alone_end_as_in_one_run(svc):
+    pairs = [("alice", "bob"), ("bob", "carol"), ("alice", "bob"), ("carol", "carol")]
+    together = batch(svc, sends(pairs, b"t"))
+    counting = CountingStore(svc.store)
+    service = IMService(counting, TTL_MS, 1 << 20)
+    alone = batch(service, sends(pairs, b"a"), alone={0, 1, 2, 3})
+    assert counting.calls["add_messages"] == 4
+    # each sender's seqs go on from the first batch's: alice had 2, bob 3, carol 2
+    assert [o.reply.seq - t.reply.seq for o, t in zip(alone, together)] == [2, 3, 2, 2]
+    assert [o.reply.msg_id - t.reply.msg_id for o, t in zip(alone, together)] == [4] * 4
+
+
+def test_a_failing_step_names_the_requests_it_served(svc):
+    class Broken(CountingStore):
+        def __getattr__(self, name):
+            if name == "add_messages":
+                raise_it = RuntimeError("disk on fire")
+
+                def step(*args):
+                    raise raise_it
+                return step
+            return super().__getattr__(name)
+
+    service = IMService(Broken(svc.store), TTL_MS, 1 << 20)
+    requests = sends([("alice", "bob"), ("bob", "alice"), ("carol", "alice")])
+    requests.insert(1, Request("dave", b"", m.Sync(since=0, limit=0)))
+    with pytest.raises(StepFailed) as failed:
+        batch(service, requests)
+    assert failed.value.indices == [0, 2, 3] and isinstance(failed.value.cause, RuntimeError)
+    with pytest.raises(StepFailed) as failed:
+        batch(service, requests, alone={2, 3})
+    assert failed.value.indices == [0]
+
+
+def test_users_touched():
+    assert users_touched("a", m.Send(to="b", cmid=b"c", kind=0, body=b"")) == {"a", "b"}
+    assert users_touched("a", m.Read(peer="b", msg_id=1)) == {"a", "b"}
+    assert users_touched("a", m.Login(user="a", password="", token=b"", device="")) == {"a"}
+    assert users_touched("a", m.Sync(since=0, limit=0)) == {"a"}
+    assert users_touched("a", m.Revoke(token=b"t")) == frozenset()
+    # History names its user by token: it touches anyone
+    assert users_touched("a", m.History(token=b"t", peer="b", before=0, limit=1)) is None

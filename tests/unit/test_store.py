@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 
 import pytest
 
+from simzmq.service import IMService, Request
 from simzmq.store import (  # noqa: E402
     Conv,
     DuplicateSend,
     Msg,
+    NewMessage,
+    SentRecord,
     StoreError,
     UnknownUser,
     msg_wire_size,
     open_store,
 )
+from simzmq.wire import messages as m
 
 T0 = 1_700_000_000_000
 BIG = 10**9
@@ -160,8 +165,7 @@ def test_idempotency_record(store):
     assert store.find_send("ann", b"cmid-2") is None
     with store.transaction():
         with pytest.raises(DuplicateSend):
-            with store.savepoint():
-                store.append_message("ann", "bob", b"cmid-1", 3, b"hello", T0 + 9)
+            store.append_message("ann", "bob", b"cmid-1", 3, b"hello", T0 + 9)
         # the transaction stays usable and the cmid is per sender
         store.append_message("bob", "ann", b"cmid-1", 0, b"other", T0 + 9)
     assert store.max_seq("ann") == 2 and store.max_seq("bob") == 2
@@ -321,29 +325,6 @@ def test_history_paging(store):
 # transactions
 
 @pytest.mark.timeout(60)
-def test_savepoint_rollback_leaves_nothing(store):
-    users(store, "ann", "bob")
-    with store.transaction():
-        store.append_message("ann", "bob", b"ok1", 0, b"1", T0)
-        with pytest.raises(Boom):
-            with store.savepoint():
-                store.append_message("ann", "bob", b"bad", 0, b"2", T0)
-                store.raise_read_mark("bob", "ann", 1)
-                store.add_token("ann", b"tok", "d", T0 + 10)
-                raise Boom
-        store.append_message("bob", "ann", b"ok2", 0, b"3", T0)
-        with store.savepoint():
-            store.add_token("bob", b"tok2", "d", T0 + 10)
-    assert [m.body for m in inbox(store, "ann")] == [b"1", b"3"]
-    assert [m.seq for m in inbox(store, "bob")] == [1, 2]
-    assert store.find_send("ann", b"bad") is None
-    assert store.token_user(b"tok", T0) is None
-    assert store.token_user(b"tok2", T0) == "bob"
-    assert store.peer_read_mark("ann", "bob") == 0
-    assert store.conversations("bob")[0].unread == 1  # ok1 only; "bad" was rolled back
-
-
-@pytest.mark.timeout(60)
 def test_transaction_rollback_on_exception(store):
     users(store, "ann", "bob")
     with pytest.raises(Boom):
@@ -388,13 +369,16 @@ BATCH = 20
 
 
 def _writer(url, sender, to, tag):
+    """A worker's life: batches of Sends, each batch in one transaction."""
     s = open_store(url)
+    service = IMService(s, 1000, 1 << 20)
     try:
         for start in range(0, PER_WRITER, BATCH):
+            batch = [Request(sender, b"", m.Send(to=to, cmid=b"%s-%d" % (tag, i), kind=0, body=b"m"))
+                     for i in range(start, start + BATCH)]
             with s.transaction():
-                for i in range(start, start + BATCH):
-                    with s.savepoint():
-                        s.append_message(sender, to, b"%s-%d" % (tag, i), 0, b"m", T0 + i)
+                outcomes = service.handle_batch(batch, T0 + start)
+            assert all(isinstance(o.reply, m.SendOk) for o in outcomes)
     finally:
         s.close()
 
@@ -480,3 +464,116 @@ def test_huge_wire_values_match_nothing(store):
         store.raise_delivered("bob", top)
     assert store.delivered_mark("bob") == 1
     assert [m.msg_id for m in store.history("bob", "ann", top, 10)[0]] == [app.msg_id]
+
+
+# the batch steps
+
+@pytest.mark.timeout(60)
+def test_batch_steps_write_every_table_once_per_call(store):
+    users(store, "ann", "bob", "cat")
+    old = send(store, "ann", "bob", b"old", b"before")
+    with store.transaction():
+        # one lookup for many keys: stored, missing, repeated
+        keys = [("ann", b"old"), ("ann", b"new"), ("bob", b"old"), ("ann", b"old")]
+        found = store.find_sends(keys)
+        assert found == {("ann", b"old"): SentRecord(old.msg_id, 1, T0, "bob", 0, b"before", 1)}
+        assert store.find_sends([]) == {}
+        # one read for many users; those missing are left out
+        assert store.user_seqs(["bob", "ann", "ghost", "cat", "ann"]) == {"ann": 1, "bob": 1, "cat": 0}
+        assert store.user_seqs([]) == {}
+        ids = store.new_msg_ids(4)
+        assert ids == sorted(ids) and len(set(ids)) == 4 and ids[0] > old.msg_id
+        store.add_messages([
+            NewMessage(ids[0], "ann", "bob", 0, T0 + 1, b"a1", b"1", 2, 2),
+            NewMessage(ids[1], "cat", "bob", 1, T0 + 1, b"c1", b"2", 1, 3),
+            NewMessage(ids[2], "ann", "ann", 0, T0 + 1, b"a2", b"3", 3, 3),
+            NewMessage(ids[3], "ann", "bob", 0, T0 + 1, b"a3", b"4", 4, 4),
+        ])
+    assert [(x.seq, x.body) for x in inbox(store, "ann")] == [(1, b"before"), (2, b"1"), (3, b"3"), (4, b"4")]
+    assert [(x.seq, x.body) for x in inbox(store, "bob")] == [(1, b"before"), (2, b"1"), (3, b"2"), (4, b"4")]
+    assert [(x.seq, x.sender) for x in inbox(store, "cat")] == [(1, "cat")]
+    assert (store.max_seq("ann"), store.max_seq("bob"), store.max_seq("cat")) == (4, 4, 1)
+    # each conversation once: its last message, and the unread count grown by
+    # the messages the user received in it
+    assert store.conversations("bob") == [Conv("ann", ids[3], 3, 0), Conv("cat", ids[1], 1, 0)]
+    assert store.conversations("ann") == [Conv("bob", ids[3], 0, 0), Conv("ann", ids[2], 0, 0)]
+    assert store.conversations("cat") == [Conv("bob", ids[1], 0, 0)]
+    assert store.find_send("cat", b"c1") == SentRecord(ids[1], 1, T0 + 1, "bob", 1, b"2", 3)
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_batch_write_leaves_nothing(store):
+    users(store, "ann", "bob")
+    send(store, "ann", "bob", b"c1")
+    with pytest.raises(Exception):
+        with store.transaction():
+            ids = store.new_msg_ids(2)
+            # the second reuses (ann, c1): the unique idempotency key refuses it
+            store.add_messages([NewMessage(ids[0], "ann", "bob", 0, T0, b"c2", b"x", 2, 2),
+                                NewMessage(ids[1], "ann", "bob", 0, T0, b"c1", b"y", 3, 3)])
+    assert store.max_seq("ann") == 1 and store.max_seq("bob") == 1
+    assert store.find_send("ann", b"c2") is None
+    assert store.conversations("bob")[0].unread == 1
+    assert send(store, "ann", "bob", b"c2").sender_seq == 2
+
+
+# checkpoints (SQLite)
+
+def _wait_for(predicate, timeout_s=30.0):
+    """Poll until predicate() holds; the test fails if it never does."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def _write_pages(store, batches, start=0):
+    # bodies of 3 KiB: each message takes most of a page
+    for b in range(start, start + batches):
+        with store.transaction():
+            for i in range(50):
+                store.append_message("ann", "bob", b"c%d-%d" % (b, i), 0, bytes(3000), T0)
+
+
+@pytest.mark.timeout(120)
+def test_commits_never_checkpoint(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path}/im.db")
+    try:
+        assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        users(store, "ann", "bob")
+        store.checkpointer.stop()  # what is left is the commit path alone
+        size = os.path.getsize(store.path)
+        _write_pages(store, 30)  # well past SQLite's own 1000-page auto-checkpoint
+        assert os.path.getsize(store.path + "-wal") > 1000 * 4096
+        # nothing reached the database file: no commit checkpointed
+        assert os.path.getsize(store.path) == size
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(120)
+def test_the_checkpoint_thread_copies_the_wal_back(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path}/im.db")
+    try:
+        users(store, "ann", "bob")
+        size = os.path.getsize(store.path)
+        _write_pages(store, 10)
+        # Two more checkpoints: the second began after the last commit.
+        ran = store.checkpointer.checkpoints
+        _wait_for(lambda: store.checkpointer.checkpoints >= ran + 2)
+        assert os.path.getsize(store.path) > size
+        # Everything is copied back, so the WAL starts over: a later write
+        # does not grow the file.
+        wal_size = os.path.getsize(store.path + "-wal")
+        _write_pages(store, 1, start=10)
+        assert os.path.getsize(store.path + "-wal") <= wal_size
+        thread = store.checkpointer._thread
+    finally:
+        store.close()
+    assert not thread.is_alive()
+    again = open_store(f"sqlite:///{tmp_path}/im.db")
+    try:
+        assert again.max_seq("bob") == 550
+        assert [x.seq for x in again.sync("bob", 500, 500, BIG)[0]] == list(range(501, 551))
+    finally:
+        again.close()
