@@ -33,6 +33,7 @@ from simzmq import limits as lim
 from simzmq.gatelink import Backend, BrokerEndpoints
 from simzmq.limits import Limiter, LimitsConfig, LogThrottle, Verdict, pick_slow_consumers
 from simzmq.pushlog import PushLog
+from simzmq.web import web_routes
 from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN, CODECS, bin_newmsg_seq, peek_header
 from simzmq.wire.errors import ProtocolError, ShortPayload
@@ -1253,6 +1254,7 @@ class Gate:
             (r"/v1/history/([^/]+)", HistoryHandler),
             (r"/metrics", MetricsHandler),
             (r"/ws", WebSocketHandler, {}),
+            *web_routes(self),
         ], gate=self, websocket_max_message_size=self.max_frame, log_function=_log_http)
         self.http = app.listen(http_port, http_host, ssl_options=ssl_options, xheaders=cfg["behind_tls_proxy"])
         log.info("gate %s listening: clients tcp://%s:%d, http%s://%s:%d (health, history, metrics, ws); "
