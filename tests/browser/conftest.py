@@ -33,9 +33,10 @@ def chromium():
         browser.close()
 
 
-@pytest.fixture
-def region(tmp_path):
-    with Region(tmp_path / "data") as r:
+@pytest.fixture(scope="module")
+def region(tmp_path_factory):
+    """One region per test module: tests in a module use user names of their own."""
+    with Region(tmp_path_factory.mktemp("web") / "data") as r:
         yield r
 
 
