@@ -331,10 +331,10 @@ function bubble(m, status) {
   if (status) {
     const s = document.createElement("span");
     s.className = "status";
-    s.textContent = STATUS[status][0];
-    s.title = m.error ? `${STATUS[status][1]}: ${m.error}` : STATUS[status][1];
-    s.setAttribute("aria-label", s.title);
-    meta.append(" ", s);
+    const [symbol, label] = STATUS[status];
+    s.textContent = `${label} ${symbol}`;
+    if (m.error) s.title = m.error;
+    meta.append(meta.textContent ? " · " : "", s);
   }
   li.append(body, meta);
   if (m.error) {
