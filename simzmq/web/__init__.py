@@ -164,6 +164,7 @@ def web_routes(gate) -> list:
                 for name, package, _ in VENDOR_MODULES}
         page, csp = render_page(urls)
         problem = ""
+        log.info("web chat at / (library %s)", ", ".join(u.split("/")[2] for u in files))
     config = json.dumps({
         "gate_pk": public_key(gate.static_sk).hex(),
         "ws_path": "/ws",
