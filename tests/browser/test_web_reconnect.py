@@ -75,3 +75,31 @@ def test_killed_gate_loses_nothing_and_doubles_nothing(new_page, region):
         for text in texts:
             expect(bubble(page, text)).to_have_count(1)
         expect(page.locator(".msg")).to_have_count(len(texts))
+
+
+def test_reload_resends_what_was_not_acknowledged(new_page, region):
+    """A Send without its SendOk survives a reload of the page: the page
+    resends it, same cmid, once it is logged in again."""
+    kim, lee = new_page(), new_page()
+    register(kim, "kim", "kim-pass-1")
+    register(lee, "lee", "lee-pass-1")
+    open_chat(kim, "lee")
+    worker = region.pid("im-1")
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        send(kim, "written before the reload")
+        expect(bubble(kim, "written before the reload")).to_have_attribute("data-status", "pending")
+        kim.reload()  # the worker still sleeps: the token login waits for it
+        expect(kim.locator("#conn")).to_have_attribute("data-state", "connecting")
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    expect(kim.locator("#conn")).to_have_attribute("data-state", "online", timeout=SLOW)
+    open_chat(kim, "lee")
+    expect(bubble(kim, "written before the reload")).to_have_attribute("data-status", "sent", timeout=SLOW)
+    expect(bubble(lee, "written before the reload")).to_have_count(0)  # not open: in the list
+    expect(conv_entry(lee, "kim").locator(".badge")).to_have_text("1", timeout=SLOW)
+    lee.reload()
+    open_chat(lee, "kim")
+    expect(bubble(lee, "written before the reload")).to_have_count(1)
+    expect(bubble(kim, "written before the reload")).to_have_attribute("data-status", "read")
+    expect(kim.locator(".msg")).to_have_count(1)

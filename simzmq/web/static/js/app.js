@@ -1,7 +1,7 @@
 // The chat page: binds ChatClient to the DOM. User text only ever goes in
 // through textContent.
 import sodium from "libsodium-wrappers-sumo";
-import { ChatClient, RequestError, toHex, fromHex } from "./client.js";
+import { ChatClient, RequestError, SESSION_OVER_CODES, toHex, fromHex } from "./client.js";
 
 const $ = (id) => document.getElementById(id);
 const utf8 = new TextEncoder();
@@ -515,10 +515,16 @@ async function main() {
       await logIn(saved.user, { token: fromHex(saved.token) });
       return;
     } catch (e) {
+      if (!(e instanceof RequestError) || !SESSION_OVER_CODES.has(e.code)) {
+        // Unreachable or busy: the session is still good; keep trying it.
+        enterChat();
+        client.reconnect(e.message);
+        return;
+      }
       sessionStorage.removeItem(STORE);
       client = newClient();
       $("user").value = saved.user;
-      loginError(e instanceof RequestError ? "Your session has ended; log in again." : explain(e));
+      loginError("Your session has ended; log in again.");
     }
   }
   $("login-view").hidden = false;

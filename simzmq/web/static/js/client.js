@@ -12,6 +12,7 @@ const SENDOK_GAP_GRACE_MS = 300;
 const SYNC_LIMIT = 500;
 const NO_RECONNECT_KICKS = new Set([2, 5]); // replaced, abuse
 const RETRY_SEND_CODES = new Set([5, 7]); // rate_limited, unavailable
+export const SESSION_OVER_CODES = new Set([2, 4, 9]); // auth_failed, no_such_user, forbidden: a token login cannot succeed
 
 export const toHex = (b) => Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
 export const fromHex = (s) => Uint8Array.from(s.match(/../g) ?? [], (h) => parseInt(h, 16));
@@ -245,7 +246,7 @@ export class ChatClient extends EventTarget {
         await this.connectAndLogin();
         return;
       } catch (e) {
-        if (e instanceof RequestError && [2, 4, 9].includes(e.code)) {
+        if (e instanceof RequestError && SESSION_OVER_CODES.has(e.code)) {
           this.stop("your session has ended; log in again");
           return;
         }
