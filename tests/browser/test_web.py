@@ -76,10 +76,7 @@ def test_two_browser_users_chat_with_unread_counts_and_receipts(new_page):
 
 
 def test_browser_and_tcp_client_chat_both_ways(new_page, region):
-    carol = TcpUser(region, "carol", "carol-pass-1")
-    try:
-        carol.run(carol.client.register())
-        carol.run(carol.client.login())
+    with TcpUser(region, "carol", "carol-pass-1") as carol:
         dave = new_page()
         register(dave, "dave", "dave-pass-1")
         # browser -> TCP: a push, then a read receipt back.
@@ -99,8 +96,6 @@ def test_browser_and_tcp_client_chat_both_ways(new_page, region):
         carol.run(carol.client.send("dave", b"<img src=x onerror=alert(1)> <b>bold</b>"))
         expect(bubble(dave, "<b>bold</b>")).to_have_count(1)
         assert dave.locator(".msg img, .msg b").count() == 0
-    finally:
-        carol.close()
 
 
 def test_reload_keeps_the_session_and_history(new_page):
@@ -129,10 +124,7 @@ def test_reload_keeps_the_session_and_history(new_page):
 
 
 def test_history_scrolls_back(new_page, region):
-    frank = TcpUser(region, "frank", "frank-pass-1")
-    try:
-        frank.run(frank.client.register())
-        frank.run(frank.client.login())
+    with TcpUser(region, "frank", "frank-pass-1") as frank:
         grace = new_page()
         register(grace, "grace", "grace-pass-1")
         for i in range(70):
@@ -147,8 +139,6 @@ def test_history_scrolls_back(new_page, region):
         expect(bubble(grace, "line 00")).to_have_count(1)
         expect(grace.locator(".msg")).to_have_count(70)
         expect(grace.locator("#older")).to_be_hidden()
-    finally:
-        frank.close()
 
 
 def test_bad_input_shows_a_clear_message(new_page):

@@ -57,13 +57,26 @@ def conv_entry(page: Page, peer: str):
 
 
 class TcpUser:
-    """A simzmq.client.Client on its own event loop thread; calls block."""
+    """A simzmq.client.Client on its own event loop thread, registered and
+    logged in; calls block. Use it in a `with`."""
 
     def __init__(self, region, user: str, password: str):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.client = self.run(self._make(region, user, password))
+
+    def __enter__(self) -> "TcpUser":
+        try:
+            self.run(self.client.register())
+            self.run(self.client.login())
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     async def _make(self, region, user, password):
         return Client("127.0.0.1", region.gate_port, region.gate_pk, user, password, device="tcp")
