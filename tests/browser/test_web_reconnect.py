@@ -57,9 +57,9 @@ def test_killed_gate_loses_nothing_and_doubles_nothing(new_page, region):
     expect(bubble(alice, "sent while the worker sleeps")).to_have_attribute("data-status", "sent", timeout=SLOW)
 
     for page in (alice, bob):
+        expect(page.locator("#conn")).to_have_attribute("data-state", "online", timeout=SLOW)
         states = page.evaluate("window.seenStates")
         assert "reconnecting" in states and states[-1] == "online", states
-        expect(page.locator("#conn")).to_have_attribute("data-state", "online", timeout=SLOW)
     texts = ["before the crash", "sent to a frozen gate", "sent while the worker sleeps"]
     # Bob missed pushes while his connection was down: Sync fills the gap, once.
     open_chat(bob, "alice")
