@@ -21,8 +21,10 @@ PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1200, "height": 760}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium():
+    # Per module, not per session: Playwright's sync API keeps an event loop
+    # running on this thread while it is open, and later tests use asyncio.run.
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: bin/test installs Debian's chromium")
     from playwright.sync_api import sync_playwright
