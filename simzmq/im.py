@@ -211,13 +211,18 @@ class IMWorker:
 
     def _decode(self, req) -> Job | None:
         body = req.body
+        # A request that cannot be read is still answered (with an empty body
+        # the gate drops): the broker counts it against this worker's credit
+        # until a reply comes, so a silent drop would hold that credit forever.
         if len(body) != 2:
-            log.info("dropping an im request with %d body frames", len(body))
+            log.info("refusing an im request with %d body frames", len(body))
+            req.session.reply(req, [b""])
             return None
         try:
             corr, origin, payload = unpack_request(body[1])
         except EnvelopeError as exc:
-            log.info("dropping an im request: %s", exc)
+            log.info("refusing an im request: %s", exc)
+            req.session.reply(req, [b""])
             return None
         try:
             _, msg = BIN.decode(payload)
