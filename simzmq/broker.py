@@ -130,7 +130,7 @@ class _Service:
 def _framing_name(framing: mdp.Framing) -> str:
     if not framing.v2:
         return "7/MDP"
-    return "18/MDP" if framing.delimited else "18/MDP without the empty first frame"
+    return "18/MDP" + ("" if framing.delimited else " without the empty first frame")
 
 
 def rendezvous_score(key: bytes, identity: bytes) -> bytes:
@@ -413,7 +413,7 @@ class BrokerCore:
             code = mdp.MMI_FOUND
         else:
             code = mdp.MMI_NOT_IMPLEMENTED
-        out.append((FRONTEND, [client, *mdp.client_reply_head(framing), service_name, code]))
+        out.append((FRONTEND, [client, *mdp.client_reply_head(framing, service_name), code]))
 
     def _enqueue(self, service: _Service, request: _Request) -> bool:
         if self._queued >= self.max_queued:
@@ -511,8 +511,8 @@ class BrokerCore:
             # in flight, holding its credit and its key's binding.
             if request.framing.v2:
                 self._packs.pop(pack_id, None)
-                out.append((FRONTEND, [request.client, *mdp.client_reply_head(request.framing, False),
-                                       request.service, *body]))
+                head = mdp.client_reply_head(request.framing, request.service, False)
+                out.append((FRONTEND, [request.client, *head, *body]))
             return
         self.replies_total += 1
         if request.batched and len(body) == 1:
@@ -523,8 +523,8 @@ class BrokerCore:
             pack.append(body[0])
         else:
             self._packs.pop(pack_id, None)
-            out.append((FRONTEND, [request.client, *mdp.client_reply_head(request.framing),
-                                   request.service, *body]))
+            out.append((FRONTEND, [request.client, *mdp.client_reply_head(request.framing, request.service),
+                                   *body]))
         service = self.services[worker.service]
         if service.keyed:
             binding = service.bindings.get(request.key)

@@ -110,10 +110,15 @@ class Framing(NamedTuple):
 
     v2: bool = False         # 18/MDP (MDPC02/MDPW02), else 7/MDP
     delimited: bool = True   # starts with an empty frame (always, for 7/MDP)
+    # An 18/MDP client numbering its commands as majortomo 0.2.0 does: with
+    # the worker's numbers (REQUEST 0x02, PARTIAL 0x03, FINAL 0x04, where spec
+    # 18 has 0x01, 0x02, 0x03 for a client) and replies without the service
+    # frame, as majortomo's own broker sends them.
+    majortomo: bool = False
 
 
 MDP1 = Framing()
-MDP2 = Framing(True, True)         # as majortomo sends it (a DEALER's delimiter first)
+MDP2 = Framing(True, True)         # a DEALER's empty frame first, as majortomo sends it
 MDP2_BARE = Framing(True, False)   # as spec 18 writes the commands
 
 
@@ -204,7 +209,11 @@ def parse_client_to_broker(frames: Sequence[bytes]) -> ClientRequest:
         rest = frames[2:] if framing.delimited else frames[1:]
         if len(rest) < 2:
             raise MDPError(TOO_FEW_FRAMES, f"MDPC02 message has {len(frames)} frames, needs a command and a service")
-        if rest[0] != C2_REQUEST:
+        # A client never sends PARTIAL, so spec 18's 0x02 PARTIAL coming in
+        # can only be majortomo's REQUEST.
+        if rest[0] == W2_REQUEST:
+            framing = framing._replace(majortomo=True)
+        elif rest[0] != C2_REQUEST:
             raise MDPError(UNKNOWN_COMMAND, f"MDPC02 client sent command {bytes(rest[0])[:4]!r}, not REQUEST")
         service, body = _parse_client([b"", C_CLIENT, *rest[1:]])
         return ClientRequest(framing, False, service, body)
@@ -214,18 +223,17 @@ def parse_client_to_broker(frames: Sequence[bytes]) -> ClientRequest:
     return ClientRequest(MDP1, batched, service, body)
 
 
-_CLIENT_HEADS = {
-    (MDP1, True): (b"", C_CLIENT),
-    (MDP2, True): (b"", C_CLIENT_V2, C2_FINAL),
-    (MDP2, False): (b"", C_CLIENT_V2, C2_PARTIAL),
-    (MDP2_BARE, True): (C_CLIENT_V2, C2_FINAL),
-    (MDP2_BARE, False): (C_CLIENT_V2, C2_PARTIAL),
-}
-
-
-def client_reply_head(framing: Framing, final: bool = True) -> tuple[bytes, ...]:
-    """The frames of a reply to a client before its service frame."""
-    return _CLIENT_HEADS[framing, final or not framing.v2]
+def client_reply_head(framing: Framing, service: bytes, final: bool = True) -> tuple[bytes, ...]:
+    """The frames of a reply to a client before its body, in the framing its
+    request came in: 7/MDP's one reply, or an 18/MDP PARTIAL (``final``
+    false; a 7/MDP client gets no parts) or FINAL."""
+    if not framing.v2:
+        return (b"", C_CLIENT, service)
+    if framing.majortomo:
+        head: tuple[bytes, ...] = (C_CLIENT_V2, W2_FINAL if final else W2_PARTIAL)
+    else:
+        head = (C_CLIENT_V2, C2_FINAL if final else C2_PARTIAL, service)
+    return (b"", *head) if framing.delimited else head
 
 
 def _header(frames: Sequence[bytes]) -> tuple[Framing, bytes]:

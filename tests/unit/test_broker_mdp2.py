@@ -167,6 +167,19 @@ def test_unknown_v2_worker_is_told_to_disconnect_in_its_framing():
                                   (BACKEND, [b"w4", b"", b"MDPW01", b"\x05"])]
 
 
+def test_majortomo_numbering_is_answered_in_it():
+    """majortomo 0.2.0's client numbers its commands as the worker's (REQUEST
+    0x02, PARTIAL 0x03, FINAL 0x04) and reads replies without the service
+    frame, as majortomo's broker sends them."""
+    c = core()
+    ready2(c, b"w1")
+    (sent,) = sent_requests2(c.on_client(b"mt", [b"", b"MDPC02", b"\x02", b"echo", b"x"], 0.0))
+    assert answer2(c, b"w1", sent[1], [b"p"], final=False) == [(FRONTEND, [b"mt", b"", b"MDPC02", b"\x03", b"p"])]
+    assert answer2(c, b"w1", sent[1], [b"f"]) == [(FRONTEND, [b"mt", b"", b"MDPC02", b"\x04", b"f"])]
+    assert c.on_client(b"mt", [b"MDPC02", b"\x02", b"mmi.service", b"echo"], 0.0) == \
+        [(FRONTEND, [b"mt", b"MDPC02", b"\x04", b"200"])]
+
+
 @pytest.mark.parametrize("framing", [DELIMITED, BARE])
 def test_mmi_over_v2(framing):
     c = core()
@@ -210,8 +223,8 @@ def test_a_worker_keeps_the_framing_of_its_ready():
 @pytest.mark.parametrize("frames", [
     [b"", b"MDPC02"],
     [b"", b"MDPC02", b"\x01"],                   # no service
-    [b"", b"MDPC02", b"\x02", b"echo", b"x"],    # PARTIAL is broker → client only
-    [b"", b"MDPC02", b"\x03", b"echo", b"x"],
+    [b"", b"MDPC02", b"\x03", b"echo", b"x"],    # FINAL (PARTIAL for majortomo) is broker → client only
+    [b"", b"MDPC02", b"\x04", b"echo", b"x"],
     [b"", b"MDPC02", b"\x01", b"", b"x"],        # empty service name
     [b"MDPC02"],
     [b"MDPC03", b"\x01", b"echo", b"x"],

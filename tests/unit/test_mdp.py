@@ -173,6 +173,9 @@ def test_client_to_broker_tells_the_framings_apart():
     assert mdp.parse_client_to_broker([b"", b"MDPC01", b"echo", b"x"]) == (mdp.MDP1, False, b"echo", [b"x"])
     assert mdp.parse_client_to_broker([b"", b"MDPC02", b"\x01", b"echo", b"x"]) == (mdp.MDP2, False, b"echo", [b"x"])
     assert mdp.parse_client_to_broker([b"MDPC02", b"\x01", b"echo"]) == (mdp.MDP2_BARE, False, b"echo", [])
+    # majortomo 0.2.0 sends REQUEST as 0x02 (spec 18's PARTIAL, which no client sends).
+    majortomo = mdp.parse_client_to_broker([b"", b"MDPC02", b"\x02", b"echo", b"x"])
+    assert majortomo == (mdp.Framing(True, True, True), False, b"echo", [b"x"])
     batch = mdp.parse_client_to_broker(mdp.build_client_batch(b"im", [(b"k", b"v")]))
     assert batch == (mdp.MDP1, True, b"im", [b"k", b"v"])
 
@@ -193,9 +196,13 @@ def test_broker_heads_in_each_framing():
     assert mdp.worker_command_head(mdp.MDP1, mdp.REQUEST) == (b"", b"MDPW01", b"\x02")
     assert mdp.worker_command_head(mdp.MDP2, mdp.HEARTBEAT) == (b"", b"MDPW02", b"\x05")
     assert mdp.worker_command_head(mdp.MDP2_BARE, mdp.DISCONNECT) == (b"MDPW02", b"\x06")
-    assert mdp.client_reply_head(mdp.MDP1, False) == (b"", b"MDPC01")  # 7/MDP has no parts
-    assert mdp.client_reply_head(mdp.MDP2, False) == (b"", b"MDPC02", b"\x02")
-    assert mdp.client_reply_head(mdp.MDP2_BARE) == (b"MDPC02", b"\x03")
+    assert mdp.client_reply_head(mdp.MDP1, b"s", False) == (b"", b"MDPC01", b"s")  # 7/MDP has no parts
+    assert mdp.client_reply_head(mdp.MDP2, b"s", False) == (b"", b"MDPC02", b"\x02", b"s")
+    assert mdp.client_reply_head(mdp.MDP2_BARE, b"s") == (b"MDPC02", b"\x03", b"s")
+    # majortomo's numbering (the worker's), and no service frame, as its broker answers.
+    majortomo = mdp.MDP2._replace(majortomo=True)
+    assert mdp.client_reply_head(majortomo, b"s", False) == (b"", b"MDPC02", b"\x03")
+    assert mdp.client_reply_head(majortomo, b"s") == (b"", b"MDPC02", b"\x04")
 
 
 @pytest.mark.parametrize("frames, reason", [
