@@ -245,8 +245,10 @@ def _header(frames: Sequence[bytes]) -> tuple[Framing, bytes]:
         return (MDP2 if frames[1] in (C_CLIENT_V2, W_WORKER_V2) else MDP1), frames[1]
     if frames[0] in (C_CLIENT_V2, W_WORKER_V2):
         return MDP2_BARE, frames[0]
+    if frames[0] in (C_CLIENT, C_BATCH, W_WORKER):
+        raise MDPError(NO_DELIMITER, f"7/MDP needs an empty frame before {bytes(frames[0])!r}")
     if frames[1] in (C_CLIENT, C_BATCH, W_WORKER):
-        raise MDPError(NO_DELIMITER, f"first frame of {len(frames[0])} bytes before {bytes(frames[1])!r}")
+        raise MDPError(NO_DELIMITER, f"a frame of {len(frames[0])} bytes before {bytes(frames[1])!r}")
     raise MDPError(WRONG_HEADER, f"no Majordomo protocol frame in {bytes(frames[0])[:16]!r}")
 
 

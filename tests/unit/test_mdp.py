@@ -208,6 +208,7 @@ def test_broker_heads_in_each_framing():
 @pytest.mark.parametrize("frames, reason", [
     ([b""], mdp.TOO_FEW_FRAMES),
     ([b"x", b"MDPC01", b"im"], mdp.NO_DELIMITER),
+    ([b"MDPC01", b"im", b"body"], mdp.NO_DELIMITER),
     ([b"", b"MDPC07", b"im"], mdp.WRONG_HEADER),
     ([b"", b"MDPC02", b"\x09", b"im"], mdp.UNKNOWN_COMMAND),
     ([b"", b"MDPC02", b"\x01", b""], mdp.BAD_SERVICE),
