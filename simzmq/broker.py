@@ -99,6 +99,8 @@ class _Worker:
         # The Majordomo of its READY: everything it is sent is in it, and
         # anything it sends in another is dropped.
         self.framing = framing
+        # Made once per worker; the heartbeat message is sent as it is (the
+        # shell never changes a message it sends).
         self.request_head = [identity, *mdp.worker_command_head(framing, mdp.REQUEST)]
         self.heartbeat = [identity, *mdp.worker_command_head(framing, mdp.HEARTBEAT)]
         self.in_flight: dict[int, _Request] = {}  # rid -> request, in dispatch order

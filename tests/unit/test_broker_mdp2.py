@@ -63,6 +63,7 @@ def test_v2_round_trip_with_partials_as_majortomo_frames_it():
     # After the FINAL the request is complete: a late part of it goes nowhere.
     assert answer2(c, b"w1", address, [b"late"], final=False) == []
     assert answer2(c, b"w1", address, [b"late"]) == []
+    assert c.malformed_total == 0  # late, not malformed: logged only
 
 
 def test_v2_bare_framing_is_answered_bare():
