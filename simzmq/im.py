@@ -246,8 +246,19 @@ class IMWorker:
                 waiting.append(job)
             else:
                 ready.append(job)
-        outcomes, hashes = commit_batch(store, service, [IMRequest(j.key, j.origin, j.msg, j.prepared) for j in ready],
-                                        now_ms, [j.msg.user for j in waiting])
+        try:
+            outcomes, hashes = commit_batch(store, service,
+                                            [IMRequest(j.key, j.origin, j.msg, j.prepared) for j in ready],
+                                            now_ms, [j.msg.user for j in waiting])
+        except Exception as exc:
+            # BEGIN, COMMIT or a password-hash read failed (a store locked
+            # past busy_timeout, a lost Postgres connection): nothing of the
+            # batch was committed, so every request may be retried. Answer
+            # them all rather than let the worker die with the batch.
+            log.error("a batch of %d requests was not committed: %s", len(jobs), exc,
+                      exc_info=not isinstance(exc, StoreBusy))
+            ready, waiting = ready + waiting, []
+            outcomes, hashes = [error(ErrorCode.UNAVAILABLE, "the store is unavailable; retry")] * len(ready), []
         answered: list[tuple[Job, Outcome]] = list(zip(ready, outcomes))
         # For Register, the stored hash if the user exists: a Register the
         # broker delivered twice (its worker died) must answer Ok again.
