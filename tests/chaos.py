@@ -281,15 +281,15 @@ def _gate_ports(gates: int) -> tuple[int, int]:
 
 def _start_region(data_dir: Path, cfg: ChaosConfig) -> Region:
     # Every test user registers from 127.0.0.1: lift the per-address Register
-    # limit, which is there against one address creating accounts in bulk.
+    # limit, which is there against one address creating accounts in bulk,
+    # and the per-user one, which would refuse the harness's retries of a
+    # Register that timed out (_register).
     region = Region(data_dir, workers=cfg.workers, gates=cfg.gates,
                     extra_env={"SIMZMQ_GATE_LIMITS_REGISTERS_PER_ADDRESS_BURST": "1000",
-                               "SIMZMQ_GATE_LIMITS_REGISTERS_PER_ADDRESS_PER_MIN": "1000"})
-    gate_port, http_port = _gate_ports(cfg.gates)
-    argv = region.argv
-    argv[argv.index("--gate-port") + 1] = str(gate_port)
-    argv[argv.index("--http-port") + 1] = str(http_port)
-    region.gate_port, region.http_port = gate_port, http_port
+                               "SIMZMQ_GATE_LIMITS_REGISTERS_PER_ADDRESS_PER_MIN": "1000",
+                               "SIMZMQ_GATE_LIMITS_REGISTERS_PER_USER_BURST": "1000",
+                               "SIMZMQ_GATE_LIMITS_REGISTERS_PER_USER_PER_MIN": "1000"},
+                    client_ports=lambda: _gate_ports(cfg.gates))
     region.start()
     # Region.start waits for gate-1 only.
     deadline = time.monotonic() + 30
@@ -323,7 +323,7 @@ def _run_in_region(region: Region, cfg: ChaosConfig) -> dict:
         victim = "gate-1"
     else:
         raise ValueError(f"unknown victim {cfg.victim!r}")
-    run = asyncio.run(asyncio.wait_for(_load(region, cfg, victim), 120))
+    run = asyncio.run(asyncio.wait_for(_load(region, cfg, victim), 240))
     after: dict = {"victim": victim, "victim_pid": run["victim_pid"]}
     # The supervisor restarts the victim: wait for its new pid file.
     deadline = time.monotonic() + 15
@@ -461,36 +461,42 @@ async def _load(region: Region, cfg: ChaosConfig, victim: str) -> dict:
             "load_stopped": load_stopped, "victim_pid": victim_pid}
 
 
-async def _register(client: Client) -> None:
-    """Register, retried while the back end answers ``unavailable`` (Argon2id
+REQUEST_RETRY_S = 60.0  # how long Register and Login are retried while the back end is unavailable
+
+
+async def _until_available(what: str, request) -> None:
+    """Await ``request()`` again while it answers ``unavailable`` (Argon2id
     hashing of many passwords at once on a busy 2-core machine can outlast
-    the gate's request timeout). ``exists`` counts as done: a Register
-    delivered twice (a worker taken for dead and its requests re-sent, or a
-    retry of one that did take effect) answers ``exists`` although this
-    client created the user; the password Login that follows proves the
-    account is ours."""
-    for attempt in range(5):
+    the gate's request timeout), for up to REQUEST_RETRY_S; any other error
+    is final."""
+    deadline = time.monotonic() + REQUEST_RETRY_S
+    while True:
         try:
-            await client.register()
-            return
+            return await request()
         except RequestError as exc:
-            if exc.code == ErrorCode.EXISTS:
-                print(f"register {client.user}: {exc} (attempt {attempt + 1}); the login decides")
-                return
-            if exc.code != ErrorCode.UNAVAILABLE or attempt == 4:
+            if exc.code != ErrorCode.UNAVAILABLE or time.monotonic() > deadline:
                 raise
-            print(f"register {client.user}: {exc}; retrying")
+            print(f"{what}: {exc}; retrying")
+            await asyncio.sleep(0.5)
+
+
+async def _register(client: Client) -> None:
+    """Register, retried while unavailable (the region lifts the per-user
+    Register limit for these retries). A retry of a Register that took effect
+    answers ``Ok`` or ``exists`` (protocol.md, Register: a client must rely on
+    neither; ``exists`` when the retry was checked while the first was still
+    being committed); the password Login that follows proves the account is
+    ours."""
+    try:
+        await _until_available(f"register {client.user}", client.register)
+    except RequestError as exc:
+        if exc.code != ErrorCode.EXISTS:
+            raise
+        print(f"register {client.user}: {exc}; the login decides")
 
 
 async def _login(client: Client) -> None:
-    for attempt in range(5):
-        try:
-            await client.login()
-            return
-        except RequestError as exc:
-            if exc.code != ErrorCode.UNAVAILABLE or attempt == 4:
-                raise
-            print(f"login {client.user}: {exc}; retrying")
+    await _until_available(f"login {client.user}", client.login)
 
 
 def _device_done(d: Device, inbox: list[m.Msg]) -> bool:

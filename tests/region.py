@@ -13,7 +13,17 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from simzmq import supervise
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class RegionFailed(RuntimeError):
+    """The region did not come up; ``log`` is what it logged meanwhile."""
+
+    def __init__(self, message: str, log: str):
+        super().__init__(message)
+        self.log = log
 
 
 def free_ports(n: int) -> list[int]:
@@ -32,49 +42,80 @@ class Region:
     """A running `simzmq up` with its own data directory and ports."""
 
     def __init__(self, data_dir: Path, workers: int = 1, gates: int = 1, extra_env: dict | None = None,
-                 store: str | None = None):
+                 store: str | None = None, client_ports=None):
+        """``client_ports``: a function returning (gate port, HTTP port), for
+        a test that picks them itself; called again if the region is started
+        again on new ports."""
         self.data_dir = Path(data_dir)
-        ports = free_ports(16)
-        self.gate_port, self.http_port = ports[0], ports[1]
-        # Gates N>1 take port+N-1; keep those free by spacing: only one gate by default.
+        self.client_ports = client_ports
         env = dict(os.environ)
         env.pop("SIMZMQ_CONFIG", None)
+        # im-N serves metrics on this + N - 1; only one worker gets a port
+        # known to be free, the others go without metrics in tests.
+        self.workers = workers
+        if store:
+            env["SIMZMQ_IM_STORE"] = store
+        self.extra_env = dict(extra_env or {})
+        self.env = env
+        self.argv = [sys.executable, "-m", "simzmq", "up", "--data", str(self.data_dir),
+                     "--gate-port", "0", "--http-port", "0",
+                     "--workers", str(workers), "--gates", str(gates)]
+        self._pick_ports()
+        self.log_path = self.data_dir.parent / (self.data_dir.name + ".log")
+        self.proc: subprocess.Popen | None = None
+        # Run in the child before `simzmq up` starts (e.g. lower a resource limit).
+        self.preexec = None
+
+    def _pick_ports(self) -> None:
+        ports = free_ports(16)
+        self.gate_port, self.http_port = self.client_ports() if self.client_ports else (ports[0], ports[1])
+        # Gates N>1 take port+N-1; keep those free by spacing: only one gate by default.
+        env = self.env
         names = ["FRONTEND", "BACKEND", "NOTIFY_IN", "NOTIFY_OUT", "STATE"]
         for i, name in enumerate(names):
             env[f"SIMZMQ_BROKER_PRIMARY_{name}"] = f"tcp://127.0.0.1:{ports[2 + i]}"
             env[f"SIMZMQ_BROKER_BACKUP_{name}"] = f"tcp://127.0.0.1:{ports[7 + i]}"
         env["SIMZMQ_BROKER_PRIMARY_METRICS_PORT"] = str(ports[12])
         env["SIMZMQ_BROKER_BACKUP_METRICS_PORT"] = str(ports[13])
-        # im-N serves metrics on this + N - 1; only one worker gets a port
-        # known to be free, the others go without metrics in tests.
-        self.im_metrics_port = ports[14] if workers == 1 else 0
+        self.im_metrics_port = ports[14] if self.workers == 1 else 0
         env["SIMZMQ_IM_METRICS_PORT"] = str(self.im_metrics_port)
-        if store:
-            env["SIMZMQ_IM_STORE"] = store
-        env.update(extra_env or {})
-        self.env = env
-        self.argv = [sys.executable, "-m", "simzmq", "up", "--data", str(self.data_dir),
-                     "--gate-port", str(self.gate_port), "--http-port", str(self.http_port),
-                     "--workers", str(workers), "--gates", str(gates)]
-        self.log_path = self.data_dir.parent / (self.data_dir.name + ".log")
-        self.proc: subprocess.Popen | None = None
-        # Run in the child before `simzmq up` starts (e.g. lower a resource limit).
-        self.preexec = None
+        env.update(self.extra_env)
+        argv = self.argv
+        argv[argv.index("--gate-port") + 1] = str(self.gate_port)
+        argv[argv.index("--http-port") + 1] = str(self.http_port)
 
     def start(self, timeout: float = 30.0) -> "Region":
+        """Start and wait until the region is up. A start that fails is
+        stopped with everything it started; one that failed because a port
+        picked as free was taken meanwhile is tried again once on new ports."""
+        try:
+            return self._start_once(timeout)
+        except RegionFailed as exc:
+            if "Address already in use" not in exc.log:
+                raise
+        self._pick_ports()
+        return self._start_once(timeout)
+
+    def _start_once(self, timeout: float) -> "Region":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "ab")
+        since = self.log.tell()
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=str(ROOT), preexec_fn=self.preexec)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"simzmq up exited: {self.read_log()[-3000:]}")
+                failure = "simzmq up exited"
+                break
             # `up` announces the region once every process is ready.
             if self.health() == 200 and "simzmq region up" in self.read_log():
                 return self
             time.sleep(0.1)
-        raise RuntimeError(f"region did not become healthy: {self.read_log()[-3000:]}")
+        else:
+            failure = "region did not become healthy"
+        self.stop()
+        log = self.read_log()[since:]
+        raise RegionFailed(f"{failure}: {log[-3000:]}", log)
 
     @property
     def gate_pk(self) -> bytes:
@@ -122,6 +163,13 @@ class Region:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+        # What `up` could not stop (it was killed): stop it here, so that no
+        # process outlives its test.
+        for name, pid in supervise.live_processes(self.data_dir / "run").items():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         return self.proc.returncode
 
     def __enter__(self):
