@@ -84,7 +84,7 @@ class Region:
         argv[argv.index("--gate-port") + 1] = str(self.gate_port)
         argv[argv.index("--http-port") + 1] = str(self.http_port)
 
-    def start(self, timeout: float = 30.0) -> "Region":
+    def start(self, timeout: float = 120.0) -> "Region":
         """Start and wait until the region is up. A start that fails is
         stopped with everything it started; one that failed because a port
         picked as free was taken meanwhile is tried again once on new ports."""
