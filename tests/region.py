@@ -177,3 +177,16 @@ class Region:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def region_fixture(tmp_name: str, name: str = "region", **kwargs):
+    """A module-scoped pytest fixture called ``name``: a region (Region's
+    arguments) in a temporary directory named after ``tmp_name``, started for
+    the module's tests and stopped after them."""
+    import pytest
+
+    @pytest.fixture(scope="module", name=name)
+    def running_region(tmp_path_factory):
+        with Region(tmp_path_factory.mktemp(tmp_name) / "data", **kwargs) as region:
+            yield region
+    return running_region

@@ -15,18 +15,12 @@ from simzmq.wire.codec import BIN
 from simzmq.wire.handshake import ClientHandshake
 from simzmq.wire.messages import ErrorCode, KickCode
 from tests.rawclient import Closed, RawClient
-from tests.region import Region
+from tests.region import region_fixture
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def region(tmp_path_factory):
-    r = Region(tmp_path_factory.mktemp("bad") / "data",
-               extra_env={"SIMZMQ_GATE_HANDSHAKE_TIMEOUT_S": "2"})
-    r.start()
-    yield r
-    r.stop()
+region = region_fixture("bad", extra_env={"SIMZMQ_GATE_HANDSHAKE_TIMEOUT_S": "2"})
 
 
 @pytest.fixture(scope="module")

@@ -13,17 +13,12 @@ import pytest
 from simzmq.client import Client, Connection, RequestError
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode, KickCode
-from tests.region import Region
+from tests.region import region_fixture
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def region(tmp_path_factory):
-    r = Region(tmp_path_factory.mktemp("flows") / "data", gates=2)
-    r.start()
-    yield r
-    r.stop()
+region = region_fixture("flows", gates=2)
 
 
 def run(coro):

@@ -12,7 +12,7 @@ import pytest
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode, KickCode
 from tests.rawclient import RawClient
-from tests.region import Region
+from tests.region import region_fixture
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,12 +32,7 @@ class Tracked(RawClient):
         assert isinstance(self.request(m.Ping(ts_ms=7)), m.Pong)
 
 
-@pytest.fixture(scope="module")
-def region(tmp_path_factory):
-    r = Region(tmp_path_factory.mktemp("isolation") / "data")
-    r.start()
-    yield r
-    r.stop()
+region = region_fixture("isolation")
 
 
 SUFFIX = f"x{os.getpid()}"

@@ -26,7 +26,7 @@ from simzmq.wire.frames import encode_frame
 from simzmq.wire.handshake import ClientHandshake
 from simzmq.wire.messages import ErrorCode, KickCode
 from tests.rawclient import Closed, RawClient
-from tests.region import Region
+from tests.region import region_fixture
 
 LIMITS = {
     "TRUSTED_ADDRESSES": "",
@@ -44,14 +44,8 @@ LIMITS = {
 }
 
 
-@pytest.fixture(scope="module")
-def region(tmp_path_factory):
-    env = {f"SIMZMQ_GATE_LIMITS_{k}": v for k, v in LIMITS.items()}
-    env["SIMZMQ_GATE_MAX_OUTBOUND_BYTES"] = str(256 * 1024)
-    r = Region(tmp_path_factory.mktemp("limits") / "data", extra_env=env)
-    r.start()
-    yield r
-    r.stop()
+region = region_fixture("limits", extra_env={**{f"SIMZMQ_GATE_LIMITS_{k}": v for k, v in LIMITS.items()},
+                                              "SIMZMQ_GATE_MAX_OUTBOUND_BYTES": str(256 * 1024)})
 
 
 _source = [10]
@@ -443,12 +437,7 @@ def test_limit_logging_is_itself_limited(region):
 # --- idle -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def idle_region(tmp_path_factory):
-    r = Region(tmp_path_factory.mktemp("idle") / "data", extra_env={"SIMZMQ_GATE_IDLE_TIMEOUT_S": "2"})
-    r.start()
-    yield r
-    r.stop()
+idle_region = region_fixture("idle", name="idle_region", extra_env={"SIMZMQ_GATE_IDLE_TIMEOUT_S": "2"})
 
 
 @pytest.mark.timeout(60)
@@ -489,22 +478,17 @@ OUTBOUND_BUDGET = 32 * 1024 * 1024
 RSS_GROWTH_BOUND_MB = 200
 
 
-@pytest.fixture(scope="module")
-def crowd_region(tmp_path_factory):
-    # Ten users with a hundred devices each; the limits are the defaults but
-    # smaller, so a flooder is over them within a few hundred frames and the
-    # test stays short (the defaults behave the same, scaled up).
-    env = {"SIMZMQ_GATE_LIMITS_MAX_SESSIONS_PER_USER": "100",
-           "SIMZMQ_GATE_LIMITS_REQUESTS_BURST": "50", "SIMZMQ_GATE_LIMITS_REQUESTS_PER_S": "10",
-           "SIMZMQ_GATE_LIMITS_SENDS_BURST": "50", "SIMZMQ_GATE_LIMITS_SENDS_PER_S": "10",
-           "SIMZMQ_GATE_LIMITS_MAX_OUTBOUND_TOTAL_BYTES": str(OUTBOUND_BUDGET),
-           "SIMZMQ_GATE_MAX_OUTBOUND_BYTES": str(256 * 1024),
-           # The setup asks again when a Register times out under load.
-           "SIMZMQ_GATE_LIMITS_REGISTERS_PER_USER_BURST": "1000"}
-    r = Region(tmp_path_factory.mktemp("crowd") / "data", extra_env=env)
-    r.start()
-    yield r
-    r.stop()
+# Ten users with a hundred devices each; the limits are the defaults but
+# smaller, so a flooder is over them within a few hundred frames and the
+# test stays short (the defaults behave the same, scaled up).
+crowd_region = region_fixture("crowd", name="crowd_region", extra_env={
+    "SIMZMQ_GATE_LIMITS_MAX_SESSIONS_PER_USER": "100",
+    "SIMZMQ_GATE_LIMITS_REQUESTS_BURST": "50", "SIMZMQ_GATE_LIMITS_REQUESTS_PER_S": "10",
+    "SIMZMQ_GATE_LIMITS_SENDS_BURST": "50", "SIMZMQ_GATE_LIMITS_SENDS_PER_S": "10",
+    "SIMZMQ_GATE_LIMITS_MAX_OUTBOUND_TOTAL_BYTES": str(OUTBOUND_BUDGET),
+    "SIMZMQ_GATE_MAX_OUTBOUND_BYTES": str(256 * 1024),
+    # The setup asks again when a Register times out under load.
+    "SIMZMQ_GATE_LIMITS_REGISTERS_PER_USER_BURST": "1000"})
 
 
 def health(region) -> dict:
@@ -666,14 +650,9 @@ def test_thousand_clients_flood_and_never_read(crowd_region):
 
 # --- a client that asks and does not read ----------------------------------------------------
 
-@pytest.fixture(scope="module")
-def pause_region(tmp_path_factory):
-    env = {"SIMZMQ_GATE_LIMITS_TRUSTED_ADDRESSES": "", "SIMZMQ_GATE_LIMITS_MAX_PENDING_REQUESTS": "4",
-           "SIMZMQ_GATE_LIMITS_PAUSE_READING_BYTES": str(64 * 1024), "SIMZMQ_GATE_IDLE_TIMEOUT_S": "6"}
-    r = Region(tmp_path_factory.mktemp("pause") / "data", extra_env=env)
-    r.start()
-    yield r
-    r.stop()
+pause_region = region_fixture("pause", name="pause_region", extra_env={
+    "SIMZMQ_GATE_LIMITS_TRUSTED_ADDRESSES": "", "SIMZMQ_GATE_LIMITS_MAX_PENDING_REQUESTS": "4",
+    "SIMZMQ_GATE_LIMITS_PAUSE_READING_BYTES": str(64 * 1024), "SIMZMQ_GATE_IDLE_TIMEOUT_S": "6"})
 
 
 BEHIND = 'simzmq_gate_backpressure_total{why="behind"}'

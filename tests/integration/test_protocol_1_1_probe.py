@@ -10,7 +10,7 @@ import pytest
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode
 from tests.rawclient import RawClient
-from tests.region import Region
+from tests.region import region_fixture
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,12 +31,7 @@ REQUESTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def region(tmp_path_factory):
-    r = Region(tmp_path_factory.mktemp("probe") / "data")
-    r.start()
-    yield r
-    r.stop()
+region = region_fixture("probe")
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from simzmq.client import Connection, RequestError
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode
 from tests.rawclient import RawClient
-from tests.region import Region
+from tests.region import region_fixture
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -48,15 +48,10 @@ ATTACKS = set(os.environ.get("SIMZMQ_ATTACKS", "flood,never_read,garbage,brute_f
 ATTACK_NICE = int(os.environ.get("SIMZMQ_ATTACK_NICE", "19"))
 
 
-@pytest.fixture(scope="module")
-def region(tmp_path_factory):
-    # The setup's Registers are asked again when they time out under load
-    # (register): the per-user Register limit would refuse the repeats.
-    env = {"SIMZMQ_GATE_LIMITS_MAX_SESSIONS_PER_USER": "40", "SIMZMQ_GATE_LIMITS_REGISTERS_PER_USER_BURST": "1000"}
-    r = Region(tmp_path_factory.mktemp("attack") / "data", extra_env=env)
-    r.start()
-    yield r
-    r.stop()
+# The setup's Registers are asked again when they time out under load
+# (register): the per-user Register limit would refuse the repeats.
+region = region_fixture("attack", extra_env={"SIMZMQ_GATE_LIMITS_MAX_SESSIONS_PER_USER": "40",
+                                             "SIMZMQ_GATE_LIMITS_REGISTERS_PER_USER_BURST": "1000"})
 
 
 def register(region, names):
