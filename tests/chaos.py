@@ -68,7 +68,7 @@ from simzmq import bus
 from simzmq.client import Client, Connection, RequestError
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode
-from tests.region import Region
+from tests.region import Region, until_available
 
 SYNC_LIMIT = 500
 
@@ -461,34 +461,16 @@ async def _load(region: Region, cfg: ChaosConfig, victim: str) -> dict:
             "load_stopped": load_stopped, "victim_pid": victim_pid}
 
 
-REQUEST_RETRY_S = 60.0  # how long Register and Login are retried while the back end is unavailable
-
-
-async def _until_available(what: str, request) -> None:
-    """Await ``request()`` again while it answers ``unavailable`` (Argon2id
-    hashing of many passwords at once on a busy 2-core machine can outlast
-    the gate's request timeout), for up to REQUEST_RETRY_S; any other error
-    is final."""
-    deadline = time.monotonic() + REQUEST_RETRY_S
-    while True:
-        try:
-            return await request()
-        except RequestError as exc:
-            if exc.code != ErrorCode.UNAVAILABLE or time.monotonic() > deadline:
-                raise
-            print(f"{what}: {exc}; retrying")
-            await asyncio.sleep(0.5)
-
-
 async def _register(client: Client) -> None:
-    """Register, retried while unavailable (the region lifts the per-user
-    Register limit for these retries). A retry of a Register that took effect
+    """Register, retried while unavailable (Argon2id hashing of many
+    passwords at once on a busy 2-core machine can outlast the gate's request
+    timeout; the region lifts the per-user Register limit for these retries). A retry of a Register that took effect
     answers ``Ok`` or ``exists`` (protocol.md, Register: a client must rely on
     neither; ``exists`` when the retry was checked while the first was still
     being committed); the password Login that follows proves the account is
     ours."""
     try:
-        await _until_available(f"register {client.user}", client.register)
+        await until_available(client.register)
     except RequestError as exc:
         if exc.code != ErrorCode.EXISTS:
             raise
@@ -496,7 +478,7 @@ async def _register(client: Client) -> None:
 
 
 async def _login(client: Client) -> None:
-    await _until_available(f"login {client.user}", client.login)
+    await until_available(client.login)
 
 
 def _device_done(d: Device, inbox: list[m.Msg]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -190,3 +191,20 @@ def region_fixture(tmp_name: str, name: str = "region", **kwargs):
         with Region(tmp_path_factory.mktemp(tmp_name) / "data", **kwargs) as region:
             yield region
     return running_region
+
+
+async def until_available(request, within: float = 60.0):
+    """``await request()``, again while the gate answers ``unavailable`` (the
+    back end did not answer within the gate's request timeout, as happens on
+    a loaded machine), for up to ``within`` seconds: the asyncio twin of
+    ``RawClient.served``, for requests that may be repeated."""
+    from simzmq.client import RequestError
+    from simzmq.wire.messages import ErrorCode
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await request()
+        except RequestError as exc:
+            if exc.code != ErrorCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.5)

@@ -13,7 +13,7 @@ import pytest
 from simzmq.client import Client, Connection, RequestError
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode, KickCode
-from tests.region import region_fixture
+from tests.region import region_fixture, until_available
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,8 +37,8 @@ async def user(region, name, device="", codecs=(1, 2), port=None, register=True)
     c = Client("127.0.0.1", port or region.gate_port, region.gate_pk, name, password="pw-" + name,
                device=device, codecs=codecs)
     if register:
-        await c.register()
-    await c.login()
+        await until_available(c.register)
+    await until_available(c.login)
     return c
 
 

@@ -444,8 +444,8 @@ idle_region = region_fixture("idle", name="idle_region", extra_env={"SIMZMQ_GATE
 def test_silent_logged_in_connection_is_kicked_idle(idle_region):
     silent = RawClient(idle_region.gate_port, idle_region.gate_pk)
     assert silent.ready.idle_timeout_s == 2
-    assert isinstance(silent.request(m.Register(user="quiet", password="pw")), m.Ok)
-    assert isinstance(silent.request(m.Login(user="quiet", password="pw", token=b"", device="")), m.LoginOk)
+    assert isinstance(silent.served(m.Register(user="quiet", password="pw")), m.Ok)
+    assert isinstance(silent.served(m.Login(user="quiet", password="pw", token=b"", device="")), m.LoginOk)
     chatty = RawClient(idle_region.gate_port, idle_region.gate_pk)
     stop = threading.Event()
 

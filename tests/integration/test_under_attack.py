@@ -26,9 +26,8 @@ import pytest
 from simzmq.bench import machine_report, read_pid_files, sample_all
 from simzmq.client import Connection, RequestError
 from simzmq.wire import messages as m
-from simzmq.wire.messages import ErrorCode
 from tests.rawclient import RawClient
-from tests.region import region_fixture
+from tests.region import region_fixture, until_available
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -172,18 +171,6 @@ def attack(port, pk, flood_tokens, deaf_tokens, victim, stop, report):
 
 # --- the well-behaved load --------------------------------------------------------
 
-async def served(conn, msg, within=60.0):
-    """conn.request(msg), asked again while the gate answers unavailable (a
-    loaded machine; see RawClient.served)."""
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            return await conn.request(msg)
-        except RequestError as exc:
-            if exc.code != ErrorCode.UNAVAILABLE or time.monotonic() > deadline:
-                raise
-        await asyncio.sleep(0.5)
-
 
 async def steady_load(region, tokens, phase_s):
     """Device 0 of user i sends to user i+1 at RATE_PER_SENDER; every device
@@ -207,7 +194,8 @@ async def steady_load(region, tokens, phase_s):
         conn = await Connection.open("127.0.0.1", region.gate_port, region.gate_pk, ping_interval=None,
                                      on_push=on_push_for(name) if d == 0 else (lambda push: None),
                                      source_address=GOOD_ADDRESS.format(names.index(name) + 1))
-        await served(conn, m.Login(user=name, password="", token=tokens[name], device=f"d{d}"))
+        await until_available(lambda: conn.request(m.Login(user=name, password="", token=tokens[name],
+                                                           device=f"d{d}")))
         conns[(name, d)] = conn
     t0 = time.monotonic()
     for d in range(DEVICES):
@@ -243,7 +231,7 @@ async def steady_load(region, tokens, phase_s):
     # Everything from the store too: nothing lost, nothing twice.
     stored = {}
     for name in names:
-        batch = await served(conns[(name, 0)], m.Sync(since=0, limit=0))
+        batch = await until_available(lambda: conns[(name, 0)].request(m.Sync(since=0, limit=0)))
         stored[name] = [x.cmid for x in batch.msgs if x.to == name and x.sender != name]
     for conn in conns.values():
         conn.close()
