@@ -54,9 +54,7 @@ import asyncio
 import itertools
 import json
 import os
-import random
 import signal
-import socket
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -253,32 +251,6 @@ class ChaosConfig:
     settle_s: float = 10.0
 
 
-def _bindable(port: int) -> bool:
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-def _gate_ports(gates: int) -> tuple[int, int]:
-    """A client port and an HTTP port, each with the ``gates - 1`` ports above
-    it free too (gate-N listens on port + N - 1). Chosen below the kernel's
-    ephemeral range, so that no outgoing connection of this busy machine can
-    take one while a killed gate is being restarted on it."""
-    found: list[int] = []
-    rng = random.Random()
-    while len(found) < 2:
-        base = rng.randrange(20000, 32000 - gates)
-        span = range(base, base + gates)
-        if all(_bindable(p) for p in span) and not any(p in range(f, f + gates) for f in found for p in span):
-            found.append(base)
-    return found[0], found[1]
-
-
 def _start_region(data_dir: Path, cfg: ChaosConfig) -> Region:
     # Every test user registers from 127.0.0.1: lift the per-address Register
     # limit, which is there against one address creating accounts in bulk,
@@ -288,8 +260,7 @@ def _start_region(data_dir: Path, cfg: ChaosConfig) -> Region:
                     extra_env={"SIMZMQ_GATE_LIMITS_REGISTERS_PER_ADDRESS_BURST": "1000",
                                "SIMZMQ_GATE_LIMITS_REGISTERS_PER_ADDRESS_PER_MIN": "1000",
                                "SIMZMQ_GATE_LIMITS_REGISTERS_PER_USER_BURST": "1000",
-                               "SIMZMQ_GATE_LIMITS_REGISTERS_PER_USER_PER_MIN": "1000"},
-                    client_ports=lambda: _gate_ports(cfg.gates))
+                               "SIMZMQ_GATE_LIMITS_REGISTERS_PER_USER_PER_MIN": "1000"})
     region.start()
     # Region.start waits for gate-1 only.
     deadline = time.monotonic() + 30

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -17,6 +18,32 @@ from pathlib import Path
 from simzmq import supervise
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def bindable(port: int) -> bool:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def gate_ports(gates: int) -> tuple[int, int]:
+    """A client port and an HTTP port, each with the ``gates - 1`` ports above
+    it free too (gate-N listens on port + N - 1). Chosen below the kernel's
+    ephemeral range, so that no outgoing connection of this busy machine can
+    take one while a killed gate is being restarted on it."""
+    found: list[int] = []
+    rng = random.Random()
+    while len(found) < 2:
+        base = rng.randrange(20000, 32000 - gates)
+        span = range(base, base + gates)
+        if all(bindable(p) for p in span) and not any(p in range(f, f + gates) for f in found for p in span):
+            found.append(base)
+    return found[0], found[1]
 
 
 class RegionFailed(RuntimeError):
@@ -43,12 +70,9 @@ class Region:
     """A running `simzmq up` with its own data directory and ports."""
 
     def __init__(self, data_dir: Path, workers: int = 1, gates: int = 1, extra_env: dict | None = None,
-                 store: str | None = None, client_ports=None):
-        """``client_ports``: a function returning (gate port, HTTP port), for
-        a test that picks them itself; called again if the region is started
-        again on new ports."""
+                 store: str | None = None):
         self.data_dir = Path(data_dir)
-        self.client_ports = client_ports
+        self.gates = gates
         env = dict(os.environ)
         env.pop("SIMZMQ_CONFIG", None)
         # im-N serves metrics on this + N - 1; only one worker gets a port
@@ -69,8 +93,9 @@ class Region:
 
     def _pick_ports(self) -> None:
         ports = free_ports(16)
-        self.gate_port, self.http_port = self.client_ports() if self.client_ports else (ports[0], ports[1])
-        # Gates N>1 take port+N-1; keep those free by spacing: only one gate by default.
+        # gate-N listens on the client and HTTP ports + N - 1: with more than
+        # one gate, ports whose neighbours are free too.
+        self.gate_port, self.http_port = gate_ports(self.gates) if self.gates > 1 else (ports[0], ports[1])
         env = self.env
         names = ["FRONTEND", "BACKEND", "NOTIFY_IN", "NOTIFY_OUT", "STATE"]
         for i, name in enumerate(names):
