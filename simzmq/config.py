@@ -35,7 +35,7 @@ DEFAULT_PORT_BASE = 7700
 # knobs of the test and benchmark tools (a region started from a shell where
 # one is set must not refuse to start).
 NOT_CONFIGURATION = frozenset({
-    "SIMZMQ_CONFIG", "SIMZMQ_TEST_PG_DSN", "SIMZMQ_FUZZ_EXAMPLES", "SIMZMQ_CHAOS_RESULTS",
+    "SIMZMQ_CONFIG", "SIMZMQ_TEST_PG_DSN", "SIMZMQ_TEST_STORE", "SIMZMQ_FUZZ_EXAMPLES", "SIMZMQ_CHAOS_RESULTS",
     "SIMZMQ_ATTACK_RESULTS", "SIMZMQ_ATTACK_USERS", "SIMZMQ_ATTACK_NICE", "SIMZMQ_ATTACKS",
 })
 

@@ -13,6 +13,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from tests.pg import region_store, regions_on_postgres
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,6 +51,9 @@ class Region:
         # known to be free, the others go without metrics in tests.
         self.im_metrics_port = ports[14] if workers == 1 else 0
         env["SIMZMQ_IM_METRICS_PORT"] = str(self.im_metrics_port)
+        if store is None and regions_on_postgres():
+            store = region_store()
+        self.store = store
         if store:
             env["SIMZMQ_IM_STORE"] = store
         env.update(extra_env or {})
