@@ -338,6 +338,8 @@ class RegionConfig:
     data: Path = setting(Text())
     metrics_host: str = setting(Host())
     port_base: int = setting(Int(1, 65535))
+    name: str = setting(Text())
+    peers: tuple[str, ...] = setting(Names())
 
 
 @dataclass(frozen=True)
