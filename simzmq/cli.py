@@ -424,7 +424,7 @@ def federate(ctx):
     setup_logging()
     cfg = load_config(ctx)
     logging.getLogger("simzmq.federation").info("federation: config %s", cfg.describe())
-    serve("federation", [], lambda: run_federation(cfg))
+    serve("federation", config_mod.federation_listeners(cfg), lambda: run_federation(cfg))
 
 
 def run_federation(cfg: config_mod.Config) -> None:
@@ -437,7 +437,8 @@ def run_federation(cfg: config_mod.Config) -> None:
         raise click.ClickException(str(exc)) from None
     configure_local = bus_client(cfg, "worker", "federation")
     fed.run(fed.FederationProcess(cfg.region.name, links, [b.primary.notify_in, b.backup.notify_in],
-                                  configure_peer, configure_local))
+                                  configure_peer, configure_local, cfg.region.federation_metrics_port or None,
+                                  cfg.region.metrics_host))
 
 
 # ---------------------------------------------------------------------------

@@ -46,6 +46,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple
 
+from prometheus_client import Counter
+
 from simzmq import keys as keys_mod
 from simzmq.envelope import EnvelopeError, pack_notices, unpack_notices, unpack_stamp
 from simzmq.linkcore import FEDERATION_RESYNC
@@ -62,6 +64,13 @@ RESYNC = FEDERATION_RESYNC  # the gates act on it (simzmq/linkcore.py)
 SETTLE_S = 1.0
 # Frames remembered to drop the second copy (from the other broker of a pair).
 REMEMBER = 65536
+
+
+FORWARDED_TOTAL = Counter("simzmq_federation_forwarded_total", "Peer notification frames brought into this region")
+DUPLICATES_TOTAL = Counter("simzmq_federation_duplicates_total",
+                           "Second copies (from the other broker of a peer pair) dropped")
+MARKED_TOTAL = Counter("simzmq_federation_marked_total", "Frames that had crossed once already, dropped")
+RESYNCS_TOTAL = Counter("simzmq_federation_resyncs_total", "Times the gates were asked to catch every group up")
 
 
 def group_topics() -> list[bytes]:
@@ -165,7 +174,7 @@ class FederationProcess:
     """The thin shell: one SUB per link, one PUB into the own brokers."""
 
     def __init__(self, region: str, links: list[Link], notify_ins: list[str], configure_peer=None,
-                 configure_local=None) -> None:
+                 configure_local=None, metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
         # configure_peer(sock, link): CURVE client of the peer's brokers;
         # configure_local(sock): CURVE client (worker role) of our own.
         self.core = FederationCore(region, links)
@@ -173,10 +182,23 @@ class FederationProcess:
         self.notify_ins = notify_ins
         self.configure_peer = configure_peer
         self.configure_local = configure_local
+        self.metrics_port = metrics_port
+        self.metrics_host = metrics_host
+        self.exported: dict = {}
         self.running = True
 
     def stop(self, *_):
         self.running = False
+
+    def _export(self) -> None:
+        """The core's counts, as they rose since the last call, into the counters."""
+        core = self.core
+        for counter, value in ((FORWARDED_TOTAL, core.forwarded), (DUPLICATES_TOTAL, core.duplicates),
+                               (MARKED_TOTAL, core.looped), (RESYNCS_TOTAL, core.resyncs)):
+            rise = value - self.exported.get(counter, 0)
+            if rise:
+                counter.inc(rise)
+                self.exported[counter] = value
 
     def run(self) -> None:
         import zmq
@@ -210,8 +232,12 @@ class FederationProcess:
             monitors.append(monitor)
             poller.register(sub, zmq.POLLIN)
             poller.register(monitor, zmq.POLLIN)
-        log.info("federation %s: from %s into %s", self.core.region.decode(),
-                 ", ".join(f"{l.region} {l.endpoint}" for l in self.links), ",".join(self.notify_ins))
+        if self.metrics_port:
+            from prometheus_client import start_http_server
+            start_http_server(self.metrics_port, self.metrics_host)
+        log.info("federation %s: from %s into %s, metrics %s", self.core.region.decode(),
+                 ", ".join(f"{l.region} {l.endpoint}" for l in self.links), ",".join(self.notify_ins),
+                 f"http://{self.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "off")
         try:
             while self.running:
                 due = self.core.next_due()
@@ -242,6 +268,7 @@ class FederationProcess:
                                 continue
                             for message in out:
                                 publish(message)
+                self._export()
                 resync = self.core.tick(now)
                 if resync:
                     log.info("a peer link may have lost notifications: the gates catch every group up")
