@@ -90,7 +90,7 @@ def raise_fd_limit() -> int:
 
 UP_FLAGS = {"region.data": "--data", "gate.port": "--gate-port", "gate.http_port": "--http-port",
             "im.workers": "--workers", "gate.gates": "--gates", "gate.allow_register": "--open-registration",
-            "region.port_base": "--port-base", "im.store": "--store"}
+            "region.port_base": "--port-base", "im.store": "--store", "region.name": "--region"}
 
 
 def region_children(cfg: config_mod.Config, env: dict, run_dir: Path) -> list:
@@ -104,6 +104,8 @@ def region_children(cfg: config_mod.Config, env: dict, run_dir: Path) -> list:
         port, http_port = config_mod.gate_ports(cfg, i)
         children.append(Child(f"gate-{i}", base + ["gate", "--name", f"gate-{i}", "--port", str(port),
                                                   "--http-port", str(http_port)], env, run_dir))
+    if cfg.region.peers:
+        children.append(Child("federation", base + ["federate"], env, run_dir))
     return children
 
 
@@ -133,8 +135,9 @@ IM_SERVICE = "im"
 @click.option("--store", default=None, help="The store: sqlite, sqlite:///PATH or postgresql://... (im.store).")
 @click.option("--open-registration/--closed-registration", default=None,
               help="Whether clients may Register (default: gate.allow_register).")
+@click.option("--region", "region_name", default=None, help="This region's name (region.name).")
 @click.pass_context
-def up(ctx, data, port_base, gate_port, http_port, workers, gates, store, open_registration):
+def up(ctx, data, port_base, gate_port, http_port, workers, gates, store, open_registration, region_name):
     """Start a whole region as supervised processes: brokers, IM workers, gates.
 
     Prints "region up" once a broker is active with every worker and every
@@ -143,7 +146,8 @@ def up(ctx, data, port_base, gate_port, http_port, workers, gates, store, open_r
     the region: gates, then workers, then brokers."""
     from simzmq import supervise
     setup_logging()
-    overrides = {"region": {"data": str(Path(data).resolve()) if data else None, "port_base": port_base},
+    overrides = {"region": {"data": str(Path(data).resolve()) if data else None, "port_base": port_base,
+                            "name": region_name},
                  "gate": {"port": gate_port, "http_port": http_port, "gates": gates,
                           "allow_register": open_registration},
                  "im": {"workers": workers, "store": store}}
@@ -418,6 +422,30 @@ def run_gate(cfg: config_mod.Config, name: str, port: int, http_port: int) -> No
     configure_socket = bus_client(cfg, "gate", f"gate {name}")
     gate_mod.run(name, cfg.section_dict("gate"), sk, brokers, g.host, port, g.http_host, http_port,
                  configure_socket=configure_socket)
+
+
+@main.command()
+@click.pass_context
+def federate(ctx):
+    """Bring the peer regions' notifications (region.peers) to this region's gates."""
+    setup_logging()
+    cfg = load_config(ctx)
+    logging.getLogger("simzmq.federation").info("federation: config %s", cfg.describe())
+    serve("federation", config_mod.federation_listeners(cfg), lambda: run_federation(cfg))
+
+
+def run_federation(cfg: config_mod.Config) -> None:
+    from simzmq import federation as fed
+    b = cfg.broker
+    try:
+        links = fed.parse_peers(cfg.region.peers)
+        configure_peer = fed.peer_configurator(cfg.data_dir, links) if cfg.bus.curve else None
+    except (ValueError, keys_mod.KeyFileError) as exc:
+        raise click.ClickException(str(exc)) from None
+    configure_local = bus_client(cfg, "worker", "federation")
+    fed.run(fed.FederationProcess(cfg.region.name, links, [b.primary.notify_in, b.backup.notify_in],
+                                  configure_peer, configure_local, cfg.region.federation_metrics_port or None,
+                                  cfg.region.metrics_host))
 
 
 # ---------------------------------------------------------------------------

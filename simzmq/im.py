@@ -55,6 +55,12 @@ BATCH_SIZE = Histogram("simzmq_im_batch_requests", "Requests per group commit",
 COMMIT_SECONDS = Histogram("simzmq_im_commit_seconds", "Time to run and commit one batch",
                            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1))
 
+BUSY_BATCHES = Counter("simzmq_im_busy_retries_total",
+                       "Batches run again whole after a deadlock or serialization failure")
+# How often a batch is run again whole after the store was busy, before its
+# requests are tried one by one (and a request still busy gets UNAVAILABLE).
+BUSY_RETRIES = 5
+
 _request_counters: dict = {}
 
 
@@ -338,6 +344,7 @@ def commit_batch(store, service: IMService, requests: list[IMRequest], now_ms: i
     next time, which finds the one at fault."""
     failed: dict[int, Outcome] = {}
     alone: set[int] = set()
+    busy_retries = BUSY_RETRIES
     while True:
         live = [i for i in range(len(requests)) if i not in failed]
         try:
@@ -346,6 +353,12 @@ def commit_batch(store, service: IMService, requests: list[IMRequest], now_ms: i
                                                 {k for k, i in enumerate(live) if i in alone})
                 hashes = [store.get_password_hash(user) for user in password_users]
         except StepFailed as exc:
+            if isinstance(exc.cause, StoreBusy) and busy_retries:
+                # A deadlock or serialization failure is nobody's fault: the
+                # same batch again (the other transaction has gone ahead).
+                busy_retries -= 1
+                BUSY_BATCHES.inc()
+                continue
             culprits = [live[k] for k in exc.indices]
             if len(culprits) > 1 and not alone.issuperset(culprits):
                 alone.update(culprits)

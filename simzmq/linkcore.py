@@ -31,6 +31,9 @@ from simzmq import mdp
 from simzmq.envelope import EnvelopeError, pack_request, unpack_notice, unpack_notices, unpack_reply, unpack_stamp
 from simzmq.notify import group_topic, is_group_topic
 
+# The origin of a federation entry asking for a catch-up (federation.RESYNC).
+FEDERATION_RESYNC = b"resync"
+
 SERVICE = b"im"
 PROBE = mdp.build_client_request(mdp.MMI_SERVICE, [SERVICE])
 ASK_BATCH = mdp.build_client_request(mdp.MMI_BATCH, [])
@@ -251,10 +254,16 @@ class LinkCore:
             # Still on its way after we unsubscribed: neither delivered nor
             # remembered (a stale stamp would look like a gap later).
             return Notices([], [])
+        catch_up_group = False
         if is_group_topic(topic):
             members = self.groups[topic]
             deliveries = []
             for user, origin, payload in unpack_notices(frames[2]):
+                if not user:
+                    # A federation entry (simzmq/federation.py): a mark, or a
+                    # peer region's notifications may have been lost.
+                    catch_up_group = catch_up_group or origin == FEDERATION_RESYNC
+                    continue
                 user_t = user + b"\0"
                 if user_t in members:
                     deliveries.append((user_t, origin, payload))
@@ -266,6 +275,6 @@ class LinkCore:
         last = self.stamps.get(topic)
         self.stamps[topic] = (epoch, seq)
         resync = []
-        if last is not None and (last[0] != epoch or seq != last[1] + 1):
+        if catch_up_group or (last is not None and (last[0] != epoch or seq != last[1] + 1)):
             resync = [t[:-1].decode("utf-8", "replace") for t in concerned]
         return Notices(deliveries, resync)

@@ -122,6 +122,18 @@ class _SendBatch:
         self.sent: dict[tuple[str, bytes], SentRecord | None] = {}  # None: looked up, not stored
         self.seqs: dict[str, int] = {}  # max_seq of the existing users looked up
 
+    def lock_users(self, requests: Sequence[Request]) -> None:
+        """Read (and, on Postgres, lock) the seq row of every user the batch
+        will write, all at once and in id order, before anything else: two
+        workers' batches then wait for each other instead of deadlocking,
+        and a cmid retried through another worker is looked up only once the
+        batch that stored it has committed (store/postgres.py)."""
+        users = set()
+        for req in requests:
+            users.update(users_touched(req.key, req.msg) or ())
+        if users:
+            self.seqs.update(_step(range(len(requests)), self.store.user_seqs, sorted(users)))
+
     def look_up(self, run: list[int], keys: list[tuple[str, bytes]], users: set[str]) -> None:
         new_keys = [k for k in set(keys) if k not in self.sent]
         if new_keys:
@@ -161,6 +173,7 @@ class IMService:
         Raises StepFailed when a store step raises."""
         outcomes: list = [None] * len(requests)
         batch = _SendBatch(self.store)
+        batch.lock_users(requests)
         run: list[int] = []
         run_users: set[str] = set()
         for i, req in enumerate(requests):

@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from simzmq import supervise
+from tests.pg import region_store, regions_on_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,6 +79,9 @@ class Region:
         # im-N serves metrics on this + N - 1; only one worker gets a port
         # known to be free, the others go without metrics in tests.
         self.workers = workers
+        if store is None and regions_on_postgres():
+            store = region_store()
+        self.store = store
         if store:
             env["SIMZMQ_IM_STORE"] = store
         self.extra_env = dict(extra_env or {})

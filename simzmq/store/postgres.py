@@ -5,16 +5,23 @@ survives a power loss of the database server; group commit keeps that to one
 flush per batch.
 
 Ordering: several workers may write at once. A batch first locks the user
-rows of every sender and recipient in it (user_seqs: SELECT ... ORDER BY id
-FOR UPDATE, so two batches take them in the same order), and only then draws
-msg_ids, so within every inbox seq order and msg_id order agree.
+rows of every user it will touch (IMService.handle_batch: the senders and
+recipients of its Sends, readers and peers of its Reads, the users of its
+Syncs and Logins) in one statement, user_seqs: SELECT ... ORDER BY id FOR
+UPDATE, so every batch takes its locks in the same order, before it writes
+anything else, and only then draws msg_ids: within every inbox seq order and
+msg_id order agree, two workers' batches wait for each other instead of
+deadlocking, and a cmid retried through another worker (after a failover)
+is looked up only once the batch that stored it has committed.
 
-Round trips: each step of a batch is one (the cmid lookup, the user rows,
+Round trips: each step of a batch is one (the user rows, the cmid lookup,
 the msg_ids, and each executemany, which psycopg pipelines).
 
-Locks are held until the batch commits, so two workers' batches can still
-deadlock on user rows; Postgres then aborts one statement, which surfaces as
-StoreBusy and the worker retries the batch without the request.
+A deadlock or serialization failure that still happens (a Register racing
+another for the same new id, an operator's own transaction) surfaces as
+StoreBusy; the worker runs the same batch again whole (im.commit_batch,
+simzmq_im_busy_retries_total), and only after several tries gives the
+requests it cannot place Error{unavailable}.
 """
 
 from __future__ import annotations
