@@ -380,6 +380,7 @@ def run_im(cfg: config_mod.Config, name: str, index: int) -> None:
     configure_socket = bus_client(cfg, "worker", f"im worker {name}")
     worker = im_mod.IMWorker(
         name=name, store_url=cfg.store_url(), im_cfg=cfg.section_dict("im"), max_frame=cfg.gate.max_frame,
+        max_group_members=cfg.gate.max_group_members,
         backends=[b.primary.backend, b.backup.backend],
         notify_ins=[b.primary.notify_in, b.backup.notify_in],
         heartbeat_ms=b.heartbeat_ms, liveness=b.liveness,

@@ -26,6 +26,7 @@ from simzmq.groups import GroupRefused, GroupService, is_group
 from simzmq.store.base import NewMessage, SentRecord, Store, clamp_history_limit, clamp_sync_limit
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode
+from simzmq.wire.rules import MAX_GROUP_MEMBERS
 
 TOKEN_BYTES = 32
 # Room a Batch or ConvList needs besides its items: type, ref, list count,
@@ -137,7 +138,7 @@ class _SendBatch:
 
 
 class IMService(GroupService):
-    def __init__(self, store: Store, token_ttl_ms: int, max_frame: int, max_group_members: int = 256):
+    def __init__(self, store: Store, token_ttl_ms: int, max_frame: int, max_group_members: int = MAX_GROUP_MEMBERS):
         self.store = store
         self.max_group_members = max_group_members
         self.token_ttl_ms = token_ttl_ms
