@@ -144,3 +144,34 @@ def test_groups_across_two_gates(region):
             await c.close()
 
     run(main())
+
+
+def test_the_terminal_chat_makes_and_uses_a_group(region):
+    from simzmq.chat import ChatSession
+
+    tag = str(os.getpid())
+
+    async def main():
+        alice = await user(region, "chat-alice" + tag, 0)
+        bob = await user(region, "chat-bob" + tag, 1)
+        await bob.send(alice.user, b"hi")
+        said, heard = [], []
+        alice_chat, bob_chat = ChatSession(alice, said.append), ChatSession(bob, heard.append)
+        await alice_chat.handle_line(f"/group create Crew {bob.user}")
+        group = alice_chat.peer
+        assert group.startswith("#") and said[0] == f"created {group} (Crew) with {alice.user}, {bob.user}"
+        await alice_chat.handle_line("hello crew")
+        async def bob_sees(text):
+            while not any(text in line for line in heard):
+                await bob_chat.handle_event(await asyncio.wait_for(bob.events.get(), 15))
+        await bob_sees(f"{alice.user} created the group with {alice.user}, {bob.user}")
+        await bob_sees(f"<- {alice.user} in {group}: hello crew")
+        await bob_chat.handle_line(f"/to {group}")
+        await bob_chat.handle_line("/group leave")
+        await bob_sees(f"{group}: {bob.user} left")
+        await alice_chat.handle_line(f"/group add {bob.user}")
+        assert not any("refused" in line for line in said), said
+        for c in (alice, bob):
+            await c.close()
+
+    run(main())
