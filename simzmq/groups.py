@@ -27,8 +27,9 @@ from simzmq.wire.messages import GROUP_EVENT_KIND, ErrorCode, GroupOp
 MAX_GROUPS_PER_USER = 1000
 
 
-class GroupRefused(Exception):
-    """A group request that gets an Error and changes nothing."""
+class Refused(Exception):
+    """A request that gets an Error and changes nothing (every handler of
+    the IM service raises it; service.py imports it from here)."""
 
     def __init__(self, code: ErrorCode, reason: str):
         super().__init__(reason)
@@ -36,9 +37,9 @@ class GroupRefused(Exception):
         self.reason = reason
 
 
-def not_a_group(group: str) -> GroupRefused:
+def not_a_group(group: str) -> Refused:
     # The same words whether the group does not exist or the caller is not in it.
-    return GroupRefused(ErrorCode.NO_SUCH_USER, f"no such user or group: {group}")
+    return Refused(ErrorCode.NO_SUCH_USER, f"no such user or group: {group}")
 
 
 def is_group(peer: str) -> bool:
@@ -99,23 +100,23 @@ class GroupService:
         existing = self.store.user_seqs(users)
         for user in users:
             if user not in existing:
-                raise GroupRefused(ErrorCode.NO_SUCH_USER, f"no such user: {user}")
+                raise Refused(ErrorCode.NO_SUCH_USER, f"no such user: {user}")
 
     def _check_may_join(self, actor: str, group: Group | None, newcomers: Sequence[str],
                         members_after: int) -> None:
         """Who may be put in, and the limits (section 7)."""
         if members_after > self.max_group_members:
-            raise GroupRefused(ErrorCode.TOO_LARGE, f"a group has at most {self.max_group_members} members")
+            raise Refused(ErrorCode.TOO_LARGE, f"a group has at most {self.max_group_members} members")
         if group is not None and actor != group.row.owner:
             if any(user in group.members for user in newcomers):
-                raise GroupRefused(ErrorCode.FORBIDDEN, "only the owner puts back who left or was removed")
+                raise Refused(ErrorCode.FORBIDDEN, "only the owner puts back who left or was removed")
         others = [u for u in newcomers if u != actor]
         if set(others) - self.store.written_to(actor, others):
-            raise GroupRefused(ErrorCode.FORBIDDEN, "a user may be put in only by its contacts")
+            raise Refused(ErrorCode.FORBIDDEN, "a user may be put in only by its contacts")
         joined = self.store.groups_joined(newcomers)
         for user in newcomers:
             if joined.get(user, 0) >= MAX_GROUPS_PER_USER:
-                raise GroupRefused(ErrorCode.TOO_LARGE, f"{user} is in too many groups")
+                raise Refused(ErrorCode.TOO_LARGE, f"{user} is in too many groups")
 
     def _write_events(self, group: Group, events: Sequence[tuple[GroupOp, str, list, str, list]],
                       now_ms: int) -> list:
@@ -162,7 +163,7 @@ class GroupService:
             current = Group(row, store.group_members(msg.group))
             if row.creator == actor and actor in current.active:
                 return current.info(), []  # a retried create
-            raise GroupRefused(ErrorCode.EXISTS, f"group exists: {msg.group}")
+            raise Refused(ErrorCode.EXISTS, f"group exists: {msg.group}")
         members = ordered_unique([actor, *msg.members])
         self._check_users_exist(members)
         self._check_may_join(actor, None, members, len(members))
@@ -183,7 +184,7 @@ class GroupService:
         if recorded is None:
             return False
         if recorded != change_digest(msg):
-            raise GroupRefused(ErrorCode.BAD_REQUEST, "cmid already used for a different request")
+            raise Refused(ErrorCode.BAD_REQUEST, "cmid already used for a different request")
         return True
 
     def _changed(self, actor: str, msg, group: Group, events: list, now_ms: int):
@@ -221,7 +222,7 @@ class GroupService:
         owner = group.row.owner
         removed = [u for u in leaving if u != actor]
         if removed and actor != owner:
-            raise GroupRefused(ErrorCode.FORBIDDEN, "only the owner removes others")
+            raise Refused(ErrorCode.FORBIDDEN, "only the owner removes others")
         events = []
         for user in leaving:
             group.members[user] = group.members[user]._replace(active=False)
@@ -258,7 +259,7 @@ class GroupService:
         earlier = store.find_send(sender, msg.cmid)
         if earlier is not None:
             if (earlier.to, earlier.kind, bytes(earlier.body)) != (msg.to, msg.kind, bytes(msg.body)):
-                raise GroupRefused(ErrorCode.BAD_REQUEST, "cmid already used for a different message")
+                raise Refused(ErrorCode.BAD_REQUEST, "cmid already used for a different message")
             return m.SendOk(msg_id=earlier.msg_id, seq=earlier.sender_seq, ts_ms=earlier.ts_ms), []
         group = self._load_group(msg.to, sender)
         members = group.active

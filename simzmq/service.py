@@ -22,7 +22,7 @@ import secrets
 from collections.abc import Container, Sequence
 from typing import NamedTuple
 
-from simzmq.groups import GroupRefused, GroupService, is_group
+from simzmq.groups import GroupService, Refused, is_group
 from simzmq.store.base import NewMessage, SentRecord, Store, clamp_history_limit, clamp_sync_limit
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode
@@ -69,15 +69,6 @@ class StepFailed(Exception):
         super().__init__(f"requests {list(indices)}: {cause!r}")
         self.indices = list(indices)
         self.cause = cause
-
-
-class Refused(Exception):
-    """A request that gets an Error and changes nothing."""
-
-    def __init__(self, code: ErrorCode, reason: str):
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
 
 
 def token_hash(token: bytes) -> bytes:
@@ -156,7 +147,7 @@ class IMService(GroupService):
             return error(ErrorCode.BAD_REQUEST, f"not a request: {type(msg).__name__}")
         try:
             return handler(self, key, origin, msg, now_ms, prepared)
-        except (Refused, GroupRefused) as exc:
+        except Refused as exc:
             return error(exc.code, exc.reason)
 
     def handle_batch(self, requests: Sequence[Request], now_ms: int,
@@ -334,7 +325,12 @@ class IMService(GroupService):
         """GroupCreate, GroupAdd, GroupRemove, GroupTitle, GroupGet, and a
         Send to a group. Events reach every session of their recipients, the
         actor's own connection included; a group message every member's
-        sessions but the one that sent it."""
+        sessions but the one that sent it.
+
+        Offline pushes: a group message's copies are pushed like a
+        one-to-one message's (with the group as `to`); an event never is:
+        a push hook skips the Msgs for which simzmq.groups.is_group_event
+        is true."""
         if type(msg) is m.Send:
             if not is_group(msg.to):
                 raise Refused(ErrorCode.BAD_REQUEST, "not a group")

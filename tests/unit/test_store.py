@@ -383,6 +383,18 @@ def _writer(url, sender, to, tag):
         s.close()
 
 
+def sync_all(s, user):
+    """Every entry of the user's inbox, page by page."""
+    msgs = []
+    since = 0
+    while True:
+        page, more = s.sync(user, since, 500, BIG)
+        msgs += page
+        since = page[-1].seq if page else since
+        if not more:
+            return msgs
+
+
 @pytest.mark.timeout(180)
 def test_concurrent_writers_keep_inboxes_gapless_and_ordered(store_url):
     s = open_store(store_url)
@@ -401,14 +413,7 @@ def test_concurrent_writers_keep_inboxes_gapless_and_ordered(store_url):
         assert [p.exitcode for p in procs] == [0, 0, 0]
         expected = {"ann": 3 * PER_WRITER, "bob": 2 * PER_WRITER, "cat": PER_WRITER}
         for user, count in expected.items():
-            msgs = []
-            since = 0
-            while True:
-                page, more = s.sync(user, since, 500, BIG)
-                msgs += page
-                since = page[-1].seq if page else since
-                if not more:
-                    break
+            msgs = sync_all(s, user)
             assert [m.seq for m in msgs] == list(range(1, count + 1))
             assert s.max_seq(user) == count
             # within every conversation, seq order == msg_id order
@@ -670,14 +675,7 @@ def test_concurrent_group_writers_give_every_member_one_order(store_url):
         assert [p.exitcode for p in procs] == [0, 0, 0]
         orders = []
         for user in ("ann", "bob", "cat"):
-            msgs = []
-            since = 0
-            while True:
-                page, more = s.sync(user, since, 500, BIG)
-                msgs += page
-                since = page[-1].seq if page else since
-                if not more:
-                    break
+            msgs = sync_all(s, user)
             assert [x.seq for x in msgs] == list(range(1, len(msgs) + 1))
             assert [x.msg_id for x in msgs] == sorted(x.msg_id for x in msgs)
             orders.append([x.msg_id for x in msgs if x.to == GROUP])
