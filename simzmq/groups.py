@@ -187,21 +187,36 @@ class GroupService:
             raise Refused(ErrorCode.BAD_REQUEST, "cmid already used for a different request")
         return True
 
+    def _target(self, actor: str, msg) -> Group | None:
+        """The group a change applies to, locked; None for a retry of a
+        recorded change (looked up first: a retry after the actor's removal
+        still gets its first answer)."""
+        if self._repeat(actor, msg):
+            return None
+        return self._load_group(msg.group, actor)
+
+    def _unchanged(self, actor: str, msg):
+        """A change that changes nothing: Ok, no event, no new version; its
+        cmid is still recorded, so a repeat changes nothing whatever happened
+        since (see docs/protocol-choices.md)."""
+        self.store.record_group_op(actor, msg.cmid, change_digest(msg))
+        return m.Ok(), []
+
     def _changed(self, actor: str, msg, group: Group, events: list, now_ms: int):
         notices, msg_ids = self._write_events(group, events, now_ms)
         self.store.record_group_op(actor, msg.cmid, change_digest(msg))
         return notices, msg_ids
 
     def group_add(self, actor: str, msg: m.GroupAdd, now_ms: int):
-        if self._repeat(actor, msg):
+        group = self._target(actor, msg)
+        if group is None:
             return m.Ok(), []
-        group = self._load_group(msg.group, actor)
         users = ordered_unique(msg.users)
         self._check_users_exist(users)
         active = group.active
         newcomers = [u for u in users if u not in active]
         if not newcomers:
-            return m.Ok(), []
+            return self._unchanged(actor, msg)
         self._check_may_join(actor, group, newcomers, len(active) + len(newcomers))
         self._join(group, newcomers)
         notices, (msg_id,) = self._changed(
@@ -210,15 +225,15 @@ class GroupService:
         return m.Ok(), notices
 
     def group_remove(self, actor: str, msg: m.GroupRemove, now_ms: int):
-        if self._repeat(actor, msg):
+        group = self._target(actor, msg)
+        if group is None:
             return m.Ok(), []
-        group = self._load_group(msg.group, actor)
         users = ordered_unique(msg.users)
         self._check_users_exist(users)
         before = group.active
         leaving = [u for u in users if u in before]
         if not leaving:
-            return m.Ok(), []
+            return self._unchanged(actor, msg)
         owner = group.row.owner
         removed = [u for u in leaving if u != actor]
         if removed and actor != owner:
@@ -241,11 +256,11 @@ class GroupService:
         return m.Ok(), notices
 
     def group_title(self, actor: str, msg: m.GroupTitle, now_ms: int):
-        if self._repeat(actor, msg):
+        group = self._target(actor, msg)
+        if group is None:
             return m.Ok(), []
-        group = self._load_group(msg.group, actor)
         if msg.title == group.row.title:
-            return m.Ok(), []
+            return self._unchanged(actor, msg)
         group.row = group.row._replace(title=msg.title)
         notices, _ = self._changed(
             actor, msg, group, [(GroupOp.TITLE_CHANGED, actor, [], msg.title, group.active)], now_ms)

@@ -153,6 +153,10 @@ def test_changes_are_idempotent_on_their_cmid(svc):
     version = call(svc, "alice", m.GroupGet(group=G)).reply.version
     assert call(svc, "alice", m.GroupAdd(group=G, users=["bob"], cmid=b"a2")).reply == m.Ok()
     assert call(svc, "alice", m.GroupGet(group=G)).reply.version == version
+    # ... and its repeat changes nothing, whatever happened since.
+    call(svc, "bob", m.GroupRemove(group=G, users=["bob"], cmid=b"l"))
+    assert call(svc, "alice", m.GroupAdd(group=G, users=["bob"], cmid=b"a2")).reply == m.Ok()
+    assert "bob" not in call(svc, "alice", m.GroupGet(group=G)).reply.members
 
 
 def test_leavers_come_back_only_by_the_owner(svc):
