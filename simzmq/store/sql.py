@@ -430,6 +430,7 @@ class SQLStore(Store):
         users = sorted(set(users))
         if not users:
             return {}
+        users = _padded(users)
         rows = self._execute(
             f"SELECT user_id, count(*) FROM group_members WHERE user_id IN ({', '.join(['?'] * len(users))})"
             " AND active = 1 GROUP BY user_id",
