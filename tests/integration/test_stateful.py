@@ -164,8 +164,8 @@ class Protocol(RuleBasedStateMachine):
             assert isinstance(again, m.Error) and again.code == ErrorCode.BAD_REQUEST
         self._check_counts(c, before)
 
-    @rule(i=st.integers(0, 9), kind=st.sampled_from(["nobody", "empty_cmid", "long_cmid", "bad_to", "no_group",
-                                                                "long_to"]))
+    @rule(i=st.integers(0, 9),
+          kind=st.sampled_from(["nobody", "empty_cmid", "long_cmid", "bad_to", "no_group", "long_to"]))
     def bad_send(self, i, kind):
         c = self.conn(i)
         before = {u: len(v) for u, v in self.inbox.items()}
