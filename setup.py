@@ -61,9 +61,18 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        # playwright: the web chat's tests drive the system's Chromium (never a
-        # browser of its own; bin/test installs Debian's chromium).
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6.80", "playwright>=1.40"],
+        "test": [
+            "pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6.80",
+            # The web chat's tests drive the system's Chromium (never a
+            # browser of its own; bin/test installs Debian's chromium).
+            "playwright>=1.40",
+            # A third party's Majordomo v0.2 (18/MDP) client and worker, so the
+            # broker's v0.2 is tested against what an outside service author
+            # would use, not only against frames we wrote ourselves.
+            "majortomo==0.2.0",
+            # majortomo 0.2.0 imports six (majortomo/util.py) without declaring it.
+            "six>=1.12",
+        ],
     },
     entry_points={"console_scripts": ["simzmq = simzmq.cli:main"]},
 )
