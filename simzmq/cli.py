@@ -211,13 +211,18 @@ def command_name() -> str:
 def announce(cfg: config_mod.Config, gate_pk: bytes) -> None:
     g, data_dir, cmd = cfg.gate, cfg.data_dir, command_name()
     gates = ", ".join(f"{g.host}:{config_mod.gate_ports(cfg, i)[0]}" for i in range(1, g.gates + 1))
+    # chat and down find the region from DATA/run; monitor reads the brokers'
+    # state endpoints from the configuration, which a --port-base moved.
+    watch = f"{cmd} monitor --data {data_dir}"
+    if cfg.region.port_base != config_mod.DEFAULT_PORT_BASE:
+        watch += f" --endpoints {cfg.broker.role('primary').state},{cfg.broker.role('backup').state}"
     click.echo(
         f"\nsimzmq region up. Clients connect to {gates} and pin the gate key\n"
         f"  {gate_pk.hex()}   (in {data_dir / 'keys' / 'gate.pub'})\n"
         f"HTTP (health, history, metrics): http{'s' if g.tls_cert else ''}://{g.http_host}:{g.http_port}/v1/health\n"
         f"Talk:   {cmd} chat --data {data_dir} --user alice --register\n"
         f"        {cmd} chat --data {data_dir} --user bob --register   (in another terminal)\n"
-        f"Watch:  {cmd} monitor --data {data_dir}\n"
+        f"Watch:  {watch}\n"
         f"Stop:   Ctrl-C, or {cmd} down --data {data_dir}\n", err=True)
 
 

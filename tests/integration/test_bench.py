@@ -16,15 +16,10 @@ from array import array
 import pytest
 
 from simzmq.bench import check_delivery, order_check, percentiles
-from tests.region import ROOT, Region
+from tests.region import ROOT, region_fixture
 
 
-@pytest.fixture(scope="module")
-def region(tmp_path_factory):
-    r = Region(tmp_path_factory.mktemp("bench") / "data")
-    r.start()
-    yield r
-    r.stop()
+region = region_fixture("bench")
 
 
 def bench(region, *args, expect_rc=0) -> dict:

@@ -11,7 +11,7 @@ import pytest
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode
 from tests.rawclient import RawClient
-from tests.region import Region
+from tests.region import region_fixture
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,19 +34,14 @@ GROUP_REQUESTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def region(tmp_path_factory):
-    r = Region(tmp_path_factory.mktemp("probe") / "data")
-    r.start()
-    yield r
-    r.stop()
+region = region_fixture("probe")
 
 
 @pytest.fixture(scope="module")
 def bob(region):
     c = RawClient(region.gate_port, region.gate_pk)
-    assert isinstance(c.request(m.Register(user="bob", password="pw-bob")), m.Ok)
-    assert isinstance(c.request(m.Login(user="bob", password="pw-bob", token=b"", device="")), m.LoginOk)
+    assert isinstance(c.served(m.Register(user="bob", password="pw-bob")), m.Ok)
+    assert isinstance(c.served(m.Login(user="bob", password="pw-bob", token=b"", device="")), m.LoginOk)
     return c
 
 
@@ -55,8 +50,8 @@ def bob(region):
 def test_1_1_requests_get_bad_request_and_the_connection_stays(region, bob, codec, logged_in):
     c = RawClient(region.gate_port, region.gate_pk, codec=codec)
     if logged_in:
-        c.request(m.Register(user="alice", password="pw-alice"))  # Ok, or exists on the second run
-        assert isinstance(c.request(m.Login(user="alice", password="pw-alice", token=b"", device="")), m.LoginOk)
+        c.served(m.Register(user="alice", password="pw-alice"))  # Ok, or exists on the second run
+        assert isinstance(c.served(m.Login(user="alice", password="pw-alice", token=b"", device="")), m.LoginOk)
     for msg in REQUESTS:
         reply = c.request(msg)
         assert isinstance(reply, m.Error) and reply.code == ErrorCode.BAD_REQUEST, (msg, reply)

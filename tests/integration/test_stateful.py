@@ -98,9 +98,9 @@ class Protocol(RuleBasedStateMachine):
         setup = RawClient(self.region.gate_port, self.region.gate_pk, timeout=20)
         tokens = {}
         for u in self.users:
-            assert isinstance(setup.request(m.Register(user=u, password="pw")), m.Ok)
+            assert isinstance(setup.served(m.Register(user=u, password="pw")), m.Ok)
             c = RawClient(self.region.gate_port, self.region.gate_pk, timeout=20)
-            ok = c.request(m.Login(user=u, password="pw", token=b"", device="setup"))
+            ok = c.served(m.Login(user=u, password="pw", token=b"", device="setup"))
             assert isinstance(ok, m.LoginOk)
             tokens[u] = ok.token
             c.close()
@@ -335,7 +335,7 @@ def hostile_frames(draw):
 
 def test_hostile_payloads_get_protocol_answers_and_the_gate_keeps_serving(region):
     c = RawClient(region.gate_port, region.gate_pk)
-    assert isinstance(c.request(m.Register(user="fuzzer", password="pw")), m.Ok)
+    assert isinstance(c.served(m.Register(user="fuzzer", password="pw")), m.Ok)
     c.close()
     state = {"conn": None, "token": b""}
 
@@ -343,7 +343,7 @@ def test_hostile_payloads_get_protocol_answers_and_the_gate_keeps_serving(region
         if state["conn"] is None:
             c = RawClient(region.gate_port, region.gate_pk, codec=codec, timeout=20)
             # By token; by password again after a fuzzed Logout revoked it.
-            ok = c.request(m.Login(user="fuzzer", password="" if state["token"] else "pw", token=state["token"],
+            ok = c.served(m.Login(user="fuzzer", password="" if state["token"] else "pw", token=state["token"],
                                    device=""))
             assert isinstance(ok, m.LoginOk), ok
             state["conn"], state["token"] = c, ok.token

@@ -27,7 +27,7 @@ from simzmq.bench import machine_report, read_pid_files, sample_all
 from simzmq.client import Connection, RequestError
 from simzmq.wire import messages as m
 from tests.rawclient import RawClient
-from tests.region import Region
+from tests.region import region_fixture, until_available
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -47,21 +47,18 @@ ATTACKS = set(os.environ.get("SIMZMQ_ATTACKS", "flood,never_read,garbage,brute_f
 ATTACK_NICE = int(os.environ.get("SIMZMQ_ATTACK_NICE", "19"))
 
 
-@pytest.fixture(scope="module")
-def region(tmp_path_factory):
-    env = {"SIMZMQ_GATE_LIMITS_MAX_SESSIONS_PER_USER": "40"}
-    r = Region(tmp_path_factory.mktemp("attack") / "data", extra_env=env)
-    r.start()
-    yield r
-    r.stop()
+# The setup's Registers are asked again when they time out under load
+# (register): the per-user Register limit would refuse the repeats.
+region = region_fixture("attack", extra_env={"SIMZMQ_GATE_LIMITS_MAX_SESSIONS_PER_USER": "40",
+                                             "SIMZMQ_GATE_LIMITS_REGISTERS_PER_USER_BURST": "1000"})
 
 
 def register(region, names):
     tokens = {}
     for name in names:
-        c = RawClient(region.gate_port, region.gate_pk)
-        assert isinstance(c.request(m.Register(user=name, password="pw-" + name)), m.Ok)
-        tokens[name] = c.request(m.Login(user=name, password="pw-" + name, token=b"", device="setup")).token
+        c = RawClient(region.gate_port, region.gate_pk, timeout=60)
+        assert isinstance(c.served(m.Register(user=name, password="pw-" + name)), m.Ok)
+        tokens[name] = c.served(m.Login(user=name, password="pw-" + name, token=b"", device="setup")).token
         c.close()
     return tokens
 
@@ -174,6 +171,7 @@ def attack(port, pk, flood_tokens, deaf_tokens, victim, stop, report):
 
 # --- the well-behaved load --------------------------------------------------------
 
+
 async def steady_load(region, tokens, phase_s):
     """Device 0 of user i sends to user i+1 at RATE_PER_SENDER; every device
     reads. Returns (acked, delivered to device 0s, latencies in ms, sent cmids)."""
@@ -196,7 +194,8 @@ async def steady_load(region, tokens, phase_s):
         conn = await Connection.open("127.0.0.1", region.gate_port, region.gate_pk, ping_interval=None,
                                      on_push=on_push_for(name) if d == 0 else (lambda push: None),
                                      source_address=GOOD_ADDRESS.format(names.index(name) + 1))
-        await conn.request(m.Login(user=name, password="", token=tokens[name], device=f"d{d}"))
+        await until_available(lambda: conn.request(m.Login(user=name, password="", token=tokens[name],
+                                                           device=f"d{d}")))
         conns[(name, d)] = conn
     t0 = time.monotonic()
     for d in range(DEVICES):
@@ -232,7 +231,7 @@ async def steady_load(region, tokens, phase_s):
     # Everything from the store too: nothing lost, nothing twice.
     stored = {}
     for name in names:
-        batch = await conns[(name, 0)].request(m.Sync(since=0, limit=0))
+        batch = await until_available(lambda: conns[(name, 0)].request(m.Sync(since=0, limit=0)))
         stored[name] = [x.cmid for x in batch.msgs if x.to == name and x.sender != name]
     for conn in conns.values():
         conn.close()
