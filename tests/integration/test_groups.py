@@ -13,17 +13,12 @@ import pytest
 from simzmq.client import Client, RequestError, group_event, new_group_id
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode, GroupOp
-from tests.region import Region
+from tests.region import region_fixture
 
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(scope="module")
-def region(tmp_path_factory):
-    r = Region(tmp_path_factory.mktemp("groups") / "data", gates=2)
-    r.start()
-    yield r
-    r.stop()
+region = region_fixture("groups", gates=2)
 
 
 def run(coro):
