@@ -389,6 +389,7 @@ def run_im(cfg: config_mod.Config, name: str, index: int) -> None:
     configure_socket = bus_client(cfg, "worker", f"im worker {name}")
     worker = im_mod.IMWorker(
         name=name, store_url=cfg.store_url(), im_cfg=cfg.section_dict("im"), max_frame=cfg.gate.max_frame,
+        max_group_members=cfg.gate.max_group_members,
         backends=[b.primary.backend, b.backup.backend],
         notify_ins=[b.primary.notify_in, b.backup.notify_in],
         heartbeat_ms=b.heartbeat_ms, liveness=b.liveness,
@@ -613,9 +614,9 @@ def history(ctx, data, host, port, gate_key, user_id, http_port, before, limit, 
     Logs in like `chat` (password from a prompt, or the first line of
     standard input), uses the session's token once, and logs out."""
     from simzmq.history import HistoryError, run_history
-    from simzmq.wire.rules import is_valid_user_id
-    if not is_valid_user_id(peer):
-        raise click.ClickException("user ids are 1-64 characters of A-Z a-z 0-9 _ . -")
+    from simzmq.wire.rules import is_valid_group_id, is_valid_user_id
+    if not (is_valid_user_id(peer) or is_valid_group_id(peer)):
+        raise click.ClickException("user ids are 1-64 characters of A-Z a-z 0-9 _ . -, group ids # and 1-63 of them")
     cfg, gate = client_gate(ctx, data, host, port, http_port, gate_key)
     password = client_password(user_id)
     try:

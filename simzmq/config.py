@@ -355,6 +355,7 @@ class GateConfig:
     gates: int = setting(Int(1, 100))
     max_frame: int = setting(Int(1024, 64 * 1024 * 1024))
     max_body: int = setting(Int(1, 64 * 1024 * 1024))
+    max_group_members: int = setting(Int(1, 10_000))
     handshake_timeout_s: float = setting(Seconds())
     idle_timeout_s: int = setting(Int(1, 2**32 - 1))  # whole seconds: clients read it in Ready
     request_timeout_s: float = setting(Seconds())

@@ -25,7 +25,7 @@ from simzmq.wire.codec import BIN
 from simzmq.wire.errors import ProtocolError
 from simzmq.wire.handshake import MAX_HANDSHAKE_FRAME
 from simzmq.wire.messages import ErrorCode
-from simzmq.wire.rules import is_valid_user_id
+from simzmq.wire.rules import is_valid_group_id, is_valid_user_id
 
 
 class HealthHandler(web.RequestHandler):
@@ -57,7 +57,7 @@ class HistoryHandler(web.RequestHandler):
                 token = None
         if not token or len(token) > 64:
             return self._json(401, {"error": "auth_failed", "reason": "missing or malformed bearer token"})
-        if not is_valid_user_id(peer):
+        if not (is_valid_user_id(peer) or is_valid_group_id(peer)):
             return self._json(400, {"error": "bad_request", "reason": "invalid peer"})
         try:
             before = int(self.get_query_argument("before", "0"))

@@ -36,7 +36,7 @@ from simzmq.wire.codec import BIN, CODECS, peek_header
 from simzmq.wire.errors import ProtocolError, ShortPayload
 from simzmq.wire.handshake import GateHandshake
 from simzmq.wire.messages import CLIENT_REQUESTS, ErrorCode, KickCode
-from simzmq.wire.rules import validate_request
+from simzmq.wire.rules import MAX_GROUP_MEMBERS, validate_request
 
 SESSION_ID_BYTES = 16
 # Frames of one connection served before the event loop serves the others
@@ -57,6 +57,14 @@ BACKPRESSURE = Counter("simzmq_gate_backpressure_total",
                        "than pause_reading_bytes behind in reading (behind)", ["why"])
 
 TYPE_NAMES = {t: cls.__name__ for t, cls in m.MESSAGES.items()}
+
+
+# Section 7 as served so far: groups (forwarded like Send, keyed by the
+# actor) and what 1.1 changes in Send and Read (group ids, kinds 250-255
+# refused). Watch, SetPresence and Typing are still refused as a 1.0 gate
+# refuses them, so the SetPresence probe answers bad_request.
+GROUP_REQUESTS = (m.GroupCreate, m.GroupAdd, m.GroupRemove, m.GroupGet, m.GroupTitle)
+SERVED_1_1 = frozenset(cls.TYPE for cls in (*GROUP_REQUESTS, m.Send, m.Read))
 
 
 def now_ms() -> int:
@@ -166,7 +174,8 @@ class ClientConnection:
             return
         try:
             ref, msg = self.codec.decode(plaintext)
-            validate_request(msg, self.gate.max_body)
+            validate_request(msg, self.gate.max_body, protocol_1_1=mtype in SERVED_1_1,
+                             max_group_members=self.gate.cfg.get("max_group_members", MAX_GROUP_MEMBERS))
         except ShortPayload:
             raise
         except ProtocolError as exc:
@@ -282,6 +291,11 @@ class ClientConnection:
         m.Sync.TYPE: _session_request,
         m.Read.TYPE: _session_request,
         m.Convs.TYPE: _session_request,
+        m.GroupCreate.TYPE: _session_request,
+        m.GroupAdd.TYPE: _session_request,
+        m.GroupRemove.TYPE: _session_request,
+        m.GroupGet.TYPE: _session_request,
+        m.GroupTitle.TYPE: _session_request,
     }
 
     # -- the back end -------------------------------------------------------
@@ -451,13 +465,13 @@ class ClientConnection:
 # What the im service may answer a client's request with; anything else (an
 # internal message, an error code this protocol does not have) is a bug or a
 # newer worker, and the client gets Error{internal} instead.
-CLIENT_REPLIES = frozenset({m.LoginOk, m.Error, m.SendOk, m.Batch, m.Ok, m.ConvList})
+CLIENT_REPLIES = frozenset({m.LoginOk, m.Error, m.SendOk, m.Batch, m.Ok, m.ConvList, m.GroupInfo})
 ERROR_CODES = frozenset(int(c) for c in ErrorCode)
 
 
 # Reply types a bin client gets exactly as the worker encoded them (with its
 # ref put in); an Error goes through _checked_reply first.
-PASS_THROUGH_REPLIES = frozenset(bytes([cls.TYPE]) for cls in (m.SendOk, m.Batch, m.Ok, m.ConvList))
+PASS_THROUGH_REPLIES = frozenset(bytes([cls.TYPE]) for cls in (m.SendOk, m.Batch, m.Ok, m.ConvList, m.GroupInfo))
 
 
 def _checked_reply(gate: "Gate", reply, name: str):

@@ -43,6 +43,7 @@ from simzmq.wire.codec import BIN, bin_newmsg_with_seq
 from simzmq.zmqio import sender
 from simzmq.wire.errors import ProtocolError
 from simzmq.wire.messages import ErrorCode
+from simzmq.wire.rules import MAX_GROUP_MEMBERS
 
 log = logging.getLogger("simzmq.im")
 
@@ -121,11 +122,12 @@ class IMWorker:
     def __init__(self, name: str, store_url: str, im_cfg: dict, max_frame: int, backends: list[str],
                  notify_ins: list[str], heartbeat_ms: int, liveness: int, metrics_port: int | None,
                  sqlite_synchronous: str = "FULL", metrics_host: str = "127.0.0.1",
-                 configure_socket=None):
+                 configure_socket=None, max_group_members: int = MAX_GROUP_MEMBERS):
         self.name = name
         self.store_url = store_url
         self.im_cfg = im_cfg
         self.max_frame = max_frame
+        self.max_group_members = max_group_members
         self.backends = backends
         self.notify_ins = notify_ins
         self.heartbeat_s = heartbeat_ms / 1000
@@ -144,7 +146,7 @@ class IMWorker:
 
     def run(self) -> None:
         store = open_store(self.store_url, synchronous=self.sqlite_synchronous)
-        service = IMService(store, self.im_cfg["token_ttl_s"] * 1000, self.max_frame)
+        service = IMService(store, self.im_cfg["token_ttl_s"] * 1000, self.max_frame, self.max_group_members)
         ctx = zmq.Context.instance()
         # One identity with every broker, so each routes the same users here.
         identity = os.urandom(8)

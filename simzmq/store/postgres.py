@@ -34,7 +34,7 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from .base import StoreBusy, StoreError, clamp_id
-from .sql import SQLStore
+from .sql import GROUPS_SCHEMA, SQLStore
 
 # Taken while migrating, so workers starting together migrate once.
 MIGRATION_LOCK_KEY = 0x73696D7A6D71  # "simzmq"
@@ -154,7 +154,8 @@ $fn$;
 # Appends are batched in Python now (SQLStore.add_messages).
 _SCHEMA_V2 = "DROP FUNCTION simzmq_append(text, text, bytea, smallint, bytea, bigint);"
 
-MIGRATIONS = [_SCHEMA_V1, _SCHEMA_V2]
+MIGRATIONS = [_SCHEMA_V1, _SCHEMA_V2,
+              "ALTER TABLE messages DROP CONSTRAINT messages_sender_cmid_key;\n" + ";\n".join(GROUPS_SCHEMA)]
 
 # SQLSTATEs of transient conflicts: deadlock, serialization failure, lock
 # timeout, cancelled statement (statement_timeout).
@@ -175,6 +176,7 @@ def _formatted(sql: str) -> str:
 
 class PostgresStore(SQLStore):
     _NO_LIMIT = None
+    _FOR_UPDATE = " FOR UPDATE"
     _LOCK_ROWS = " ORDER BY id FOR UPDATE"
 
     def __init__(self, dsn: str) -> None:

@@ -34,7 +34,7 @@ from typing import Iterator
 import sqlite_utils
 
 from .base import StoreBusy, StoreError, clamp_id
-from .sql import SQLStore
+from .sql import GROUPS_SCHEMA, SQLStore
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 # Long enough to ride out another worker's group commit (one fsync plus a
@@ -107,8 +107,15 @@ def _create_v1(db: sqlite_utils.Database) -> None:
     db.execute(conv_sql.rstrip().rstrip(";") + " WITHOUT ROWID")
 
 
+def _groups_v2(db: sqlite_utils.Database) -> None:
+    # The unique (sender, cmid) index becomes partial (GROUPS_SCHEMA).
+    db.execute("DROP INDEX idx_messages_sender_cmid")
+    for statement in GROUPS_SCHEMA:
+        db.execute(statement)
+
+
 # PRAGMA user_version N means MIGRATIONS[:N] have run.
-MIGRATIONS = [_create_v1]
+MIGRATIONS = [_create_v1, _groups_v2]
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -178,6 +185,7 @@ class Checkpointer:
 
 class SQLiteStore(SQLStore):
     _NO_LIMIT = -1
+    _FOR_UPDATE = ""
     _LOCK_ROWS = ""
 
     def __init__(

@@ -165,7 +165,9 @@ def test_invalid_user_id(region, users, user):
     reply = c.served(m.Register(user=user, password="pw"))
     assert isinstance(reply, m.Error) and reply.code == ErrorCode.BAD_REQUEST
     reply = users["alice"].request(m.Send(to=user, cmid=os.urandom(8), kind=0, body=b"x"))
-    assert isinstance(reply, m.Error) and reply.code == ErrorCode.BAD_REQUEST
+    # A group id is a well-formed `to` (section 7): this group does not exist.
+    expected = ErrorCode.NO_SUCH_USER if user == "#group" else ErrorCode.BAD_REQUEST
+    assert isinstance(reply, m.Error) and reply.code == expected
 
 
 def test_user_id_too_long(region, users):

@@ -164,7 +164,8 @@ class Protocol(RuleBasedStateMachine):
             assert isinstance(again, m.Error) and again.code == ErrorCode.BAD_REQUEST
         self._check_counts(c, before)
 
-    @rule(i=st.integers(0, 9), kind=st.sampled_from(["nobody", "empty_cmid", "long_cmid", "bad_to", "long_to"]))
+    @rule(i=st.integers(0, 9),
+          kind=st.sampled_from(["nobody", "empty_cmid", "long_cmid", "bad_to", "no_group", "long_to"]))
     def bad_send(self, i, kind):
         c = self.conn(i)
         before = {u: len(v) for u, v in self.inbox.items()}
@@ -176,7 +177,9 @@ class Protocol(RuleBasedStateMachine):
         elif kind == "long_cmid":
             cmid, code = b"c" * 33, ErrorCode.TOO_LARGE
         elif kind == "bad_to":
-            to = "#group"
+            to = "a/b"
+        elif kind == "no_group":
+            to, code = "#nogroup", ErrorCode.NO_SUCH_USER
         else:
             to, code = "a" * 65, ErrorCode.TOO_LARGE
         reply = c.request(m.Send(to=to, cmid=cmid, kind=0, body=b"never stored"))
