@@ -32,6 +32,8 @@ LIMITS = {
     "TRUSTED_ADDRESSES": "",
     "REQUESTS_PER_S": "20", "REQUESTS_BURST": "100", "ABUSE_FACTOR": "2",
     "SENDS_PER_S": "1", "SENDS_BURST": "5",
+    "SEND_BYTES_PER_CONNECTION_PER_S": "100", "SEND_BYTES_PER_CONNECTION_BURST": "6000",
+    "SEND_BYTES_PER_USER_PER_S": "100", "SEND_BYTES_PER_USER_BURST": "10000",
     "REGISTERS_PER_ADDRESS_PER_MIN": "1", "REGISTERS_PER_ADDRESS_BURST": "4",
     "REGISTERS_PER_USER_BURST": "2",
     "LOGIN_FREE_FAILURES_PER_USER": "3", "LOGIN_FREE_FAILURES_PER_ADDRESS": "6",
@@ -230,6 +232,37 @@ def test_sends_per_user_across_connections_store_nothing_over_the_limit(region):
     assert isinstance(a2.request(m.Ping(ts_ms=1)), m.Pong)
     # Another user's Sends are not affected.
     assert isinstance(bob.request(m.Send(to=a1.name, cmid=os.urandom(16), kind=0, body=b"hi")), m.SendOk)
+
+
+@pytest.mark.timeout(60)
+def test_send_bytes_per_connection_and_per_user_store_nothing_over_the_budget(region):
+    src = new_source()
+    a1 = user(region, src, device="one")
+    a2 = user(region, src, name=a1.name, device="two", register=False)
+    bob = user(region, src)
+    before = metrics(region)
+
+    def send(conn):
+        return conn.request(m.Send(to=bob.name, cmid=os.urandom(16), kind=0, body=b"x" * 2500))
+
+    # Two of these fit a connection's 6000 bytes; the third does not.
+    first = [send(a1) for _ in range(3)]
+    assert [type(r) for r in first[:2]] == [m.SendOk, m.SendOk], first
+    assert is_error(first[2], ErrorCode.RATE_LIMITED) and "retry in" in first[2].reason
+    # The user's 10000 bytes are shared by both connections: one more fits.
+    second = [send(a2) for _ in range(2)]
+    assert isinstance(second[0], m.SendOk) and is_error(second[1], ErrorCode.RATE_LIMITED), second
+    # Nothing refused was stored; the connections stay; others are not affected.
+    assert inbox_size(bob) == 3
+    assert isinstance(a1.request(m.Ping(ts_ms=1)), m.Pong)
+    assert isinstance(bob.request(m.Send(to=a1.name, cmid=os.urandom(16), kind=0, body=b"hi")), m.SendOk)
+    after = metrics(region)
+
+    def grew(key):
+        return after.get(key, 0.0) - before.get(key, 0.0)
+    assert grew('simzmq_gate_rate_limited_total{limit="send_bytes_connection"}') >= 1
+    assert grew('simzmq_gate_rate_limited_total{limit="send_bytes_user"}') >= 1
+    assert grew("simzmq_gate_send_bytes_total") >= 3 * 2500
 
 
 @pytest.mark.timeout(60)
