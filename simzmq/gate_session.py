@@ -44,6 +44,15 @@ SESSION_ID_BYTES = 16
 # loop come round (the broker link, timers, HTTP) every few hundred
 # milliseconds: a frame costs a few tens of microseconds.
 FRAMES_PER_TURN = 8
+# And at most this many bytes of frames (at least one frame): a client
+# sending 60 KB bodies gets as many bytes served per turn as one sending
+# small ones, not eight times 60 KB while the others wait.
+BYTES_PER_TURN = 65536
+
+
+def turn_used(frames: int, nbytes: int) -> bool:
+    """Has a connection had its share of this turn of the event loop?"""
+    return frames >= FRAMES_PER_TURN or nbytes >= BYTES_PER_TURN
 
 CONNECTIONS = Gauge("simzmq_gate_connections", "Open client connections")
 REQUESTS = Counter("simzmq_gate_requests_total", "Client requests by type and outcome", ["type", "outcome"])
