@@ -26,7 +26,7 @@ from simzmq.wire.frames import encode_frame
 from simzmq.wire.handshake import ClientHandshake
 from simzmq.wire.messages import ErrorCode, KickCode
 from tests.rawclient import Closed, RawClient
-from tests.region import Region
+from tests.region import Region, parse_metrics
 
 LIMITS = {
     "TRUSTED_ADDRESSES": "",
@@ -132,12 +132,7 @@ def metrics(region) -> dict[str, float]:
         text = resp.read().decode()
     finally:
         conn.close()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
+    return parse_metrics(text)
 
 
 def limited_count(region, limit: str) -> float:
@@ -213,12 +208,17 @@ def test_requests_per_connection_then_abuse_kick(region):
     assert isinstance(connect(region, src).request(m.Ping(ts_ms=3)), m.Pong)
 
 
-@pytest.mark.timeout(60)
-def test_sends_per_user_across_connections_store_nothing_over_the_limit(region):
+def two_devices_and_a_peer(region) -> tuple[RawClient, RawClient, RawClient]:
+    """A user logged in on two connections, and another user to send to."""
     src = new_source()
     a1 = user(region, src, device="one")
     a2 = user(region, src, name=a1.name, device="two", register=False)
-    bob = user(region, src)
+    return a1, a2, user(region, src)
+
+
+@pytest.mark.timeout(60)
+def test_sends_per_user_across_connections_store_nothing_over_the_limit(region):
+    a1, a2, bob = two_devices_and_a_peer(region)
     replies = []
     for i in range(7):
         conn = (a1, a2)[i % 2]
@@ -236,10 +236,7 @@ def test_sends_per_user_across_connections_store_nothing_over_the_limit(region):
 
 @pytest.mark.timeout(60)
 def test_send_bytes_per_connection_and_per_user_store_nothing_over_the_budget(region):
-    src = new_source()
-    a1 = user(region, src, device="one")
-    a2 = user(region, src, name=a1.name, device="two", register=False)
-    bob = user(region, src)
+    a1, a2, bob = two_devices_and_a_peer(region)
     before = metrics(region)
 
     def send(conn):

@@ -15,7 +15,7 @@ import pytest
 from simzmq.bench import logins
 from simzmq.client import Connection
 from simzmq.wire import messages as m
-from tests.region import Region
+from tests.region import Region, parse_metrics
 
 USERS = 150
 
@@ -34,13 +34,7 @@ def region(tmp_path_factory):
 
 def im_metrics(region) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{region.im_metrics_port}/metrics", timeout=30) as resp:
-        text = resp.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
+        return parse_metrics(resp.read().decode())
 
 
 def login_outcomes(metrics: dict) -> dict[str, float]:
