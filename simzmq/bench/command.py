@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from simzmq import keys as keys_mod
+from simzmq.config import im_metrics_port
 from simzmq.bench import logins
 from simzmq.bench.calibrate import calibrate
 from simzmq.bench.coordinator import run
@@ -54,7 +55,9 @@ def _logins(cfg, host: str, port: int, pk: bytes, users: int | None, as_json: bo
         raise BenchError("logins needs at least 1 user")
     workers = sum(1 for name in read_pid_files(cfg.data_dir) if name.startswith("im-")) or 1
     im = cfg["im"]
-    report = logins.run(host, port, pk, users, workers * im["pwhash_threads"], im["pwhash_strength"])
+    urls = [f"http://127.0.0.1:{im_metrics_port(cfg, i)}/metrics" for i in range(1, workers + 1)
+            if im_metrics_port(cfg, i)]
+    report = logins.run(host, port, pk, users, workers * im["pwhash_threads"], im["pwhash_strength"], urls)
     report["machine"] = machine_info()
     print(json.dumps(report, indent=2) if as_json else logins.format_report(report))
     return 0 if report["ok"] else 1
