@@ -81,7 +81,7 @@ DEFERRED = Counter("simzmq_im_fairness_deferred_total",
 # Bytes of requests one user may put into one batch (at least one request
 # always goes): a user sending megabytes makes the others wait one batch, not
 # all of theirs.
-FAIR_BYTES_PER_USER = 256 * 1024
+FAIR_BYTES_PER_USER = 64 * 1024
 # Time a reply needs to get back to the gate after the worker is done.
 REPLY_MARGIN_S = 0.05
 
