@@ -163,7 +163,7 @@ def test_a_malformed_entry_loses_only_itself():
     got = []
     for payload in (b"a", b"b", b"c"):
         ask(core, payload=payload, into=got)
-    sent = corrs(core.outgoing())
+    sent = corrs(core.outgoing(0.0))
     packed = mdp.build_client_reply_batch(b"im", [pack_reply(sent[0][1], b"r0"), b"xx",
                                                   pack_reply(sent[2][1], b"r2")])
     answers = core.on_reply(packed, 1.0)
