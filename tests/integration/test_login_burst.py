@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import urllib.request
 
 import pytest
@@ -93,5 +94,10 @@ def test_a_login_burst_completes_and_the_worker_computes_nothing_for_callers_who
     # Each retry the clients made was an answer the worker (refusal, drop) or
     # the gate (its timeout) gave; the worker's refusals and drops are among them.
     assert logged_in.retried.get("unavailable", 0) + registered.retried.get("unavailable", 0) >= refused
-    # Nothing left queued behind.
-    assert metrics.get("simzmq_im_password_queue", -1) == 0
+    # Nothing left queued behind (a check whose caller already retried and
+    # got in may still be on its way out: it is dropped, not computed).
+    for _ in range(300):
+        if im_metrics(region).get("simzmq_im_password_queue", -1) == 0:
+            break
+        time.sleep(0.1)
+    assert im_metrics(region).get("simzmq_im_password_queue", -1) == 0
