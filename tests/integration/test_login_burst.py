@@ -87,9 +87,11 @@ def test_a_login_burst_completes_and_the_worker_computes_nothing_for_callers_who
     outcomes = login_outcomes(metrics)
     expired = sum(v for k, v in metrics.items() if k.startswith("simzmq_im_expired_dropped_total{"))
     refused = metrics.get("simzmq_im_password_refused_total", 0.0)
-    # Every Login the worker dropped or refused is counted as such, and was
-    # answered: each ended as exactly one outcome.
-    assert outcomes.get("expired", 0.0) + outcomes.get("unavailable", 0.0) >= expired
+    # Every request the worker dropped is counted once, as the outcome
+    # "expired" of its type; every refusal is an "unavailable" answer.
+    assert expired == sum(v for k, v in metrics.items() if k.startswith('simzmq_im_requests_total{outcome="expired"'))
+    assert refused <= sum(v for k, v in metrics.items()
+                          if k.startswith('simzmq_im_requests_total{outcome="unavailable"'))
     assert outcomes.get("ok", 0.0) >= USERS + 2
     # Each retry the clients made was an answer the worker (refusal, drop) or
     # the gate (its timeout) gave; the worker's refusals and drops are among them.
