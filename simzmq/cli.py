@@ -631,14 +631,14 @@ def history(ctx, data, host, port, gate_key, user_id, http_port, before, limit, 
 # ---------------------------------------------------------------------------
 
 @main.command()
-@click.argument("scenario", type=click.Choice(["pairs", "connect", "fanin", "backlog"]))
+@click.argument("scenario", type=click.Choice(["pairs", "connect", "fanin", "backlog", "logins"]))
 @data_option
 @click.option("--host", default=None, help="Gate host (default gate.host).")
 @click.option("--port", type=int, default=None,
               help="Gate port (default: gate-1's port from DATA/run, else gate.port).")
 @click.option("--gate-key", default=None, help="The gate's public key, 64 hex (default: DATA/keys/gate.pub).")
 @click.option("--users", type=int, default=None,
-              help="Users (default: pairs 200, fanin 50, backlog 2, connect min(connections, 200)).")
+              help="Users (default: pairs 200, fanin 50, backlog 2, connect min(connections, 200), logins 500).")
 @click.option("--messages", type=int, default=200, show_default=True, help="Messages per sender (pairs, fanin).")
 @click.option("--window", type=int, default=16, show_default=True,
               help="Unacknowledged Sends per sender (without --rate; also the backlog fill).")
@@ -656,7 +656,7 @@ def history(ctx, data, host, port, gate_key, user_id, http_port, before, limit, 
 @click.pass_context
 def bench(ctx, scenario, data, host, port, gate_key, users, messages, window, rate, procs, connections, backlog,
           concurrency, settle, codec, as_json, progress):
-    """Load-test a running region: pairs, connect, fanin or backlog."""
+    """Load-test a running region: pairs, connect, fanin, backlog or logins."""
     from simzmq import bench as bench_mod
     cfg = load_config(ctx, {"region": {"data": str(Path(data).resolve()) if data else None}})
     try:

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tornado import web, websocket
 
 from simzmq import limits as lim
-from simzmq.gate_session import (BACKPRESSURE, CLOSED, FRAMES_PER_TURN, RATE_LIMITED, SlowConsumer, code_name,
+from simzmq.gate_session import (BACKPRESSURE, CLOSED, RATE_LIMITED, SlowConsumer, code_name, turn_used,
                                  inc)
 from simzmq.web import web_routes
 from simzmq.wire import messages as m
@@ -200,6 +200,7 @@ class WebSocketHandler(websocket.WebSocketHandler):
     conn = None
     address = None
     turn = 0
+    turn_bytes = 0
 
     def check_origin(self, origin):
         # The channel is authenticated end to end by the handshake, not by cookies,
@@ -228,8 +229,9 @@ class WebSocketHandler(websocket.WebSocketHandler):
         # a turn for the other connections now and then.
         await self._ready_to_read()
         self.turn += 1
-        if self.turn >= FRAMES_PER_TURN:
-            self.turn = 0
+        self.turn_bytes += len(message)
+        if turn_used(self.turn, self.turn_bytes):
+            self.turn = self.turn_bytes = 0
             await asyncio.sleep(0)
 
     async def _ready_to_read(self) -> None:

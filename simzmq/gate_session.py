@@ -44,6 +44,15 @@ SESSION_ID_BYTES = 16
 # loop come round (the broker link, timers, HTTP) every few hundred
 # milliseconds: a frame costs a few tens of microseconds.
 FRAMES_PER_TURN = 8
+# And at most this many bytes of frames (at least one frame): a client
+# sending 60 KB bodies gets as many bytes served per turn as one sending
+# small ones, not eight times 60 KB while the others wait.
+BYTES_PER_TURN = 65536
+
+
+def turn_used(frames: int, nbytes: int) -> bool:
+    """Has a connection had its share of this turn of the event loop?"""
+    return frames >= FRAMES_PER_TURN or nbytes >= BYTES_PER_TURN
 
 CONNECTIONS = Gauge("simzmq_gate_connections", "Open client connections")
 REQUESTS = Counter("simzmq_gate_requests_total", "Client requests by type and outcome", ["type", "outcome"])
@@ -55,6 +64,10 @@ RATE_LIMITED = Counter("simzmq_gate_rate_limited_total",
 BACKPRESSURE = Counter("simzmq_gate_backpressure_total",
                        "Times a connection's reading paused: at max_pending_requests (pending), or more "
                        "than pause_reading_bytes behind in reading (behind)", ["why"])
+
+SEND_BYTES = Counter("simzmq_gate_send_bytes_total",
+                     "Bytes of Send requests let through the byte budgets (send_bytes_*)")
+SEND_TYPE = m.Send.TYPE
 
 TYPE_NAMES = {t: cls.__name__ for t, cls in m.MESSAGES.items()}
 
@@ -104,6 +117,7 @@ class ClientConnection:
         now = gate.now()
         self.last_rx = now
         self.bucket = gate.limiter.connection_bucket(now)
+        self.send_bytes = gate.limiter.connection_byte_bucket(now)
         # Requests forwarded and not yet answered; at max_pending_requests the
         # transport stops reading this connection (`paused`) until replies
         # drain: it is told through transport.pause_changed().
@@ -167,6 +181,8 @@ class ClientConnection:
         if verdict:
             self.limited(ref, lim.REQUESTS, verdict, "too many requests on this connection; slow down")
             return
+        if mtype == SEND_TYPE and self.user is not None and not self.send_allowed(ref, len(plaintext)):
+            return
         name = TYPE_NAMES.get(mtype, "unknown")
         if mtype not in CLIENT_REQUESTS:
             inc(REQUESTS, "unknown", "bad_request")
@@ -184,6 +200,24 @@ class ClientConnection:
             return
         handler = self._handlers[mtype]
         handler(self, ref, msg)
+
+    def send_allowed(self, ref: int, size: int) -> bool:
+        """The Send limits (count per user; bytes per connection and per
+        user), checked on the frame's header and size alone: a Send that will
+        be refused costs no decoding and never reaches the bus."""
+        gate = self.gate
+        now = gate.now()
+        verdict, limit = gate.limiter.send(self.user, size, self.send_bytes, now)
+        if not verdict:
+            SEND_BYTES.inc(size)
+            return True
+        if limit == lim.SENDS:
+            reason = "too many messages from this user; retry later"
+        else:
+            wait = gate.limiter.send_retry_after(self.user, size, self.send_bytes, now)
+            reason = f"too many bytes sent; retry in {max(1, math.ceil(wait))} s"
+        self.limited(ref, limit, verdict, reason, "Send")
+        return False
 
     def limited(self, ref: int, limit: str, verdict: Verdict, reason: str, request: str = "") -> None:
         """A request over `limit`: Error{rate_limited}, or Kick{abuse} when far over."""
@@ -274,11 +308,6 @@ class ClientConnection:
             inc(REQUESTS, name, "not_logged_in")
             self.reply_error(ref, ErrorCode.NOT_LOGGED_IN, "log in first")
             return
-        if type(msg) is m.Send:
-            verdict = self.gate.limiter.send(self.user, self.gate.now())
-            if verdict:
-                self.limited(ref, lim.SENDS, verdict, "too many messages from this user; retry later", "Send")
-                return
         self.forward(ref, self.user, msg, name)
 
     _handlers = {

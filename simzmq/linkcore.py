@@ -25,6 +25,7 @@ cannot leave the core half-updated (the shell calls each one guarded).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 from simzmq import mdp
@@ -43,12 +44,13 @@ MAX_BATCH = 512
 
 
 class Pending:
-    __slots__ = ("corr", "key", "body", "callback", "deadline", "started")
+    __slots__ = ("corr", "key", "origin", "payload", "callback", "deadline", "started")
 
-    def __init__(self, corr, key, body, callback, deadline, started):
+    def __init__(self, corr, key, origin, payload, callback, deadline, started):
         self.corr = corr
         self.key = key
-        self.body = body
+        self.origin = origin
+        self.payload = payload
         self.callback = callback
         self.deadline = deadline
         self.started = started
@@ -70,6 +72,11 @@ class Tick(NamedTuple):
 class Notices(NamedTuple):
     deliveries: list[tuple[bytes, bytes, bytes]]  # (user topic, origin, payload)
     resync: list[str]                              # users to catch up
+
+
+def budget_ms(seconds: float) -> int:
+    """A budget in whole milliseconds, at least 1 (0 would mean none)."""
+    return max(1, math.ceil(seconds * 1000))
 
 
 def user_topic(user: str) -> bytes:
@@ -127,21 +134,24 @@ class LinkCore:
         of the turn (the shell then schedules :meth:`outgoing`)."""
         corr = self.next_corr.to_bytes(8, "big")
         self.next_corr += 1
-        pending = Pending(corr, key, pack_request(corr, origin, payload), callback, now + self.request_timeout, now)
+        pending = Pending(corr, key, origin, payload, callback, now + self.request_timeout, now)
         self.pending[corr] = pending
         self.outbox.append(pending)
         return len(self.outbox) == 1
 
-    def outgoing(self) -> list[list[bytes]]:
-        """The messages to send now for what was queued since the last call."""
+    def outgoing(self, now: float) -> list[list[bytes]]:
+        """The messages to send now for what was queued since the last call.
+        Each request carries the time this gate still waits for its reply
+        (its budget), as of now: a resend after a failover carries what is
+        left, so a worker never computes what nobody waits for any more."""
         queued = [p for p in self.outbox if p.corr in self.pending]
         self.outbox = []
         if not queued:
             return []
+        entries = [(p.key, pack_request(p.corr, p.origin, p.payload, budget_ms(p.deadline - now))) for p in queued]
         if not self.batches:
-            return [mdp.build_client_request(SERVICE, [p.key, p.body]) for p in queued]
-        return [mdp.build_client_batch(SERVICE, [(p.key, p.body) for p in queued[i:i + MAX_BATCH]])
-                for i in range(0, len(queued), MAX_BATCH)]
+            return [mdp.build_client_request(SERVICE, list(entry)) for entry in entries]
+        return [mdp.build_client_batch(SERVICE, entries[i:i + MAX_BATCH]) for i in range(0, len(entries), MAX_BATCH)]
 
     def on_reply(self, frames: list[bytes], now: float) -> list[Answer]:
         """A message from the broker on the DEALER; raises mdp.MDPError or

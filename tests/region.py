@@ -67,6 +67,16 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+    """A /metrics page as {"name{labels}": value}."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
 class Region:
     """A running `simzmq up` with its own data directory and ports."""
 

@@ -26,7 +26,7 @@ from simzmq.wire.frames import encode_frame
 from simzmq.wire.handshake import ClientHandshake
 from simzmq.wire.messages import ErrorCode, KickCode
 from tests.rawclient import Closed, RawClient
-from tests.region import region_fixture
+from tests.region import Region, parse_metrics, region_fixture
 
 LIMITS = {
     "TRUSTED_ADDRESSES": "",
@@ -128,12 +128,7 @@ def metrics(region) -> dict[str, float]:
         text = resp.read().decode()
     finally:
         conn.close()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
+    return parse_metrics(text)
 
 
 def limited_count(region, limit: str) -> float:
@@ -209,12 +204,17 @@ def test_requests_per_connection_then_abuse_kick(region):
     assert isinstance(connect(region, src).request(m.Ping(ts_ms=3)), m.Pong)
 
 
-@pytest.mark.timeout(60)
-def test_sends_per_user_across_connections_store_nothing_over_the_limit(region):
+def two_devices_and_a_peer(region) -> tuple[RawClient, RawClient, RawClient]:
+    """A user logged in on two connections, and another user to send to."""
     src = new_source()
     a1 = user(region, src, device="one")
     a2 = user(region, src, name=a1.name, device="two", register=False)
-    bob = user(region, src)
+    return a1, a2, user(region, src)
+
+
+@pytest.mark.timeout(60)
+def test_sends_per_user_across_connections_store_nothing_over_the_limit(region):
+    a1, a2, bob = two_devices_and_a_peer(region)
     replies = []
     for i in range(7):
         conn = (a1, a2)[i % 2]
@@ -228,6 +228,49 @@ def test_sends_per_user_across_connections_store_nothing_over_the_limit(region):
     assert isinstance(a2.request(m.Ping(ts_ms=1)), m.Pong)
     # Another user's Sends are not affected.
     assert isinstance(bob.request(m.Send(to=a1.name, cmid=os.urandom(16), kind=0, body=b"hi")), m.SendOk)
+
+
+@pytest.fixture(scope="module")
+def bytes_region(tmp_path_factory):
+    """Byte budgets small enough to reach with a few Sends (the other limits'
+    tests send big bodies)."""
+    limits = {"TRUSTED_ADDRESSES": "", "SEND_BYTES_PER_CONNECTION_PER_S": "100",
+              "SEND_BYTES_PER_CONNECTION_BURST": "6000", "SEND_BYTES_PER_USER_PER_S": "100",
+              "SEND_BYTES_PER_USER_BURST": "10000"}
+    r = Region(tmp_path_factory.mktemp("bytes") / "data",
+               extra_env={f"SIMZMQ_GATE_LIMITS_{k}": v for k, v in limits.items()})
+    r.start()
+    yield r
+    r.stop()
+
+
+@pytest.mark.timeout(90)
+def test_send_bytes_per_connection_and_per_user_store_nothing_over_the_budget(bytes_region):
+    region = bytes_region
+    a1, a2, bob = two_devices_and_a_peer(region)
+    before = metrics(region)
+
+    def send(conn):
+        return conn.request(m.Send(to=bob.name, cmid=os.urandom(16), kind=0, body=b"x" * 2500))
+
+    # Two of these fit a connection's 6000 bytes; the third does not.
+    first = [send(a1) for _ in range(3)]
+    assert [type(r) for r in first[:2]] == [m.SendOk, m.SendOk], first
+    assert is_error(first[2], ErrorCode.RATE_LIMITED) and "retry in" in first[2].reason
+    # The user's 10000 bytes are shared by both connections: one more fits.
+    second = [send(a2) for _ in range(2)]
+    assert isinstance(second[0], m.SendOk) and is_error(second[1], ErrorCode.RATE_LIMITED), second
+    # Nothing refused was stored; the connections stay; others are not affected.
+    assert inbox_size(bob) == 3
+    assert isinstance(a1.request(m.Ping(ts_ms=1)), m.Pong)
+    assert isinstance(bob.request(m.Send(to=a1.name, cmid=os.urandom(16), kind=0, body=b"hi")), m.SendOk)
+    after = metrics(region)
+
+    def grew(key):
+        return after.get(key, 0.0) - before.get(key, 0.0)
+    assert grew('simzmq_gate_rate_limited_total{limit="send_bytes_connection"}') >= 1
+    assert grew('simzmq_gate_rate_limited_total{limit="send_bytes_user"}') >= 1
+    assert grew("simzmq_gate_send_bytes_total") >= 3 * 2500
 
 
 @pytest.mark.timeout(60)
