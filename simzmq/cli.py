@@ -432,7 +432,7 @@ def federate(ctx):
     setup_logging()
     cfg = load_config(ctx)
     logging.getLogger("simzmq.federation").info("federation: config %s", cfg.describe())
-    serve("federation", config_mod.federation_listeners(cfg), lambda: run_federation(cfg))
+    serve(cfg, "federation", config_mod.federation_listeners(cfg), lambda: run_federation(cfg))
 
 
 def run_federation(cfg: config_mod.Config) -> None:
