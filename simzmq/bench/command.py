@@ -57,8 +57,10 @@ def _logins(cfg, host: str, port: int, pk: bytes, users: int | None, as_json: bo
     im = cfg["im"]
     urls = [f"http://127.0.0.1:{im_metrics_port(cfg, i)}/metrics" for i in range(1, workers + 1)
             if im_metrics_port(cfg, i)]
+    calibration = calibrate(cfg.data_dir)
     report = logins.run(host, port, pk, users, workers * im["pwhash_threads"], im["pwhash_strength"], urls)
     report["machine"] = machine_info()
+    report["calibration"] = calibration
     print(json.dumps(report, indent=2) if as_json else logins.format_report(report))
     return 0 if report["ok"] else 1
 
