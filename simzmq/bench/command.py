@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 from simzmq import keys as keys_mod
-from simzmq.config import im_metrics_port
 from simzmq.bench import logins
 from simzmq.bench.calibrate import calibrate
 from simzmq.bench.coordinator import run
 from simzmq.bench.plan import BenchError, Options, validate
-from simzmq.bench.procstats import gate_port_from_pid, machine_info, read_pid_files
+from simzmq.bench.procstats import gate_port_from_pid, listening_ports, machine_info, read_pid_files
 from simzmq.bench.report import format_report
 
 
@@ -53,12 +52,15 @@ def _logins(cfg, host: str, port: int, pk: bytes, users: int | None, as_json: bo
     users = logins.DEFAULT_USERS if users is None else users
     if users < 1:
         raise BenchError("logins needs at least 1 user")
-    workers = sum(1 for name in read_pid_files(cfg.data_dir) if name.startswith("im-")) or 1
+    worker_pids = [pid for name, pid in read_pid_files(cfg.data_dir).items() if name.startswith("im-")]
+    workers = len(worker_pids) or 1
     im = cfg["im"]
-    urls = [f"http://127.0.0.1:{im_metrics_port(cfg, i)}/metrics" for i in range(1, workers + 1)
-            if im_metrics_port(cfg, i)]
+    urls = [f"http://127.0.0.1:{port}/metrics" for pid in worker_pids for port in listening_ports(pid)]
     calibration = calibrate(cfg.data_dir)
-    report = logins.run(host, port, pk, users, workers * im["pwhash_threads"], im["pwhash_strength"], urls)
+    try:
+        report = logins.run(host, port, pk, users, workers * im["pwhash_threads"], im["pwhash_strength"], urls)
+    except OSError as exc:
+        raise BenchError(f"cannot reach the gate at {host}:{port}: {exc.strerror or exc}") from None
     report["machine"] = machine_info()
     report["calibration"] = calibration
     print(json.dumps(report, indent=2) if as_json else logins.format_report(report))

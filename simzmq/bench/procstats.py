@@ -106,6 +106,17 @@ def gate_http_ports(data_dir: str | Path | None) -> dict[str, int]:
     return ports
 
 
+def listening_ports(pid: int) -> list[int]:
+    """The TCP ports a local process listens on (an IM worker's only one is
+    its /metrics), whatever configuration or --port-base it was started with."""
+    import psutil
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return []
+    return sorted({c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN})
+
+
 def server_report(pids: dict[str, int], before: dict, after: dict, wall_s: float, per: int = 0) -> dict:
     """CPU seconds and RSS per region process over a window; with ``per``
     (messages, logins…), also CPU microseconds per item, which a busy machine
