@@ -22,7 +22,7 @@ import secrets
 from collections.abc import Container, Sequence
 from typing import NamedTuple
 
-from simzmq.store.base import NewMessage, SentRecord, Store, clamp_history_limit, clamp_sync_limit
+from simzmq.store.base import NewMessage, PushJobRow, SentRecord, Store, clamp_history_limit, clamp_sync_limit
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode
 
@@ -134,10 +134,16 @@ class _SendBatch:
 
 
 class IMService:
-    def __init__(self, store: Store, token_ttl_ms: int, max_frame: int):
+    def __init__(self, store: Store, token_ttl_ms: int, max_frame: int, push_delay_ms: int | None = None):
         self.store = store
         self.token_ttl_ms = token_ttl_ms
         self.max_items_bytes = max_frame - FRAME_OVERHEAD
+        # With the push service on: each new message to someone else queues a
+        # push job, due push_delay_ms after it (docs/push.md), in its own
+        # transaction. push_due_ms is the earliest due time queued since the
+        # shell last took it (to wake the push service after the commit).
+        self.push_delay_ms = push_delay_ms
+        self.push_due_ms: int | None = None
 
     def handle(self, key: str, origin: bytes, msg, now_ms: int, prepared=None) -> Outcome:
         """One request from the user `key`. `prepared` is the result of the
@@ -222,6 +228,8 @@ class IMService:
                 batch.sent[(sender, new.cmid)] = SentRecord(msg_id, sender_seq, now_ms, msg.to, msg.kind,
                                                             new.body, recipient_seq)
             _step(run, self.store.add_messages, stored)
+            if self.push_delay_ms is not None:
+                self._queue_pushes(run, stored)
         # Every new one, and every retry: answer the stored SendOk and publish
         # the copies (again, for a retry, because its first attempt may have
         # died between its commit and its publish; gates push each inbox seq
@@ -230,6 +238,21 @@ class IMService:
             sender, origin, msg = requests[i][:3]
             rec = batch.sent[(sender, bytes(msg.cmid))]
             outcomes[i] = self._sent(sender, origin, msg, rec.msg_id, rec.ts_ms, rec.sender_seq, rec.recipient_seq)
+
+    def _queue_pushes(self, run: list[int], stored: list[NewMessage]) -> None:
+        jobs = [PushJobRow(n.msg_id, n.to, n.recipient_seq, n.ts_ms, n.ts_ms + self.push_delay_ms)
+                for n in stored if n.to != n.sender]
+        if jobs:
+            _step(run, self.store.add_push_jobs, jobs)
+            due = jobs[0].due_ms
+            self.push_due_ms = due if self.push_due_ms is None else min(due, self.push_due_ms)
+
+    def take_push_due(self) -> int | None:
+        """The earliest due time of the push jobs queued since the last call
+        (None: none). Asked after the commit; a rolled-back batch only makes
+        a spurious wake-up."""
+        due, self.push_due_ms = self.push_due_ms, None
+        return due
 
     # -- accounts -----------------------------------------------------------
 

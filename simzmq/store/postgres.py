@@ -147,7 +147,35 @@ $fn$;
 # Appends are batched in Python now (SQLStore.add_messages).
 _SCHEMA_V2 = "DROP FUNCTION simzmq_append(text, text, bytea, smallint, bytea, bigint);"
 
-MIGRATIONS = [_SCHEMA_V1, _SCHEMA_V2]
+# The push outbox (simzmq/push.py): one row per message to push, written in
+# the message's transaction; the dead-letter table keeps given-up ones.
+_SCHEMA_V3 = """
+CREATE TABLE push_outbox (
+    msg_id      bigint PRIMARY KEY,
+    user_id     text COLLATE "C" NOT NULL,
+    seq         bigint NOT NULL,
+    created_ms  bigint NOT NULL,
+    due_ms      bigint NOT NULL,
+    attempts    integer NOT NULL,
+    lease_until bigint NOT NULL,
+    lease_token text NOT NULL,
+    last_error  text NOT NULL
+);
+CREATE INDEX push_outbox_user ON push_outbox (user_id, msg_id);
+CREATE INDEX push_outbox_due ON push_outbox (due_ms, msg_id);
+CREATE INDEX push_outbox_lease ON push_outbox (lease_token);
+CREATE TABLE push_dead (
+    msg_id      bigint PRIMARY KEY,
+    user_id     text COLLATE "C" NOT NULL,
+    seq         bigint NOT NULL,
+    created_ms  bigint NOT NULL,
+    attempts    integer NOT NULL,
+    died_ms     bigint NOT NULL,
+    last_error  text NOT NULL
+);
+"""
+
+MIGRATIONS = [_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3]
 
 # SQLSTATEs of transient conflicts: deadlock, serialization failure, lock
 # timeout, cancelled statement (statement_timeout).
@@ -169,6 +197,8 @@ def _formatted(sql: str) -> str:
 class PostgresStore(SQLStore):
     _NO_LIMIT = None
     _LOCK_ROWS = " ORDER BY id FOR UPDATE"
+    # Users whose oldest job another claim has locked are skipped, not waited for.
+    _SKIP_LOCKED = " FOR UPDATE OF o SKIP LOCKED"
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn

@@ -107,8 +107,24 @@ def _create_v1(db: sqlite_utils.Database) -> None:
     db.execute(conv_sql.rstrip().rstrip(";") + " WITHOUT ROWID")
 
 
+def _create_v2_push(db: sqlite_utils.Database) -> None:
+    # The push outbox (simzmq/push.py): one row per message to push, written
+    # in the message's transaction; the dead-letter table keeps given-up ones.
+    db.execute(
+        "CREATE TABLE push_outbox (msg_id INTEGER PRIMARY KEY, user_id TEXT NOT NULL, seq INTEGER NOT NULL,"
+        " created_ms INTEGER NOT NULL, due_ms INTEGER NOT NULL, attempts INTEGER NOT NULL,"
+        " lease_until INTEGER NOT NULL, lease_token TEXT NOT NULL, last_error TEXT NOT NULL)")
+    db.execute("CREATE INDEX push_outbox_user ON push_outbox (user_id, msg_id)")
+    db.execute("CREATE INDEX push_outbox_due ON push_outbox (due_ms, msg_id)")
+    db.execute("CREATE INDEX push_outbox_lease ON push_outbox (lease_token)")
+    db.execute(
+        "CREATE TABLE push_dead (msg_id INTEGER PRIMARY KEY, user_id TEXT NOT NULL, seq INTEGER NOT NULL,"
+        " created_ms INTEGER NOT NULL, attempts INTEGER NOT NULL, died_ms INTEGER NOT NULL,"
+        " last_error TEXT NOT NULL)")
+
+
 # PRAGMA user_version N means MIGRATIONS[:N] have run.
-MIGRATIONS = [_create_v1]
+MIGRATIONS = [_create_v1, _create_v2_push]
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -164,6 +180,7 @@ class Checkpointer:
 class SQLiteStore(SQLStore):
     _NO_LIMIT = -1
     _LOCK_ROWS = ""
+    _SKIP_LOCKED = ""
 
     def __init__(
         self,
