@@ -11,8 +11,8 @@ socket         ZAP domain        roles allowed to connect
 =============  ================  =========================================
 frontend       ``frontend``      gate
 backend        ``backend``       worker
-notify in      ``notify_in``     worker
-notify out     ``notify_out``    gate
+notify in      ``notify_in``     worker, gate (presence reports)
+notify out     ``notify_out``    gate, worker (the push service)
 state          ``state_pub``     broker (the peer), ops (``simzmq monitor``)
 =============  ================  =========================================
 
@@ -47,8 +47,10 @@ ROLES = keys_mod.BUS_ROLES
 SOCKET_ROLES: dict[str, frozenset[str]] = {
     "frontend": frozenset({"gate"}),
     "backend": frozenset({"worker"}),
-    "notify_in": frozenset({"worker"}),
-    "notify_out": frozenset({"gate"}),
+    # Gates publish presence reports, and the push service (with the worker
+    # key) reads them and the workers' wake-ups (docs/push.md).
+    "notify_in": frozenset({"worker", "gate"}),
+    "notify_out": frozenset({"gate", "worker"}),
     "state_pub": frozenset({"broker", "ops"}),
 }
 # The broker's one client socket: its SUB to the peer's state PUB.

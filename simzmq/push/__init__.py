@@ -12,3 +12,12 @@ messages for users who are not online, so it can wake their phones.
 docs/push.md is the operator's page; docs/internal-protocol.md describes
 the wake-up and presence messages on the bus.
 """
+
+# Topics on the broker's notification path (docs/internal-protocol.md). "!"
+# is never in a user id and no gate subscribes to them, so they reach the
+# push service only.
+# The IM worker publishes [WAKE_TOPIC, due_ms (u64 big-endian)] after a
+# commit that queued push jobs: the earliest of their due times.
+WAKE_TOPIC = b"!push\0"
+# Gates publish [PRESENCE_TOPIC, JSON report] (simzmq/push/policy.py).
+PRESENCE_TOPIC = b"!presence\0"

@@ -24,8 +24,8 @@ def test_the_allow_lists_are_the_ones_documented():
     assert bus.SOCKET_ROLES == {
         "frontend": {"gate"},
         "backend": {"worker"},
-        "notify_in": {"worker"},
-        "notify_out": {"gate"},
+        "notify_in": {"worker", "gate"},
+        "notify_out": {"gate", "worker"},
         "state_pub": {"broker", "ops"},
     }
 
@@ -33,8 +33,8 @@ def test_the_allow_lists_are_the_ones_documented():
 @pytest.mark.parametrize("domain, allowed", [
     ("frontend", {GATE}),
     ("backend", {WORKER}),
-    ("notify_in", {WORKER}),
-    ("notify_out", {GATE}),
+    ("notify_in", {WORKER, GATE}),
+    ("notify_out", {GATE, WORKER}),
     ("state_pub", {BROKER, OPS}),
 ])
 def test_each_socket_admits_its_roles_only(policy, domain, allowed):
