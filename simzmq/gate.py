@@ -92,7 +92,7 @@ class Gate:
     real ones; tests may pass their own."""
 
     def __init__(self, name: str, cfg: dict, static_sk: bytes, brokers: list[BrokerEndpoints],
-                 configure_socket=None, clock=None, loop=None):
+                 configure_socket=None, clock=None, loop=None, presence: tuple[list[str], float] | None = None):
         self.name = name
         self.cfg = cfg
         self.static_sk = static_sk
@@ -115,6 +115,9 @@ class Gate:
         self._last_prune = 0.0
         self._last_sweep = 0.0
         self.outbound_estimate = 0
+        # (notify_in endpoints, interval): report presence to the push service.
+        self.presence_to = presence
+        self.presence = None  # PresenceReporter once started
 
     def now(self) -> float:
         return self.clock()
@@ -231,11 +234,20 @@ class Gate:
                                cfg["probe_interval_ms"] / 1000, cfg["failover_after_ms"] / 1000,
                                self.fanout.on_notification, self.fanout.resync, self.configure_socket)
         self.backend.start()
+        if self.presence_to is not None:
+            from simzmq.push.presence import PresenceReporter
+            self.presence = PresenceReporter(self.ctx, self.name, self.presence_to[0], self.presence_to[1],
+                                             self.configure_socket)
+            self._presence_tick()
         self.fanout.check_holes()
         self._sweep_tick()
         log.info("gate %s listening: clients tcp://%s:%d, http%s://%s:%d (health, history, metrics, ws); "
                  "brokers %s", self.name, host, port, "s" if ssl_options else "", http_host, http_port,
                  ", ".join(f"{b.name} {b.frontend} / {b.notify_out}" for b in self.brokers))
+
+    def _presence_tick(self) -> None:
+        self.presence.snapshot(self.fanout.sessions)
+        self.call_later(self.presence.interval_s, self._presence_tick)
 
     async def shutdown(self):
         log.info("gate %s shutting down: kicking %d connections", self.name, len(self.connections))
@@ -247,6 +259,8 @@ class Gate:
         for conn in list(self.connections):
             conn.kick(KickCode.SHUTDOWN, "server shutting down")
         await asyncio.sleep(0.2)
+        if self.presence is not None:
+            self.presence.close()
         self.backend.close()
 
 
@@ -268,12 +282,13 @@ def check_http_exposure(cfg: dict) -> dict | None:
 
 
 def run(name: str, cfg: dict, static_sk: bytes, brokers: list[BrokerEndpoints],
-        host: str, port: int, http_host: str, http_port: int, configure_socket=None) -> None:
+        host: str, port: int, http_host: str, http_port: int, configure_socket=None,
+        presence: tuple[list[str], float] | None = None) -> None:
     """Run a gate until SIGTERM/SIGINT."""
     ssl_options = check_http_exposure(cfg)
 
     async def main():
-        gate = Gate(name, cfg, static_sk, brokers, configure_socket)
+        gate = Gate(name, cfg, static_sk, brokers, configure_socket, presence=presence)
         try:
             await gate.start(host, port, http_host, http_port, ssl_options)
         except ListenError as exc:

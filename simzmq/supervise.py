@@ -1,7 +1,7 @@
 """`simzmq up`: start a region's processes, say it is up only once it is, keep
 it up, and stop it in order.
 
-Start: brokers, then IM workers and gates. The region is announced only when
+Start: brokers, then IM workers, push services (with a webhook) and gates. The region is announced only when
 a broker reports itself active with every IM worker registered (its state
 socket), and every gate answers /v1/health with 200 and accepts a TCP
 connection on its client port. A child that exits before it has shown it
@@ -53,8 +53,8 @@ STOP_GRACE_S = 5.0
 # machine start slowly; a child that cannot start exits well before).
 STARTUP_TIMEOUT_S = 60.0
 POLL_S = 0.05
-# Stop order: gates, then workers, then brokers.
-STOP_ORDER = ("gate-", "im-", "broker-")
+# Stop order: gates, then push services, then workers, then brokers.
+STOP_ORDER = ("gate-", "push-", "im-", "broker-")
 
 PR_SET_PDEATHSIG = 1
 

@@ -49,6 +49,9 @@ class Region:
         # known to be free, the others go without metrics in tests.
         self.im_metrics_port = ports[14] if workers == 1 else 0
         env["SIMZMQ_IM_METRICS_PORT"] = str(self.im_metrics_port)
+        # push-1's metrics (used when a test turns the push service on).
+        self.push_metrics_port = ports[15]
+        env["SIMZMQ_PUSH_METRICS_PORT"] = str(ports[15])
         if store:
             env["SIMZMQ_IM_STORE"] = store
         env.update(extra_env or {})
