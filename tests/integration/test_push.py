@@ -204,3 +204,138 @@ def test_a_recipient_who_fetches_before_the_job_is_due_gets_no_call(region, rece
     wait_for(lambda: not outbox_holds(region, [ok.msg_id]), what="the decision")
     time.sleep(0.5)
     assert receiver.for_user(bob, ok_only=False) == []
+
+
+def metric(port: int, name: str) -> float:
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_a_receiver_that_is_down_for_a_while_gets_the_call_when_it_recovers(region, receiver):
+    alice, bob = fresh("alice"), fresh("bob")
+    failures = metric(region.push_metrics_port, "simzmq_push_failures_total")
+    receiver.stop()
+    try:
+        async def go():
+            await offline_user(region, bob)
+            a = await client(region, alice)
+            ok = await a.send(bob, b"wake up")
+            await a.close()
+            return ok
+        ok = run(go())
+        wait_for(lambda: metric(region.push_metrics_port, "simzmq_push_failures_total") >= failures + 2,
+                 what="two failed attempts")
+    finally:
+        receiver.start()
+    (call,) = wait_for(lambda: receiver.for_user(bob), what="the call after recovery")
+    assert call["body"]["msg_id"] == ok.msg_id
+
+
+def test_a_hanging_webhook_does_not_delay_messaging(region, receiver):
+    """While every call to the webhook hangs, messages keep being acknowledged
+    (latencies are printed for the report, not asserted)."""
+    alice, bob, carl, dan = fresh("alice"), fresh("bob"), fresh("carl"), fresh("dan")
+    hung = threading.Event()
+    receiver.answer = lambda body: (hung.set(), "hang")[1] if body["user"] == bob else 200
+    try:
+        async def go():
+            await offline_user(region, bob)
+            a = await client(region, alice)
+            c = await client(region, carl)
+            d = await client(region, dan)
+            for i in range(40):
+                await a.send(bob, b"to the offline one %d" % i)
+            await asyncio.to_thread(hung.wait, 60)
+            latencies = []
+            for i in range(100):
+                started = time.monotonic()
+                await c.send(dan, b"meanwhile %d" % i)
+                latencies.append(time.monotonic() - started)
+            for x in (a, c, d):
+                await x.close()
+            return sorted(latencies)
+        latencies = run(go())
+        print(f"\nSend -> SendOk while the webhook hangs: median {latencies[50] * 1000:.1f} ms, "
+              f"p90 {latencies[90] * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms (100 sends)")
+        assert len(latencies) == 100
+    finally:
+        receiver.answer = lambda body: 200
+
+
+def test_kill_9_mid_backlog_loses_no_job(region, receiver):
+    users = [fresh("k") for _ in range(10)]
+    sender = fresh("ks")
+    slow = lambda body: (time.sleep(0.02), 200)[1]  # noqa: E731
+    receiver.answer = slow
+    try:
+        async def go():
+            for u in users:
+                await offline_user(region, u)
+            s = await client(region, sender)
+            sent = [(await s.send(users[i % 10], b"backlog %d" % i)).msg_id for i in range(200)]
+            await s.close()
+            return sent
+        sent = run(go())
+        mine = lambda: [c for u in users for c in receiver.for_user(u)]  # noqa: E731
+        wait_for(lambda: len(mine()) >= 10, what="the backlog to start draining")
+        before = region.pid("push-1")
+        os.kill(before, signal.SIGKILL)
+        wait_for(lambda: (region.data_dir / "run" / "push-1.pid").exists() and region.pid("push-1") != before,
+                 what="the restart")
+        wait_for(lambda: {c["body"]["msg_id"] for c in mine()} >= set(sent), timeout=120, what="every job")
+        deliveries = [c["delivery"] for c in mine()]
+        print(f"\n{len(sent)} jobs, {len(deliveries)} calls answered 200 "
+              f"({len(deliveries) - len(set(deliveries))} repeats a deduplicating receiver drops)")
+        assert set(deliveries) == {f"{users[i % 10]}:{m}" for i, m in enumerate(sent)}
+        # each user's calls came in order (the repeats aside)
+        for u in users:
+            ids = [c["body"]["msg_id"] for c in receiver.for_user(u)]
+            firsts = [x for i, x in enumerate(ids) if x not in ids[:i]]
+            assert firsts == sorted(firsts)
+    finally:
+        receiver.answer = lambda body: 200
+
+
+def simzmq(*args, env=None) -> str:
+    out = subprocess.run([sys.executable, "-m", "simzmq", *args], capture_output=True, text=True, cwd=str(ROOT),
+                         env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_a_receiver_failing_forever_dead_letters_the_job(tmp_path):
+    receiver = Receiver().start()
+    receiver.answer = lambda body: 500
+    r = start_region(tmp_path / "data", receiver, max_age_s=8)
+    try:
+        alice, bob = fresh("alice"), fresh("bob")
+
+        async def go():
+            await offline_user(r, bob)
+            a = await client(r, alice)
+            ok = await a.send(bob, b"nobody home")
+            await a.close()
+            return ok
+        ok = run(go())
+        env = dict(r.env)
+        listed = wait_for(lambda: str(ok.msg_id) in simzmq("push", "dead", "--data", str(r.data_dir), env=env)
+                          and simzmq("push", "dead", "--data", str(r.data_dir), env=env), what="the dead letter")
+        assert f"user {bob}" in listed and "status 500" in listed
+        assert len(receiver.for_user(bob, ok_only=False)) >= 2
+        wait_for(lambda: metric(r.push_metrics_port, "simzmq_push_dead_total") >= 1, what="the dead metric")
+        receiver.answer = lambda body: 200
+        assert "queued 1 push job again" in simzmq("push", "retry", "--all", "--data", str(r.data_dir), env=env)
+        (call,) = wait_for(lambda: receiver.for_user(bob), what="the call after retry")
+        assert call["body"]["msg_id"] == ok.msg_id
+        assert "no dead push jobs" in simzmq("push", "dead", "--data", str(r.data_dir), env=env)
+    finally:
+        r.stop()
+        receiver.stop()
+    log = r.read_log()
+    assert "push service push-1: calls POST" in log and "push service push-1 stopped" in log
