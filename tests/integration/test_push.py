@@ -207,9 +207,13 @@ def test_a_recipient_who_fetches_before_the_job_is_due_gets_no_call(region, rece
 
 
 def metric(port: int, name: str) -> float:
+    """The sum of a metric's samples; -1 while the process does not answer yet."""
     import urllib.request
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return -1
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name) and not line.startswith("#"):
@@ -339,3 +343,53 @@ def test_a_receiver_failing_forever_dead_letters_the_job(tmp_path):
         receiver.stop()
     log = r.read_log()
     assert "push service push-1: calls POST" in log and "push service push-1 stopped" in log
+
+
+def rss_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def test_ten_thousand_queued_jobs_drain_with_bounded_memory(tmp_path):
+    """The jobs are written straight into the store (as IM workers would)
+    with 16 KiB bodies: 160 MiB if the service held them all at once. It
+    holds at most concurrency x jobs_per_user (2.5 MiB of bodies); SQLite's
+    page cache (32 MiB) is most of what it grows by."""
+    from simzmq.service import IMService, Request
+    from simzmq.wire import messages as m
+    receiver = Receiver().start()
+    r = start_region(tmp_path / "data", receiver, concurrency=16, jobs_per_user=10)
+    try:
+        pid = r.pid("push-1")
+        wait_for(lambda: metric(r.push_metrics_port, "simzmq_push_queued_jobs") == 0, what="metrics")
+        baseline = rss_kb(pid, "VmRSS")
+        store = open_store(f"sqlite:///{r.data_dir / 'im.db'}")
+        try:
+            service = IMService(store, 3600_000, 1 << 20, push_delay_ms=0)
+            names = [f"bulk{i}" for i in range(100)]
+            with store.transaction():
+                for name in names:
+                    store.create_user(name, "not-a-hash", 0)
+                store.create_user("bulk-sender", "not-a-hash", 0)
+            body = b"x" * 16384
+            for chunk in range(20):
+                requests = [Request("bulk-sender", b"", m.Send(to=names[i % 100], cmid=b"%d" % i, kind=0, body=body))
+                            for i in range(chunk * 500, chunk * 500 + 500)]
+                with store.transaction():
+                    service.handle_batch(requests, int(time.time() * 1000))
+        finally:
+            store.close()
+        started = time.monotonic()
+        wait_for(lambda: sum(len(receiver.for_user(n)) for n in names) >= 10_000, timeout=600, what="the drain")
+        took = time.monotonic() - started
+        assert {c["body"]["msg_id"] for n in names for c in receiver.for_user(n)} == set(range(1, 10_001))
+        peak = rss_kb(pid, "VmHWM")
+        print(f"\n10000 jobs drained in {took:.1f} s; push-1 RSS {baseline / 1024:.1f} MiB before, "
+              f"peak {peak / 1024:.1f} MiB")
+        assert r.pid("push-1") == pid  # the same process did it all
+        assert peak - baseline < 64 * 1024
+    finally:
+        r.stop()
+        receiver.stop()
