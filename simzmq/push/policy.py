@@ -156,6 +156,9 @@ def delivery_id(call: Call) -> str:
 
 # A gate's report (docs/internal-protocol.md, "Presence"): JSON with
 #   gate: the gate's instance id (its name and a random part chosen at start)
+#   n:    the report's number, rising by one from 1 per gate instance (the
+#         push service hears each report once through each broker: the
+#         second copy, or an older report arriving late, is ignored)
 #   op:   "start" / "end" (one session of `user`, `session` its hex id),
 #         "snapshot" (`users`: every user online there, each with its
 #         sessions), "bye" (the gate stops).
@@ -173,6 +176,9 @@ def parse_report(payload: bytes) -> dict:
         raise BadReport(f"not JSON: {exc}") from None
     if not isinstance(report, dict) or not isinstance(report.get("gate"), str) or report.get("op") not in OPS:
         raise BadReport("not a presence report")
+    n = report.get("n")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise BadReport("a presence report without its number")
     op = report["op"]
     if op in ("start", "end") and not (isinstance(report.get("user"), str)
                                        and isinstance(report.get("session"), str)):
@@ -196,10 +202,14 @@ class Presence:
         self.started = now
         self.gates: dict[str, dict[str, set[str]]] = {}  # gate -> user -> sessions
         self.heard: dict[str, float] = {}                 # gate -> when last heard
+        self.numbers: dict[str, int] = {}                 # gate -> number of the last report applied
 
     def report(self, report: Mapping, now: float) -> None:
         """Apply a report that parse_report accepted."""
-        gate, op = report["gate"], report["op"]
+        gate, op, n = report["gate"], report["op"], report["n"]
+        if n <= self.numbers.get(gate, 0):
+            return  # a copy through the other broker, or overtaken
+        self.numbers[gate] = n
         if op == "bye":
             self.gates.pop(gate, None)
             self.heard.pop(gate, None)
@@ -223,6 +233,11 @@ class Presence:
         for g in gone:
             del self.gates[g]
             del self.heard[g]
+        # A gate's id is new each start: the numbers of those gone for a
+        # while are not needed (a copy still arriving is older than expire_s).
+        for g in [g for g in self.numbers if g not in self.heard]:
+            if g not in gone:
+                del self.numbers[g]
         return gone
 
     def online(self, user: str) -> bool:

@@ -28,6 +28,7 @@ class PresenceReporter:
         # A new id each start: what a gate that died had reported expires.
         self.gate_id = f"{gate_name}/{os.urandom(4).hex()}"
         self.interval_s = interval_s
+        self.number = 0
         self.pub = ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 500)
         if configure_socket is not None:
@@ -37,7 +38,9 @@ class PresenceReporter:
         self.endpoints = endpoints
 
     def _send(self, report: dict) -> None:
+        self.number += 1
         report["gate"] = self.gate_id
+        report["n"] = self.number
         try:
             self.pub.send_multipart([PRESENCE_TOPIC, json.dumps(report, separators=(",", ":")).encode()],
                                     zmq.NOBLOCK)

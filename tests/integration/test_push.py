@@ -393,3 +393,36 @@ def test_ten_thousand_queued_jobs_drain_with_bounded_memory(tmp_path):
     finally:
         r.stop()
         receiver.stop()
+
+
+def test_webhook_echo_checks_signatures_and_prints_each_call(tmp_path):
+    import urllib.error
+    import urllib.request
+    port = free_ports(1)[0]
+    proc = subprocess.Popen([sys.executable, "-m", "simzmq", "webhook-echo", "--port", str(port), "--secret", SECRET],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
+    try:
+        body = webhook.encode_body({"user": "bob", "msg_id": 1})
+
+        def post(headers):
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/hook", data=body, method="POST", headers=headers)
+            try:
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    return r.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+            except OSError:
+                return None
+        signed = webhook.headers(SECRET, body, "bob:1")
+        assert wait_for(lambda: post(signed), what="webhook-echo to listen") == 200
+        assert post(signed) == 200
+        assert post(webhook.headers("wrong", body, "bob:1")) == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [(x["delivery"], x["signature_ok"], x["repeat"]) for x in lines] == [
+        ("bob:1", True, False), ("bob:1", True, True), ("bob:1", False, True)]
+    assert lines[0]["body"] == {"user": "bob", "msg_id": 1}
+    assert f"listening on http://127.0.0.1:{port}/" in err and "webhook-echo stopped" in err
+    assert proc.returncode == 0

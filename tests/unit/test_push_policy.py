@@ -98,7 +98,12 @@ def test_webhook_urls():
     assert webhook.url_problem("ftp://x/") is not None and webhook.url_problem("nonsense") is not None
 
 
+_numbers = {}
+
+
 def report(**kw):
+    """A report numbered as its gate would number it."""
+    _numbers[kw["gate"]] = kw.setdefault("n", _numbers.get(kw["gate"], 0) + 1)
     return parse_report(json.dumps(kw).encode())
 
 
@@ -124,9 +129,24 @@ def test_presence_from_reports_and_snapshots():
     assert not p.online("dan") and p.count() == 0
 
 
+def test_presence_ignores_copies_and_overtaken_reports():
+    p = Presence(expire_s=15, warm_s=6, now=0)
+    start = report(gate="g", op="start", user="bob", session="a", n=1)
+    end = report(gate="g", op="end", user="bob", session="a", n=2)
+    p.report(start, 1)
+    p.report(end, 1)
+    p.report(start, 1)  # the copy through the other broker, late
+    assert not p.online("bob")
+    p.report(report(gate="g", op="start", user="bob", session="b", n=3), 2)
+    p.report(report(gate="g", op="snapshot", users={}, n=3), 2)  # the same number again: a copy
+    assert p.online("bob")
+
+
 @pytest.mark.parametrize("payload", [
-    b"", b"{", b"[]", b'{"gate": "g", "op": "dance"}', b'{"op": "start"}',
-    b'{"gate": "g", "op": "start", "user": "bob"}', b'{"gate": "g", "op": "snapshot", "users": {"a": "x"}}',
+    b"", b"{", b"[]", b'{"gate": "g", "op": "dance", "n": 1}', b'{"op": "start", "n": 1}',
+    b'{"gate": "g", "op": "start", "user": "bob", "n": 1}',
+    b'{"gate": "g", "op": "snapshot", "users": {"a": "x"}, "n": 1}',
+    b'{"gate": "g", "op": "bye"}', b'{"gate": "g", "op": "bye", "n": 0}', b'{"gate": "g", "op": "bye", "n": true}',
     b"\xff\xfe",
 ])
 def test_bad_presence_reports_are_refused(payload):
