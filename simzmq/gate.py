@@ -118,6 +118,7 @@ class Gate:
         # (notify_in endpoints, interval): report presence to the push service.
         self.presence_to = presence
         self.presence = None  # PresenceReporter once started
+        self._presence_timer = None
 
     def now(self) -> float:
         return self.clock()
@@ -247,7 +248,7 @@ class Gate:
 
     def _presence_tick(self) -> None:
         self.presence.snapshot(self.fanout.sessions)
-        self.call_later(self.presence.interval_s, self._presence_tick)
+        self._presence_timer = self.call_later(self.presence.interval_s, self._presence_tick)
 
     async def shutdown(self):
         log.info("gate %s shutting down: kicking %d connections", self.name, len(self.connections))
@@ -260,6 +261,7 @@ class Gate:
             conn.kick(KickCode.SHUTDOWN, "server shutting down")
         await asyncio.sleep(0.2)
         if self.presence is not None:
+            self._presence_timer.cancel()
             self.presence.close()
         self.backend.close()
 

@@ -132,6 +132,15 @@ async def offline_user(region, name) -> None:
     await c.close()
 
 
+async def message_to_offline(region, bob: str, text: bytes, alice: str | None = None):
+    """Register `bob` (and leave him offline); a new user sends him `text`."""
+    await offline_user(region, bob)
+    a = await client(region, alice or fresh("alice"))
+    ok = await a.send(bob, text)
+    await a.close()
+    return ok
+
+
 def wait_for(predicate, timeout=60.0, what="a condition"):
     deadline = time.monotonic() + timeout
     while True:
@@ -154,13 +163,7 @@ def outbox_holds(region, msg_ids) -> bool:
 def test_an_offline_recipient_gets_exactly_one_signed_call(region, receiver):
     alice, bob = fresh("alice"), fresh("bob")
 
-    async def go():
-        await offline_user(region, bob)
-        a = await client(region, alice)
-        ok = await a.send(bob, "hello bob, ".encode() + "é".encode() * 200)
-        await a.close()
-        return ok
-    ok = run(go())
+    ok = run(message_to_offline(region, bob, "hello bob, ".encode() + "é".encode() * 200, alice))
     (call,) = wait_for(lambda: receiver.for_user(bob), what="the call")
     assert call["signature"] == webhook.signature(SECRET, call["raw"])
     assert call["delivery"] == f"{bob}:{ok.msg_id}"
@@ -187,13 +190,10 @@ def test_an_online_recipient_gets_no_call(region, receiver):
 
 
 def test_a_recipient_who_fetches_before_the_job_is_due_gets_no_call(region, receiver):
-    alice, bob = fresh("alice"), fresh("bob")
+    bob = fresh("bob")
 
     async def go():
-        await offline_user(region, bob)
-        a = await client(region, alice)
-        ok = await a.send(bob, b"catch this")
-        await a.close()
+        ok = await message_to_offline(region, bob, b"catch this")
         b = await client(region, bob, register=False)
         await b.sync()  # fetches it (login may have, too)
         assert b.inbox.max_contiguous == 1
@@ -222,17 +222,11 @@ def metric(port: int, name: str) -> float:
 
 
 def test_a_receiver_that_is_down_for_a_while_gets_the_call_when_it_recovers(region, receiver):
-    alice, bob = fresh("alice"), fresh("bob")
+    bob = fresh("bob")
     failures = metric(region.push_metrics_port, "simzmq_push_failures_total")
     receiver.stop()
     try:
-        async def go():
-            await offline_user(region, bob)
-            a = await client(region, alice)
-            ok = await a.send(bob, b"wake up")
-            await a.close()
-            return ok
-        ok = run(go())
+        ok = run(message_to_offline(region, bob, b"wake up"))
         wait_for(lambda: metric(region.push_metrics_port, "simzmq_push_failures_total") >= failures + 2,
                  what="two failed attempts")
     finally:
@@ -318,15 +312,8 @@ def test_a_receiver_failing_forever_dead_letters_the_job(tmp_path):
     receiver.answer = lambda body: 500
     r = start_region(tmp_path / "data", receiver, max_age_s=8)
     try:
-        alice, bob = fresh("alice"), fresh("bob")
-
-        async def go():
-            await offline_user(r, bob)
-            a = await client(r, alice)
-            ok = await a.send(bob, b"nobody home")
-            await a.close()
-            return ok
-        ok = run(go())
+        bob = fresh("bob")
+        ok = run(message_to_offline(r, bob, b"nobody home"))
         env = dict(r.env)
         listed = wait_for(lambda: str(ok.msg_id) in simzmq("push", "dead", "--data", str(r.data_dir), env=env)
                           and simzmq("push", "dead", "--data", str(r.data_dir), env=env), what="the dead letter")
@@ -426,3 +413,32 @@ def test_webhook_echo_checks_signatures_and_prints_each_call(tmp_path):
     assert lines[0]["body"] == {"user": "bob", "msg_id": 1}
     assert f"listening on http://127.0.0.1:{port}/" in err and "webhook-echo stopped" in err
     assert proc.returncode == 0
+
+
+def test_two_instances_share_the_outbox_and_send_each_job_once(tmp_path):
+    receiver = Receiver().start()
+    receiver.answer = lambda body: (time.sleep(0.01), 200)[1]
+    r = start_region(tmp_path / "data", receiver, instances=2, delay_ms=500, metrics_port=0)
+    try:
+        assert r.pid("push-1") != r.pid("push-2")
+        users = [fresh("two") for _ in range(8)]
+
+        async def go():
+            for u in users:
+                await offline_user(r, u)
+            s = await client(r, fresh("sender"))
+            sent = [(await s.send(users[i % 8], b"%d" % i)).msg_id for i in range(120)]
+            await s.close()
+            return sent
+        sent = run(go())
+        calls = wait_for(lambda: len(receiver.calls) >= 120 and list(receiver.calls), what="every call")
+        time.sleep(1.0)
+        assert sorted(c["body"]["msg_id"] for c in receiver.calls) == sorted(sent)  # each once
+        for u in users:
+            ids = [c["body"]["msg_id"] for c in calls if c["body"]["user"] == u]
+            assert ids == sorted(ids)
+    finally:
+        r.stop()
+        receiver.stop()
+    log = r.read_log()
+    assert "push service push-1: calls POST" in log and "push service push-2: calls POST" in log
