@@ -11,7 +11,7 @@ socket         ZAP domain        roles allowed to connect
 =============  ================  =========================================
 frontend       ``frontend``      gate
 backend        ``backend``       worker
-notify in      ``notify_in``     worker, gate (presence reports)
+notify in      ``notify_in``     worker
 notify out     ``notify_out``    gate, worker (the push service)
 state          ``state_pub``     broker (the peer), ops (``simzmq monitor``)
 =============  ================  =========================================
@@ -47,9 +47,9 @@ ROLES = keys_mod.BUS_ROLES
 SOCKET_ROLES: dict[str, frozenset[str]] = {
     "frontend": frozenset({"gate"}),
     "backend": frozenset({"worker"}),
-    # Gates publish presence reports, and the push service (with the worker
-    # key) reads them and the workers' wake-ups (docs/push.md).
-    "notify_in": frozenset({"worker", "gate"}),
+    "notify_in": frozenset({"worker"}),
+    # The push service (with the worker key: it reads the store anyway)
+    # hears the workers' wake-ups and presence reports here (docs/push.md).
     "notify_out": frozenset({"gate", "worker"}),
     "state_pub": frozenset({"broker", "ops"}),
 }

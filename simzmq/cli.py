@@ -420,10 +420,9 @@ def run_gate(cfg: config_mod.Config, name: str, port: int, http_port: int) -> No
     brokers = [BrokerEndpoints(role, b.role(role).frontend, b.role(role).notify_out) for role in ("primary", "backup")]
     configure_socket = bus_client(cfg, "gate", f"gate {name}")
     # With the push service on, the gate reports who is online to it.
-    presence = (([b.primary.notify_in, b.backup.notify_in], cfg.push.presence_interval_s)
-                if cfg.push.enabled else None)
     gate_mod.run(name, cfg.section_dict("gate"), sk, brokers, g.host, port, g.http_host, http_port,
-                 configure_socket=configure_socket, presence=presence)
+                 configure_socket=configure_socket,
+                 presence_interval_s=cfg.push.presence_interval_s if cfg.push.enabled else None)
 
 
 # ---------------------------------------------------------------------------

@@ -92,7 +92,7 @@ class Gate:
     real ones; tests may pass their own."""
 
     def __init__(self, name: str, cfg: dict, static_sk: bytes, brokers: list[BrokerEndpoints],
-                 configure_socket=None, clock=None, loop=None, presence: tuple[list[str], float] | None = None):
+                 configure_socket=None, clock=None, loop=None, presence_interval_s: float | None = None):
         self.name = name
         self.cfg = cfg
         self.static_sk = static_sk
@@ -115,8 +115,8 @@ class Gate:
         self._last_prune = 0.0
         self._last_sweep = 0.0
         self.outbound_estimate = 0
-        # (notify_in endpoints, interval): report presence to the push service.
-        self.presence_to = presence
+        # Not None: report who is online to the push service this often.
+        self.presence_interval_s = presence_interval_s
         self.presence = None  # PresenceReporter once started
         self._presence_timer = None
 
@@ -235,10 +235,9 @@ class Gate:
                                cfg["probe_interval_ms"] / 1000, cfg["failover_after_ms"] / 1000,
                                self.fanout.on_notification, self.fanout.resync, self.configure_socket)
         self.backend.start()
-        if self.presence_to is not None:
+        if self.presence_interval_s is not None:
             from simzmq.push.presence import PresenceReporter
-            self.presence = PresenceReporter(self.ctx, self.name, self.presence_to[0], self.presence_to[1],
-                                             self.configure_socket)
+            self.presence = PresenceReporter(self.name, self.presence_interval_s, self.backend.request)
             self._presence_tick()
         self.fanout.check_holes()
         self._sweep_tick()
@@ -259,10 +258,10 @@ class Gate:
             self._sweep_timer.cancel()
         for conn in list(self.connections):
             conn.kick(KickCode.SHUTDOWN, "server shutting down")
-        await asyncio.sleep(0.2)
         if self.presence is not None:
             self._presence_timer.cancel()
-            self.presence.close()
+            self.presence.close()  # goes out with the link's next flush, before it closes
+        await asyncio.sleep(0.2)
         self.backend.close()
 
 
@@ -285,12 +284,12 @@ def check_http_exposure(cfg: dict) -> dict | None:
 
 def run(name: str, cfg: dict, static_sk: bytes, brokers: list[BrokerEndpoints],
         host: str, port: int, http_host: str, http_port: int, configure_socket=None,
-        presence: tuple[list[str], float] | None = None) -> None:
+        presence_interval_s: float | None = None) -> None:
     """Run a gate until SIGTERM/SIGINT."""
     ssl_options = check_http_exposure(cfg)
 
     async def main():
-        gate = Gate(name, cfg, static_sk, brokers, configure_socket, presence=presence)
+        gate = Gate(name, cfg, static_sk, brokers, configure_socket, presence_interval_s=presence_interval_s)
         try:
             await gate.start(host, port, http_host, http_port, ssl_options)
         except ListenError as exc:

@@ -35,7 +35,7 @@ from prometheus_client import Counter, Histogram, start_http_server
 from simzmq.envelope import EnvelopeError, pack_notices, pack_reply, unpack_request
 from simzmq.mdpworker import Request, WorkerSession
 from simzmq.notify import group_topic
-from simzmq.push import WAKE_TOPIC
+from simzmq.push import PRESENCE_TOPIC, WAKE_TOPIC
 from simzmq.service import IMService, Outcome, RegisterWork, StepFailed, error
 from simzmq.service import Request as IMRequest  # mdpworker's Request is the MDP one
 from simzmq.store import StoreBusy, open_store
@@ -49,6 +49,7 @@ log = logging.getLogger("simzmq.im")
 
 SERVICE = b"im"
 POLL_MS = 100
+OK_REPLY = BIN.encode(m.Ok(), 0)
 
 REQUESTS = Counter("simzmq_im_requests_total", "Requests handled by type and outcome", ["type", "outcome"])
 BATCH_SIZE = Histogram("simzmq_im_batch_requests", "Requests per group commit",
@@ -238,9 +239,12 @@ class IMWorker:
         now_ms = int(time.time() * 1000)
         ready: list[Job] = []
         waiting: list[Job] = []  # need password work first
+        relayed: list[Job] = []  # gates' presence reports, for the push service
         for job in jobs:
             msg = job.msg
-            if job.prepared is None and (isinstance(msg, m.Register)
+            if type(msg) is m.PresenceReport:
+                relayed.append(job)
+            elif job.prepared is None and (isinstance(msg, m.Register)
                                          or (isinstance(msg, m.Login) and not msg.token)):
                 waiting.append(job)
             else:
@@ -262,6 +266,8 @@ class IMWorker:
                 (job.request, pack_reply(job.corr, BIN.encode(outcome.reply, 0))))
             count_request(type(job.msg).__name__, _outcome(outcome.reply))
             notices.extend(outcome.notices)
+        for job in relayed:
+            answers.setdefault(job.request.session, []).append((job.request, pack_reply(job.corr, OK_REPLY)))
         for session, replies in answers.items():
             session.reply_all(replies)
         for message in encode_notices(notices):
@@ -269,6 +275,8 @@ class IMWorker:
         push_due = service.take_push_due()
         if push_due is not None:
             publish((WAKE_TOPIC, push_due.to_bytes(8, "big")))
+        for job in relayed:
+            publish((PRESENCE_TOPIC, bytes(job.msg.report)))
         for job, pw_hash in deferred:
             fut = pool.submit(self._password_work, job, pw_hash)
             fut.add_done_callback(self._password_done)

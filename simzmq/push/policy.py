@@ -161,8 +161,9 @@ def delivery_id(call: Call) -> str:
 #         second copy, or an older report arriving late, is ignored)
 #   op:   "start" / "end" (one session of `user`, `session` its hex id),
 #         "snapshot" (`users`: every user online there, each with its
-#         sessions), "bye" (the gate stops).
-OPS = ("start", "end", "snapshot", "bye")
+#         sessions; a big gate's continues in "snapshot+" parts), "bye"
+#         (the gate stops).
+OPS = ("start", "end", "snapshot", "snapshot+", "bye")
 
 
 class BadReport(ValueError):
@@ -183,7 +184,7 @@ def parse_report(payload: bytes) -> dict:
     if op in ("start", "end") and not (isinstance(report.get("user"), str)
                                        and isinstance(report.get("session"), str)):
         raise BadReport(f"a {op} report without user and session")
-    if op == "snapshot":
+    if op in ("snapshot", "snapshot+"):
         users = report.get("users")
         if not isinstance(users, dict) or not all(
                 isinstance(s, list) and all(isinstance(x, str) for x in s) for s in users.values()):
@@ -218,6 +219,8 @@ class Presence:
         self.heard[gate] = now
         if op == "snapshot":
             self.gates[gate] = {u: set(s) for u, s in report["users"].items() if s}
+        elif op == "snapshot+":
+            users.update({u: set(s) for u, s in report["users"].items() if s})
         elif op == "start":
             users.setdefault(report["user"], set()).add(report["session"])
         else:

@@ -442,3 +442,27 @@ def test_two_instances_share_the_outbox_and_send_each_job_once(tmp_path):
         receiver.stop()
     log = r.read_log()
     assert "push service push-1: calls POST" in log and "push service push-2: calls POST" in log
+
+
+def test_coalescing_sends_one_call_with_the_newest_message_and_the_unread_total(tmp_path):
+    receiver = Receiver().start()
+    # A window far longer than five Sends take, so they all fall in it.
+    r = start_region(tmp_path / "data", receiver, delay_ms=500, coalesce_ms=8000)
+    try:
+        bob = fresh("bob")
+
+        async def go():
+            await offline_user(r, bob)
+            a = await client(r, fresh("alice"))
+            sent = [await a.send(bob, b"part %d" % i) for i in range(5)]
+            await a.close()
+            return sent
+        sent = run(go())
+        (call,) = wait_for(lambda: receiver.for_user(bob), what="the call")
+        assert call["body"]["msg_id"] == sent[-1].msg_id and call["body"]["preview"] == "part 4"
+        assert call["body"]["unread"] == 5
+        wait_for(lambda: not outbox_holds(r, [s.msg_id for s in sent]), what="the jobs to be settled")
+        assert len(receiver.for_user(bob, ok_only=False)) == 1
+    finally:
+        r.stop()
+        receiver.stop()

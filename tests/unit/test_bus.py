@@ -24,7 +24,7 @@ def test_the_allow_lists_are_the_ones_documented():
     assert bus.SOCKET_ROLES == {
         "frontend": {"gate"},
         "backend": {"worker"},
-        "notify_in": {"worker", "gate"},
+        "notify_in": {"worker"},
         "notify_out": {"gate", "worker"},
         "state_pub": {"broker", "ops"},
     }
@@ -33,7 +33,7 @@ def test_the_allow_lists_are_the_ones_documented():
 @pytest.mark.parametrize("domain, allowed", [
     ("frontend", {GATE}),
     ("backend", {WORKER}),
-    ("notify_in", {WORKER, GATE}),
+    ("notify_in", {WORKER}),
     ("notify_out", {GATE, WORKER}),
     ("state_pub", {BROKER, OPS}),
 ])

@@ -121,6 +121,10 @@ def test_presence_from_reports_and_snapshots():
     # a snapshot replaces what was known of that gate
     p.report(report(gate="g1", op="snapshot", users={"ann": ["x"], "cat": []}), 3)
     assert p.online("ann") and not p.online("cat") and p.count() == 1
+    p.report(report(gate="g1", op="snapshot+", users={"eve": ["z"]}), 3)  # a big gate's next part
+    assert p.online("ann") and p.online("eve")
+    p.report(report(gate="g1", op="snapshot", users={"ann": ["x"]}), 3)
+    assert not p.online("eve")
     # a gate that falls silent is taken for dead
     p.report(report(gate="g2", op="snapshot", users={"dan": ["y"]}), 10)
     assert p.expire(18.5) == ["g1"]
