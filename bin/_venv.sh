@@ -17,3 +17,22 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/setup.py" -nt "$STAMP" ]; then
     touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
+# Debian packages, as root (or through sudo), when missing.
+apt_install() {
+    echo "simzmq: installing $* (apt)" >&2
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >&2
+}
+# The web chat's crypto library, from the npm registry (package-lock.json).
+command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+if [ ! -d "$ROOT/node_modules" ] || [ "$ROOT/package-lock.json" -nt "$ROOT/node_modules/.package-lock.json" ]; then
+    echo "simzmq: installing the web chat's npm packages" >&2
+    (cd "$ROOT" && npm ci --no-audit --no-fund --loglevel=error >&2)
+fi
+# The tests drive a real Chromium: Debian's, never one Playwright downloads.
+if [ "$(basename "$0")" = "test" ] && [ ! -x /usr/bin/chromium ]; then
+    apt_install chromium
+fi
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1

@@ -28,6 +28,7 @@ from typing import Callable, Iterable
 import zmq
 
 from simzmq import mdp
+from simzmq.bus import RefusalLog
 from simzmq.notify import NotifyStamper
 from simzmq.zmqio import receiver, sender
 from simzmq.bstar import BinaryStar, BStarError, State
@@ -57,15 +58,17 @@ RATE_WINDOW_S = 2.0
 # The state message lists at most this many gates (the count is exact).
 MAX_GATES_LISTED = 100
 
+# A peer that keeps sending what the broker drops gets one log line per
+# reason per this many seconds; the next line counts the ones not logged.
+DROP_LOG_INTERVAL_S = 10.0
+
 _RID = struct.Struct(">Q")
-_HEARTBEAT_TAIL = [b"", mdp.W_WORKER, mdp.HEARTBEAT]
-_DISCONNECT_TAIL = [b"", mdp.W_WORKER, mdp.DISCONNECT]
 
 
 class _Request:
-    __slots__ = ("rid", "client", "service", "key", "body", "address", "deadline", "batched")
+    __slots__ = ("rid", "client", "service", "key", "body", "address", "deadline", "batched", "framing")
 
-    def __init__(self, rid, client, service, key, body, deadline, batched=False):
+    def __init__(self, rid, client, service, key, body, deadline, batched=False, framing=mdp.MDP1):
         self.rid = rid
         self.client = client
         self.service = service
@@ -74,6 +77,8 @@ class _Request:
         # Came in a client batch: its reply goes back packed with its
         # neighbours' (the client announced it takes batches).
         self.batched = batched
+        # The Majordomo the request came in: its replies go back in it.
+        self.framing = framing
         # The client address the worker sees and echoes back in REPLY: the
         # client's ROUTER identity followed by the request id, so a reply is
         # matched to exactly one outstanding request even when one gate has
@@ -83,13 +88,21 @@ class _Request:
 
 
 class _Worker:
-    __slots__ = ("identity", "service", "credit", "batches", "in_flight", "backlog", "expiry", "last_sent", "since")
+    __slots__ = ("identity", "service", "credit", "batches", "framing", "request_head", "heartbeat",
+                 "in_flight", "backlog", "expiry", "last_sent", "since")
 
-    def __init__(self, identity, service, credit, now, expiry, batches=False):
+    def __init__(self, identity, service, credit, now, expiry, batches=False, framing=mdp.MDP1):
         self.identity = identity
         self.service = service
         self.credit = credit
         self.batches = batches  # announced in READY: takes REQUEST_BATCH
+        # The Majordomo of its READY: everything it is sent is in it, and
+        # anything it sends in another is dropped.
+        self.framing = framing
+        # Made once per worker; the heartbeat message is sent as it is (the
+        # shell never changes a message it sends).
+        self.request_head = [identity, *mdp.worker_command_head(framing, mdp.REQUEST)]
+        self.heartbeat = [identity, *mdp.worker_command_head(framing, mdp.HEARTBEAT)]
         self.in_flight: dict[int, _Request] = {}  # rid -> request, in dispatch order
         self.backlog: deque[_Request] = deque()   # keyed requests bound here, beyond credit
         self.expiry = expiry
@@ -114,6 +127,12 @@ class _Service:
         self.bindings: dict[bytes, list] = {}
         self.winners: dict[bytes, _Worker] = {}
         self.requests = 0
+
+
+def _framing_name(framing: mdp.Framing) -> str:
+    if not framing.v2:
+        return "7/MDP"
+    return "18/MDP" + ("" if framing.delimited else " without the empty first frame")
 
 
 def rendezvous_score(key: bytes, identity: bytes) -> bytes:
@@ -160,6 +179,7 @@ class BrokerCore:
         self.requests_dropped_total = 0
         self.requests_requeued_total = 0
         self.malformed_total = 0
+        self.drop_log = RefusalLog(DROP_LOG_INTERVAL_S)
 
     # --- input --------------------------------------------------------------
 
@@ -168,15 +188,15 @@ class BrokerCore:
         one request, or a batch of them (split here, each entry a request of
         its own from then on: credit, key order, requeue and resend)."""
         try:
-            batched, service_name, body = mdp.parse_client_message(frames)
+            framing, batched, service_name, body = mdp.parse_client_to_broker(frames)
             if batched:
                 if service_name not in self.keyed_services:
-                    raise mdp.MDPError(f"batch for {service_name!r}, which is not a keyed service")
+                    raise mdp.MDPError(mdp.BAD_BATCH, f"batch for {service_name!r}, which is not a keyed service")
                 if len(body) % 2:
-                    raise mdp.MDPError(f"batch with {len(body)} entry frames, not key and body pairs")
+                    raise mdp.MDPError(mdp.BAD_BATCH, f"batch with {len(body)} entry frames, not key and body pairs")
         except mdp.MDPError as exc:
             self.malformed_total += 1
-            log.info("dropped malformed client message from %s: %s", identity.hex(), exc)
+            self.log_drop("client", identity, exc.reason, str(exc), now)
             return []
         self.gates[identity] = now
         out: list[Out] = []
@@ -184,20 +204,20 @@ class BrokerCore:
         if batched:
             service = self.services.get(service_name) or self._service(service_name)
             for i in range(0, len(body), 2):
-                self._accept(identity, service, body[i:i + 2], now, out, True)
+                self._accept(identity, service, body[i:i + 2], now, out, True, framing)
             return out
         if service_name.startswith(mdp.MMI_PREFIX):
             self.requests_total += 1
-            self._mmi(identity, service_name, body, out)
+            self._mmi(identity, service_name, body, framing, now, out)
             return out
         service = self.services.get(service_name)
         if service is None:
             service = self._service(service_name)
-        self._accept(identity, service, body, now, out, False)
+        self._accept(identity, service, body, now, out, False, framing)
         return out
 
     def _accept(self, identity: bytes, service: _Service, body: list[bytes], now: float, out: list[Out],
-                batched: bool) -> None:
+                batched: bool, framing: mdp.Framing) -> None:
         """One request (or one entry of a batch) for ``service``."""
         self.requests_total += 1
         service.requests += 1
@@ -205,15 +225,15 @@ class BrokerCore:
         if service.keyed:
             if not body:
                 self.malformed_total += 1
-                log.info("dropped request for keyed service %r without a routing key from %s",
-                         service_name, identity.hex())
+                self.log_drop("client", identity, "request for a keyed service without a routing key",
+                              f"request for {service_name!r} has no body", now)
                 return
             key = body[0]
         else:
             key = None
         rid = self._next_rid
         self._next_rid = rid + 1
-        request = _Request(rid, identity, service_name, key, body, now + self.request_timeout, batched)
+        request = _Request(rid, identity, service_name, key, body, now + self.request_timeout, batched, framing)
         if service.keyed:
             self._route_keyed(service, request, now, out)
         else:
@@ -226,19 +246,30 @@ class BrokerCore:
             cmd = mdp.parse_worker_message(frames)
         except mdp.MDPError as exc:
             self.malformed_total += 1
-            log.info("dropped malformed worker message from %s: %s", identity.hex(), exc)
+            self.log_drop("worker", identity, exc.reason, str(exc), now)
             return []
         out: list[Out] = []
         self._packs.clear()
         worker = self.workers.get(identity)
         command = cmd.command
+        if worker is not None and cmd.framing != worker.framing and command != mdp.READY:
+            self.malformed_total += 1
+            self.log_drop("worker", identity, "a framing other than its READY's",
+                          f"{_framing_name(cmd.framing)} command from a worker that sent READY in "
+                          f"{_framing_name(worker.framing)}", now)
+            return out
+        # Majordomo: anything but READY from a worker we do not know gets
+        # DISCONNECT, so a worker that outlived our memory of it (broker
+        # restart, expiry) comes back with READY. Whatever is answered, is
+        # answered in the framing of the message that asked for it.
+        disconnect = [identity, *mdp.worker_command_head(cmd.framing, mdp.DISCONNECT)]
         if command == mdp.REPLY or command == mdp.REPLY_BATCH:
             if worker is None:
-                out.append((BACKEND, [identity, *_DISCONNECT_TAIL]))
+                out.append((BACKEND, disconnect))
                 return out
             worker.expiry = now + self.worker_timeout
             if command == mdp.REPLY:
-                self._on_reply(worker, cmd.client, cmd.body, now, out)
+                self._on_reply(worker, cmd.client, cmd.body, now, out, cmd.final)
             else:
                 # Any subset of what the worker holds may be answered; the
                 # rest stays in flight (and is re-sent if the worker goes).
@@ -246,22 +277,19 @@ class BrokerCore:
                     self._on_reply(worker, client, [body], now, out)
         elif command == mdp.HEARTBEAT:
             if worker is None:
-                # Majordomo: anything but READY from a worker we do not know
-                # gets DISCONNECT, so a worker that outlived our memory of it
-                # (broker restart, expiry) comes back with READY.
-                out.append((BACKEND, [identity, *_DISCONNECT_TAIL]))
+                out.append((BACKEND, disconnect))
             else:
                 worker.expiry = now + self.worker_timeout
         elif command == mdp.READY:
             if worker is not None:
                 log.info("worker %s sent READY twice; disconnecting it", identity.hex())
                 self._remove_worker(worker, now, out)
-                out.append((BACKEND, [identity, *_DISCONNECT_TAIL]))
+                out.append((BACKEND, disconnect))
             elif cmd.service.startswith(mdp.MMI_PREFIX):
                 log.info("worker %s offered reserved service %r; disconnecting it", identity.hex(), cmd.service)
-                out.append((BACKEND, [identity, *_DISCONNECT_TAIL]))
+                out.append((BACKEND, disconnect))
             else:
-                self._add_worker(identity, cmd.service, cmd.credit, now, out, cmd.batches)
+                self._add_worker(identity, cmd.service, cmd.credit, now, out, cmd.batches, cmd.framing)
         else:  # DISCONNECT
             if worker is not None:
                 self.worker_disconnects_total += 1
@@ -289,7 +317,7 @@ class BrokerCore:
         for worker in self.workers.values():
             if worker.last_sent <= quiet_since:
                 worker.last_sent = now
-                out.append((BACKEND, [worker.identity, *_HEARTBEAT_TAIL]))
+                out.append((BACKEND, worker.heartbeat))
         if self._queued:
             for service in self.services.values():
                 waiting = service.waiting
@@ -312,7 +340,18 @@ class BrokerCore:
 
     def disconnect_all(self) -> list[Out]:
         """DISCONNECT to every worker, for a clean shutdown."""
-        return [(BACKEND, [identity, *_DISCONNECT_TAIL]) for identity in self.workers]
+        return [(BACKEND, [identity, *mdp.worker_command_head(w.framing, mdp.DISCONNECT)])
+                for identity, w in self.workers.items()]
+
+    def log_drop(self, side: str, peer: bytes, reason: str, detail: str, now: float) -> None:
+        """Log a message dropped for ``reason``: the first at once, then one
+        line per reason per DROP_LOG_INTERVAL_S with the count of those not
+        logged since, so a peer that keeps sending junk cannot flood the log.
+        The caller counts it."""
+        suppressed = self.drop_log.should_log(side, reason.encode(), "", now)
+        if suppressed is not None:
+            more = f" ({suppressed} more dropped for this reason since the last line)" if suppressed else ""
+            log.warning("dropped a %s message%s: %s%s", side, f" from {peer.hex()}" if peer else "", detail, more)
 
     # --- read-only views for the shell and the monitor -------------------
 
@@ -362,11 +401,13 @@ class BrokerCore:
         self.services[name] = service
         return service
 
-    def _mmi(self, client: bytes, service_name: bytes, body: list[bytes], out: list[Out]) -> None:
+    def _mmi(self, client: bytes, service_name: bytes, body: list[bytes], framing: mdp.Framing, now: float,
+             out: list[Out]) -> None:
         if service_name == mdp.MMI_SERVICE:
             if not body:
                 self.malformed_total += 1
-                log.info("dropped mmi.service request without a service name from %s", client.hex())
+                self.log_drop("client", client, "mmi.service without a service name",
+                              "mmi.service request has no body", now)
                 return
             service = self.services.get(body[0])
             code = mdp.MMI_FOUND if service is not None and service.workers else mdp.MMI_NOT_FOUND
@@ -374,7 +415,7 @@ class BrokerCore:
             code = mdp.MMI_FOUND
         else:
             code = mdp.MMI_NOT_IMPLEMENTED
-        out.append((FRONTEND, [client, b"", mdp.C_CLIENT, service_name, code]))
+        out.append((FRONTEND, [client, *mdp.client_reply_head(framing, service_name), code]))
 
     def _enqueue(self, service: _Service, request: _Request) -> bool:
         if self._queued >= self.max_queued:
@@ -401,8 +442,7 @@ class BrokerCore:
         # Whatever goes to this worker after a plain message starts a new
         # batch behind it, so the worker sees everything in order.
         self._packs.pop(pack_id, None)
-        out.append((BACKEND, [worker.identity, b"", mdp.W_WORKER, mdp.REQUEST,
-                              request.address, b"", *body]))
+        out.append((BACKEND, [*worker.request_head, request.address, b"", *body]))
 
     def _winner(self, service: _Service, key: bytes) -> _Worker:
         worker = service.winners.get(key)
@@ -453,15 +493,30 @@ class BrokerCore:
                 self._queued -= 1
                 self._send(chosen, waiting.popleft(), now, out)
 
-    def _on_reply(self, worker: _Worker, address: bytes, body: list[bytes], now: float, out: list[Out]) -> None:
+    def _on_reply(self, worker: _Worker, address: bytes, body: list[bytes], now: float, out: list[Out],
+                  final: bool = True) -> None:
+        """A reply (or, ``final`` false, an 18/MDP PARTIAL) from ``worker``."""
         request = None
         if len(address) > _RID.size:
-            request = worker.in_flight.pop(_RID.unpack_from(address, len(address) - _RID.size)[0], None)
+            rid = _RID.unpack_from(address, len(address) - _RID.size)[0]
+            request = worker.in_flight.pop(rid, None) if final else worker.in_flight.get(rid)
         if request is None:
-            log.info("dropped reply from worker %s for a request it does not hold", worker.identity.hex())
+            # Not malformed: a late answer to a request already re-sent
+            # elsewhere (the worker was expired) is part of failing over.
+            self.log_drop("worker", worker.identity, "a reply for a request the worker does not hold",
+                          f"{'reply' if final else 'PARTIAL'} for a request the worker does not hold", now)
+            return
+        pack_id = (FRONTEND, request.client, request.service)
+        if not final:
+            # A part of the answer, for a client that can take parts; a 7/MDP
+            # client waits for its one reply, the FINAL. The request stays
+            # in flight, holding its credit and its key's binding.
+            if request.framing.v2:
+                self._packs.pop(pack_id, None)
+                head = mdp.client_reply_head(request.framing, request.service, False)
+                out.append((FRONTEND, [request.client, *head, *body]))
             return
         self.replies_total += 1
-        pack_id = (FRONTEND, request.client, request.service)
         if request.batched and len(body) == 1:
             pack = self._packs.get(pack_id)
             if pack is None:
@@ -470,7 +525,8 @@ class BrokerCore:
             pack.append(body[0])
         else:
             self._packs.pop(pack_id, None)
-            out.append((FRONTEND, [request.client, b"", mdp.C_CLIENT, request.service, *body]))
+            out.append((FRONTEND, [request.client, *mdp.client_reply_head(request.framing, request.service),
+                                   *body]))
         service = self.services[worker.service]
         if service.keyed:
             binding = service.bindings.get(request.key)
@@ -485,14 +541,15 @@ class BrokerCore:
             self._dispatch_unkeyed(service, now, out)
 
     def _add_worker(self, identity: bytes, service_name: bytes, credit: int, now: float, out: list[Out],
-                    batches: bool = False) -> None:
-        worker = _Worker(identity, service_name, credit, now, now + self.worker_timeout, batches)
+                    batches: bool = False, framing: mdp.Framing = mdp.MDP1) -> None:
+        worker = _Worker(identity, service_name, credit, now, now + self.worker_timeout, batches, framing)
         self.workers[identity] = worker
         service = self.services.get(service_name) or self._service(service_name)
         service.workers[identity] = worker
         service.winners.clear()
-        log.info("worker %s ready for %r with credit %d%s (%d workers for it)",
-                 identity.hex(), service_name, credit, ", batches" if batches else "", len(service.workers))
+        log.info("worker %s ready for %r in %s with credit %d%s (%d workers for it)",
+                 identity.hex(), service_name, _framing_name(framing), credit, ", batches" if batches else "",
+                 len(service.workers))
         self._drain(service, now, out)
 
     def _remove_worker(self, worker: _Worker, now: float, out: list[Out]) -> None:
@@ -764,7 +821,8 @@ class Broker:
                     stamped = stamper.stamp(frames)
                     if stamped is None:
                         self._dropped_notifications += 1
-                        log.info("dropped malformed notification (%d frames)", len(frames))
+                        core.log_drop("notification", b"", "malformed notification",
+                                      f"malformed notification of {len(frames)} frames", now)
                         continue
                     send_notify_out(stamped)
                     self.notifications_total += 1
@@ -788,7 +846,8 @@ class Broker:
                         break
                     peer = parse_state_message(frames)
                     if peer is None:
-                        log.info("dropped malformed state message from the peer")
+                        core.log_drop("peer state", b"", "malformed state message",
+                                      f"malformed state message of {len(frames)} frames", now)
                         continue
                     try:
                         bstar.on_peer_state(peer, now)

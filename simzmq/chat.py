@@ -207,7 +207,7 @@ def find_gate(cfg, host: str | None = None, port: int | None = None, http_port: 
     gate-1 as `simzmq up` started it from DATA/run (its --port and
     --http-port, as `simzmq bench` finds it), then the configuration. The
     key is --gate-key, else DATA/keys/gate.pub. Raises KeyFileError."""
-    from simzmq.bench import gate_http_ports, gate_port_from_pid
+    from simzmq.bench.procstats import gate_http_ports, gate_port_from_pid
     if gate_key:
         try:
             pk = bytes.fromhex(gate_key)

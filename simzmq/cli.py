@@ -289,32 +289,34 @@ def can_listen(listener: config_mod.Listener) -> str | None:
     return None
 
 
-def serve(name: str, listeners: list[config_mod.Listener], run) -> None:
+def serve(cfg: config_mod.Config, name: str, listeners: list[config_mod.Listener], run) -> None:
     """Run one process of a region. An address it cannot listen on, or any
     failure, ends it with one CRITICAL line naming the process, the address
     and the reason (the line `simzmq up` repeats)."""
+    from simzmq.supervise import record_failure
     proclog = logging.getLogger("simzmq." + name.split("-")[0])
+
+    def fail(reason: str) -> None:
+        proclog.critical("%s %s", name, reason)
+        record_failure(cfg.data_dir / "run", name, f"{name} {reason}")
+        sys.exit(1)
     for listener in listeners:
         why = can_listen(listener)
         if why:
-            proclog.critical("%s cannot listen on %s %s: %s", name, listener.what, listener.address(), why)
-            sys.exit(1)
+            fail(f"cannot listen on {listener.what} {listener.address()}: {why}")
     try:
         run()
     except KeyboardInterrupt:
         pass
     except SystemExit as exc:
         if isinstance(exc.code, str):
-            proclog.critical("%s cannot run: %s", name, exc.code)
-            sys.exit(1)
+            fail(f"cannot run: {exc.code}")
         raise
     except click.ClickException as exc:
-        proclog.critical("%s cannot run: %s", name, exc.format_message())
-        sys.exit(1)
+        fail(f"cannot run: {exc.format_message()}")
     except Exception as exc:
         proclog.exception("%s failed", name)
-        proclog.critical("%s failed: %s: %s", name, type(exc).__name__, exc)
-        sys.exit(1)
+        fail(f"failed: {type(exc).__name__}: {exc}")
 
 
 @main.command()
@@ -325,7 +327,7 @@ def broker(ctx, role):
     setup_logging()
     cfg = load_config(ctx)
     logging.getLogger("simzmq.broker").info("broker %s: config %s", role, cfg.describe())
-    serve(f"broker-{role}", config_mod.broker_listeners(cfg, role), lambda: run_broker(cfg, role))
+    serve(cfg, f"broker-{role}", config_mod.broker_listeners(cfg, role), lambda: run_broker(cfg, role))
 
 
 def run_broker(cfg: config_mod.Config, role: str) -> None:
@@ -378,7 +380,7 @@ def im(ctx, name):
     cfg = load_config(ctx)
     logging.getLogger("simzmq.im").info("im worker %s: config %s", name, cfg.describe())
     index = process_index(name)
-    serve(name, config_mod.im_listeners(cfg, index), lambda: run_im(cfg, name, index))
+    serve(cfg, name, config_mod.im_listeners(cfg, index), lambda: run_im(cfg, name, index))
 
 
 def run_im(cfg: config_mod.Config, name: str, index: int) -> None:
@@ -408,7 +410,7 @@ def gate(ctx, name, port, http_port):
     setup_logging()
     cfg = load_config(ctx)
     port, http_port = port or cfg.gate.port, http_port or cfg.gate.http_port
-    serve(name, config_mod.gate_listeners(cfg, name, port, http_port), lambda: run_gate(cfg, name, port, http_port))
+    serve(cfg, name, config_mod.gate_listeners(cfg, name, port, http_port), lambda: run_gate(cfg, name, port, http_port))
 
 
 def run_gate(cfg: config_mod.Config, name: str, port: int, http_port: int) -> None:

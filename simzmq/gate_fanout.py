@@ -168,10 +168,15 @@ class Fanout:
                 return
             now = gate.now()
             for msg in batch.msgs:
+                # A push may kick the user's last session (a slow consumer),
+                # which ends the user here: then there is no one left to push to.
+                conns = self.sessions.get(user)
+                if not conns:
+                    return
                 if log_.first_time(msg.seq, now):
                     push = m.NewMsg(msg=msg)
                     payload = BIN.encode(push, 0)
-                    for conn in list(self.sessions[user].values()):
+                    for conn in list(conns.values()):
                         conn.push(payload, m.NewMsg.TYPE, lambda: push)
             if batch.more or again:
                 self._catch_up(user)

@@ -19,6 +19,7 @@ from tornado import web, websocket
 from simzmq import limits as lim
 from simzmq.gate_session import (BACKPRESSURE, CLOSED, FRAMES_PER_TURN, RATE_LIMITED, SlowConsumer, code_name,
                                  inc)
+from simzmq.web import web_routes
 from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN
 from simzmq.wire.errors import ProtocolError
@@ -306,4 +307,5 @@ ROUTES = [
 
 
 def make_app(gate) -> web.Application:
-    return web.Application(ROUTES, gate=gate, websocket_max_message_size=gate.max_frame, log_function=_log_http)
+    # The web chat's page, its scripts and its config (simzmq/web) beside the API.
+    return web.Application(ROUTES + web_routes(gate), gate=gate, websocket_max_message_size=gate.max_frame, log_function=_log_http)

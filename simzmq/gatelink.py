@@ -194,11 +194,15 @@ class Backend:
             frames = recv()
             if frames is None:
                 return
+            malformed = core.malformed_entries
             try:
                 answers = core.on_reply(frames, time.monotonic())
             except (mdp.MDPError, EnvelopeError) as exc:
                 log.info("dropping a malformed reply from the broker: %s", exc)
                 continue
+            if core.malformed_entries != malformed:
+                log.info("dropped %d malformed entries of a reply batch from the broker",
+                         core.malformed_entries - malformed)
             self._answer(answers)
         # More may be waiting, and the descriptor will not signal it again.
         self.loop.call_soon(self._drain_dealer)

@@ -216,13 +216,18 @@ class IMWorker:
 
     def _decode(self, req) -> Job | None:
         body = req.body
+        # A request that cannot be read is still answered (with an empty body
+        # the gate drops): the broker counts it against this worker's credit
+        # until a reply comes, so a silent drop would hold that credit forever.
         if len(body) != 2:
-            log.info("dropping an im request with %d body frames", len(body))
+            log.info("refusing an im request with %d body frames", len(body))
+            req.session.reply(req, [b""])
             return None
         try:
             corr, origin, payload = unpack_request(body[1])
         except EnvelopeError as exc:
-            log.info("dropping an im request: %s", exc)
+            log.info("refusing an im request: %s", exc)
+            req.session.reply(req, [b""])
             return None
         try:
             _, msg = BIN.decode(payload)
@@ -249,8 +254,19 @@ class IMWorker:
                 waiting.append(job)
             else:
                 ready.append(job)
-        outcomes, hashes = commit_batch(store, service, [IMRequest(j.key, j.origin, j.msg, j.prepared) for j in ready],
-                                        now_ms, [j.msg.user for j in waiting])
+        try:
+            outcomes, hashes = commit_batch(store, service,
+                                            [IMRequest(j.key, j.origin, j.msg, j.prepared) for j in ready],
+                                            now_ms, [j.msg.user for j in waiting])
+        except Exception as exc:
+            # BEGIN, COMMIT or a password-hash read failed (a store locked
+            # past busy_timeout, a lost Postgres connection): nothing of the
+            # batch was committed, so every request may be retried. Answer
+            # them all rather than let the worker die with the batch.
+            log.error("a batch of %d requests was not committed: %s", len(jobs), exc,
+                      exc_info=not isinstance(exc, StoreBusy))
+            ready, waiting = ready + waiting, []
+            outcomes, hashes = [error(ErrorCode.UNAVAILABLE, "the store is unavailable; retry")] * len(ready), []
         answered: list[tuple[Job, Outcome]] = list(zip(ready, outcomes))
         # For Register, the stored hash if the user exists: a Register the
         # broker delivered twice (its worker died) must answer Ok again.

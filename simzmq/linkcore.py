@@ -88,6 +88,8 @@ class LinkCore:
         # one broker after the other is finding one, not failing over.
         self.failovers = 0
         self.ever_heard = False
+        # Reply entries too short to carry a corr (a broken or hostile peer).
+        self.malformed_entries = 0
         self.topics: dict[bytes, int] = {}            # user topic -> subscriptions
         self.groups: dict[bytes, set[bytes]] = {}     # group topic -> user topics online here
         self.stamps: dict[bytes, tuple[bytes, int]] = {}
@@ -153,7 +155,13 @@ class LinkCore:
             raise EnvelopeError(f"an im reply with {len(rest)} body frames")
         answers = []
         for body in rest:
-            corr, payload = unpack_reply(body)
+            try:
+                corr, payload = unpack_reply(body)
+            except EnvelopeError:
+                # Only this entry is lost (its request times out); the
+                # answers beside it in the batch still count.
+                self.malformed_entries += 1
+                continue
             pending = self.pending.pop(corr, None)
             if pending is not None:  # else answered already (a late reply after a timeout, or a resend's twin)
                 answers.append(Answer(pending.callback, payload, now - pending.started))

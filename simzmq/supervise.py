@@ -27,8 +27,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -72,66 +70,54 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
     return preexec
 
 
-def failure_reason(line: str) -> str:
-    """The message of a child's log line ("... CRITICAL msg" -> "msg")."""
-    marker = " CRITICAL "
-    return line.split(marker, 1)[1] if marker in line else line
+def record_failure(run_dir: Path, name: str, reason: str) -> None:
+    """What a process of a region writes, in one line, when it cannot run:
+    `up` repeats it (DIR/run/NAME.reason; nothing when there is no DIR/run,
+    i.e. the process was not started by `up`)."""
+    if run_dir.is_dir():
+        path = run_dir / f"{name}.reason"
+        tmp = path.with_suffix(".reason-tmp")
+        tmp.write_text(reason.replace("\n", " ") + "\n")
+        os.replace(tmp, path)
 
 
 class Child:
-    """One supervised process; its stderr is relayed to ours, and its last
-    CRITICAL line (or else its last line) is kept as the reason it stopped."""
+    """One supervised process. Its stderr is ours (so a slow `up` never holds
+    a process back); why it stopped comes from the line it recorded with
+    record_failure, else from its exit status."""
 
     def __init__(self, name: str, argv: list[str], env: dict, run_dir: Path):
         self.name = name
         self.argv = argv
         self.env = env
         self.pid_file = run_dir / f"{name}.pid"
+        self.reason_file = run_dir / f"{name}.reason"
         self.proc: subprocess.Popen | None = None
-        self.relay: threading.Thread | None = None
         self.started = 0.0
         self.crashes = 0
         self.restart_at: float | None = None
-        self.last_line = ""
-        self.critical = ""
 
     def start(self) -> None:
-        self.last_line = self.critical = ""
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        self.reason_file.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL,
                                      process_group=0, preexec_fn=_die_with_parent(os.getpid()))
-        self.relay = threading.Thread(target=self._relay, args=(self.proc.stderr,), daemon=True,
-                                      name=f"relay-{self.name}")
-        self.relay.start()
         self.started = time.monotonic()
         self.restart_at = None
         write_pid_file(self.pid_file, self.proc.pid)
         log.info("started %s (pid %d)", self.name, self.proc.pid)
 
-    def _relay(self, stream) -> None:
-        for raw in stream:
-            line = raw.decode(errors="replace").rstrip("\n")
-            if line.strip():
-                self.last_line = line
-                if " CRITICAL " in line:
-                    self.critical = line
-            try:
-                sys.stderr.write(line + "\n")
-                sys.stderr.flush()
-            except (OSError, ValueError):
-                pass  # our terminal is gone (SIGHUP): keep draining the pipe
-        stream.close()
-
     def reason(self) -> str:
-        """Why the child stopped, from what it said last."""
-        if self.relay is not None:
-            self.relay.join(2.0)  # what it wrote before exiting
-        if self.critical:
-            said = failure_reason(self.critical)
+        """Why the child stopped."""
+        try:
+            said = self.reason_file.read_text().strip()
+        except OSError:
+            said = ""
+        if said:
             return said[len(self.name) + 1:] if said.startswith(self.name + " ") else said
         code = self.proc.returncode if self.proc is not None else None
         if code is not None and code < 0:
             return f"killed by signal {-code}"
-        return f"exited with code {code}" + (f": {self.last_line}" if self.last_line else "")
+        return f"exited with code {code}"
 
     def exited(self) -> int | None:
         return self.proc.poll() if self.proc is not None else None
@@ -164,9 +150,8 @@ class Child:
                 log.warning("%s did not stop in time; killing it", self.name)
                 self.proc.kill()
                 self.proc.wait()
-            if self.relay is not None:
-                self.relay.join(2.0)
         self.pid_file.unlink(missing_ok=True)
+        self.reason_file.unlink(missing_ok=True)
 
 
 # --- pid files ----------------------------------------------------------------------

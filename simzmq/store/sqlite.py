@@ -132,13 +132,20 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
+# SQLite's own wal_autocheckpoint default, in pages.
+SQLITE_DEFAULT_AUTOCHECKPOINT_PAGES = 1000
+
+
 class Checkpointer:
     """A thread that checkpoints the WAL of `path` through its own connection."""
 
-    def __init__(self, path: str, synchronous: str):
+    def __init__(self, path: str, synchronous: str, on_failure=None):
         self.path = path
         self.synchronous = synchronous
         self.checkpoints = 0  # how many have run, for tests and curiosity
+        # Called (from this thread) if the thread cannot go on, so the writer
+        # checkpoints again itself rather than let the WAL grow without end.
+        self.on_failure = on_failure
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
         self._thread.start()
@@ -150,6 +157,14 @@ class Checkpointer:
             return 0
 
     def _run(self) -> None:
+        try:
+            self._checkpoint_until_stopped()
+        except Exception:
+            log.exception("the WAL checkpoint thread of %s stopped; commits checkpoint again", self.path)
+            if self.on_failure is not None:
+                self.on_failure()
+
+    def _checkpoint_until_stopped(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             # The checkpoint syncs the database file as the writer would have.
@@ -214,11 +229,12 @@ class SQLiteStore(SQLStore):
         self.db = sqlite_utils.Database(self.conn, execute_plugins=False)
         self._migrate()
         self.checkpointer = None
+        self._checkpointer_failed = threading.Event()
         if path != ":memory:":
             # No commit of ours ever checkpoints: the checkpointer does.
             self.conn.execute("PRAGMA wal_autocheckpoint = 0")
             self.conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}")
-            self.checkpointer = Checkpointer(path, mode)
+            self.checkpointer = Checkpointer(path, mode, on_failure=self._checkpointer_failed.set)
 
     def _migrate(self) -> None:
         (version,) = self.conn.execute("PRAGMA user_version").fetchone()
@@ -244,6 +260,11 @@ class SQLiteStore(SQLStore):
     def transaction(self) -> Iterator[None]:
         if self.conn.in_transaction:
             raise StoreError("a transaction is already open")
+        if self._checkpointer_failed.is_set():
+            # The checkpoint thread is gone: commits checkpoint again (SQLite's
+            # default), on this thread, which owns the connection.
+            self.conn.execute(f"PRAGMA wal_autocheckpoint = {SQLITE_DEFAULT_AUTOCHECKPOINT_PAGES}")
+            self._checkpointer_failed.clear()
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:

@@ -128,3 +128,30 @@ def test_one_bad_request_in_a_batch_gets_its_own_error(bus):
     again = gate.batch([(b"ann", m.Send(to="bob", cmid=b"c1", body=b"first"))])
     retried, _ = gate.replies(1)
     assert retried[again[0]].msg_id == first.msg_id and retried[again[0]].seq == first.seq
+
+
+@pytest.mark.timeout(60)
+def test_unreadable_requests_are_answered_so_the_worker_keeps_its_credit(bus):
+    """More unreadable entries than the worker's credit, then a good request:
+    each unreadable one is answered (with an empty body), so the broker gets
+    the credit back and the good request is served."""
+    ctx, broker = bus
+    gate = Gate(ctx, broker)
+    wait_for_worker(gate)
+    too_short = [(b"ann", pack) for pack in [b"x"] * (IM_CFG["credit"] + 44)]
+    gate.dealer.send_multipart(mdp.build_client_batch(b"im", too_short))
+    good = gate.batch([(b"ann", m.Register(user="ann", password="pw-ann"))])
+    empty, answer = 0, None
+    end = time.monotonic() + 20
+    while answer is None:
+        assert gate.dealer.poll(max(1, int((end - time.monotonic()) * 1000))), f"{empty} empty answers"
+        _, service, rest = mdp.parse_client_message(gate.dealer.recv_multipart())
+        for body in rest:
+            if body == b"":
+                empty += 1
+            else:
+                corr, payload = unpack_reply(body)
+                assert corr == good[0]
+                answer = BIN.decode(payload)[1]
+    assert empty == len(too_short)
+    assert isinstance(answer, m.Ok)

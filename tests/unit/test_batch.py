@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import sqlite3
 
 import pytest
 
-from simzmq.im import commit_batch
+from simzmq.im import IMWorker, Job, commit_batch
 from simzmq.service import IMService, RegisterWork, Request, token_hash
 from simzmq.store import StoreBusy, open_store
+from simzmq.store.sqlite import SQLiteStore
 from simzmq.wire import messages as m
+from simzmq.wire.codec import BIN
 from simzmq.wire.messages import ErrorCode
 
 T0 = 1_764_000_000_000
@@ -260,3 +263,41 @@ def test_one_failing_request_of_another_kind(new_store):
 
 def _busy():
     raise StoreBusy("lock timeout")
+
+
+def test_a_store_locked_past_its_busy_timeout_answers_the_whole_batch_unavailable(tmp_path):
+    """BEGIN fails (another writer holds the database past busy_timeout): the
+    worker answers every request of the batch `unavailable`, commits nothing,
+    publishes nothing, and goes on serving."""
+
+    store = SQLiteStore(str(tmp_path / "im.db"), busy_timeout_ms=50)
+    service = IMService(store, TTL_MS, 1 << 20)
+    run(service, [Request("ann", b"", m.Register(user="ann", password="pw"), RegisterWork("h", False))])
+    blocker = sqlite3.connect(str(tmp_path / "im.db"), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+
+    class Session:
+        def __init__(self):
+            self.replies = []
+
+        def reply_all(self, replies):
+            self.replies += replies
+
+    session = Session()
+    request = type("R", (), {"session": session})()
+    jobs = [Job(request, b"%08d" % i, "ann", b"", m.Send(to="ann", cmid=b"c%d" % i, kind=0, body=b"x"))
+            for i in range(3)]
+    jobs.append(Job(request, b"%08d" % 9, "ann", b"", m.Login(user="ann", password="pw", device="d")))
+    worker = IMWorker.__new__(IMWorker)
+    published = []
+    worker.process(store, service, None, published.append, jobs)
+    assert len(session.replies) == 4 and published == []
+    codes = {BIN.decode(body[8:])[1].code for _, body in session.replies}
+    assert codes == {ErrorCode.UNAVAILABLE}
+    blocker.execute("ROLLBACK")
+    # The lock gone, the same batch goes through.
+    session.replies.clear()
+    worker.process(store, service, None, published.append, jobs[:3])
+    assert [type(BIN.decode(body[8:])[1]) for _, body in session.replies] == [m.SendOk] * 3
+    blocker.close()
+    store.close()

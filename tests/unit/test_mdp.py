@@ -88,7 +88,8 @@ def test_worker_cannot_be_sent_ready():
 
 @given(st.lists(st.binary(max_size=12), max_size=8))
 def test_parsers_raise_only_mdp_error(frames):
-    for parse in (mdp.parse_client_request, mdp.parse_worker_message, mdp.parse_broker_message):
+    for parse in (mdp.parse_client_request, mdp.parse_worker_message, mdp.parse_broker_message,
+                  mdp.parse_client_to_broker):
         try:
             parse(frames)
         except mdp.MDPError:
@@ -163,3 +164,57 @@ def test_malformed_client_batches(frames):
 def test_request_batch_entries_are_whole():
     with pytest.raises(mdp.MDPError):
         mdp.parse_broker_message([b"", b"MDPW01", mdp.REQUEST_BATCH, b"c", b"k"])
+
+
+# --- 18/MDP (Majordomo v0.2), as the broker reads it ------------------------
+
+
+def test_client_to_broker_tells_the_framings_apart():
+    assert mdp.parse_client_to_broker([b"", b"MDPC01", b"echo", b"x"]) == (mdp.MDP1, False, b"echo", [b"x"])
+    assert mdp.parse_client_to_broker([b"", b"MDPC02", b"\x01", b"echo", b"x"]) == (mdp.MDP2, False, b"echo", [b"x"])
+    assert mdp.parse_client_to_broker([b"MDPC02", b"\x01", b"echo"]) == (mdp.MDP2_BARE, False, b"echo", [])
+    # majortomo 0.2.0 sends REQUEST as 0x02 (spec 18's PARTIAL, which no client sends).
+    majortomo = mdp.parse_client_to_broker([b"", b"MDPC02", b"\x02", b"echo", b"x"])
+    assert majortomo == (mdp.Framing(True, True, True), False, b"echo", [b"x"])
+    batch = mdp.parse_client_to_broker(mdp.build_client_batch(b"im", [(b"k", b"v")]))
+    assert batch == (mdp.MDP1, True, b"im", [b"k", b"v"])
+
+
+def test_v2_worker_commands_map_onto_the_broker_s():
+    ready = mdp.parse_worker_message([b"", b"MDPW02", mdp.W2_READY, b"echo"])
+    assert (ready.command, ready.service, ready.credit, ready.framing) == (mdp.READY, b"echo", 1, mdp.MDP2)
+    assert mdp.parse_worker_message([b"MDPW02", mdp.W2_READY, b"echo", b"7"]).credit == 7
+    partial = mdp.parse_worker_message([b"MDPW02", mdp.W2_PARTIAL, b"c", b"", b"a", b"b"])
+    assert (partial.command, partial.client, partial.body, partial.final) == (mdp.REPLY, b"c", [b"a", b"b"], False)
+    final = mdp.parse_worker_message([b"", b"MDPW02", mdp.W2_FINAL, b"c", b""])
+    assert (final.command, final.body, final.final) == (mdp.REPLY, [], True)
+    assert mdp.parse_worker_message([b"", b"MDPW02", mdp.W2_HEARTBEAT]).command == mdp.HEARTBEAT
+    assert mdp.parse_worker_message([b"MDPW02", mdp.W2_DISCONNECT]).command == mdp.DISCONNECT
+
+
+def test_broker_heads_in_each_framing():
+    assert mdp.worker_command_head(mdp.MDP1, mdp.REQUEST) == (b"", b"MDPW01", b"\x02")
+    assert mdp.worker_command_head(mdp.MDP2, mdp.HEARTBEAT) == (b"", b"MDPW02", b"\x05")
+    assert mdp.worker_command_head(mdp.MDP2_BARE, mdp.DISCONNECT) == (b"MDPW02", b"\x06")
+    assert mdp.client_reply_head(mdp.MDP1, b"s", False) == (b"", b"MDPC01", b"s")  # 7/MDP has no parts
+    assert mdp.client_reply_head(mdp.MDP2, b"s", False) == (b"", b"MDPC02", b"\x02", b"s")
+    assert mdp.client_reply_head(mdp.MDP2_BARE, b"s") == (b"MDPC02", b"\x03", b"s")
+    # majortomo's numbering (the worker's), and no service frame, as its broker answers.
+    majortomo = mdp.MDP2._replace(majortomo=True)
+    assert mdp.client_reply_head(majortomo, b"s", False) == (b"", b"MDPC02", b"\x03")
+    assert mdp.client_reply_head(majortomo, b"s") == (b"", b"MDPC02", b"\x04")
+
+
+@pytest.mark.parametrize("frames, reason", [
+    ([b""], mdp.TOO_FEW_FRAMES),
+    ([b"x", b"MDPC01", b"im"], mdp.NO_DELIMITER),
+    ([b"MDPC01", b"im", b"body"], mdp.NO_DELIMITER),
+    ([b"", b"MDPC07", b"im"], mdp.WRONG_HEADER),
+    ([b"", b"MDPC02", b"\x09", b"im"], mdp.UNKNOWN_COMMAND),
+    ([b"", b"MDPC02", b"\x01", b""], mdp.BAD_SERVICE),
+    ([b"", b"MDPC01B", b"im"], mdp.BAD_BATCH),
+])
+def test_client_errors_name_their_reason(frames, reason):
+    with pytest.raises(mdp.MDPError) as info:
+        mdp.parse_client_to_broker(frames)
+    assert info.value.reason == reason

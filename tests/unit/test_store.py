@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sqlite3
 import time
 
 import pytest
@@ -547,6 +548,26 @@ def test_commits_never_checkpoint(tmp_path):
         assert os.path.getsize(store.path + "-wal") > 1000 * 4096
         # nothing reached the database file: no commit checkpointed
         assert os.path.getsize(store.path) == size
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(120)
+def test_commits_checkpoint_again_if_the_checkpoint_thread_dies(tmp_path, monkeypatch):
+    from simzmq.store import sqlite as sqlite_store
+
+    def broken(self):
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(sqlite_store.Checkpointer, "_checkpoint_until_stopped", broken)
+    store = open_store(f"sqlite:///{tmp_path}/im.db")
+    try:
+        store.checkpointer._thread.join(10)
+        users(store, "ann", "bob")
+        assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] > 0
+        size = os.path.getsize(store.path)
+        _write_pages(store, 30)
+        assert os.path.getsize(store.path) > size  # commits copied the WAL back
     finally:
         store.close()
 

@@ -18,12 +18,6 @@ def test_stop_order_is_up_then_gates_then_workers_then_brokers():
     assert supervise.stop_order(["im-1"]) == [["im-1"]]
 
 
-def test_failure_reason_is_the_message_of_a_log_line():
-    line = "2026-12-03 17:18:52,004 simzmq.broker[18681] CRITICAL broker-primary cannot listen on frontend x: y"
-    assert supervise.failure_reason(line) == "broker-primary cannot listen on frontend x: y"
-    assert supervise.failure_reason("Traceback (most recent call last):") == "Traceback (most recent call last):"
-
-
 @pytest.fixture
 def sleeper():
     """A live process whose command line names simzmq, and one that does not."""
@@ -55,14 +49,19 @@ def run_child(tmp_path, code: str) -> Child:
 
 
 def test_a_child_says_why_it_stopped(tmp_path):
-    critical = run_child(tmp_path, "import sys; print('x INFO hello', file=sys.stderr); "
-                                   "print('t simzmq.im[1] CRITICAL im-1 cannot listen on metrics a:1: busy', "
-                                   "file=sys.stderr); sys.exit(1)")
-    assert critical.reason() == "cannot listen on metrics a:1: busy"
-    plain = run_child(tmp_path, "import sys; print('ValueError: bad', file=sys.stderr); sys.exit(3)")
-    assert plain.reason() == "exited with code 3: ValueError: bad"
-    killed = run_child(tmp_path, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
-    assert killed.reason() == "killed by signal 9"
+    recorded = run_child(tmp_path, "import sys; from pathlib import Path; from simzmq.supervise import record_failure; "
+                                   f"record_failure(Path({str(tmp_path)!r}), 'im-1', "
+                                   "'im-1 cannot listen on metrics a:1: busy'); sys.exit(1)")
+    assert recorded.reason() == "cannot listen on metrics a:1: busy"
+    recorded.start()  # a new start forgets the old reason
+    recorded.proc.kill()
+    recorded.proc.wait()
+    assert recorded.reason() == "killed by signal 9"
+    plain = run_child(tmp_path, "import sys; sys.exit(3)")
+    assert plain.reason() == "exited with code 3"
+    # Not started by `up` (no run directory): nothing is written.
+    supervise.record_failure(tmp_path / "nowhere", "im-1", "x")
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_restart_at_once_then_with_a_growing_delay(tmp_path, monkeypatch):
@@ -76,7 +75,6 @@ def test_restart_at_once_then_with_a_growing_delay(tmp_path, monkeypatch):
     for _ in range(7):
         child.proc = subprocess.Popen([sys.executable, "-c", "pass"])
         child.proc.wait()
-        child.relay = None
         child.started = now
         child.restart_if_dead(now + 1.0)
         delays.append(round(child.restart_at - (now + 1.0), 3))
