@@ -445,7 +445,7 @@ def push(ctx, name):
     if not cfg.push.enabled:
         refuse(["push.webhook is not set: nothing to call (`simzmq up --webhook URL --webhook-secret S`)"])
     index = process_index(name)
-    serve(name, config_mod.push_listeners(cfg, index), lambda: run_push(cfg, name, index))
+    serve(cfg, name, config_mod.push_listeners(cfg, index), lambda: run_push(cfg, name, index))
 
 
 def run_push(cfg: config_mod.Config, name: str, index: int) -> None:
