@@ -2,9 +2,9 @@
 it up, and stop it in order.
 
 Start: brokers, then IM workers, push services (with a webhook) and gates.
-The region is announced only when a broker reports itself active with every IM worker registered (its state
-socket), and every gate answers /v1/health with 200 and accepts a TCP
-connection on its client port. A child that exits before it has shown it
+The region is announced only when a broker reports itself active with every
+IM worker registered (its state socket), and every gate answers /v1/health
+with 200 and accepts a TCP connection on its client port. A child that exits before it has shown it
 runs (a broker publishing its state, the workers registered, a gate
 answering) cannot start (a port taken, an address that is not this
 machine's, a bad key): the region is stopped and `up` says which process,
