@@ -1,12 +1,12 @@
 """`simzmq up`: start a region's processes, say it is up only once it is, keep
 it up, and stop it in order.
 
-Start: brokers, then IM workers, push services (with a webhook) and gates.
-The region is announced only when a broker reports itself active with every
-IM worker registered (its state socket), and every gate answers /v1/health
-with 200 and accepts a TCP connection on its client port. A child that exits before it has shown it
-runs (a broker publishing its state, the workers registered, a gate
-answering) cannot start (a port taken, an address that is not this
+Start: brokers, then IM workers, push services (with a webhook) and gates. The
+region is announced only when a broker reports itself active with every IM
+worker registered (its state socket), and every gate answers /v1/health with
+200 and accepts a TCP connection on its client port. A child that exits before
+it has shown it runs (a broker publishing its state, the workers registered, a
+gate answering) cannot start (a port taken, an address that is not this
 machine's, a bad key): the region is stopped and `up` says which process,
 which address and why, in one line. A child that dies after it ran is
 restarted (at once the first time, then with a growing delay while it keeps
