@@ -13,7 +13,7 @@ restarted (at once the first time, then with a growing delay while it keeps
 dying quickly), before and after the region is announced.
 
 Stop (SIGTERM, SIGINT, SIGHUP): gates first (clients get Kick{shutdown}), then
-workers, then brokers. Children run in their own process group, so a closed
+push services, workers, brokers. Children run in their own process group, so a closed
 terminal or a Ctrl-C reaches only `up`, which stops them in that order; and
 each child asks the kernel to send it SIGTERM if `up` dies without stopping it.
 """
