@@ -1,7 +1,9 @@
 """A terminal chat for a person, on top of ``simzmq.client.Client``.
 
-Commands: ``/to PEER`` opens the conversation (and marks it read, as any chat
-app does), a plain line sends to it, ``/convs`` lists conversations with
+Commands: ``/to PEER`` opens the conversation with a user or a group
+(``/to #group``; and marks it read, as any chat app does), a plain line sends
+to it, ``/group create TITLE USER...`` makes a group and opens it, ``/group
+add USER...`` and ``/group leave`` change the open one, ``/convs`` lists conversations with
 unread counts, ``/read`` marks the open conversation read, ``/history`` shows
 what this session holds of it, ``/quit`` leaves. Incoming messages and read
 receipts print as they arrive; messages arriving in the open conversation are
@@ -18,14 +20,19 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from simzmq.client import Client, RequestError
+from simzmq.client import Client, RequestError, group_event, is_group_id, new_group_id
 from simzmq.keys import KeyFileError, load_gate_public
 from simzmq.wire import messages as m
 from simzmq.wire.errors import ProtocolError
-from simzmq.wire.messages import ErrorCode
-from simzmq.wire.rules import MAX_PASSWORD, is_valid_user_id
+from simzmq.wire.messages import ErrorCode, GroupOp
+from simzmq.wire.rules import MAX_PASSWORD, is_valid_group_id, is_valid_user_id
 
-HELP = "commands: /to PEER, then type to send; /convs; /read; /history; /quit"
+HELP = ("commands: /to PEER or /to #GROUP, then type to send; /group create TITLE USER...; /group add USER...;"
+        " /group leave; /convs; /read; /history; /quit")
+EVENT_WORDS = {
+    GroupOp.CREATED: "created the group with", GroupOp.ADDED: "added", GroupOp.REMOVED: "removed",
+    GroupOp.LEFT: "left", GroupOp.TITLE_CHANGED: "renamed the group to", GroupOp.OWNER_CHANGED: "handed the group to",
+}
 TEXT_KIND = 0
 
 
@@ -40,8 +47,25 @@ def format_body(kind: int, body: bytes) -> str:
 
 
 def format_msg(msg: m.Msg, me: str) -> str:
-    arrow = f"-> {msg.to}" if msg.sender == me else f"<- {msg.sender}"
+    event = group_event(msg)
+    if event is not None:
+        what = event.title if event.op == GroupOp.TITLE_CHANGED else ", ".join(event.users)
+        if event.op == GroupOp.LEFT:
+            what = ""
+        words = EVENT_WORDS.get(event.op, f"changed the group (op {event.op})")
+        return f"[{format_time(msg.ts_ms)}] {msg.to}: {event.actor} {words} {what}".rstrip()
+    if is_group_id(msg.to):
+        arrow = f"-> {msg.to}" if msg.sender == me else f"<- {msg.sender} in {msg.to}"
+    else:
+        arrow = f"-> {msg.to}" if msg.sender == me else f"<- {msg.sender}"
     return f"[{format_time(msg.ts_ms)}] {arrow}: {format_body(msg.kind, msg.body)}"
+
+
+def conversation_peer(msg: m.Msg, me: str) -> str:
+    """Whom a message belongs to in the chat: the group, or the other user."""
+    if is_group_id(msg.to):
+        return msg.to
+    return msg.to if msg.sender == me else msg.sender
 
 
 def format_conv(conv: m.Conv) -> str:
@@ -68,14 +92,12 @@ class ChatSession:
         command, _, arg = line.partition(" ")
         arg = arg.strip()
         if command == "/to":
-            if not is_valid_user_id(arg):
-                self.out("usage: /to PEER (a user id)")
+            if not (is_valid_user_id(arg) or is_valid_group_id(arg)):
+                self.out("usage: /to PEER (a user id) or /to #GROUP")
                 return
-            self.peer = arg
-            self.out(f"talking to {arg}")
-            for msg in self.client.conversation(arg)[-10:]:
-                self.out(format_msg(msg, self.client.user))
-            await self._mark_read(quiet=True)
+            await self._open(arg)
+        elif command == "/group":
+            await self._group(arg.split())
         elif command == "/convs":
             convs = await self.client.convs()
             if not convs:
@@ -94,6 +116,33 @@ class ChatSession:
             self.out(HELP)
         else:
             self.out(f"unknown command {command}; {HELP}")
+
+    async def _open(self, peer: str) -> None:
+        self.peer = peer
+        self.out(f"talking to {peer}")
+        for msg in self.client.conversation(peer)[-10:]:
+            self.out(format_msg(msg, self.client.user))
+        await self._mark_read(quiet=True)
+
+    async def _group(self, words: list[str]) -> None:
+        action, args = (words[0], words[1:]) if words else ("", [])
+        try:
+            if action == "create" and args:
+                group = new_group_id()
+                info = await self.client.group_create(group, args[0], args[1:])
+                self.out(f"created {group} ({info.title}) with {', '.join(info.members)}")
+                await self._open(group)
+            elif action in ("add", "leave") and (args or action == "leave"):
+                if self.peer is None or not is_group_id(self.peer):
+                    self.out("open a group first: /to #GROUP")
+                elif action == "add":
+                    await self.client.group_add(self.peer, args)
+                else:
+                    await self.client.group_leave(self.peer)
+            else:
+                self.out("usage: /group create TITLE USER...; /group add USER...; /group leave")
+        except RequestError as exc:
+            self.out(f"refused: {exc}")
 
     def _need_peer(self) -> bool:
         if self.peer is None:
@@ -115,7 +164,9 @@ class ChatSession:
         does not raise it changes nothing and notifies no one)."""
         if not self._need_peer():
             return
-        theirs = [msg for msg in self.client.conversation(self.peer) if msg.sender == self.peer]
+        me = self.client.user
+        theirs = [msg for msg in self.client.conversation(self.peer)
+                  if msg.sender != me and group_event(msg) is None]
         if not theirs:
             if not quiet:
                 self.out("nothing to mark read")
@@ -129,8 +180,8 @@ class ChatSession:
         if type(event) is m.NewMsg:
             msg = event.msg
             self.out(format_msg(msg, me))
-            if msg.sender == self.peer and msg.sender != me:
-                await self.client.read(msg.sender, msg.msg_id)
+            if conversation_peer(msg, me) == self.peer and msg.sender != me and group_event(msg) is None:
+                await self.client.read(self.peer, msg.msg_id)
         elif type(event) is m.ReadNotice:
             if event.reader != me:
                 self.out(f"  {event.reader} read your messages up to {event.msg_id}")

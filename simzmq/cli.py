@@ -90,8 +90,8 @@ def raise_fd_limit() -> int:
 
 UP_FLAGS = {"region.data": "--data", "gate.port": "--gate-port", "gate.http_port": "--http-port",
             "im.workers": "--workers", "gate.gates": "--gates", "gate.allow_register": "--open-registration",
-            "region.port_base": "--port-base", "im.store": "--store", "push.webhook": "--webhook",
-            "push.secret": "--webhook-secret"}
+            "region.port_base": "--port-base", "im.store": "--store", "region.name": "--region",
+            "push.webhook": "--webhook", "push.secret": "--webhook-secret"}
 
 
 def region_children(cfg: config_mod.Config, env: dict, run_dir: Path) -> list:
@@ -108,6 +108,8 @@ def region_children(cfg: config_mod.Config, env: dict, run_dir: Path) -> list:
         port, http_port = config_mod.gate_ports(cfg, i)
         children.append(Child(f"gate-{i}", base + ["gate", "--name", f"gate-{i}", "--port", str(port),
                                                   "--http-port", str(http_port)], env, run_dir))
+    if cfg.region.peers:
+        children.append(Child("federation", base + ["federate"], env, run_dir))
     return children
 
 
@@ -137,12 +139,13 @@ IM_SERVICE = "im"
 @click.option("--store", default=None, help="The store: sqlite, sqlite:///PATH or postgresql://... (im.store).")
 @click.option("--open-registration/--closed-registration", default=None,
               help="Whether clients may Register (default: gate.allow_register).")
+@click.option("--region", "region_name", default=None, help="This region's name (region.name).")
 @click.option("--webhook", default=None,
               help="Run the push service, calling this URL for messages to offline users (push.webhook).")
 @click.option("--webhook-secret", default=None, help="The key the webhook calls are signed with (push.secret).")
 @click.pass_context
-def up(ctx, data, port_base, gate_port, http_port, workers, gates, store, open_registration, webhook,
-       webhook_secret):
+def up(ctx, data, port_base, gate_port, http_port, workers, gates, store, open_registration, region_name,
+       webhook, webhook_secret):
     """Start a whole region as supervised processes: brokers, IM workers, gates.
 
     Prints "region up" once a broker is active with every worker and every
@@ -151,7 +154,8 @@ def up(ctx, data, port_base, gate_port, http_port, workers, gates, store, open_r
     the region: gates, then workers, then brokers."""
     from simzmq import supervise
     setup_logging()
-    overrides = {"region": {"data": str(Path(data).resolve()) if data else None, "port_base": port_base},
+    overrides = {"region": {"data": str(Path(data).resolve()) if data else None, "port_base": port_base,
+                            "name": region_name},
                  "gate": {"port": gate_port, "http_port": http_port, "gates": gates,
                           "allow_register": open_registration},
                  "im": {"workers": workers, "store": store},
@@ -220,13 +224,18 @@ def command_name() -> str:
 def announce(cfg: config_mod.Config, gate_pk: bytes) -> None:
     g, data_dir, cmd = cfg.gate, cfg.data_dir, command_name()
     gates = ", ".join(f"{g.host}:{config_mod.gate_ports(cfg, i)[0]}" for i in range(1, g.gates + 1))
+    # chat and down find the region from DATA/run; monitor reads the brokers'
+    # state endpoints from the configuration, which a --port-base moved.
+    watch = f"{cmd} monitor --data {data_dir}"
+    if cfg.region.port_base != config_mod.DEFAULT_PORT_BASE:
+        watch += f" --endpoints {cfg.broker.role('primary').state},{cfg.broker.role('backup').state}"
     click.echo(
         f"\nsimzmq region up. Clients connect to {gates} and pin the gate key\n"
         f"  {gate_pk.hex()}   (in {data_dir / 'keys' / 'gate.pub'})\n"
         f"HTTP (health, history, metrics): http{'s' if g.tls_cert else ''}://{g.http_host}:{g.http_port}/v1/health\n"
         f"Talk:   {cmd} chat --data {data_dir} --user alice --register\n"
         f"        {cmd} chat --data {data_dir} --user bob --register   (in another terminal)\n"
-        f"Watch:  {cmd} monitor --data {data_dir}\n"
+        f"Watch:  {watch}\n"
         f"Stop:   Ctrl-C, or {cmd} down --data {data_dir}\n", err=True)
 
 
@@ -389,6 +398,7 @@ def run_im(cfg: config_mod.Config, name: str, index: int) -> None:
     configure_socket = bus_client(cfg, "worker", f"im worker {name}")
     worker = im_mod.IMWorker(
         name=name, store_url=cfg.store_url(), im_cfg=cfg.section_dict("im"), max_frame=cfg.gate.max_frame,
+        max_group_members=cfg.gate.max_group_members,
         backends=[b.primary.backend, b.backup.backend],
         notify_ins=[b.primary.notify_in, b.backup.notify_in],
         heartbeat_ms=b.heartbeat_ms, liveness=b.liveness,
@@ -510,6 +520,30 @@ def webhook_echo(host, port, secret, status):
     from simzmq.push import echo
     setup_logging()
     echo.run(host, port, secret, status)
+
+
+@main.command()
+@click.pass_context
+def federate(ctx):
+    """Bring the peer regions' notifications (region.peers) to this region's gates."""
+    setup_logging()
+    cfg = load_config(ctx)
+    logging.getLogger("simzmq.federation").info("federation: config %s", cfg.describe())
+    serve(cfg, "federation", config_mod.federation_listeners(cfg), lambda: run_federation(cfg))
+
+
+def run_federation(cfg: config_mod.Config) -> None:
+    from simzmq import federation as fed
+    b = cfg.broker
+    try:
+        links = fed.parse_peers(cfg.region.peers)
+        configure_peer = fed.peer_configurator(cfg.data_dir, links) if cfg.bus.curve else None
+    except (ValueError, keys_mod.KeyFileError) as exc:
+        raise click.ClickException(str(exc)) from None
+    configure_local = bus_client(cfg, "worker", "federation")
+    fed.run(fed.FederationProcess(cfg.region.name, links, [b.primary.notify_in, b.backup.notify_in],
+                                  configure_peer, configure_local, cfg.region.federation_metrics_port or None,
+                                  cfg.region.metrics_host))
 
 
 # ---------------------------------------------------------------------------
@@ -677,9 +711,9 @@ def history(ctx, data, host, port, gate_key, user_id, http_port, before, limit, 
     Logs in like `chat` (password from a prompt, or the first line of
     standard input), uses the session's token once, and logs out."""
     from simzmq.history import HistoryError, run_history
-    from simzmq.wire.rules import is_valid_user_id
-    if not is_valid_user_id(peer):
-        raise click.ClickException("user ids are 1-64 characters of A-Z a-z 0-9 _ . -")
+    from simzmq.wire.rules import is_valid_group_id, is_valid_user_id
+    if not (is_valid_user_id(peer) or is_valid_group_id(peer)):
+        raise click.ClickException("user ids are 1-64 characters of A-Z a-z 0-9 _ . -, group ids # and 1-63 of them")
     cfg, gate = client_gate(ctx, data, host, port, http_port, gate_key)
     password = client_password(user_id)
     try:
@@ -694,14 +728,14 @@ def history(ctx, data, host, port, gate_key, user_id, http_port, before, limit, 
 # ---------------------------------------------------------------------------
 
 @main.command()
-@click.argument("scenario", type=click.Choice(["pairs", "connect", "fanin", "backlog"]))
+@click.argument("scenario", type=click.Choice(["pairs", "connect", "fanin", "backlog", "logins"]))
 @data_option
 @click.option("--host", default=None, help="Gate host (default gate.host).")
 @click.option("--port", type=int, default=None,
               help="Gate port (default: gate-1's port from DATA/run, else gate.port).")
 @click.option("--gate-key", default=None, help="The gate's public key, 64 hex (default: DATA/keys/gate.pub).")
 @click.option("--users", type=int, default=None,
-              help="Users (default: pairs 200, fanin 50, backlog 2, connect min(connections, 200)).")
+              help="Users (default: pairs 200, fanin 50, backlog 2, connect min(connections, 200), logins 500).")
 @click.option("--messages", type=int, default=200, show_default=True, help="Messages per sender (pairs, fanin).")
 @click.option("--window", type=int, default=16, show_default=True,
               help="Unacknowledged Sends per sender (without --rate; also the backlog fill).")
@@ -719,7 +753,7 @@ def history(ctx, data, host, port, gate_key, user_id, http_port, before, limit, 
 @click.pass_context
 def bench(ctx, scenario, data, host, port, gate_key, users, messages, window, rate, procs, connections, backlog,
           concurrency, settle, codec, as_json, progress):
-    """Load-test a running region: pairs, connect, fanin or backlog."""
+    """Load-test a running region: pairs, connect, fanin, backlog or logins."""
     from simzmq import bench as bench_mod
     cfg = load_config(ctx, {"region": {"data": str(Path(data).resolve()) if data else None}})
     try:

@@ -18,6 +18,8 @@ import asyncio
 import logging
 import os
 import random
+import secrets
+import string
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +28,11 @@ from typing import Callable, Iterator
 from simzmq.keys import load_gate_public
 from simzmq.seqset import SeqSet
 from simzmq.wire import messages as m
-from simzmq.wire.codec import CODECS, Codec
+from simzmq.wire.codec import BIN, CODECS, Codec
 from simzmq.wire.errors import HandshakeError, ProtocolError
 from simzmq.wire.frames import FrameDecoder, encode_frame
 from simzmq.wire.handshake import MAX_HANDSHAKE_FRAME, ClientHandshake
-from simzmq.wire.messages import ErrorCode, KickCode
+from simzmq.wire.messages import GROUP_EVENT_KIND, ErrorCode, KickCode
 
 log = logging.getLogger("simzmq.client")
 
@@ -72,6 +74,28 @@ class RequestError(Exception):
 def load_gate_key(data_dir) -> bytes:
     """The gate's public key from ``DATA/keys/gate.pub`` (64 hex characters)."""
     return load_gate_public(Path(data_dir))
+
+
+def is_group_id(peer: str) -> bool:
+    return peer.startswith("#")
+
+
+def new_group_id() -> str:
+    """An unguessable group id, as protocol.md section 7 asks: # and 22
+    random characters of [A-Za-z0-9]."""
+    alphabet = string.ascii_letters + string.digits
+    return "#" + "".join(secrets.choice(alphabet) for _ in range(22))
+
+
+def group_event(msg: m.Msg) -> m.GroupEvent | None:
+    """The GroupEvent a group event entry carries (bin, whatever the
+    connection's codec), or None for anything else."""
+    if not is_group_id(msg.to) or msg.kind != GROUP_EVENT_KIND:
+        return None
+    try:
+        return BIN.decode_struct(m.GroupEvent, msg.body)
+    except ProtocolError:
+        return None
 
 
 def now_ms() -> int:
@@ -602,8 +626,34 @@ class Client:
         reply = await self._call(m.Ping(ts_ms=now_ms()))
         return reply.ts_ms
 
+    # -- groups (protocol 1.1, section 7) ----------------------------------------
+    # Each change carries a cmid chosen once, so a retry on a new connection
+    # is the same request (answered Ok without a second change).
+
+    async def group_create(self, group: str, title: str, members: list[str]) -> m.GroupInfo:
+        """Create ``group`` (see new_group_id) with this user as owner."""
+        return await self._call(m.GroupCreate(group=group, title=title, members=list(members)))
+
+    async def group_get(self, group: str) -> m.GroupInfo:
+        return await self._call(m.GroupGet(group=group))
+
+    async def group_add(self, group: str, users: list[str]) -> None:
+        await self._call(m.GroupAdd(group=group, users=list(users), cmid=os.urandom(16)))
+
+    async def group_remove(self, group: str, users: list[str]) -> None:
+        await self._call(m.GroupRemove(group=group, users=list(users), cmid=os.urandom(16)))
+
+    async def group_leave(self, group: str) -> None:
+        await self.group_remove(group, [self.user])
+
+    async def group_title(self, group: str, title: str) -> None:
+        await self._call(m.GroupTitle(group=group, title=title, cmid=os.urandom(16)))
+
     def conversation(self, peer: str) -> list[m.Msg]:
-        """The held messages exchanged with ``peer``, in seq order."""
+        """The held messages exchanged with ``peer`` (a user or a group, its
+        events included), in seq order."""
+        if is_group_id(peer):
+            return [msg for seq, msg in sorted(self.messages.items()) if msg.to == peer]
         return [
             msg
             for seq, msg in sorted(self.messages.items())

@@ -35,7 +35,7 @@ DEFAULT_PORT_BASE = 7700
 # knobs of the test and benchmark tools (a region started from a shell where
 # one is set must not refuse to start).
 NOT_CONFIGURATION = frozenset({
-    "SIMZMQ_CONFIG", "SIMZMQ_TEST_PG_DSN", "SIMZMQ_FUZZ_EXAMPLES", "SIMZMQ_CHAOS_RESULTS",
+    "SIMZMQ_CONFIG", "SIMZMQ_TEST_PG_DSN", "SIMZMQ_TEST_STORE", "SIMZMQ_FUZZ_EXAMPLES", "SIMZMQ_CHAOS_RESULTS",
     "SIMZMQ_ATTACK_RESULTS", "SIMZMQ_ATTACK_USERS", "SIMZMQ_ATTACK_NICE", "SIMZMQ_ATTACKS",
 })
 
@@ -338,6 +338,9 @@ class RegionConfig:
     data: Path = setting(Text())
     metrics_host: str = setting(Host())
     port_base: int = setting(Int(1, 65535))
+    name: str = setting(Text())
+    peers: tuple[str, ...] = setting(Names())
+    federation_metrics_port: int = setting(Port(off=True))
 
 
 @dataclass(frozen=True)
@@ -352,6 +355,7 @@ class GateConfig:
     gates: int = setting(Int(1, 100))
     max_frame: int = setting(Int(1024, 64 * 1024 * 1024))
     max_body: int = setting(Int(1, 64 * 1024 * 1024))
+    max_group_members: int = setting(Int(1, 10_000))
     handshake_timeout_s: float = setting(Seconds())
     idle_timeout_s: int = setting(Int(1, 2**32 - 1))  # whole seconds: clients read it in Ready
     request_timeout_s: float = setting(Seconds())
@@ -791,9 +795,14 @@ def gate_listeners(cfg: Config, name: str, port: int, http_port: int) -> list[Li
     return [Listener(name, "client port", cfg.gate.host, port), Listener(name, "http port", cfg.gate.http_host, http_port)]
 
 
+def federation_listeners(cfg: Config) -> list[Listener]:
+    port = cfg.region.federation_metrics_port
+    return [Listener("federation", "metrics", cfg.region.metrics_host, port)] if port and cfg.region.peers else []
+
+
 def region_listeners(cfg: Config) -> list[Listener]:
     """Everything `simzmq up` will listen on, on this machine."""
-    out = broker_listeners(cfg, "primary") + broker_listeners(cfg, "backup")
+    out = broker_listeners(cfg, "primary") + broker_listeners(cfg, "backup") + federation_listeners(cfg)
     for i in range(1, cfg.im.workers + 1):
         out += im_listeners(cfg, i)
     if cfg.push.enabled:

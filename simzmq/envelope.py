@@ -4,6 +4,8 @@ Every ZeroMQ frame costs a send and a receive on each hop, so what travels
 together is packed into one frame (docs/internal-protocol.md):
 
     request body:   key | corr(8) origin_len(1) origin payload
+                    (payload = type(1) budget_ms(4) body: the bin header's ref
+                    carries the gate's remaining time budget, 0 for none)
     reply body:     corr(8) payload
     notification:   topic | origin_len(1) origin payload           (worker → broker)
                     topic | epoch(8) seq(8) | origin_len(1) origin payload   (broker → gate)
@@ -24,8 +26,26 @@ class EnvelopeError(ValueError):
     """A frame that does not have the layout above."""
 
 
-def pack_request(corr: bytes, origin: bytes, payload: bytes) -> bytes:
+BIN_HEADER = 5  # type(1) ref(4), the bin codec's header
+MAX_BUDGET_MS = 0xFFFFFFFF
+
+
+def pack_request(corr: bytes, origin: bytes, payload: bytes, budget_ms: int = 0) -> bytes:
+    """The request envelope; `budget_ms` (> 0) goes into the ref of the
+    payload's bin header, which requests to the im service never used: how
+    long the gate still waits for the reply (docs/internal-protocol.md)."""
+    if budget_ms and len(payload) >= BIN_HEADER:
+        budget = min(MAX_BUDGET_MS, max(1, int(budget_ms))).to_bytes(4, "big")
+        return b"".join((corr, bytes((len(origin),)), origin, payload[:1], budget, payload[BIN_HEADER:]))
     return corr + bytes((len(origin),)) + origin + payload
+
+
+def request_budget_ms(payload: bytes) -> int:
+    """The budget a request's payload carries, in milliseconds; 0: none
+    (an older gate, or a request that came from no client)."""
+    if len(payload) < BIN_HEADER:
+        return 0
+    return int.from_bytes(payload[1:BIN_HEADER], "big")
 
 
 def unpack_request(frame: bytes) -> tuple[bytes, bytes, bytes]:

@@ -52,6 +52,7 @@ LOG_SUPPRESSED = Counter("simzmq_gate_log_lines_suppressed_total",
 # Descriptors a gate keeps beside its client connections: ZeroMQ sockets and
 # their internal pipes, the HTTP listener, logs.
 FD_RESERVE = 256
+DEFAULT_MAX_CONNECTIONS = LimitsConfig().max_connections
 
 
 def capped_by_descriptors(limits: LimitsConfig, soft_limit: int | None = None) -> LimitsConfig:
@@ -64,9 +65,14 @@ def capped_by_descriptors(limits: LimitsConfig, soft_limit: int | None = None) -
     cap = max(1, soft_limit - FD_RESERVE)
     if limits.max_connections <= cap:
         return limits
-    log.warning("max_connections %d is more than %d file descriptors allow (the descriptor limit is %d, and the "
-                "gate keeps %d for itself); holding at most %d connections (raise the limit to hold more)",
-                limits.max_connections, cap, soft_limit, FD_RESERVE, cap)
+    # The default is a ceiling that simply follows the machine (an INFO line
+    # says what it came to); a max_connections an operator chose and cannot
+    # have is worth a warning.
+    chosen = limits.max_connections != DEFAULT_MAX_CONNECTIONS
+    log.log(logging.WARNING if chosen else logging.INFO,
+            "max_connections %d is more than %d file descriptors allow (the descriptor limit is %d, and the "
+            "gate keeps %d for itself); holding at most %d connections (raise the limit to hold more)",
+            limits.max_connections, cap, soft_limit, FD_RESERVE, cap)
     return dataclasses.replace(limits, max_connections=cap)
 
 

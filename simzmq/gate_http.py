@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tornado import web, websocket
 
 from simzmq import limits as lim
-from simzmq.gate_session import (BACKPRESSURE, CLOSED, FRAMES_PER_TURN, RATE_LIMITED, SlowConsumer, code_name,
+from simzmq.gate_session import (BACKPRESSURE, CLOSED, RATE_LIMITED, SlowConsumer, code_name, turn_used,
                                  inc)
 from simzmq.web import web_routes
 from simzmq.wire import messages as m
@@ -25,7 +25,7 @@ from simzmq.wire.codec import BIN
 from simzmq.wire.errors import ProtocolError
 from simzmq.wire.handshake import MAX_HANDSHAKE_FRAME
 from simzmq.wire.messages import ErrorCode
-from simzmq.wire.rules import is_valid_user_id
+from simzmq.wire.rules import is_valid_group_id, is_valid_user_id
 
 
 class HealthHandler(web.RequestHandler):
@@ -57,7 +57,7 @@ class HistoryHandler(web.RequestHandler):
                 token = None
         if not token or len(token) > 64:
             return self._json(401, {"error": "auth_failed", "reason": "missing or malformed bearer token"})
-        if not is_valid_user_id(peer):
+        if not (is_valid_user_id(peer) or is_valid_group_id(peer)):
             return self._json(400, {"error": "bad_request", "reason": "invalid peer"})
         try:
             before = int(self.get_query_argument("before", "0"))
@@ -200,6 +200,7 @@ class WebSocketHandler(websocket.WebSocketHandler):
     conn = None
     address = None
     turn = 0
+    turn_bytes = 0
 
     def check_origin(self, origin):
         # The channel is authenticated end to end by the handshake, not by cookies,
@@ -228,8 +229,9 @@ class WebSocketHandler(websocket.WebSocketHandler):
         # a turn for the other connections now and then.
         await self._ready_to_read()
         self.turn += 1
-        if self.turn >= FRAMES_PER_TURN:
-            self.turn = 0
+        self.turn_bytes += len(message)
+        if turn_used(self.turn, self.turn_bytes):
+            self.turn = self.turn_bytes = 0
             await asyncio.sleep(0)
 
     async def _ready_to_read(self) -> None:

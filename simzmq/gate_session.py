@@ -36,7 +36,7 @@ from simzmq.wire.codec import BIN, CODECS, peek_header
 from simzmq.wire.errors import ProtocolError, ShortPayload
 from simzmq.wire.handshake import GateHandshake
 from simzmq.wire.messages import CLIENT_REQUESTS, ErrorCode, KickCode
-from simzmq.wire.rules import validate_request
+from simzmq.wire.rules import MAX_GROUP_MEMBERS, validate_request
 
 SESSION_ID_BYTES = 16
 # Frames of one connection served before the event loop serves the others
@@ -44,6 +44,15 @@ SESSION_ID_BYTES = 16
 # loop come round (the broker link, timers, HTTP) every few hundred
 # milliseconds: a frame costs a few tens of microseconds.
 FRAMES_PER_TURN = 8
+# And at most this many bytes of frames (at least one frame): a client
+# sending 60 KB bodies gets as many bytes served per turn as one sending
+# small ones, not eight times 60 KB while the others wait.
+BYTES_PER_TURN = 65536
+
+
+def turn_used(frames: int, nbytes: int) -> bool:
+    """Has a connection had its share of this turn of the event loop?"""
+    return frames >= FRAMES_PER_TURN or nbytes >= BYTES_PER_TURN
 
 CONNECTIONS = Gauge("simzmq_gate_connections", "Open client connections")
 REQUESTS = Counter("simzmq_gate_requests_total", "Client requests by type and outcome", ["type", "outcome"])
@@ -56,7 +65,19 @@ BACKPRESSURE = Counter("simzmq_gate_backpressure_total",
                        "Times a connection's reading paused: at max_pending_requests (pending), or more "
                        "than pause_reading_bytes behind in reading (behind)", ["why"])
 
+SEND_BYTES = Counter("simzmq_gate_send_bytes_total",
+                     "Bytes of Send requests let through the byte budgets (send_bytes_*)")
+SEND_TYPE = m.Send.TYPE
+
 TYPE_NAMES = {t: cls.__name__ for t, cls in m.MESSAGES.items()}
+
+
+# Section 7 as served so far: groups (forwarded like Send, keyed by the
+# actor) and what 1.1 changes in Send and Read (group ids, kinds 250-255
+# refused). Watch, SetPresence and Typing are still refused as a 1.0 gate
+# refuses them, so the SetPresence probe answers bad_request.
+GROUP_REQUESTS = (m.GroupCreate, m.GroupAdd, m.GroupRemove, m.GroupGet, m.GroupTitle)
+SERVED_1_1 = frozenset(cls.TYPE for cls in (*GROUP_REQUESTS, m.Send, m.Read))
 
 
 def now_ms() -> int:
@@ -96,6 +117,7 @@ class ClientConnection:
         now = gate.now()
         self.last_rx = now
         self.bucket = gate.limiter.connection_bucket(now)
+        self.send_bytes = gate.limiter.connection_byte_bucket(now)
         # Requests forwarded and not yet answered; at max_pending_requests the
         # transport stops reading this connection (`paused`) until replies
         # drain: it is told through transport.pause_changed().
@@ -159,6 +181,8 @@ class ClientConnection:
         if verdict:
             self.limited(ref, lim.REQUESTS, verdict, "too many requests on this connection; slow down")
             return
+        if mtype == SEND_TYPE and self.user is not None and not self.send_allowed(ref, len(plaintext)):
+            return
         name = TYPE_NAMES.get(mtype, "unknown")
         if mtype not in CLIENT_REQUESTS:
             inc(REQUESTS, "unknown", "bad_request")
@@ -166,7 +190,8 @@ class ClientConnection:
             return
         try:
             ref, msg = self.codec.decode(plaintext)
-            validate_request(msg, self.gate.max_body)
+            validate_request(msg, self.gate.max_body, protocol_1_1=mtype in SERVED_1_1,
+                             max_group_members=self.gate.cfg.get("max_group_members", MAX_GROUP_MEMBERS))
         except ShortPayload:
             raise
         except ProtocolError as exc:
@@ -175,6 +200,24 @@ class ClientConnection:
             return
         handler = self._handlers[mtype]
         handler(self, ref, msg)
+
+    def send_allowed(self, ref: int, size: int) -> bool:
+        """The Send limits (count per user; bytes per connection and per
+        user), checked on the frame's header and size alone: a Send that will
+        be refused costs no decoding and never reaches the bus."""
+        gate = self.gate
+        now = gate.now()
+        verdict, limit = gate.limiter.send(self.user, size, self.send_bytes, now)
+        if not verdict:
+            SEND_BYTES.inc(size)
+            return True
+        if limit == lim.SENDS:
+            reason = "too many messages from this user; retry later"
+        else:
+            wait = gate.limiter.send_retry_after(self.user, size, self.send_bytes, now)
+            reason = f"too many bytes sent; retry in {max(1, math.ceil(wait))} s"
+        self.limited(ref, limit, verdict, reason, "Send")
+        return False
 
     def limited(self, ref: int, limit: str, verdict: Verdict, reason: str, request: str = "") -> None:
         """A request over `limit`: Error{rate_limited}, or Kick{abuse} when far over."""
@@ -265,11 +308,6 @@ class ClientConnection:
             inc(REQUESTS, name, "not_logged_in")
             self.reply_error(ref, ErrorCode.NOT_LOGGED_IN, "log in first")
             return
-        if type(msg) is m.Send:
-            verdict = self.gate.limiter.send(self.user, self.gate.now())
-            if verdict:
-                self.limited(ref, lim.SENDS, verdict, "too many messages from this user; retry later", "Send")
-                return
         self.forward(ref, self.user, msg, name)
 
     _handlers = {
@@ -282,6 +320,11 @@ class ClientConnection:
         m.Sync.TYPE: _session_request,
         m.Read.TYPE: _session_request,
         m.Convs.TYPE: _session_request,
+        m.GroupCreate.TYPE: _session_request,
+        m.GroupAdd.TYPE: _session_request,
+        m.GroupRemove.TYPE: _session_request,
+        m.GroupGet.TYPE: _session_request,
+        m.GroupTitle.TYPE: _session_request,
     }
 
     # -- the back end -------------------------------------------------------
@@ -451,13 +494,13 @@ class ClientConnection:
 # What the im service may answer a client's request with; anything else (an
 # internal message, an error code this protocol does not have) is a bug or a
 # newer worker, and the client gets Error{internal} instead.
-CLIENT_REPLIES = frozenset({m.LoginOk, m.Error, m.SendOk, m.Batch, m.Ok, m.ConvList})
+CLIENT_REPLIES = frozenset({m.LoginOk, m.Error, m.SendOk, m.Batch, m.Ok, m.ConvList, m.GroupInfo})
 ERROR_CODES = frozenset(int(c) for c in ErrorCode)
 
 
 # Reply types a bin client gets exactly as the worker encoded them (with its
 # ref put in); an Error goes through _checked_reply first.
-PASS_THROUGH_REPLIES = frozenset(bytes([cls.TYPE]) for cls in (m.SendOk, m.Batch, m.Ok, m.ConvList))
+PASS_THROUGH_REPLIES = frozenset(bytes([cls.TYPE]) for cls in (m.SendOk, m.Batch, m.Ok, m.ConvList, m.GroupInfo))
 
 
 def _checked_reply(gate: "Gate", reply, name: str):

@@ -14,8 +14,9 @@ resumes when none does:
     (pause_writing/resume_writing, limits at exactly that many bytes): a
     client that asks and never reads would make the back end produce replies
     only to pile them up here;
-  - FRAMES_PER_TURN frames were served this turn and more are buffered: the
-    rest wait for the next turn, so one busy client cannot keep the loop.
+  - FRAMES_PER_TURN frames, or BYTES_PER_TURN bytes of them, were served
+    this turn and more are buffered: the rest wait for the next turn, so one
+    busy client, or one sending large frames, cannot keep the loop.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import logging
 import socket
 import struct
 
-from simzmq.gate_session import BACKPRESSURE, CLOSED, FRAMES_PER_TURN, ClientConnection, SlowConsumer, inc
+from simzmq.gate_session import BACKPRESSURE, CLOSED, ClientConnection, SlowConsumer, inc, turn_used
 from simzmq.wire.errors import ProtocolError
 from simzmq.wire.frames import FrameDecoder
 from simzmq.wire.handshake import MAX_HANDSHAKE_FRAME
@@ -151,16 +152,17 @@ class GateProtocol(asyncio.BufferedProtocol):
         when the handshake completes, which may be in the middle of a read,
         and each frame may pause reading."""
         conn = self.conn
-        turn = 0
+        frames = nbytes = 0
         try:
             while conn.state != CLOSED and not conn.paused and not self.writing_paused:
-                if turn >= FRAMES_PER_TURN:
+                if turn_used(frames, nbytes):
                     self._next_turn()
                     break
                 payload = self.decoder.next_payload()
                 if payload is None:
                     break
-                turn += 1
+                frames += 1
+                nbytes += len(payload)
                 conn.payload_received(payload)
         except ProtocolError as exc:
             conn.bad_input(type(exc).__name__, str(exc))

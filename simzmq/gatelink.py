@@ -156,7 +156,7 @@ class Backend:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        self._send_all(self.core.outgoing())
+        self._send_all(self.core.outgoing(time.monotonic()))
 
     def _send_all(self, messages) -> None:
         if not messages:
@@ -263,7 +263,7 @@ class Backend:
             new = self.brokers[core.current]
             log.warning("broker %s silent for %.2f s: switching to %s (%s), resending %d requests",
                         old.name, self.failover_after_s, new.name, new.frontend, len(core.pending))
-        self._send_all(core.probes(now) + core.outgoing())
+        self._send_all(core.probes(now) + core.outgoing(now))
         self._answer(tick.answers)
         BACKEND_PENDING.set(len(core.pending))
         if tick.resync_all:

@@ -14,12 +14,22 @@ A thin I/O shell around simzmq.service. Its loop:
 
 Argon2id hashing and verification take tens of milliseconds, so they run on a
 small thread pool and their requests join a later batch.
+
+Nobody's work is done for a caller who gave up: a request carries the time
+its gate still waits for the reply (its budget, docs/internal-protocol.md).
+Queued work whose deadline has passed is answered `unavailable` at once and
+not computed; a password check that could not finish in time, given the
+queue ahead of it and the measured cost of one check, is refused the same way
+before it reads the store. And one user's large requests do not fill a batch:
+beyond FAIR_BYTES_PER_USER in one batch, the rest of that user's requests
+wait for the next one (in order), behind everyone else's.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 import os
 import queue
 import signal
@@ -30,9 +40,9 @@ from typing import NamedTuple
 import nacl.exceptions
 import nacl.pwhash
 import zmq
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from simzmq.envelope import EnvelopeError, pack_notices, pack_reply, unpack_request
+from simzmq.envelope import EnvelopeError, pack_notices, pack_reply, request_budget_ms, unpack_request
 from simzmq.mdpworker import Request, WorkerSession
 from simzmq.notify import group_topic
 from simzmq.push import PRESENCE_TOPIC, WAKE_TOPIC
@@ -44,6 +54,7 @@ from simzmq.wire.codec import BIN, bin_newmsg_with_seq
 from simzmq.zmqio import sender
 from simzmq.wire.errors import ProtocolError
 from simzmq.wire.messages import ErrorCode
+from simzmq.wire.rules import MAX_GROUP_MEMBERS
 
 log = logging.getLogger("simzmq.im")
 
@@ -56,6 +67,31 @@ BATCH_SIZE = Histogram("simzmq_im_batch_requests", "Requests per group commit",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 COMMIT_SECONDS = Histogram("simzmq_im_commit_seconds", "Time to run and commit one batch",
                            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1))
+
+BUSY_BATCHES = Counter("simzmq_im_busy_retries_total",
+                       "Batches run again whole after a deadlock or serialization failure")
+# How often a batch is run again whole after the store was busy, before its
+# requests are tried one by one (and a request still busy gets UNAVAILABLE).
+BUSY_RETRIES = 5
+EXPIRED_DROPPED = Counter("simzmq_im_expired_dropped_total",
+                          "Requests answered unavailable without being computed because their caller's "
+                          "deadline had passed: waiting in the worker (queued) or for a password thread (password)",
+                          ["stage"])
+PASSWORD_REFUSED = Counter("simzmq_im_password_refused_total",
+                           "Password checks (Login, Register) refused at once because the password queue "
+                           "could not finish them before their deadline")
+PASSWORD_QUEUE = Gauge("simzmq_im_password_queue", "Password checks queued or running")
+PASSWORD_CHECK_SECONDS = Gauge("simzmq_im_password_check_seconds",
+                               "Measured time of one password check (hash or verify), moving average")
+DEFERRED = Counter("simzmq_im_fairness_deferred_total",
+                   "Requests put off to the next batch because their user had sent FAIR_BYTES_PER_USER in this one")
+
+# Bytes of requests one user may put into one batch (at least one request
+# always goes): a user sending megabytes makes the others wait one batch, not
+# all of theirs.
+FAIR_BYTES_PER_USER = 64 * 1024
+# Time a reply needs to get back to the gate after the worker is done.
+REPLY_MARGIN_S = 0.05
 
 _request_counters: dict = {}
 
@@ -84,6 +120,63 @@ class Job(NamedTuple):
     origin: bytes
     msg: object
     prepared: object = None  # result of the password work, once done
+    deadline: float = math.inf  # monotonic; inf: the gate gave no budget
+    size: int = 0  # bytes of the request, for fair batching
+
+
+# Job.prepared of password work dropped because its deadline passed first.
+EXPIRED = object()
+
+
+def fair_batch(jobs: list, cap: int) -> tuple[list, list]:
+    """(this batch, the next one): each user's jobs up to `cap` bytes (at
+    least one), in order; once a user's job is put off, so are the user's
+    later ones, so each user's requests stay in order."""
+    spent: dict = {}
+    put_off: set = set()
+    now, later = [], []
+    for job in jobs:
+        user = job.key
+        used = spent.get(user, 0)
+        if user in put_off or (used and used + job.size > cap):
+            put_off.add(user)
+            later.append(job)
+            continue
+        spent[user] = used + job.size
+        now.append(job)
+    return now, later
+
+
+class PasswordQueue:
+    """The password threads' queue: how much is in it, what one check costs
+    (measured), and so whether one more can finish before its deadline.
+
+    Counts change on the worker's loop only; `measured` is called from the
+    threads (one float assignment)."""
+
+    SMOOTHING = 0.2
+
+    def __init__(self, threads: int, cost_s: float | None = None):
+        self.threads = max(1, threads)
+        self.cost_s = cost_s
+        self.queued = 0  # submitted and not yet back on the loop
+
+    def measured(self, seconds: float) -> None:
+        self.cost_s = seconds if self.cost_s is None else self.cost_s + self.SMOOTHING * (seconds - self.cost_s)
+
+    def finish_after(self) -> float:
+        """Seconds until one more check, queued now, would be done."""
+        if self.cost_s is None:
+            return 0.0
+        return (self.queued // self.threads + 1) * self.cost_s
+
+    def admit(self, now: float, deadline: float) -> bool:
+        """Queue one more check with this deadline, or refuse it now?"""
+        return now + self.finish_after() + REPLY_MARGIN_S <= deadline
+
+    def worth_starting(self, now: float, deadline: float) -> bool:
+        """A thread is free for this check: can it still be in time?"""
+        return now + (self.cost_s or 0.0) + REPLY_MARGIN_S <= deadline
 
 
 def lower_thread_priority(steps: int) -> None:
@@ -117,11 +210,13 @@ class IMWorker:
     def __init__(self, name: str, store_url: str, im_cfg: dict, max_frame: int, backends: list[str],
                  notify_ins: list[str], heartbeat_ms: int, liveness: int, metrics_port: int | None,
                  sqlite_synchronous: str = "FULL", metrics_host: str = "127.0.0.1",
-                 configure_socket=None, push_delay_ms: int | None = None):
+                 configure_socket=None, max_group_members: int = MAX_GROUP_MEMBERS,
+                 push_delay_ms: int | None = None):
         self.name = name
         self.store_url = store_url
         self.im_cfg = im_cfg
         self.max_frame = max_frame
+        self.max_group_members = max_group_members
         self.backends = backends
         self.notify_ins = notify_ins
         self.heartbeat_s = heartbeat_ms / 1000
@@ -137,13 +232,16 @@ class IMWorker:
         self.push_delay_ms = push_delay_ms
         self.running = True
         self.done: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self.passwords = PasswordQueue(im_cfg["pwhash_threads"])
+        self.carried: list[Job] = []  # put off by fair_batch, first in the next batch
 
     def stop(self, *_):
         self.running = False
 
     def run(self) -> None:
         store = open_store(self.store_url, synchronous=self.sqlite_synchronous)
-        service = IMService(store, self.im_cfg["token_ttl_s"] * 1000, self.max_frame, self.push_delay_ms)
+        service = IMService(store, self.im_cfg["token_ttl_s"] * 1000, self.max_frame, self.max_group_members,
+                            self.push_delay_ms)
         ctx = zmq.Context.instance()
         # One identity with every broker, so each routes the same users here.
         identity = os.urandom(8)
@@ -167,6 +265,9 @@ class IMWorker:
         pool = concurrent.futures.ThreadPoolExecutor(self.im_cfg["pwhash_threads"], thread_name_prefix="pwhash",
                                                      initializer=lower_thread_priority,
                                                      initargs=(self.im_cfg["pwhash_nice"],))
+        # The cost of one check, before the first Login needs it.
+        self.passwords.queued += 1
+        pool.submit(self._calibrate).add_done_callback(self._password_done)
         if self.metrics_port:
             start_http_server(self.metrics_port, self.metrics_host)
         log.info("im worker %s: store %s, brokers %s, notifications to %s, metrics %s, credit %d",
@@ -180,12 +281,12 @@ class IMWorker:
         poller.register(wake_r, zmq.POLLIN)
         try:
             while self.running:
-                events = dict(poller.poll(POLL_MS))
+                events = dict(poller.poll(0 if self.carried else POLL_MS))
                 now = time.monotonic()
-                jobs: list[Job] = []
+                jobs, self.carried = self.carried, []
                 for s in sessions:
                     for req in s.recv_requests(now):
-                        job = self._decode(req)
+                        job = self._decode(req, now)
                         if job is not None:
                             jobs.append(job)
                 if wake_r in events:
@@ -195,9 +296,17 @@ class IMWorker:
                         pass
                 while True:
                     try:
-                        jobs.append(self.done.get_nowait())
+                        job = self.done.get_nowait()
                     except queue.Empty:
                         break
+                    self.passwords.queued -= 1
+                    if job is not None:
+                        jobs.append(job)
+                PASSWORD_QUEUE.set(self.passwords.queued)
+                jobs, self.carried = fair_batch(jobs, FAIR_BYTES_PER_USER)
+                if self.carried:
+                    DEFERRED.inc(len(self.carried))
+                jobs = self._drop_expired(jobs, now)
                 if jobs:
                     self.process(store, service, pool, publish, jobs)
                 for s in sessions:
@@ -214,7 +323,26 @@ class IMWorker:
             store.close()
             log.info("im worker %s stopped", self.name)
 
-    def _decode(self, req) -> Job | None:
+    def _drop_expired(self, jobs: list[Job], now: float) -> list[Job]:
+        """The jobs still worth doing; the others get `unavailable` (which
+        also frees the broker's credit for them) and are counted."""
+        live = []
+        expired: dict = {}
+        for job in jobs:
+            if job.prepared is EXPIRED:
+                EXPIRED_DROPPED.labels("password").inc()
+            elif now > job.deadline:
+                EXPIRED_DROPPED.labels("queued").inc()
+            else:
+                live.append(job)
+                continue
+            expired.setdefault(job.request.session, []).append((job.request, pack_reply(job.corr, UNAVAILABLE_LATE)))
+            count_request(type(job.msg).__name__, "expired")
+        for session, replies in expired.items():
+            session.reply_all(replies)
+        return live
+
+    def _decode(self, req, now: float) -> Job | None:
         body = req.body
         # A request that cannot be read is still answered (with an empty body
         # the gate drops): the broker counts it against this worker's credit
@@ -237,7 +365,9 @@ class IMWorker:
             req.session.reply(req, [pack_reply(corr, BIN.encode(m.Error(code=int(ErrorCode.BAD_REQUEST),
                                                                         reason="undecodable request"), 0))])
             return None
-        return Job(req, corr, key, origin, msg)
+        budget = request_budget_ms(payload)
+        deadline = now + budget / 1000 if budget else math.inf
+        return Job(req, corr, key, origin, msg, deadline=deadline, size=len(payload))
 
     def process(self, store, service: IMService, pool, publish, jobs: list[Job]) -> None:
         started = time.monotonic()
@@ -245,15 +375,25 @@ class IMWorker:
         ready: list[Job] = []
         waiting: list[Job] = []  # need password work first
         relayed: list[Job] = []  # gates' presence reports, for the push service
+        refused: dict = {}  # session -> replies: the password queue cannot make their deadline
         for job in jobs:
             msg = job.msg
             if type(msg) is m.PresenceReport:
                 relayed.append(job)
             elif job.prepared is None and (isinstance(msg, m.Register)
                                          or (isinstance(msg, m.Login) and not msg.token)):
-                waiting.append(job)
+                if self.passwords.admit(started, job.deadline):
+                    self.passwords.queued += 1
+                    waiting.append(job)
+                else:
+                    PASSWORD_REFUSED.inc()
+                    count_request(type(msg).__name__, "unavailable")
+                    refused.setdefault(job.request.session, []).append(
+                        (job.request, pack_reply(job.corr, UNAVAILABLE_BUSY)))
             else:
                 ready.append(job)
+        for session, replies in refused.items():
+            session.reply_all(replies)
         try:
             outcomes, hashes = commit_batch(store, service,
                                             [IMRequest(j.key, j.origin, j.msg, j.prepared) for j in ready],
@@ -265,6 +405,7 @@ class IMWorker:
             # them all rather than let the worker die with the batch.
             log.error("a batch of %d requests was not committed: %s", len(jobs), exc,
                       exc_info=not isinstance(exc, StoreBusy))
+            self.passwords.queued -= len(waiting)  # answered here, never submitted
             ready, waiting = ready + waiting, []
             outcomes, hashes = [error(ErrorCode.UNAVAILABLE, "the store is unavailable; retry")] * len(ready), []
         answered: list[tuple[Job, Outcome]] = list(zip(ready, outcomes))
@@ -298,25 +439,54 @@ class IMWorker:
             fut.add_done_callback(self._password_done)
 
     def _password_work(self, job: Job, pw_hash: str | None) -> Job:
+        started = time.monotonic()
+        if not self.passwords.worth_starting(started, job.deadline):
+            return job._replace(prepared=EXPIRED)
         if isinstance(job.msg, m.Register):
             if pw_hash is not None:
-                return job._replace(prepared=RegisterWork(None, verify_password(pw_hash, job.msg.password)))
-            return job._replace(prepared=RegisterWork(hash_password(job.msg.password, self.im_cfg["pwhash_strength"]),
-                                                      False))
-        return job._replace(prepared=verify_password(pw_hash, job.msg.password))
+                done = job._replace(prepared=RegisterWork(None, verify_password(pw_hash, job.msg.password)))
+            else:
+                done = job._replace(prepared=RegisterWork(
+                    hash_password(job.msg.password, self.im_cfg["pwhash_strength"]), False))
+        elif pw_hash is None:
+            # No such user: nothing to check, and nothing measured (it cost nothing).
+            return job._replace(prepared=False)
+        else:
+            done = job._replace(prepared=verify_password(pw_hash, job.msg.password))
+        self.passwords.measured(time.monotonic() - started)
+        PASSWORD_CHECK_SECONDS.set(self.passwords.cost_s)
+        return done
+
+    def _calibrate(self) -> None:
+        """One hash, to measure what a check costs on this machine now."""
+        started = time.monotonic()
+        hash_password("calibration", self.im_cfg["pwhash_strength"])
+        self.passwords.measured(time.monotonic() - started)
+        PASSWORD_CHECK_SECONDS.set(self.passwords.cost_s)
+        log.info("one password check takes %.0f ms here (%d threads)", self.passwords.cost_s * 1000,
+                 self.passwords.threads)
 
     def _password_done(self, fut) -> None:
+        # Always something on the queue (None for nothing to answer), so the
+        # loop counts every submitted check out again.
         try:
-            self.done.put(fut.result())
+            result = fut.result()
         except concurrent.futures.CancelledError:
             return
         except Exception:
             log.exception("password work failed")
-            return
+            result = None
+        self.done.put(result)
         try:
             os.write(self.wake_w, b"x")
         except OSError:
             pass
+
+
+UNAVAILABLE_LATE = BIN.encode(m.Error(code=int(ErrorCode.UNAVAILABLE),
+                                     reason="the back end could not answer in time; retry"), 0)
+UNAVAILABLE_BUSY = BIN.encode(m.Error(code=int(ErrorCode.UNAVAILABLE),
+                                     reason="too many password checks waiting; retry"), 0)
 
 
 def encode_notices(notices) -> list[tuple[bytes, bytes]]:
@@ -353,6 +523,7 @@ def commit_batch(store, service: IMService, requests: list[IMRequest], now_ms: i
     next time, which finds the one at fault."""
     failed: dict[int, Outcome] = {}
     alone: set[int] = set()
+    busy_retries = BUSY_RETRIES
     while True:
         live = [i for i in range(len(requests)) if i not in failed]
         try:
@@ -361,6 +532,12 @@ def commit_batch(store, service: IMService, requests: list[IMRequest], now_ms: i
                                                 {k for k, i in enumerate(live) if i in alone})
                 hashes = [store.get_password_hash(user) for user in password_users]
         except StepFailed as exc:
+            if isinstance(exc.cause, StoreBusy) and busy_retries:
+                # A deadlock or serialization failure is nobody's fault: the
+                # same batch again (the other transaction has gone ahead).
+                busy_retries -= 1
+                BUSY_BATCHES.inc()
+                continue
             culprits = [live[k] for k in exc.indices]
             if len(culprits) > 1 and not alone.issuperset(culprits):
                 alone.update(culprits)

@@ -28,11 +28,12 @@ class Verdict(IntEnum):
 
 
 class TokenBucket:
-    """`rate` tokens a second, at most `burst` saved up; each request takes one.
+    """`rate` tokens a second, at most `burst` saved up; each request takes
+    `cost` of them (one, or its size for a budget of bytes).
 
-    A request that finds no token is refused and counts as a strike. Strikes
-    drain at the same `rate`, so a client that backs off is forgiven, while
-    one that keeps going far over its rate piles them up: more than
+    A request that finds too few tokens is refused and counts `cost` strikes.
+    Strikes drain at the same `rate`, so a client that backs off is forgiven,
+    while one that keeps going far over its rate piles them up: more than
     `abuse_after` strikes is abuse.
     """
 
@@ -58,20 +59,20 @@ class TokenBucket:
             self.strikes = max(0.0, self.strikes - gain)
             self.stamp = now
 
-    def check(self, now: float) -> Verdict:
+    def check(self, now: float, cost: float = 1.0) -> Verdict:
         self._refill(now)
-        if self.tokens >= 1 - self.EPSILON:
-            self.tokens = max(0.0, self.tokens - 1)
+        if self.tokens >= cost - self.EPSILON:
+            self.tokens = max(0.0, self.tokens - cost)
             return Verdict.ALLOW
-        self.strikes += 1
+        self.strikes += cost
         return Verdict.ABUSE if self.strikes > self.abuse_after else Verdict.LIMIT
 
-    def retry_after(self, now: float) -> float:
-        """Seconds until the next request would be allowed."""
+    def retry_after(self, now: float, cost: float = 1.0) -> float:
+        """Seconds until a request of `cost` would be allowed."""
         self._refill(now)
-        if self.tokens >= 1 - self.EPSILON:
+        if self.tokens >= cost - self.EPSILON:
             return 0.0
-        return (1 - self.tokens) / self.rate if self.rate > 0 else math.inf
+        return (cost - self.tokens) / self.rate if self.rate > 0 else math.inf
 
     def idle(self, now: float) -> bool:
         """Full and forgiven: forgetting this bucket changes nothing."""
@@ -118,14 +119,14 @@ class BucketTable(_Table):
         self.abuse_after = abuse_after
         self._now = 0.0
 
-    def check(self, key: Hashable, now: float) -> Verdict:
+    def check(self, key: Hashable, now: float, cost: float = 1.0) -> Verdict:
         self._now = now
         bucket = self._touch(key, lambda: TokenBucket(self.rate, self.burst, now, self.abuse_after))
-        return bucket.check(now)
+        return bucket.check(now, cost)
 
-    def retry_after(self, key: Hashable, now: float) -> float:
+    def retry_after(self, key: Hashable, now: float, cost: float = 1.0) -> float:
         bucket = self.entries.get(key)
-        return 0.0 if bucket is None else bucket.retry_after(now)
+        return 0.0 if bucket is None else bucket.retry_after(now, cost)
 
     def prune(self, now: float) -> int:
         """Drop buckets that are full again; returns how many."""
@@ -333,6 +334,10 @@ class LimitsConfig:
     requests_burst: int = 200
     sends_per_s: float = 20.0
     sends_burst: int = 200
+    send_bytes_per_user_per_s: float = 131072.0
+    send_bytes_per_user_burst: int = 2097152
+    send_bytes_per_connection_per_s: float = 65536.0
+    send_bytes_per_connection_burst: int = 1048576
     abuse_factor: float = 4.0
     registers_per_address_per_min: float = 6.0
     registers_per_address_burst: int = 10
@@ -408,7 +413,9 @@ ADDRESS_CONNECTIONS = "address_connections"
 ADDRESS_CONNECTS = "address_connects"
 ADDRESS_BANNED = "address_banned"
 HISTORY = "history"
-LIMIT_NAMES = (REQUESTS, SENDS, REGISTER_ADDRESS, REGISTER_USER, LOGIN_ADDRESS, LOGIN_USER, SESSIONS,
+SEND_BYTES_USER = "send_bytes_user"
+SEND_BYTES_CONNECTION = "send_bytes_connection"
+LIMIT_NAMES = (REQUESTS, SENDS, SEND_BYTES_USER, SEND_BYTES_CONNECTION, REGISTER_ADDRESS, REGISTER_USER, LOGIN_ADDRESS, LOGIN_USER, SESSIONS,
                CONNECTIONS, ADDRESS_CONNECTIONS, ADDRESS_CONNECTS, ADDRESS_BANNED, HISTORY)
 
 
@@ -420,6 +427,10 @@ class Limiter:
         self.trusted = AddressSet(cfg.trusted_addresses)
         n = cfg.max_tracked
         self.sends = BucketTable(cfg.sends_per_s, cfg.sends_burst, cfg.abuse_factor * cfg.sends_burst, n)
+        # Bytes are only ever refused, never abuse: a client that sends big
+        # bodies too fast is slowed down, and its count of Sends is limited
+        # (and kicked for abuse) by `sends` already.
+        self.send_bytes = BucketTable(cfg.send_bytes_per_user_per_s, cfg.send_bytes_per_user_burst, max_entries=n)
         self.register_address = BucketTable(cfg.registers_per_address_per_min / 60,
                                             cfg.registers_per_address_burst, max_entries=n)
         self.register_user = BucketTable(cfg.registers_per_user_per_min / 60, cfg.registers_per_user_burst,
@@ -481,6 +492,10 @@ class Limiter:
         cfg = self.cfg
         return TokenBucket(cfg.requests_per_s, cfg.requests_burst, now, cfg.abuse_factor * cfg.requests_burst)
 
+    def connection_byte_bucket(self, now: float) -> TokenBucket:
+        cfg = self.cfg
+        return TokenBucket(cfg.send_bytes_per_connection_per_s, cfg.send_bytes_per_connection_burst, now)
+
     def sessions_full(self, sessions: int) -> bool:
         return sessions >= self.cfg.max_sessions_per_user
 
@@ -494,8 +509,27 @@ class Limiter:
 
     # -- requests ----------------------------------------------------------
 
-    def send(self, user: str, now: float) -> Verdict:
-        return self.sends.check(user, now)
+    def send(self, user: str, size: int, connection_bytes: TokenBucket, now: float) -> tuple[Verdict, str]:
+        """May `user` send a Send of `size` bytes on the connection whose
+        byte bucket is `connection_bytes`? (ALLOW, "") or (verdict, limit).
+
+        A request larger than a byte burst costs a whole burst: it fits into
+        a full bucket (the frame limits bound its size), and then nothing else
+        does until the bucket has refilled.
+        """
+        verdict = self.sends.check(user, now)
+        if verdict:
+            return verdict, SENDS
+        if connection_bytes.check(now, min(size, connection_bytes.burst)):
+            return Verdict.LIMIT, SEND_BYTES_CONNECTION
+        if self.send_bytes.check(user, now, min(size, self.send_bytes.burst)):
+            return Verdict.LIMIT, SEND_BYTES_USER
+        return Verdict.ALLOW, ""
+
+    def send_retry_after(self, user: str, size: int, connection_bytes: TokenBucket, now: float) -> float:
+        """Seconds until a Send of `size` bytes would pass the byte budgets."""
+        return max(connection_bytes.retry_after(now, min(size, connection_bytes.burst)),
+                   self.send_bytes.retry_after(user, now, min(size, self.send_bytes.burst)))
 
     def register(self, user: str, address: str, now: float) -> tuple[Verdict, str]:
         if not self.is_trusted(address):
@@ -541,7 +575,7 @@ class Limiter:
 
     def prune(self, now: float) -> dict[str, int]:
         """Forget what no longer matters; returns the entries left per table."""
-        tables = {"sends": self.sends, "register_address": self.register_address,
+        tables = {"sends": self.sends, "send_bytes": self.send_bytes, "register_address": self.register_address,
                   "register_user": self.register_user, "history": self.history_address,
                   "connects_address": self.connects_address, "banned_address": self.banned_address,
                   "login_user": self.login_user, "login_address": self.login_address}

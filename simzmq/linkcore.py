@@ -25,11 +25,15 @@ cannot leave the core half-updated (the shell calls each one guarded).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 from simzmq import mdp
 from simzmq.envelope import EnvelopeError, pack_request, unpack_notice, unpack_notices, unpack_reply, unpack_stamp
 from simzmq.notify import group_topic, is_group_topic
+
+# The origin of a federation entry asking for a catch-up (federation.RESYNC).
+FEDERATION_RESYNC = b"resync"
 
 SERVICE = b"im"
 PROBE = mdp.build_client_request(mdp.MMI_SERVICE, [SERVICE])
@@ -40,12 +44,13 @@ MAX_BATCH = 512
 
 
 class Pending:
-    __slots__ = ("corr", "key", "body", "callback", "deadline", "started")
+    __slots__ = ("corr", "key", "origin", "payload", "callback", "deadline", "started")
 
-    def __init__(self, corr, key, body, callback, deadline, started):
+    def __init__(self, corr, key, origin, payload, callback, deadline, started):
         self.corr = corr
         self.key = key
-        self.body = body
+        self.origin = origin
+        self.payload = payload
         self.callback = callback
         self.deadline = deadline
         self.started = started
@@ -67,6 +72,11 @@ class Tick(NamedTuple):
 class Notices(NamedTuple):
     deliveries: list[tuple[bytes, bytes, bytes]]  # (user topic, origin, payload)
     resync: list[str]                              # users to catch up
+
+
+def budget_ms(seconds: float) -> int:
+    """A budget in whole milliseconds, at least 1 (0 would mean none)."""
+    return max(1, math.ceil(seconds * 1000))
 
 
 def user_topic(user: str) -> bytes:
@@ -124,21 +134,24 @@ class LinkCore:
         of the turn (the shell then schedules :meth:`outgoing`)."""
         corr = self.next_corr.to_bytes(8, "big")
         self.next_corr += 1
-        pending = Pending(corr, key, pack_request(corr, origin, payload), callback, now + self.request_timeout, now)
+        pending = Pending(corr, key, origin, payload, callback, now + self.request_timeout, now)
         self.pending[corr] = pending
         self.outbox.append(pending)
         return len(self.outbox) == 1
 
-    def outgoing(self) -> list[list[bytes]]:
-        """The messages to send now for what was queued since the last call."""
+    def outgoing(self, now: float) -> list[list[bytes]]:
+        """The messages to send now for what was queued since the last call.
+        Each request carries the time this gate still waits for its reply
+        (its budget), as of now: a resend after a failover carries what is
+        left, so a worker never computes what nobody waits for any more."""
         queued = [p for p in self.outbox if p.corr in self.pending]
         self.outbox = []
         if not queued:
             return []
+        entries = [(p.key, pack_request(p.corr, p.origin, p.payload, budget_ms(p.deadline - now))) for p in queued]
         if not self.batches:
-            return [mdp.build_client_request(SERVICE, [p.key, p.body]) for p in queued]
-        return [mdp.build_client_batch(SERVICE, [(p.key, p.body) for p in queued[i:i + MAX_BATCH]])
-                for i in range(0, len(queued), MAX_BATCH)]
+            return [mdp.build_client_request(SERVICE, list(entry)) for entry in entries]
+        return [mdp.build_client_batch(SERVICE, entries[i:i + MAX_BATCH]) for i in range(0, len(entries), MAX_BATCH)]
 
     def on_reply(self, frames: list[bytes], now: float) -> list[Answer]:
         """A message from the broker on the DEALER; raises mdp.MDPError or
@@ -251,10 +264,16 @@ class LinkCore:
             # Still on its way after we unsubscribed: neither delivered nor
             # remembered (a stale stamp would look like a gap later).
             return Notices([], [])
+        catch_up_group = False
         if is_group_topic(topic):
             members = self.groups[topic]
             deliveries = []
             for user, origin, payload in unpack_notices(frames[2]):
+                if not user:
+                    # A federation entry (simzmq/federation.py): a mark, or a
+                    # peer region's notifications may have been lost.
+                    catch_up_group = catch_up_group or origin == FEDERATION_RESYNC
+                    continue
                 user_t = user + b"\0"
                 if user_t in members:
                     deliveries.append((user_t, origin, payload))
@@ -266,6 +285,6 @@ class LinkCore:
         last = self.stamps.get(topic)
         self.stamps[topic] = (epoch, seq)
         resync = []
-        if last is not None and (last[0] != epoch or seq != last[1] + 1):
+        if catch_up_group or (last is not None and (last[0] != epoch or seq != last[1] + 1)):
             resync = [t[:-1].decode("utf-8", "replace") for t in concerned]
         return Notices(deliveries, resync)

@@ -22,9 +22,11 @@ import secrets
 from collections.abc import Container, Sequence
 from typing import NamedTuple
 
+from simzmq.groups import GroupService, Refused, is_group
 from simzmq.store.base import NewMessage, PushJobRow, SentRecord, Store, clamp_history_limit, clamp_sync_limit
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode
+from simzmq.wire.rules import MAX_GROUP_MEMBERS
 
 TOKEN_BYTES = 32
 # Room a Batch or ConvList needs besides its items: type, ref, list count,
@@ -69,15 +71,6 @@ class StepFailed(Exception):
         self.cause = cause
 
 
-class Refused(Exception):
-    """A request that gets an Error and changes nothing."""
-
-    def __init__(self, code: ErrorCode, reason: str):
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
 def token_hash(token: bytes) -> bytes:
     # Tokens are 32 random bytes, so a fast hash suffices: nothing to brute-force.
     return hashlib.sha256(token).digest()
@@ -92,6 +85,8 @@ def users_touched(key: str, msg) -> frozenset | None:
     when that is not known before it runs (History names its user by token).
     A Send run touching none of them may be written after it."""
     kind = type(msg)
+    if kind in (m.Send, m.Read) and is_group(msg.to if kind is m.Send else msg.peer):
+        return None  # every member's
     if kind is m.Send:
         return frozenset((key, msg.to))
     if kind is m.Read:
@@ -122,6 +117,18 @@ class _SendBatch:
         self.sent: dict[tuple[str, bytes], SentRecord | None] = {}  # None: looked up, not stored
         self.seqs: dict[str, int] = {}  # max_seq of the existing users looked up
 
+    def lock_users(self, requests: Sequence[Request]) -> None:
+        """Read (and, on Postgres, lock) the seq row of every user the batch
+        will write, all at once and in id order, before anything else: two
+        workers' batches then wait for each other instead of deadlocking,
+        and a cmid retried through another worker is looked up only once the
+        batch that stored it has committed (store/postgres.py)."""
+        users = set()
+        for req in requests:
+            users.update(users_touched(req.key, req.msg) or ())
+        if users:
+            self.seqs.update(_step(range(len(requests)), self.store.user_seqs, sorted(users)))
+
     def look_up(self, run: list[int], keys: list[tuple[str, bytes]], users: set[str]) -> None:
         new_keys = [k for k in set(keys) if k not in self.sent]
         if new_keys:
@@ -133,9 +140,11 @@ class _SendBatch:
             self.seqs.update(_step(run, self.store.user_seqs, new_users))
 
 
-class IMService:
-    def __init__(self, store: Store, token_ttl_ms: int, max_frame: int, push_delay_ms: int | None = None):
+class IMService(GroupService):
+    def __init__(self, store: Store, token_ttl_ms: int, max_frame: int, max_group_members: int = MAX_GROUP_MEMBERS,
+                 push_delay_ms: int | None = None):
         self.store = store
+        self.max_group_members = max_group_members
         self.token_ttl_ms = token_ttl_ms
         self.max_items_bytes = max_frame - FRAME_OVERHEAD
         # With the push service on: each new message to someone else queues a
@@ -149,7 +158,7 @@ class IMService:
         """One request from the user `key`. `prepared` is the result of the
         password work the shell ran off the loop: for a password Login whether
         it matched, for Register the new Argon2id hash."""
-        if type(msg) is m.Send:
+        if type(msg) is m.Send and not is_group(msg.to):
             return self.handle_batch([Request(key, origin, msg, prepared)], now_ms)[0]
         try:
             handler = self._handlers[type(msg)]
@@ -167,10 +176,12 @@ class IMService:
         Raises StepFailed when a store step raises."""
         outcomes: list = [None] * len(requests)
         batch = _SendBatch(self.store)
+        batch.lock_users(requests)
         run: list[int] = []
         run_users: set[str] = set()
         for i, req in enumerate(requests):
-            if type(req.msg) is m.Send and i not in alone:
+            one_to_one = type(req.msg) is m.Send and not is_group(req.msg.to)
+            if one_to_one and i not in alone:
                 run.append(i)
                 run_users.update((req.key, req.msg.to))
                 continue
@@ -178,10 +189,14 @@ class IMService:
             if run and (touched is None or not run_users.isdisjoint(touched)):
                 self._write_sends(batch, requests, run, outcomes, now_ms)
                 run, run_users = [], set()
-            if type(req.msg) is m.Send:
+            if one_to_one:
                 self._write_sends(batch, requests, [i], outcomes, now_ms)
             else:
                 outcomes[i] = _step([i], self.handle, req.key, req.origin, req.msg, now_ms, req.prepared)
+                if touched is None:
+                    # It may have written inboxes (a group's) and cmids:
+                    # what the batch learnt of seqs and Sends is stale.
+                    batch = _SendBatch(self.store)
         if run:
             self._write_sends(batch, requests, run, outcomes, now_ms)
         return outcomes
@@ -316,6 +331,8 @@ class IMService:
 
     def _read(self, reader, origin, msg: m.Read, now_ms, prepared) -> Outcome:
         store = self.store
+        if is_group(msg.peer):
+            return self._group_read(reader, origin, msg, now_ms)
         if msg.peer != reader and not store.user_exists(msg.peer):
             raise Refused(ErrorCode.NO_SUCH_USER, f"no such user: {msg.peer}")
         if not store.conversation_of(reader, msg.peer, msg.msg_id):
@@ -326,6 +343,47 @@ class IMService:
         if msg.peer == reader:
             return Outcome(m.Ok(), (Notice(reader, origin, notice),))
         return Outcome(m.Ok(), (Notice(msg.peer, b"", notice), Notice(reader, origin, notice)))
+
+    # -- groups (simzmq/groups.py decides) ----------------------------------------
+
+    def _group_read(self, reader, origin, msg: m.Read, now_ms) -> Outcome:
+        # A group that does not exist, or whose entry never reached the
+        # reader: the same answer (msg_id not in this conversation).
+        if not self.store.conversation_of(reader, msg.peer, msg.msg_id):
+            raise Refused(ErrorCode.BAD_REQUEST, "msg_id is not in this conversation")
+        if not self.store.raise_read_mark(reader, msg.peer, msg.msg_id):
+            return Outcome(m.Ok())
+        notice = m.ReadNotice(reader=reader, peer=msg.peer, msg_id=msg.msg_id, ts_ms=now_ms)
+        others = [user for user in self.group_readers(msg.peer) if user != reader]
+        return Outcome(m.Ok(), tuple(Notice(user, b"", notice) for user in others)
+                       + (Notice(reader, origin, notice),))
+
+    def _group_request(self, actor, origin, msg, now_ms, prepared) -> Outcome:
+        """GroupCreate, GroupAdd, GroupRemove, GroupTitle, GroupGet, and a
+        Send to a group. Events reach every session of their recipients, the
+        actor's own connection included; a group message every member's
+        sessions but the one that sent it.
+
+        Offline pushes: a group message's copies are pushed like a
+        one-to-one message's (with the group as `to`); an event never is:
+        a push hook skips the Msgs for which simzmq.groups.is_group_event
+        is true."""
+        if type(msg) is m.Send:
+            if not is_group(msg.to):
+                raise Refused(ErrorCode.BAD_REQUEST, "not a group")
+            reply, copies = self.group_send(actor, msg, now_ms)
+            return Outcome(reply, tuple(Notice(user, origin if user == actor else b"", copy)
+                                        for user, copy in copies))
+        reply, events = self._group_handlers[type(msg)](self, actor, msg, now_ms)
+        return Outcome(reply, tuple(Notice(user, b"", event) for user, event in events))
+
+    _group_handlers = {
+        m.GroupCreate: GroupService.group_create,
+        m.GroupAdd: GroupService.group_add,
+        m.GroupRemove: GroupService.group_remove,
+        m.GroupTitle: GroupService.group_title,
+        m.GroupGet: GroupService.group_get,
+    }
 
     def _convs(self, user, origin, msg: m.Convs, now_ms, prepared) -> Outcome:
         convs = self.store.conversations(user)
@@ -354,4 +412,10 @@ class IMService:
         m.Read: _read,
         m.Convs: _convs,
         m.History: _history,
+        m.Send: _group_request,  # one-to-one Sends go through handle_batch
+        m.GroupCreate: _group_request,
+        m.GroupAdd: _group_request,
+        m.GroupRemove: _group_request,
+        m.GroupTitle: _group_request,
+        m.GroupGet: _group_request,
     }

@@ -51,8 +51,9 @@ STOP_GRACE_S = 5.0
 # machine start slowly; a child that cannot start exits well before).
 STARTUP_TIMEOUT_S = 60.0
 POLL_S = 0.05
-# Stop order: gates, then push services, then workers, then brokers.
-STOP_ORDER = ("gate-", "push-", "im-", "broker-")
+# Stop order: the federation (it feeds the brokers), gates, push services,
+# workers, then brokers.
+STOP_ORDER = ("federation", "gate-", "push-", "im-", "broker-")
 
 PR_SET_PDEATHSIG = 1
 
@@ -194,7 +195,8 @@ def live_processes(run_dir: Path) -> dict[str, int]:
 
 def stop_order(names) -> list[list[str]]:
     """Groups of process names in the order a region stops: up itself (which
-    stops the rest), then gates, workers, brokers, then anything else."""
+    stops the rest), then the federation, gates, workers, brokers, then
+    anything else."""
     names = sorted(names)
     groups = [[n for n in names if n == "up"]]
     groups += [[n for n in names if n.startswith(prefix)] for prefix in STOP_ORDER]

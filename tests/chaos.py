@@ -54,9 +54,7 @@ import asyncio
 import itertools
 import json
 import os
-import random
 import signal
-import socket
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -68,7 +66,7 @@ from simzmq import bus
 from simzmq.client import Client, Connection, RequestError
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode
-from tests.region import Region
+from tests.region import Region, until_available
 
 SYNC_LIMIT = 500
 
@@ -253,43 +251,16 @@ class ChaosConfig:
     settle_s: float = 10.0
 
 
-def _bindable(port: int) -> bool:
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-def _gate_ports(gates: int) -> tuple[int, int]:
-    """A client port and an HTTP port, each with the ``gates - 1`` ports above
-    it free too (gate-N listens on port + N - 1). Chosen below the kernel's
-    ephemeral range, so that no outgoing connection of this busy machine can
-    take one while a killed gate is being restarted on it."""
-    found: list[int] = []
-    rng = random.Random()
-    while len(found) < 2:
-        base = rng.randrange(20000, 32000 - gates)
-        span = range(base, base + gates)
-        if all(_bindable(p) for p in span) and not any(p in range(f, f + gates) for f in found for p in span):
-            found.append(base)
-    return found[0], found[1]
-
-
 def _start_region(data_dir: Path, cfg: ChaosConfig) -> Region:
     # Every test user registers from 127.0.0.1: lift the per-address Register
-    # limit, which is there against one address creating accounts in bulk.
+    # limit, which is there against one address creating accounts in bulk,
+    # and the per-user one, which would refuse the harness's retries of a
+    # Register that timed out (_register).
     region = Region(data_dir, workers=cfg.workers, gates=cfg.gates,
                     extra_env={"SIMZMQ_GATE_LIMITS_REGISTERS_PER_ADDRESS_BURST": "1000",
-                               "SIMZMQ_GATE_LIMITS_REGISTERS_PER_ADDRESS_PER_MIN": "1000"})
-    gate_port, http_port = _gate_ports(cfg.gates)
-    argv = region.argv
-    argv[argv.index("--gate-port") + 1] = str(gate_port)
-    argv[argv.index("--http-port") + 1] = str(http_port)
-    region.gate_port, region.http_port = gate_port, http_port
+                               "SIMZMQ_GATE_LIMITS_REGISTERS_PER_ADDRESS_PER_MIN": "1000",
+                               "SIMZMQ_GATE_LIMITS_REGISTERS_PER_USER_BURST": "1000",
+                               "SIMZMQ_GATE_LIMITS_REGISTERS_PER_USER_PER_MIN": "1000"})
     region.start()
     # Region.start waits for gate-1 only.
     deadline = time.monotonic() + 30
@@ -323,7 +294,7 @@ def _run_in_region(region: Region, cfg: ChaosConfig) -> dict:
         victim = "gate-1"
     else:
         raise ValueError(f"unknown victim {cfg.victim!r}")
-    run = asyncio.run(asyncio.wait_for(_load(region, cfg, victim), 120))
+    run = asyncio.run(asyncio.wait_for(_load(region, cfg, victim), 240))
     after: dict = {"victim": victim, "victim_pid": run["victim_pid"]}
     # The supervisor restarts the victim: wait for its new pid file.
     deadline = time.monotonic() + 15
@@ -462,35 +433,23 @@ async def _load(region: Region, cfg: ChaosConfig, victim: str) -> dict:
 
 
 async def _register(client: Client) -> None:
-    """Register, retried while the back end answers ``unavailable`` (Argon2id
-    hashing of many passwords at once on a busy 2-core machine can outlast
-    the gate's request timeout). ``exists`` counts as done: a Register
-    delivered twice (a worker taken for dead and its requests re-sent, or a
-    retry of one that did take effect) answers ``exists`` although this
-    client created the user; the password Login that follows proves the
-    account is ours."""
-    for attempt in range(5):
-        try:
-            await client.register()
-            return
-        except RequestError as exc:
-            if exc.code == ErrorCode.EXISTS:
-                print(f"register {client.user}: {exc} (attempt {attempt + 1}); the login decides")
-                return
-            if exc.code != ErrorCode.UNAVAILABLE or attempt == 4:
-                raise
-            print(f"register {client.user}: {exc}; retrying")
+    """Register, retried while unavailable (Argon2id hashing of many
+    passwords at once on a busy 2-core machine can outlast the gate's request
+    timeout; the region lifts the per-user Register limit for these retries). A retry of a Register that took effect
+    answers ``Ok`` or ``exists`` (protocol.md, Register: a client must rely on
+    neither; ``exists`` when the retry was checked while the first was still
+    being committed); the password Login that follows proves the account is
+    ours."""
+    try:
+        await until_available(client.register)
+    except RequestError as exc:
+        if exc.code != ErrorCode.EXISTS:
+            raise
+        print(f"register {client.user}: {exc}; the login decides")
 
 
 async def _login(client: Client) -> None:
-    for attempt in range(5):
-        try:
-            await client.login()
-            return
-        except RequestError as exc:
-            if exc.code != ErrorCode.UNAVAILABLE or attempt == 4:
-                raise
-            print(f"login {client.user}: {exc}; retrying")
+    await until_available(client.login)
 
 
 def _device_done(d: Device, inbox: list[m.Msg]) -> bool:

@@ -13,6 +13,7 @@ creates its own database on it).
 
 from __future__ import annotations
 
+import atexit
 import glob
 import itertools
 import os
@@ -134,7 +135,7 @@ class PgCluster:
                 f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root}"
                 # A throwaway cluster: nothing in it must survive a power loss.
                 " -c fsync=off -c full_page_writes=off"
-                " -c max_connections=100 -c shared_buffers=64MB"
+                " -c max_connections=200 -c shared_buffers=64MB"
             )
             done = self._run("pg_ctl", "-D", self.datadir, "-l", self.logfile, "-o", options, "-w",
                              "-t", str(START_TIMEOUT_S), "start", timeout=START_TIMEOUT_S + 10)
@@ -208,17 +209,52 @@ def start_cluster() -> PgCluster:
     return cluster
 
 
-@pytest.fixture(scope="session")
-def pg_cluster():
+# The one server of this test process: started on first use, stopped at exit.
+_shared: PgCluster | ExternalServer | None = None
+_shared_error: str | None = None
+
+
+def shared_server() -> PgCluster | ExternalServer:
+    """The test process's Postgres (SIMZMQ_TEST_PG_DSN, or a throwaway cluster
+    started now and stopped when the process exits); raises
+    ClusterUnavailable when there is none to be had."""
+    global _shared, _shared_error
+    if _shared is not None:
+        return _shared
+    if _shared_error is not None:
+        raise ClusterUnavailable(_shared_error)
     external = os.environ.get("SIMZMQ_TEST_PG_DSN")
     if external:
-        yield ExternalServer(external)
-        return
+        _shared = ExternalServer(external)
+        return _shared
     try:
-        cluster = start_cluster()
+        _shared = start_cluster()
     except (ClusterUnavailable, OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"!!! POSTGRES TESTS SKIPPED: cannot start a throwaway cluster: {exc}")
+        _shared_error = str(exc)
+        raise ClusterUnavailable(_shared_error) from exc
+    atexit.register(_shared.stop)
+    return _shared
+
+
+# SIMZMQ_TEST_STORE=postgres: every region a test starts (tests/region.py)
+# keeps its store in a fresh database of the shared server, so the
+# integration suite runs against Postgres as well as SQLite (bin/test).
+STORE_ENV = "SIMZMQ_TEST_STORE"
+
+
+def regions_on_postgres() -> bool:
+    return os.environ.get(STORE_ENV, "sqlite").lower() in ("postgres", "postgresql")
+
+
+def region_store() -> str:
+    """A fresh database's DSN for one region; the test fails loudly when
+    Postgres was asked for and cannot be had (never a silent SQLite run)."""
+    return shared_server().create_database()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
     try:
-        yield cluster
-    finally:
-        cluster.stop()
+        yield shared_server()
+    except ClusterUnavailable as exc:
+        pytest.skip(f"!!! POSTGRES TESTS SKIPPED: cannot start a throwaway cluster: {exc}")

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 from simzmq.wire.codec import CODECS
 from simzmq.wire.frames import encode_frame
 from simzmq.wire.handshake import ClientHandshake
+from simzmq.wire.messages import Error, ErrorCode
 
 
 class Closed(Exception):
@@ -78,6 +80,19 @@ class RawClient:
             if got_ref == ref:
                 return reply
             self.skipped(reply)
+
+    def served(self, msg, within: float = 60.0):
+        """request(), asked again while the gate answers ``unavailable`` (the
+        back end did not answer within the gate's request timeout, as happens
+        on a loaded machine), for up to ``within`` seconds. For requests that
+        may be repeated: Register with the same password, Login, Sync, a Send
+        with the same cmid."""
+        deadline = time.monotonic() + within
+        while True:
+            reply = self.request(msg)
+            if not (type(reply) is Error and reply.code == ErrorCode.UNAVAILABLE) or time.monotonic() > deadline:
+                return reply
+            time.sleep(0.5)
 
     def skipped(self, msg) -> None:
         """A message request() read past; dropped unless a subclass keeps it."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -13,7 +15,44 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from simzmq import supervise
+from tests.pg import region_store, regions_on_postgres
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def bindable(port: int) -> bool:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def gate_ports(gates: int) -> tuple[int, int]:
+    """A client port and an HTTP port, each with the ``gates - 1`` ports above
+    it free too (gate-N listens on port + N - 1). Chosen below the kernel's
+    ephemeral range, so that no outgoing connection of this busy machine can
+    take one while a killed gate is being restarted on it."""
+    found: list[int] = []
+    rng = random.Random()
+    while len(found) < 2:
+        base = rng.randrange(20000, 32000 - gates)
+        span = range(base, base + gates)
+        if all(bindable(p) for p in span) and not any(p in range(f, f + gates) for f in found for p in span):
+            found.append(base)
+    return found[0], found[1]
+
+
+class RegionFailed(RuntimeError):
+    """The region did not come up; ``log`` is what it logged meanwhile."""
+
+    def __init__(self, message: str, log: str):
+        super().__init__(message)
+        self.log = log
 
 
 def free_ports(n: int) -> list[int]:
@@ -28,56 +67,98 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+    """A /metrics page as {"name{labels}": value}."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
 class Region:
     """A running `simzmq up` with its own data directory and ports."""
 
     def __init__(self, data_dir: Path, workers: int = 1, gates: int = 1, extra_env: dict | None = None,
                  store: str | None = None):
         self.data_dir = Path(data_dir)
-        ports = free_ports(16)
-        self.gate_port, self.http_port = ports[0], ports[1]
-        # Gates N>1 take port+N-1; keep those free by spacing: only one gate by default.
+        self.gates = gates
         env = dict(os.environ)
         env.pop("SIMZMQ_CONFIG", None)
+        # im-N serves metrics on this + N - 1; only one worker gets a port
+        # known to be free, the others go without metrics in tests.
+        self.workers = workers
+        if store is None and regions_on_postgres():
+            store = region_store()
+        self.store = store
+        if store:
+            env["SIMZMQ_IM_STORE"] = store
+        self.extra_env = dict(extra_env or {})
+        self.env = env
+        self.argv = [sys.executable, "-m", "simzmq", "up", "--data", str(self.data_dir),
+                     "--gate-port", "0", "--http-port", "0",
+                     "--workers", str(workers), "--gates", str(gates)]
+        self._pick_ports()
+        self.log_path = self.data_dir.parent / (self.data_dir.name + ".log")
+        self.proc: subprocess.Popen | None = None
+        # Run in the child before `simzmq up` starts (e.g. lower a resource limit).
+        self.preexec = None
+
+    def _pick_ports(self) -> None:
+        ports = free_ports(16)
+        # gate-N listens on the client and HTTP ports + N - 1: with more than
+        # one gate, ports whose neighbours are free too.
+        self.gate_port, self.http_port = gate_ports(self.gates) if self.gates > 1 else (ports[0], ports[1])
+        env = self.env
         names = ["FRONTEND", "BACKEND", "NOTIFY_IN", "NOTIFY_OUT", "STATE"]
         for i, name in enumerate(names):
             env[f"SIMZMQ_BROKER_PRIMARY_{name}"] = f"tcp://127.0.0.1:{ports[2 + i]}"
             env[f"SIMZMQ_BROKER_BACKUP_{name}"] = f"tcp://127.0.0.1:{ports[7 + i]}"
         env["SIMZMQ_BROKER_PRIMARY_METRICS_PORT"] = str(ports[12])
         env["SIMZMQ_BROKER_BACKUP_METRICS_PORT"] = str(ports[13])
-        # im-N serves metrics on this + N - 1; only one worker gets a port
-        # known to be free, the others go without metrics in tests.
-        self.im_metrics_port = ports[14] if workers == 1 else 0
+        self.im_metrics_port = ports[14] if self.workers == 1 else 0
         env["SIMZMQ_IM_METRICS_PORT"] = str(self.im_metrics_port)
         # push-1's metrics (used when a test turns the push service on).
         self.push_metrics_port = ports[15]
         env["SIMZMQ_PUSH_METRICS_PORT"] = str(ports[15])
-        if store:
-            env["SIMZMQ_IM_STORE"] = store
-        env.update(extra_env or {})
-        self.env = env
-        self.argv = [sys.executable, "-m", "simzmq", "up", "--data", str(self.data_dir),
-                     "--gate-port", str(self.gate_port), "--http-port", str(self.http_port),
-                     "--workers", str(workers), "--gates", str(gates)]
-        self.log_path = self.data_dir.parent / (self.data_dir.name + ".log")
-        self.proc: subprocess.Popen | None = None
-        # Run in the child before `simzmq up` starts (e.g. lower a resource limit).
-        self.preexec = None
+        env.update(self.extra_env)
+        argv = self.argv
+        argv[argv.index("--gate-port") + 1] = str(self.gate_port)
+        argv[argv.index("--http-port") + 1] = str(self.http_port)
 
-    def start(self, timeout: float = 30.0) -> "Region":
+    def start(self, timeout: float = 120.0) -> "Region":
+        """Start and wait until the region is up. A start that fails is
+        stopped with everything it started; one that failed because a port
+        picked as free was taken meanwhile is tried again once on new ports."""
+        try:
+            return self._start_once(timeout)
+        except RegionFailed as exc:
+            if "Address already in use" not in exc.log:
+                raise
+        self._pick_ports()
+        return self._start_once(timeout)
+
+    def _start_once(self, timeout: float) -> "Region":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "ab")
+        since = self.log.tell()
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=str(ROOT), preexec_fn=self.preexec)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"simzmq up exited: {self.read_log()[-3000:]}")
+                failure = "simzmq up exited"
+                break
             # `up` announces the region once every process is ready.
             if self.health() == 200 and "simzmq region up" in self.read_log():
                 return self
             time.sleep(0.1)
-        raise RuntimeError(f"region did not become healthy: {self.read_log()[-3000:]}")
+        else:
+            failure = "region did not become healthy"
+        self.stop()
+        log = self.read_log()[since:]
+        raise RegionFailed(f"{failure}: {log[-3000:]}", log)
 
     @property
     def gate_pk(self) -> bytes:
@@ -125,6 +206,13 @@ class Region:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+        # What `up` could not stop (it was killed): stop it here, so that no
+        # process outlives its test.
+        for name, pid in supervise.live_processes(self.data_dir / "run").items():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         return self.proc.returncode
 
     def __enter__(self):
@@ -132,3 +220,33 @@ class Region:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def region_fixture(tmp_name: str, name: str = "region", **kwargs):
+    """A module-scoped pytest fixture called ``name``: a region (Region's
+    arguments) in a temporary directory named after ``tmp_name``, started for
+    the module's tests and stopped after them."""
+    import pytest
+
+    @pytest.fixture(scope="module", name=name)
+    def running_region(tmp_path_factory):
+        with Region(tmp_path_factory.mktemp(tmp_name) / "data", **kwargs) as region:
+            yield region
+    return running_region
+
+
+async def until_available(request, within: float = 60.0):
+    """``await request()``, again while the gate answers ``unavailable`` (the
+    back end did not answer within the gate's request timeout, as happens on
+    a loaded machine), for up to ``within`` seconds: the asyncio twin of
+    ``RawClient.served``, for requests that may be repeated."""
+    from simzmq.client import RequestError
+    from simzmq.wire.messages import ErrorCode
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await request()
+        except RequestError as exc:
+            if exc.code != ErrorCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.5)

@@ -17,6 +17,7 @@ The modules, one job each:
 * ``check``       — percentiles and the delivery check;
 * ``progress``    — the progress bar;
 * ``report``      — the report as text;
+* ``logins``      — the logins scenario, which runs on its own (one process);
 * ``command``     — the `simzmq bench` command itself.
 
 Scenarios:
@@ -34,6 +35,10 @@ Scenarios:
   token; before that, every user logs in once with its password (measured
   apart, since Argon2id dominates it). Reports logins/s, latencies and the
   region's memory per idle logged-in connection.
+* ``logins``  — ``users`` (default 500) password Logins at once, each client
+  retrying ``unavailable`` and ``rate_limited`` with backoff; reports
+  logins/s against the password threads' capacity (threads ÷ one Argon2id
+  check, timed on the same machine first).
 
 Every scenario that sends ends with a check through Sync: each receiver reads
 its whole inbox and every acknowledged message must be there exactly once, in

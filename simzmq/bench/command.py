@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 from simzmq import keys as keys_mod
+from simzmq.config import im_metrics_port
+from simzmq.bench import logins
 from simzmq.bench.calibrate import calibrate
 from simzmq.bench.coordinator import run
 from simzmq.bench.plan import BenchError, Options, validate
-from simzmq.bench.procstats import gate_port_from_pid, machine_info
+from simzmq.bench.procstats import gate_port_from_pid, machine_info, read_pid_files
 from simzmq.bench.report import format_report
 
 
@@ -30,6 +32,8 @@ def main(cfg, *, scenario: str, host: str | None, port: int | None, gate_key: st
             raise BenchError(str(exc)) from None
     g = cfg["gate"]
     port = port or gate_port_from_pid(data_dir) or g["port"]
+    if scenario == "logins":
+        return _logins(cfg, host or g["host"], port, pk, options.get("users"), as_json)
     opts = Options(scenario=scenario, host=host or g["host"], port=port, gate_pk=pk, data_dir=str(data_dir),
                    **options)
     validate(opts)  # bad arguments are refused before the calibration takes its seconds
@@ -41,6 +45,21 @@ def main(cfg, *, scenario: str, host: str | None, port: int | None, gate_key: st
         print(json.dumps(report, indent=2, default=_json_default))
     else:
         print(format_report(report))
+    return 0 if report["ok"] else 1
+
+
+def _logins(cfg, host: str, port: int, pk: bytes, users: int | None, as_json: bool) -> int:
+    """The logins scenario: one process, no phases; see simzmq/bench/logins.py."""
+    users = logins.DEFAULT_USERS if users is None else users
+    if users < 1:
+        raise BenchError("logins needs at least 1 user")
+    workers = sum(1 for name in read_pid_files(cfg.data_dir) if name.startswith("im-")) or 1
+    im = cfg["im"]
+    urls = [f"http://127.0.0.1:{im_metrics_port(cfg, i)}/metrics" for i in range(1, workers + 1)
+            if im_metrics_port(cfg, i)]
+    report = logins.run(host, port, pk, users, workers * im["pwhash_threads"], im["pwhash_strength"], urls)
+    report["machine"] = machine_info()
+    print(json.dumps(report, indent=2) if as_json else logins.format_report(report))
     return 0 if report["ok"] else 1
 
 

@@ -120,6 +120,39 @@ class PushStats(NamedTuple):
     oldest_created_ms: int | None
     dead: int
 
+class GroupRow(NamedTuple):
+    """A group (section 7); owner is '' once it is closed."""
+
+    id: str
+    title: str
+    owner: str
+    creator: str
+    version: int
+    joins: int  # the join counter: a member's `joined` is its value when it joined
+
+
+class GroupMember(NamedTuple):
+    user: str
+    joined: int
+    active: bool  # False: left or removed (only the owner puts it back)
+
+
+class GroupEntry(NamedTuple):
+    """A group message or event to store: one messages row, and one inbox
+    entry per user in `seqs` (user -> its new seq, allocated by the caller
+    from user_seqs). `counted`: whether it counts as unread (messages do,
+    events do not)."""
+
+    msg_id: int
+    sender: str
+    group: str
+    kind: int
+    ts_ms: int
+    cmid: bytes
+    body: bytes
+    seqs: dict
+    counted: bool
+
 
 class StoreError(Exception):
     """Base of the errors a store raises on purpose."""
@@ -258,6 +291,52 @@ class Store:
 
     def raise_delivered(self, user: str, since: int) -> None:
         """Raise the delivered mark to `since` (capped at max_seq); never lowers it."""
+        raise NotImplementedError
+
+    # groups (section 7)
+
+    def lock_group(self, group: str) -> GroupRow | None:
+        """The group's row, locked (Postgres) until the transaction ends:
+        taken before any user row, so group changes and group messages of one
+        group are serialized and numbered in one order."""
+        raise NotImplementedError
+
+    def group_members(self, group: str) -> list[GroupMember]:
+        """Everyone who ever joined, in join order (the latest join)."""
+        raise NotImplementedError
+
+    def save_group(self, row: GroupRow, now_ms: int) -> None:
+        """Create or update the group's row."""
+        raise NotImplementedError
+
+    def save_members(self, group: str, members: Sequence[GroupMember]) -> None:
+        """Create or update these members' rows."""
+        raise NotImplementedError
+
+    def groups_joined(self, users: Iterable[str]) -> dict[str, int]:
+        """How many groups each of `users` is in now (absent: none)."""
+        raise NotImplementedError
+
+    def written_to(self, actor: str, users: Iterable[str]) -> set[str]:
+        """Those of `users` who have sent `actor` a one-to-one message (whose
+        contacts, section 7, hold `actor`)."""
+        raise NotImplementedError
+
+    def find_group_op(self, actor: str, cmid: bytes) -> str | None:
+        """The digest of the group change recorded for (actor, cmid)."""
+        raise NotImplementedError
+
+    def record_group_op(self, actor: str, cmid: bytes, digest: str) -> None:
+        raise NotImplementedError
+
+    def add_group_entries(self, entries: Sequence[GroupEntry]) -> None:
+        """Store group messages and events: their rows, every inbox copy,
+        each user's max_seq and each member's conversation with the group."""
+        raise NotImplementedError
+
+    def start_group_marks(self, group: str, users: Iterable[str], msg_id: int) -> None:
+        """Set the read mark of `users` in the group to `msg_id` (the event
+        that added them), nothing unread before it."""
         raise NotImplementedError
 
     # conversations

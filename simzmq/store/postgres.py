@@ -5,16 +5,23 @@ survives a power loss of the database server; group commit keeps that to one
 flush per batch.
 
 Ordering: several workers may write at once. A batch first locks the user
-rows of every sender and recipient in it (user_seqs: SELECT ... ORDER BY id
-FOR UPDATE, so two batches take them in the same order), and only then draws
-msg_ids, so within every inbox seq order and msg_id order agree.
+rows of every user it will touch (IMService.handle_batch: the senders and
+recipients of its Sends, readers and peers of its Reads, the users of its
+Syncs and Logins) in one statement, user_seqs: SELECT ... ORDER BY id FOR
+UPDATE, so every batch takes its locks in the same order, before it writes
+anything else, and only then draws msg_ids: within every inbox seq order and
+msg_id order agree, two workers' batches wait for each other instead of
+deadlocking, and a cmid retried through another worker (after a failover)
+is looked up only once the batch that stored it has committed.
 
-Round trips: each step of a batch is one (the cmid lookup, the user rows,
+Round trips: each step of a batch is one (the user rows, the cmid lookup,
 the msg_ids, and each executemany, which psycopg pipelines).
 
-Locks are held until the batch commits, so two workers' batches can still
-deadlock on user rows; Postgres then aborts one statement, which surfaces as
-StoreBusy and the worker retries the batch without the request.
+A deadlock or serialization failure that still happens (a Register racing
+another for the same new id, an operator's own transaction) surfaces as
+StoreBusy; the worker runs the same batch again whole (im.commit_batch,
+simzmq_im_busy_retries_total), and only after several tries gives the
+requests it cannot place Error{unavailable}.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from .base import StoreBusy, StoreError, clamp_id
-from .sql import SQLStore
+from .sql import GROUPS_SCHEMA, SQLStore
 
 # Taken while migrating, so workers starting together migrate once.
 MIGRATION_LOCK_KEY = 0x73696D7A6D71  # "simzmq"
@@ -147,9 +154,12 @@ $fn$;
 # Appends are batched in Python now (SQLStore.add_messages).
 _SCHEMA_V2 = "DROP FUNCTION simzmq_append(text, text, bytea, smallint, bytea, bigint);"
 
-# The push outbox (simzmq/push.py): one row per message to push, written in
+# Groups: the unique (sender, cmid) constraint becomes a partial index.
+_SCHEMA_V3 = "ALTER TABLE messages DROP CONSTRAINT messages_sender_cmid_key;\n" + ";\n".join(GROUPS_SCHEMA)
+
+# The push outbox (simzmq/push/): one row per message to push, written in
 # the message's transaction; the dead-letter table keeps given-up ones.
-_SCHEMA_V3 = """
+_SCHEMA_V4 = """
 CREATE TABLE push_outbox (
     msg_id      bigint PRIMARY KEY,
     user_id     text COLLATE "C" NOT NULL,
@@ -175,7 +185,7 @@ CREATE TABLE push_dead (
 );
 """
 
-MIGRATIONS = [_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3]
+MIGRATIONS = [_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4]
 
 # SQLSTATEs of transient conflicts: deadlock, serialization failure, lock
 # timeout, cancelled statement (statement_timeout).
@@ -196,6 +206,7 @@ def _formatted(sql: str) -> str:
 
 class PostgresStore(SQLStore):
     _NO_LIMIT = None
+    _FOR_UPDATE = " FOR UPDATE"
     _LOCK_ROWS = " ORDER BY id FOR UPDATE"
     # Users whose oldest job another claim has locked are skipped, not waited for.
     _SKIP_LOCKED = " FOR UPDATE OF o SKIP LOCKED"

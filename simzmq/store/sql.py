@@ -21,9 +21,14 @@ from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from typing import Any
 
+from simzmq.wire.messages import GROUP_EVENT_KIND
+
 from .base import (
     ID_CEILING,
     Appended,
+    GroupEntry,
+    GroupMember,
+    GroupRow,
     Conv,
     DeadJob,
     DuplicateSend,
@@ -119,6 +124,37 @@ _CLAIMED_UNREAD = (
 def _in_list(count: int) -> str:
     return "(" + ", ".join(["?"] * count) + ")"
 
+# Schema of groups (section 7), the same text in both back ends (each runs
+# it as a migration step). Group events are messages with an empty cmid, so
+# the idempotency index of Send covers non-empty cmids only; lookups repeat
+# its predicate so both planners use it. Group messages and events have the
+# group as recipient; messages_group serves unread recounts.
+GROUPS_SCHEMA = (
+    "CREATE UNIQUE INDEX messages_sender_cmid ON messages (sender, cmid) WHERE length(cmid) > 0",
+    "CREATE INDEX messages_group ON messages (recipient, msg_id) WHERE substr(recipient, 1, 1) = '#'",
+    # owner is '' once the group is closed (its id stays taken).
+    "CREATE TABLE groups (id text PRIMARY KEY, title text NOT NULL, owner text NOT NULL,"
+    " creator text NOT NULL, version bigint NOT NULL, joins bigint NOT NULL, created_ms bigint NOT NULL)",
+    # joined: the group's join counter when the user last joined (members are
+    # listed in this order); active 0 marks one who left or was removed.
+    "CREATE TABLE group_members (group_id text NOT NULL, user_id text NOT NULL, joined bigint NOT NULL,"
+    " active smallint NOT NULL, PRIMARY KEY (group_id, user_id))",
+    "CREATE INDEX group_members_user ON group_members (user_id, active)",
+    # The idempotency records of GroupAdd, GroupRemove and GroupTitle: what
+    # the first request was (digest), so a different one with its cmid is refused.
+    "CREATE TABLE group_ops (actor text NOT NULL, cmid text NOT NULL, digest text NOT NULL,"
+    " PRIMARY KEY (actor, cmid))",
+)
+
+_GROUP_UNREAD = (
+    "SELECT count(*) FROM messages WHERE recipient = ? AND substr(recipient, 1, 1) = '#'"
+    " AND msg_id > ? AND msg_id <= ? AND sender <> ? AND kind <> ?"
+)
+
+
+def is_group(peer: str) -> bool:
+    return peer.startswith("#")
+
 
 def _padded(keys: list) -> list:
     """keys, its length rounded up to a power of two by repeating the last."""
@@ -132,7 +168,7 @@ def _find_sends_sql(count: int) -> str:
     return (
         "SELECT m.sender, m.cmid, m.msg_id, m.sender_seq, m.ts_ms, m.recipient, m.kind, m.body,"
         f" m.recipient_seq FROM (VALUES {values}) AS k"
-        " JOIN messages m ON m.sender = k.column1 AND m.cmid = k.column2"
+        " JOIN messages m ON m.sender = k.column1 AND m.cmid = k.column2 AND length(m.cmid) > 0"
     )
 
 
@@ -158,6 +194,9 @@ class SQLStore(Store):
     # at once take different ones ("" where the write transaction is
     # exclusive anyway).
     _SKIP_LOCKED: str
+
+    # What lock_group appends to lock the row it reads.
+    _FOR_UPDATE: str
 
     @staticmethod
     def _fill_batch(rows, limit: int, max_bytes: int) -> tuple[list[Msg], bool]:
@@ -312,6 +351,16 @@ class SQLStore(Store):
 
     def conversation_of(self, user: str, peer: str, msg_id: int) -> bool:
         msg_id = clamp_id(msg_id)
+        if is_group(peer):
+            # A group's entry that reached the user: its conversation with
+            # the group exists and goes that far (a former member's stops at
+            # its removal).
+            row = self._execute(
+                "SELECT 1 FROM messages m JOIN conversations c ON c.user_id = ? AND c.peer = m.recipient"
+                " WHERE m.msg_id = ? AND m.recipient = ? AND c.last_msg_id >= m.msg_id",
+                (user, msg_id, peer),
+            ).fetchone()
+            return row is not None
         row = self._execute(
             "SELECT 1 FROM messages WHERE msg_id = ?"
             " AND ((sender = ? AND recipient = ?) OR (sender = ? AND recipient = ?))",
@@ -321,7 +370,14 @@ class SQLStore(Store):
 
     def raise_read_mark(self, user: str, peer: str, msg_id: int) -> bool:
         msg_id = clamp_id(msg_id)
-        if user == peer:
+        if is_group(peer):
+            cur = self._execute(
+                "UPDATE conversations SET read_mark = ?,"
+                f" unread = ({_GROUP_UNREAD.replace('msg_id <= ?', 'msg_id <= conversations.last_msg_id')})"
+                " WHERE user_id = ? AND peer = ? AND read_mark < ? AND last_msg_id >= ?",
+                (msg_id, peer, msg_id, user, GROUP_EVENT_KIND, user, peer, msg_id, msg_id),
+            )
+        elif user == peer:
             cur = self._execute(_RAISE_READ_MARK_SELF, (msg_id, user, peer, msg_id, msg_id))
         else:
             cur = self._execute(
@@ -343,14 +399,34 @@ class SQLStore(Store):
             " WHERE c.user_id = ? ORDER BY c.last_msg_id DESC LIMIT ?",
             (user, self._NO_LIMIT if limit is None else limit),
         ).fetchall()
-        return [Conv(*row) for row in rows]
+        return [Conv(row[0], row[1], row[2], self._group_peer_read(row[0], user)) if is_group(row[0])
+                else Conv(*row) for row in rows]
+
+    def _group_peer_read(self, group: str, user: str) -> int:
+        """The lowest read mark of the group's other current members."""
+        row = self._execute(
+            "SELECT MIN(c.read_mark) FROM group_members g"
+            " JOIN conversations c ON c.user_id = g.user_id AND c.peer = g.group_id"
+            " WHERE g.group_id = ? AND g.active = 1 AND g.user_id <> ?",
+            (group, user),
+        ).fetchone()
+        return row[0] or 0
 
     def history(
         self, user: str, peer: str, before: int, limit: int
     ) -> tuple[list[HistoryMsg], bool]:
         limit = clamp_history_limit(limit)
         bound = clamp_id(before) if before > 0 else ID_CEILING
-        if user == peer:
+        if is_group(peer):
+            # The user's own copies: its inbox, newest first (seq order is
+            # msg_id order in every inbox).
+            rows = self._execute(
+                "SELECT m.msg_id, i.seq, m.sender, m.recipient, m.kind, m.ts_ms, m.cmid, m.body"
+                " FROM inbox i JOIN messages m ON m.msg_id = i.msg_id"
+                " WHERE i.user_id = ? AND m.recipient = ? AND m.msg_id < ? ORDER BY i.seq DESC LIMIT ?",
+                (user, peer, bound, limit + 1),
+            ).fetchall()
+        elif user == peer:
             rows = self._execute(_HISTORY_DIRECTION, (user, user, user, bound, limit + 1)).fetchall()
         else:
             rows = self._execute(
@@ -422,3 +498,95 @@ class SQLStore(Store):
         queued, oldest = self._execute("SELECT count(*), MIN(created_ms) FROM push_outbox", ()).fetchone()
         (dead,) = self._execute("SELECT count(*) FROM push_dead", ()).fetchone()
         return PushStats(queued, oldest, dead)
+
+    # groups (section 7)
+
+    def lock_group(self, group: str) -> GroupRow | None:
+        row = self._execute(
+            f"SELECT id, title, owner, creator, version, joins FROM groups WHERE id = ?{self._FOR_UPDATE}", (group,)
+        ).fetchone()
+        return GroupRow(*row) if row else None
+
+    def group_members(self, group: str) -> list[GroupMember]:
+        rows = self._execute(
+            "SELECT user_id, joined, active FROM group_members WHERE group_id = ? ORDER BY joined", (group,)
+        ).fetchall()
+        return [GroupMember(r[0], r[1], bool(r[2])) for r in rows]
+
+    def save_group(self, row: GroupRow, now_ms: int) -> None:
+        self._execute(
+            "INSERT INTO groups (id, title, owner, creator, version, joins, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET title = excluded.title, owner = excluded.owner,"
+            " version = excluded.version, joins = excluded.joins",
+            (*row, now_ms),
+        )
+
+    def save_members(self, group: str, members: Sequence[GroupMember]) -> None:
+        self._executemany(
+            "INSERT INTO group_members (group_id, user_id, joined, active) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (group_id, user_id) DO UPDATE SET joined = excluded.joined, active = excluded.active",
+            [(group, mb.user, mb.joined, int(mb.active)) for mb in members],
+        )
+
+    def groups_joined(self, users: Iterable[str]) -> dict[str, int]:
+        users = sorted(set(users))
+        if not users:
+            return {}
+        users = _padded(users)
+        rows = self._execute(
+            "SELECT user_id, count(*) FROM group_members WHERE user_id IN " + _in_list(len(users)) +
+            " AND active = 1 GROUP BY user_id",
+            users,
+        ).fetchall()
+        return dict(rows)
+
+    def written_to(self, actor: str, users: Iterable[str]) -> set[str]:
+        found = set()
+        for user in set(users):
+            # One range of the (sender, recipient, msg_id) index each.
+            if self._execute(
+                "SELECT 1 FROM messages WHERE sender = ? AND recipient = ? LIMIT 1", (user, actor)
+            ).fetchone():
+                found.add(user)
+        return found
+
+    def find_group_op(self, actor: str, cmid: bytes) -> str | None:
+        row = self._execute(
+            "SELECT digest FROM group_ops WHERE actor = ? AND cmid = ?", (actor, bytes(cmid).hex())
+        ).fetchone()
+        return row[0] if row else None
+
+    def record_group_op(self, actor: str, cmid: bytes, digest: str) -> None:
+        self._execute(
+            "INSERT INTO group_ops (actor, cmid, digest) VALUES (?, ?, ?)", (actor, bytes(cmid).hex(), digest)
+        )
+
+    def add_group_entries(self, entries: Sequence[GroupEntry]) -> None:
+        if not entries:
+            return
+        self._executemany(
+            _INSERT_MESSAGES,
+            [(e.msg_id, e.sender, e.group, e.kind, e.ts_ms, bytes(e.cmid), bytes(e.body),
+              e.seqs.get(e.sender, 0), 0) for e in entries],
+        )
+        inbox = []
+        tops: dict[str, int] = {}
+        convs: dict[tuple[str, str], list[int]] = {}
+        for e in entries:
+            for user, seq in e.seqs.items():
+                inbox.append((user, seq, e.msg_id))
+                tops[user] = max(tops.get(user, 0), seq)
+                conv = convs.setdefault((user, e.group), [0, 0])
+                conv[0] = e.msg_id
+                conv[1] += int(e.counted and user != e.sender)
+        self._executemany("INSERT INTO inbox (user_id, seq, msg_id) VALUES (?, ?, ?)", inbox)
+        self._executemany(
+            "UPDATE users SET max_seq = ? WHERE id = ?", [(tops[user], user) for user in sorted(tops)]
+        )
+        self._executemany(_UPSERT_CONVERSATIONS, [(*pair, last, unread) for pair, (last, unread) in convs.items()])
+
+    def start_group_marks(self, group: str, users: Iterable[str], msg_id: int) -> None:
+        self._executemany(
+            "UPDATE conversations SET read_mark = ?, unread = 0 WHERE user_id = ? AND peer = ?",
+            [(msg_id, user, group) for user in sorted(set(users))],
+        )

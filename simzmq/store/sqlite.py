@@ -34,7 +34,7 @@ from typing import Iterator
 import sqlite_utils
 
 from .base import StoreBusy, StoreError, clamp_id
-from .sql import SQLStore
+from .sql import GROUPS_SCHEMA, SQLStore
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 # Long enough to ride out another worker's group commit (one fsync plus a
@@ -107,8 +107,15 @@ def _create_v1(db: sqlite_utils.Database) -> None:
     db.execute(conv_sql.rstrip().rstrip(";") + " WITHOUT ROWID")
 
 
-def _create_v2_push(db: sqlite_utils.Database) -> None:
-    # The push outbox (simzmq/push.py): one row per message to push, written
+def _groups_v2(db: sqlite_utils.Database) -> None:
+    # The unique (sender, cmid) index becomes partial (GROUPS_SCHEMA).
+    db.execute("DROP INDEX idx_messages_sender_cmid")
+    for statement in GROUPS_SCHEMA:
+        db.execute(statement)
+
+
+def _push_v3(db: sqlite_utils.Database) -> None:
+    # The push outbox (simzmq/push/): one row per message to push, written
     # in the message's transaction; the dead-letter table keeps given-up ones.
     db.execute(
         "CREATE TABLE push_outbox (msg_id INTEGER PRIMARY KEY, user_id TEXT NOT NULL, seq INTEGER NOT NULL,"
@@ -124,7 +131,7 @@ def _create_v2_push(db: sqlite_utils.Database) -> None:
 
 
 # PRAGMA user_version N means MIGRATIONS[:N] have run.
-MIGRATIONS = [_create_v1, _create_v2_push]
+MIGRATIONS = [_create_v1, _groups_v2, _push_v3]
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -194,6 +201,7 @@ class Checkpointer:
 
 class SQLiteStore(SQLStore):
     _NO_LIMIT = -1
+    _FOR_UPDATE = ""
     _LOCK_ROWS = ""
     _SKIP_LOCKED = ""
 

@@ -15,18 +15,12 @@ from simzmq.wire.codec import BIN
 from simzmq.wire.handshake import ClientHandshake
 from simzmq.wire.messages import ErrorCode, KickCode
 from tests.rawclient import Closed, RawClient
-from tests.region import Region
+from tests.region import region_fixture
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def region(tmp_path_factory):
-    r = Region(tmp_path_factory.mktemp("bad") / "data",
-               extra_env={"SIMZMQ_GATE_HANDSHAKE_TIMEOUT_S": "2"})
-    r.start()
-    yield r
-    r.stop()
+region = region_fixture("bad", extra_env={"SIMZMQ_GATE_HANDSHAKE_TIMEOUT_S": "2"})
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +29,8 @@ def users(region):
     clients = {}
     for name in ("alice", "bob"):
         c = RawClient(region.gate_port, region.gate_pk)
-        assert isinstance(c.request(m.Register(user=name, password="pw-" + name)), m.Ok)
-        ok = c.request(m.Login(user=name, password="pw-" + name, token=b"", device="test"))
+        assert isinstance(c.served(m.Register(user=name, password="pw-" + name)), m.Ok)
+        ok = c.served(m.Login(user=name, password="pw-" + name, token=b"", device="test"))
         assert isinstance(ok, m.LoginOk)
         clients[name] = c
     return clients
@@ -91,7 +85,7 @@ def test_four_gib_frame_length(region, users):
 def test_tampered_ciphertext(region, users):
     before = max_seq(users["bob"])
     c = RawClient(region.gate_port, region.gate_pk)
-    assert isinstance(c.request(m.Login(user="alice", password="pw-alice", token=b"", device="")), m.LoginOk)
+    assert isinstance(c.served(m.Login(user="alice", password="pw-alice", token=b"", device="")), m.LoginOk)
     frame = bytearray(c.tx.seal(BIN.encode(m.Send(to="bob", cmid=b"t1", kind=0, body=b"evil"), 1)))
     frame[-1] ^= 1
     c.send_frame(bytes(frame))
@@ -154,29 +148,31 @@ def test_send_before_login(region, users):
 
 def test_password_and_token_together(region, users):
     c = RawClient(region.gate_port, region.gate_pk)
-    reply = c.request(m.Login(user="alice", password="pw-alice", token=b"\x01" * 32, device=""))
+    reply = c.served(m.Login(user="alice", password="pw-alice", token=b"\x01" * 32, device=""))
     assert isinstance(reply, m.Error) and reply.code == ErrorCode.BAD_REQUEST
-    reply = c.request(m.Login(user="alice", password="", token=b"", device=""))
+    reply = c.served(m.Login(user="alice", password="", token=b"", device=""))
     assert isinstance(reply, m.Error) and reply.code == ErrorCode.BAD_REQUEST
     # The connection stays and can still log in properly.
-    assert isinstance(c.request(m.Login(user="alice", password="pw-alice", token=b"", device="")), m.LoginOk)
+    assert isinstance(c.served(m.Login(user="alice", password="pw-alice", token=b"", device="")), m.LoginOk)
     # A second Login on a logged-in connection is refused.
-    reply = c.request(m.Login(user="alice", password="pw-alice", token=b"", device=""))
+    reply = c.served(m.Login(user="alice", password="pw-alice", token=b"", device=""))
     assert isinstance(reply, m.Error) and reply.code == ErrorCode.BAD_REQUEST
 
 
 @pytest.mark.parametrize("user", ["", "has space", "ümlaut", "#group", "a/b"])
 def test_invalid_user_id(region, users, user):
     c = RawClient(region.gate_port, region.gate_pk)
-    reply = c.request(m.Register(user=user, password="pw"))
+    reply = c.served(m.Register(user=user, password="pw"))
     assert isinstance(reply, m.Error) and reply.code == ErrorCode.BAD_REQUEST
     reply = users["alice"].request(m.Send(to=user, cmid=os.urandom(8), kind=0, body=b"x"))
-    assert isinstance(reply, m.Error) and reply.code == ErrorCode.BAD_REQUEST
+    # A group id is a well-formed `to` (section 7): this group does not exist.
+    expected = ErrorCode.NO_SUCH_USER if user == "#group" else ErrorCode.BAD_REQUEST
+    assert isinstance(reply, m.Error) and reply.code == expected
 
 
 def test_user_id_too_long(region, users):
     c = RawClient(region.gate_port, region.gate_pk)
-    reply = c.request(m.Register(user="a" * 65, password="pw"))
+    reply = c.served(m.Register(user="a" * 65, password="pw"))
     assert isinstance(reply, m.Error) and reply.code == ErrorCode.TOO_LARGE
 
 
@@ -209,29 +205,29 @@ def test_recipient_does_not_exist(region, users):
 def test_wrong_password(region, users):
     c = RawClient(region.gate_port, region.gate_pk)
     for user in ("alice", "nobody"):
-        reply = c.request(m.Login(user=user, password="wrong", token=b"", device=""))
+        reply = c.served(m.Login(user=user, password="wrong", token=b"", device=""))
         assert isinstance(reply, m.Error) and reply.code == ErrorCode.AUTH_FAILED
 
 
 def test_forged_token(region, users):
     c = RawClient(region.gate_port, region.gate_pk)
-    reply = c.request(m.Login(user="alice", password="", token=os.urandom(32), device=""))
+    reply = c.served(m.Login(user="alice", password="", token=os.urandom(32), device=""))
     assert isinstance(reply, m.Error) and reply.code == ErrorCode.AUTH_FAILED
     # bob's real token does not log in as alice.
     bob = RawClient(region.gate_port, region.gate_pk)
-    ok = bob.request(m.Login(user="bob", password="pw-bob", token=b"", device=""))
-    reply = c.request(m.Login(user="alice", password="", token=ok.token, device=""))
+    ok = bob.served(m.Login(user="bob", password="pw-bob", token=b"", device=""))
+    reply = c.served(m.Login(user="alice", password="", token=ok.token, device=""))
     assert isinstance(reply, m.Error) and reply.code == ErrorCode.AUTH_FAILED
 
 
 def test_register_existing_user(region, users):
     c = RawClient(region.gate_port, region.gate_pk)
-    reply = c.request(m.Register(user="alice", password="another"))
+    reply = c.served(m.Register(user="alice", password="another"))
     assert isinstance(reply, m.Error) and reply.code == ErrorCode.EXISTS
     # With alice's own password it is a repeat of her Register: Ok, nothing changes.
-    assert isinstance(c.request(m.Register(user="alice", password="pw-alice")), m.Ok)
+    assert isinstance(c.served(m.Register(user="alice", password="pw-alice")), m.Ok)
     # The old password still works: nothing changed.
-    assert isinstance(c.request(m.Login(user="alice", password="pw-alice", token=b"", device="")), m.LoginOk)
+    assert isinstance(c.served(m.Login(user="alice", password="pw-alice", token=b"", device="")), m.LoginOk)
 
 
 def test_cmid_reuse_with_other_content(region, users):
@@ -246,8 +242,8 @@ def test_cmid_reuse_with_other_content(region, users):
 
 def test_read_outside_conversation(region, users):
     carol = RawClient(region.gate_port, region.gate_pk)
-    carol.request(m.Register(user="carol", password="pw-carol"))
-    carol.request(m.Login(user="carol", password="pw-carol", token=b"", device=""))
+    carol.served(m.Register(user="carol", password="pw-carol"))
+    carol.served(m.Login(user="carol", password="pw-carol", token=b"", device=""))
     sent = users["alice"].request(m.Send(to="bob", cmid=os.urandom(16), kind=0, body=b"private"))
     # carol names a message of alice and bob's conversation: refused.
     reply = carol.request(m.Read(peer="alice", msg_id=sent.msg_id))

@@ -16,15 +16,10 @@ from array import array
 import pytest
 
 from simzmq.bench import check_delivery, order_check, percentiles
-from tests.region import ROOT, Region
+from tests.region import ROOT, region_fixture
 
 
-@pytest.fixture(scope="module")
-def region(tmp_path_factory):
-    r = Region(tmp_path_factory.mktemp("bench") / "data")
-    r.start()
-    yield r
-    r.stop()
+region = region_fixture("bench")
 
 
 def bench(region, *args, expect_rc=0) -> dict:
@@ -243,3 +238,13 @@ def test_ab_refuses_bad_sides_and_options(tmp_path):
     assert proc.returncode != 0 and "neither a checkout" in proc.stderr
     proc = ab("--a", str(ROOT), "--b", str(ROOT), "pairs", "--port", "1", tmp_path=tmp_path)
     assert proc.returncode != 0 and "--port: the A/B runner sets this itself" in proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_logins(region):
+    r = bench(region, "logins", "--users", "6")
+    assert r["scenario"] == "logins" and r["ok"] is True
+    assert r["setup"]["done"] == 6 and r["logins"]["done"] == 6 and r["logins"]["failed"] == []
+    assert r["params"]["password_threads"] >= 1 and r["check_ms"] > 0
+    assert r["capacity_per_s"] > 0 and r["logins_per_s"] > 0
+    assert r["worker_check_ms"] is None or r["worker_check_ms"] > 0

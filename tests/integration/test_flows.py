@@ -13,17 +13,12 @@ import pytest
 from simzmq.client import Client, Connection, RequestError
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode, KickCode
-from tests.region import Region
+from tests.region import region_fixture, until_available
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def region(tmp_path_factory):
-    r = Region(tmp_path_factory.mktemp("flows") / "data", gates=2)
-    r.start()
-    yield r
-    r.stop()
+region = region_fixture("flows", gates=2)
 
 
 def run(coro):
@@ -42,8 +37,8 @@ async def user(region, name, device="", codecs=(1, 2), port=None, register=True)
     c = Client("127.0.0.1", port or region.gate_port, region.gate_pk, name, password="pw-" + name,
                device=device, codecs=codecs)
     if register:
-        await c.register()
-    await c.login()
+        await until_available(c.register)
+    await until_available(c.login)
     return c
 
 

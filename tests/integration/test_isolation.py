@@ -12,7 +12,7 @@ import pytest
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode, KickCode
 from tests.rawclient import RawClient
-from tests.region import Region
+from tests.region import region_fixture
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,12 +32,7 @@ class Tracked(RawClient):
         assert isinstance(self.request(m.Ping(ts_ms=7)), m.Pong)
 
 
-@pytest.fixture(scope="module")
-def region(tmp_path_factory):
-    r = Region(tmp_path_factory.mktemp("isolation") / "data")
-    r.start()
-    yield r
-    r.stop()
+region = region_fixture("isolation")
 
 
 SUFFIX = f"x{os.getpid()}"
@@ -58,7 +53,7 @@ def world(region):
     """alice and bob talk and read; carol is the attacker, with an account of her own."""
     setup = RawClient(region.gate_port, region.gate_pk)
     for name in (A, B, C):
-        assert isinstance(setup.request(m.Register(user=name, password="pw-" + name)), m.Ok)
+        assert isinstance(setup.served(m.Register(user=name, password="pw-" + name)), m.Ok)
     alice, bob, carol = login(region, A, "phone"), login(region, B, "phone"), login(region, C, "phone")
     private = []
     for i in range(3):
@@ -122,8 +117,8 @@ def test_login_only_with_ones_own_credentials(region, world):
         reply = c.request(msg)
         assert isinstance(reply, m.Error) and reply.code == ErrorCode.AUTH_FAILED
     # Logged in as carol, a second Login (as alice, with alice's own token even) is refused.
-    assert isinstance(c.request(m.Login(user=C, password="pw-" + C, token=b"", device="")), m.LoginOk)
-    reply = c.request(m.Login(user=A, password="", token=world["alice"].token, device=""))
+    assert isinstance(c.served(m.Login(user=C, password="pw-" + C, token=b"", device="")), m.LoginOk)
+    reply = c.served(m.Login(user=A, password="", token=world["alice"].token, device=""))
     assert isinstance(reply, m.Error) and reply.code == ErrorCode.BAD_REQUEST
     assert_nothing_of_theirs(inbox(c), C)  # still carol
     carol_sees_nothing(world)
@@ -143,11 +138,11 @@ def test_login_with_the_same_device_name_kicks_only_the_same_user(region, world)
 
 def test_register_cannot_take_over_an_account(region, world):
     c = Tracked(region.gate_port, region.gate_pk)
-    reply = c.request(m.Register(user=A, password="carols-now"))
+    reply = c.served(m.Register(user=A, password="carols-now"))
     assert isinstance(reply, m.Error) and reply.code == ErrorCode.EXISTS
-    reply = c.request(m.Login(user=A, password="carols-now", token=b"", device=""))
+    reply = c.served(m.Login(user=A, password="carols-now", token=b"", device=""))
     assert isinstance(reply, m.Error) and reply.code == ErrorCode.AUTH_FAILED
-    assert isinstance(c.request(m.Login(user=A, password="pw-" + A, token=b"", device="")), m.LoginOk)
+    assert isinstance(c.served(m.Login(user=A, password="pw-" + A, token=b"", device="")), m.LoginOk)
 
 
 def test_send_cannot_forge_the_sender_or_reuse_anothers_cmid(region, world):
@@ -209,7 +204,7 @@ def test_logout_revokes_only_ones_own_token(region, world):
     ok = spare.request(m.Logout())
     assert isinstance(ok, m.Ok)
     c = Tracked(region.gate_port, region.gate_pk)
-    reply = c.request(m.Login(user=C, password="", token=token, device=""))
+    reply = c.served(m.Login(user=C, password="", token=token, device=""))
     assert isinstance(reply, m.Error) and reply.code == ErrorCode.AUTH_FAILED
     # alice's and bob's tokens still work.
     for who, name in (("alice", A), ("bob", B)):
@@ -246,7 +241,7 @@ def test_before_login_nothing_is_reachable(region, world):
         reply = c.request(msg)
         assert isinstance(reply, m.Error) and reply.code == ErrorCode.NOT_LOGGED_IN
     # A failed Login leaves the connection logged out.
-    reply = c.request(m.Login(user=A, password="guess", token=b"", device=""))
+    reply = c.served(m.Login(user=A, password="guess", token=b"", device=""))
     assert isinstance(reply, m.Error) and reply.code == ErrorCode.AUTH_FAILED
     reply = c.request(m.Sync(since=0, limit=0))
     assert isinstance(reply, m.Error) and reply.code == ErrorCode.NOT_LOGGED_IN

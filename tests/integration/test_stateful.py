@@ -98,9 +98,9 @@ class Protocol(RuleBasedStateMachine):
         setup = RawClient(self.region.gate_port, self.region.gate_pk, timeout=20)
         tokens = {}
         for u in self.users:
-            assert isinstance(setup.request(m.Register(user=u, password="pw")), m.Ok)
+            assert isinstance(setup.served(m.Register(user=u, password="pw")), m.Ok)
             c = RawClient(self.region.gate_port, self.region.gate_pk, timeout=20)
-            ok = c.request(m.Login(user=u, password="pw", token=b"", device="setup"))
+            ok = c.served(m.Login(user=u, password="pw", token=b"", device="setup"))
             assert isinstance(ok, m.LoginOk)
             tokens[u] = ok.token
             c.close()
@@ -164,7 +164,8 @@ class Protocol(RuleBasedStateMachine):
             assert isinstance(again, m.Error) and again.code == ErrorCode.BAD_REQUEST
         self._check_counts(c, before)
 
-    @rule(i=st.integers(0, 9), kind=st.sampled_from(["nobody", "empty_cmid", "long_cmid", "bad_to", "long_to"]))
+    @rule(i=st.integers(0, 9),
+          kind=st.sampled_from(["nobody", "empty_cmid", "long_cmid", "bad_to", "no_group", "long_to"]))
     def bad_send(self, i, kind):
         c = self.conn(i)
         before = {u: len(v) for u, v in self.inbox.items()}
@@ -176,7 +177,9 @@ class Protocol(RuleBasedStateMachine):
         elif kind == "long_cmid":
             cmid, code = b"c" * 33, ErrorCode.TOO_LARGE
         elif kind == "bad_to":
-            to = "#group"
+            to = "a/b"
+        elif kind == "no_group":
+            to, code = "#nogroup", ErrorCode.NO_SUCH_USER
         else:
             to, code = "a" * 65, ErrorCode.TOO_LARGE
         reply = c.request(m.Send(to=to, cmid=cmid, kind=0, body=b"never stored"))
@@ -332,7 +335,7 @@ def hostile_frames(draw):
 
 def test_hostile_payloads_get_protocol_answers_and_the_gate_keeps_serving(region):
     c = RawClient(region.gate_port, region.gate_pk)
-    assert isinstance(c.request(m.Register(user="fuzzer", password="pw")), m.Ok)
+    assert isinstance(c.served(m.Register(user="fuzzer", password="pw")), m.Ok)
     c.close()
     state = {"conn": None, "token": b""}
 
@@ -340,7 +343,7 @@ def test_hostile_payloads_get_protocol_answers_and_the_gate_keeps_serving(region
         if state["conn"] is None:
             c = RawClient(region.gate_port, region.gate_pk, codec=codec, timeout=20)
             # By token; by password again after a fuzzed Logout revoked it.
-            ok = c.request(m.Login(user="fuzzer", password="" if state["token"] else "pw", token=state["token"],
+            ok = c.served(m.Login(user="fuzzer", password="" if state["token"] else "pw", token=state["token"],
                                    device=""))
             assert isinstance(ok, m.LoginOk), ok
             state["conn"], state["token"] = c, ok.token

@@ -2,8 +2,9 @@
 
 A thousand logged-in connections (100 users on 10 devices each, all reading
 what they are sent) carry a steady load, first alone, then while another
-process floods requests, leaves its replies unread, sends garbage frames and
-brute-forces a password. As on the internet, every client has its own source
+process floods requests, leaves its replies unread, sends garbage frames,
+brute-forces a password and sends big messages (60 KB bodies) as fast as the
+Send limit allows, which the byte budgets refuse beyond 64 KiB/s. As on the internet, every client has its own source
 address (127.0.1.x for the good users, 127.0.2.x for the attacks) and none of
 them is trusted: the per-address limits apply to all (only the setup, from
 127.0.0.1, is). Both phases must deliver every message, once; the throughput
@@ -27,7 +28,7 @@ from simzmq.bench import machine_report, read_pid_files, sample_all
 from simzmq.client import Connection, RequestError
 from simzmq.wire import messages as m
 from tests.rawclient import RawClient
-from tests.region import Region
+from tests.region import region_fixture, until_available
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -38,7 +39,11 @@ DEVICES = 10
 RATE_PER_SENDER = 2.0   # msgs/s from device 0 of every user
 PHASE_S = 6.0
 # Which attacks run (all by default); naming a subset shows what each costs.
-ATTACKS = set(os.environ.get("SIMZMQ_ATTACKS", "flood,never_read,garbage,brute_force").split(","))
+ATTACKS = set(os.environ.get("SIMZMQ_ATTACKS", "flood,never_read,garbage,brute_force,heavy").split(","))
+# Heavy senders: users, each sending HEAVY_BODY-byte messages at the Send limit.
+HEAVY_USERS = 10
+HEAVY_BODY = 60_000
+HEAVY_PER_S = 20.0
 # The attacking process runs this much nicer (0-19). Attackers are on other
 # machines; here they share the region's two cores, and at 19 they get the
 # CPU the region and the good clients leave idle, which is still plenty:
@@ -47,21 +52,18 @@ ATTACKS = set(os.environ.get("SIMZMQ_ATTACKS", "flood,never_read,garbage,brute_f
 ATTACK_NICE = int(os.environ.get("SIMZMQ_ATTACK_NICE", "19"))
 
 
-@pytest.fixture(scope="module")
-def region(tmp_path_factory):
-    env = {"SIMZMQ_GATE_LIMITS_MAX_SESSIONS_PER_USER": "40"}
-    r = Region(tmp_path_factory.mktemp("attack") / "data", extra_env=env)
-    r.start()
-    yield r
-    r.stop()
+# The setup's Registers are asked again when they time out under load
+# (register): the per-user Register limit would refuse the repeats.
+region = region_fixture("attack", extra_env={"SIMZMQ_GATE_LIMITS_MAX_SESSIONS_PER_USER": "40",
+                                             "SIMZMQ_GATE_LIMITS_REGISTERS_PER_USER_BURST": "1000"})
 
 
 def register(region, names):
     tokens = {}
     for name in names:
-        c = RawClient(region.gate_port, region.gate_pk)
-        assert isinstance(c.request(m.Register(user=name, password="pw-" + name)), m.Ok)
-        tokens[name] = c.request(m.Login(user=name, password="pw-" + name, token=b"", device="setup")).token
+        c = RawClient(region.gate_port, region.gate_pk, timeout=60)
+        assert isinstance(c.served(m.Register(user=name, password="pw-" + name)), m.Ok)
+        tokens[name] = c.served(m.Login(user=name, password="pw-" + name, token=b"", device="setup")).token
         c.close()
     return tokens
 
@@ -69,7 +71,7 @@ def register(region, names):
 # --- the attackers, in a process of their own ------------------------------------
 
 GOOD_ADDRESS = "127.0.1.{}"
-FLOOD_ADDRESS, DEAF_ADDRESS, GARBAGE_ADDRESS, GUESS_ADDRESS = (f"127.0.2.{i}" for i in range(1, 5))
+FLOOD_ADDRESS, DEAF_ADDRESS, GARBAGE_ADDRESS, GUESS_ADDRESS, HEAVY_ADDRESS = (f"127.0.2.{i}" for i in range(1, 6))
 
 
 class Tally:
@@ -141,7 +143,22 @@ def _brute_force(port, pk, victim, stop, tally):
     _again_and_again("brute_force", stop, tally, 0.05, attempt)
 
 
-def attack(port, pk, flood_tokens, deaf_tokens, victim, stop, report):
+def _heavy(port, pk, name, token, stop, tally):
+    """Big messages at the Send limit (sends_per_s), reading every answer."""
+    def attempt():
+        c = _logged_in(port, pk, HEAVY_ADDRESS, name, token, "heavy")
+        next_at = time.monotonic()
+        while not stop.is_set():
+            reply = c.request(m.Send(to="sink", cmid=os.urandom(16), kind=0, body=os.urandom(HEAVY_BODY)))
+            tally.add("heavy sends")
+            if isinstance(reply, m.Error):
+                tally.add(f"heavy refused ({reply.code})")
+            next_at += 1 / HEAVY_PER_S
+            time.sleep(max(0.0, next_at - time.monotonic()))
+    _again_and_again("heavy", stop, tally, 0.05, attempt)
+
+
+def attack(port, pk, flood_tokens, deaf_tokens, victim, heavy_tokens, stop, report):
     if ATTACK_NICE:
         os.nice(ATTACK_NICE)
     stop_flag = threading.Event()
@@ -160,6 +177,8 @@ def attack(port, pk, flood_tokens, deaf_tokens, victim, stop, report):
                                             daemon=True))
     for _ in range(10 if "garbage" in ATTACKS else 0):
         threads.append(threading.Thread(target=_garbage, args=(port, pk, stop_flag, tally), daemon=True))
+    for name, token in (heavy_tokens.items() if "heavy" in ATTACKS else ()):
+        threads.append(threading.Thread(target=_heavy, args=(port, pk, name, token, stop_flag, tally), daemon=True))
     for _ in range(5 if "brute_force" in ATTACKS else 0):
         threads.append(threading.Thread(target=_brute_force, args=(port, pk, victim, stop_flag, tally),
                                         daemon=True))
@@ -173,6 +192,7 @@ def attack(port, pk, flood_tokens, deaf_tokens, victim, stop, report):
 
 
 # --- the well-behaved load --------------------------------------------------------
+
 
 async def steady_load(region, tokens, phase_s):
     """Device 0 of user i sends to user i+1 at RATE_PER_SENDER; every device
@@ -196,7 +216,8 @@ async def steady_load(region, tokens, phase_s):
         conn = await Connection.open("127.0.0.1", region.gate_port, region.gate_pk, ping_interval=None,
                                      on_push=on_push_for(name) if d == 0 else (lambda push: None),
                                      source_address=GOOD_ADDRESS.format(names.index(name) + 1))
-        await conn.request(m.Login(user=name, password="", token=tokens[name], device=f"d{d}"))
+        await until_available(lambda: conn.request(m.Login(user=name, password="", token=tokens[name],
+                                                           device=f"d{d}")))
         conns[(name, d)] = conn
     t0 = time.monotonic()
     for d in range(DEVICES):
@@ -232,7 +253,7 @@ async def steady_load(region, tokens, phase_s):
     # Everything from the store too: nothing lost, nothing twice.
     stored = {}
     for name in names:
-        batch = await conns[(name, 0)].request(m.Sync(since=0, limit=0))
+        batch = await until_available(lambda: conns[(name, 0)].request(m.Sync(since=0, limit=0)))
         stored[name] = [x.cmid for x in batch.msgs if x.to == name and x.sender != name]
     for conn in conns.values():
         conn.close()
@@ -246,7 +267,8 @@ def percentile(values, p):
 
 def test_good_clients_are_served_through_an_attack(region):
     good = register(region, [f"good{i}" for i in range(USERS)])
-    bad = register(region, ["flood1", "flood2", "deaf1", "deaf2"])
+    bad = register(region, ["flood1", "flood2", "deaf1", "deaf2", "sink"]
+                   + [f"heavy{i}" for i in range(HEAVY_USERS)])
     # The never-readers' inboxes are full, so each Sync they ignore is big.
     filler = RawClient(region.gate_port, region.gate_pk)
     filler.request(m.Login(user="flood1", password="", token=bad["flood1"], device="fill"))
@@ -265,7 +287,8 @@ def test_good_clients_are_served_through_an_attack(region):
         if phase == "under attack":
             attacker = multiprocessing.Process(target=attack, args=(
                 region.gate_port, region.gate_pk, {"flood1": bad["flood1"], "flood2": bad["flood2"]},
-                {"deaf1": bad["deaf1"], "deaf2": bad["deaf2"]}, "good0", stop, report), daemon=True)
+                {"deaf1": bad["deaf1"], "deaf2": bad["deaf2"]}, "good0",
+                {f"heavy{i}": bad[f"heavy{i}"] for i in range(HEAVY_USERS)}, stop, report), daemon=True)
             attacker.start()
             time.sleep(1.0)
         # CPU seconds of each process in the phase: on a 2-core machine the
@@ -327,4 +350,7 @@ def test_good_clients_are_served_through_an_attack(region):
     if "brute_force" in ATTACKS:
         assert (counted('simzmq_gate_rate_limited_total{limit="login_user"}')
                 or counted('simzmq_gate_rate_limited_total{limit="login_address"}')), counters
+    if "heavy" in ATTACKS:
+        assert (counted('simzmq_gate_rate_limited_total{limit="send_bytes_connection"}')
+                or counted('simzmq_gate_rate_limited_total{limit="send_bytes_user"}')), counters
     assert region.health() == 200

@@ -7,6 +7,7 @@ no process behind; a killed gate comes back at once."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import re
@@ -178,6 +179,11 @@ def test_two_regions_side_by_side_with_port_base(tmp_path):
             up.wait_up()
             assert f"Clients connect to 127.0.0.1:{base} " in up.text()
             assert health(base + 80) == 200
+            # The Watch line's command watches this region, not the one on the default ports.
+            watch = re.search(r"Watch:  \S+ monitor (.*)", up.text()).group(1).split()
+            seen = simzmq("monitor", *watch, "--json", "--count", "10")
+            states = [(json.loads(line)["brokers"][0]["status"] or {}).get("state") for line in seen.stdout.splitlines()]
+            assert "active" in states, seen
 
         async def register(base: int, data: Path, user: str):
             pk = bytes.fromhex((data / "keys" / "gate.pub").read_text().strip())

@@ -10,7 +10,7 @@ import sqlite3
 
 import pytest
 
-from simzmq.im import IMWorker, Job, commit_batch
+from simzmq.im import IMWorker, Job, PasswordQueue, commit_batch
 from simzmq.service import IMService, RegisterWork, Request, token_hash
 from simzmq.store import StoreBusy, open_store
 from simzmq.store.sqlite import SQLiteStore
@@ -289,9 +289,11 @@ def test_a_store_locked_past_its_busy_timeout_answers_the_whole_batch_unavailabl
             for i in range(3)]
     jobs.append(Job(request, b"%08d" % 9, "ann", b"", m.Login(user="ann", password="pw", device="d")))
     worker = IMWorker.__new__(IMWorker)
+    worker.passwords = PasswordQueue(1)
     published = []
     worker.process(store, service, None, published.append, jobs)
     assert len(session.replies) == 4 and published == []
+    assert worker.passwords.queued == 0  # the Login was answered, not left counted in the password queue
     codes = {BIN.decode(body[8:])[1].code for _, body in session.replies}
     assert codes == {ErrorCode.UNAVAILABLE}
     blocker.execute("ROLLBACK")

@@ -36,3 +36,15 @@ def test_packed_notices_round_trip_and_refuse_truncation():
             unpack_notices(frame[:cut])
     with pytest.raises(e.EnvelopeError):
         unpack_notices(b"")
+
+
+def test_a_request_budget_rides_in_the_payloads_ref():
+    payload = bytes([7, 0, 0, 0, 0]) + b"body"
+    frame = e.pack_request(b"C" * 8, b"O", payload, budget_ms=4321)
+    corr, origin, sent = e.unpack_request(frame)
+    assert (corr, origin) == (b"C" * 8, b"O") and e.request_budget_ms(sent) == 4321
+    assert sent[:1] == payload[:1] and sent[5:] == b"body"
+    # No budget (an older gate): the payload as it was, budget 0.
+    assert e.request_budget_ms(e.unpack_request(e.pack_request(b"C" * 8, b"", payload))[2]) == 0
+    assert e.request_budget_ms(b"\x01") == 0  # too short to carry one
+    assert e.request_budget_ms(e.unpack_request(e.pack_request(b"C" * 8, b"", payload, 10**12))[2]) == 2**32 - 1

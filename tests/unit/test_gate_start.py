@@ -46,3 +46,11 @@ def test_descriptor_warning_only_when_max_connections_does_not_fit(caplog):
     assert capped.max_connections == 1000 - gate_mod.FD_RESERVE
     (line,) = [r.getMessage() for r in caplog.records]
     assert f"max_connections 1000 is more than {1000 - gate_mod.FD_RESERVE} file descriptors allow" in line
+
+
+def test_the_default_max_connections_follows_the_descriptor_limit_without_a_warning(caplog):
+    default = gate_mod.DEFAULT_MAX_CONNECTIONS
+    with caplog.at_level(logging.INFO, logger="simzmq.gate"):
+        capped = gate_mod.capped_by_descriptors(LimitsConfig(), default)
+    assert capped.max_connections == default - gate_mod.FD_RESERVE
+    assert [r.levelno for r in caplog.records] == [logging.INFO]

@@ -285,8 +285,48 @@ def test_connection_bucket_kicks_after_abuse_factor_bursts():
 
 def test_sends_are_per_user():
     lim = limiter(sends_per_s=1, sends_burst=2)
-    assert [lim.send("ann", 0) for _ in range(3)] == [ALLOW, ALLOW, LIMIT]
-    assert lim.send("bob", 0) == ALLOW
+    conn = lim.connection_byte_bucket(0)
+    assert [lim.send("ann", 10, conn, 0) for _ in range(3)] == [(ALLOW, ""), (ALLOW, ""), (LIMIT, "sends")]
+    assert lim.send("bob", 10, lim.connection_byte_bucket(0), 0) == (ALLOW, "")
+
+
+def test_a_bucket_charges_the_cost_and_strikes_count_it():
+    b = TokenBucket(100, 1000, 0, abuse_after=500)
+    assert b.check(0, 600) == ALLOW and b.check(0, 400) == ALLOW
+    assert b.check(0, 1) == LIMIT
+    assert b.retry_after(0, 300) == pytest.approx(3.0)
+    assert b.check(1.0, 100) == ALLOW  # refilled 100 in a second
+    assert b.check(1.0, 600) == ABUSE  # 1 + 600 strikes > 500
+
+
+def test_send_bytes_are_budgeted_per_connection_and_per_user():
+    lim = limiter(sends_per_s=1000, sends_burst=1000, send_bytes_per_connection_per_s=1000,
+                  send_bytes_per_connection_burst=3000, send_bytes_per_user_per_s=1500,
+                  send_bytes_per_user_burst=5000)
+    one, two = lim.connection_byte_bucket(0), lim.connection_byte_bucket(0)
+    assert [lim.send("ann", 1000, one, 0)[1] for _ in range(4)] == ["", "", "", "send_bytes_connection"]
+    # The user's own budget (5000) runs out over two connections.
+    assert [lim.send("ann", 1000, two, 0)[1] for _ in range(3)] == ["", "", "send_bytes_user"]
+    assert lim.send("bob", 1000, lim.connection_byte_bucket(0), 0) == (ALLOW, "")
+    # Refused for bytes is never abuse, however far over.
+    assert all(lim.send("ann", 1000, one, 0) == (LIMIT, "send_bytes_connection") for _ in range(100))
+    assert lim.send_retry_after("ann", 1000, one, 0) == pytest.approx(1.0)
+    assert lim.send("ann", 1000, one, 1.0) == (ALLOW, "")
+
+
+def test_a_send_larger_than_the_byte_burst_needs_a_full_bucket():
+    lim = limiter(send_bytes_per_connection_per_s=100, send_bytes_per_connection_burst=1000)
+    conn = lim.connection_byte_bucket(0)
+    assert lim.send("ann", 5000, conn, 0) == (ALLOW, "")
+    assert lim.send("ann", 1, conn, 0) == (LIMIT, "send_bytes_connection")
+    assert lim.send_retry_after("ann", 5000, conn, 0) == pytest.approx(10.0)
+    assert lim.send("ann", 5000, conn, 10.0) == (ALLOW, "")
+
+
+def test_default_byte_budgets_are_above_a_person_and_fit_the_largest_body():
+    cfg = LimitsConfig()
+    assert cfg.send_bytes_per_connection_per_s >= 65536 and cfg.send_bytes_per_user_per_s >= 65536
+    assert cfg.send_bytes_per_connection_burst >= 16 * 65536 and cfg.send_bytes_per_user_burst >= 16 * 65536
 
 
 def test_registers_per_address_then_per_user():
@@ -350,11 +390,11 @@ def test_sessions_and_pending():
 
 def test_prune_reports_table_sizes():
     lim = limiter()
-    lim.send("a", 0)
+    lim.send("a", 100, lim.connection_byte_bucket(0), 0)
     lim.login_failed("a", "10.0.0.1", True, 0)
     lim.admit("10.0.0.1", 0)
     sizes = lim.prune(1)
-    assert sizes["sends"] == 0  # refilled already: nothing to remember
+    assert sizes["sends"] == 0 and sizes["send_bytes"] == 0  # refilled already: nothing to remember
     assert sizes["login_user"] == 1 and sizes["login_address"] == 1 and sizes["address_connections"] == 1
     assert lim.prune(10 * 3600)["login_user"] == 0
 

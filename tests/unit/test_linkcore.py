@@ -1,7 +1,7 @@
 """The gate's broker link as pure logic: frames in, frames out, time passed in."""
 
 from simzmq import mdp
-from simzmq.envelope import pack_notice, pack_notices, pack_reply, pack_stamp, unpack_request
+from simzmq.envelope import pack_notice, pack_notices, pack_reply, pack_stamp, request_budget_ms, unpack_request
 from simzmq.linkcore import ASK_BATCH, PROBE, LinkCore
 from simzmq.notify import group_topic
 
@@ -39,17 +39,17 @@ def test_one_turn_is_one_batch_once_the_broker_announced_batches():
     # Before the broker said it takes batches: plain 7/MDP requests.
     assert core.request(b"ann", b"", b"1", print, 0.0) is True
     assert core.request(b"bob", b"", b"2", print, 0.0) is False   # same turn
-    plain = core.outgoing()
+    plain = core.outgoing(0.0)
     assert [frames[1] for frames in plain] == [mdp.C_CLIENT, mdp.C_CLIENT]
     assert core.probes(0.0) == [PROBE, ASK_BATCH]
     answer_batches(core)
     assert core.probes(1.0) == [PROBE]
     for i in range(3):
         ask(core, b"u%d" % i)
-    messages = core.outgoing()
+    messages = core.outgoing(0.0)
     assert len(messages) == 1 and messages[0][1] == mdp.C_BATCH
     assert [key for key, _ in corrs(messages)] == [b"u0", b"u1", b"u2"]
-    assert core.outgoing() == []
+    assert core.outgoing(0.0) == []
 
 
 def test_replies_plain_or_packed_answer_each_request_once():
@@ -57,7 +57,7 @@ def test_replies_plain_or_packed_answer_each_request_once():
     got = []
     for payload in (b"a", b"b", b"c"):
         ask(core, payload=payload, into=got)
-    sent = corrs(core.outgoing())
+    sent = corrs(core.outgoing(0.0))
     packed = mdp.build_client_reply_batch(b"im", [pack_reply(sent[0][1], b"r0"), pack_reply(sent[2][1], b"r2")])
     answers = core.on_reply(packed, 1.0)
     assert [a.payload for a in answers] == [b"r0", b"r2"]
@@ -74,14 +74,14 @@ def test_failover_resends_exactly_what_is_unanswered_in_order():
     core.on_reply(mdp.build_client_reply(mdp.MMI_SERVICE, [b"200"]), 0.0)
     for key in (b"a", b"b", b"c"):
         ask(core, key)
-    sent = corrs(core.outgoing())
+    sent = corrs(core.outgoing(0.0))
     core.on_reply(mdp.build_client_reply(b"im", [pack_reply(sent[1][1], b"ok")]), 0.1)
     t = 0.1
     while not run_ticks(core, t).switched:
         t += PROBE_S / 2
         assert t < 2
     assert 0.7 <= t <= 0.8 and core.current == 1 and core.failovers == 1
-    assert corrs(core.outgoing()) == [sent[0], sent[2]]
+    assert corrs(core.outgoing(0.0)) == [sent[0], sent[2]]
     # The new broker was probed at once, batches asked for too: until it
     # answers, requests go plain.
     assert core.batches is False and core.last_probe == t
@@ -138,7 +138,7 @@ def test_one_late_tick_is_excused_but_not_a_busy_loop():
 def test_deadlines_answer_none():
     core = link(brokers=1)
     got = ask(core)
-    core.outgoing()
+    core.outgoing(0.0)
     assert core.tick(TIMEOUT - 0.1).answers == []
     answers = core.tick(TIMEOUT).answers
     assert [a.payload for a in answers] == [None] and core.pending == {}
@@ -163,7 +163,7 @@ def test_a_malformed_entry_loses_only_itself():
     got = []
     for payload in (b"a", b"b", b"c"):
         ask(core, payload=payload, into=got)
-    sent = corrs(core.outgoing())
+    sent = corrs(core.outgoing(0.0))
     packed = mdp.build_client_reply_batch(b"im", [pack_reply(sent[0][1], b"r0"), b"xx",
                                                   pack_reply(sent[2][1], b"r2")])
     answers = core.on_reply(packed, 1.0)
@@ -251,4 +251,25 @@ def test_a_broker_without_batches_gets_plain_requests_and_is_asked_once():
     assert core.probes(1.0) == [PROBE]
     ask(core, b"a")
     ask(core, b"b")
-    assert [frames[1] for frames in core.outgoing()] == [mdp.C_CLIENT, mdp.C_CLIENT]
+    assert [frames[1] for frames in core.outgoing(0.0)] == [mdp.C_CLIENT, mdp.C_CLIENT]
+
+
+def test_each_request_carries_the_time_the_gate_still_waits_for_it():
+    core = link()
+    answer_batches(core)
+    payload = bytes([1]) + bytes(4) + b"body"  # a bin payload, ref 0
+    core.request(b"ann", b"O" * 16, payload, print, 0.0)
+    (frames,) = core.outgoing(1.5)
+    _, _, rest = mdp.parse_client_message(frames)
+    corr, origin, sent = unpack_request(rest[1])
+    assert origin == b"O" * 16 and request_budget_ms(sent) == 3500  # TIMEOUT 5 s, asked at 0
+    assert sent[:1] + sent[5:] == bytes([1]) + b"body"  # nothing else changed
+    # A resend after a failover carries what is left then.
+    core.probes(0.0)
+    t = 0.0
+    while not core.tick(t).switched:  # silent past failover_after: the other broker
+        t += PROBE_S / 2
+    assert 0 < t < 2.0
+    (frames,) = core.outgoing(2.0)  # plain now: the new broker has not answered mmi.batch
+    _, _, rest = mdp.parse_client_message(frames)
+    assert request_budget_ms(unpack_request(rest[1])[2]) == 3000

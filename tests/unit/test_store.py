@@ -384,6 +384,18 @@ def _writer(url, sender, to, tag):
         s.close()
 
 
+def sync_all(s, user):
+    """Every entry of the user's inbox, page by page."""
+    msgs = []
+    since = 0
+    while True:
+        page, more = s.sync(user, since, 500, BIG)
+        msgs += page
+        since = page[-1].seq if page else since
+        if not more:
+            return msgs
+
+
 @pytest.mark.timeout(180)
 def test_concurrent_writers_keep_inboxes_gapless_and_ordered(store_url):
     s = open_store(store_url)
@@ -402,14 +414,7 @@ def test_concurrent_writers_keep_inboxes_gapless_and_ordered(store_url):
         assert [p.exitcode for p in procs] == [0, 0, 0]
         expected = {"ann": 3 * PER_WRITER, "bob": 2 * PER_WRITER, "cat": PER_WRITER}
         for user, count in expected.items():
-            msgs = []
-            since = 0
-            while True:
-                page, more = s.sync(user, since, 500, BIG)
-                msgs += page
-                since = page[-1].seq if page else since
-                if not more:
-                    break
+            msgs = sync_all(s, user)
             assert [m.seq for m in msgs] == list(range(1, count + 1))
             assert s.max_seq(user) == count
             # within every conversation, seq order == msg_id order
@@ -728,3 +733,126 @@ def test_concurrent_claimants_never_share_a_job(store_url, store):
     for p in procs:
         p.join()
     assert len(got) == 100 and len(set(got)) == 100
+
+# groups (protocol.md section 7)
+
+GROUP = "#crew"
+
+
+def _group_service(store):
+    return IMService(store, 10**9, 1 << 20)
+
+
+def _make_group(store, owner, members):
+    service = _group_service(store)
+    for member in members:  # each member writes to the owner: the owner is its contact
+        send(store, member, owner, f"hi-{member}".encode())
+    with store.transaction():
+        out = service.handle(owner, b"o" * 16, m.GroupCreate(group=GROUP, title="Crew", members=list(members)), T0)
+    assert isinstance(out.reply, m.GroupInfo)
+    return service
+
+
+def test_group_events_have_empty_cmids_and_sends_stay_unique(store):
+    users(store, "ann", "bob")
+    service = _make_group(store, "ann", ["bob"])
+    for i in range(3):
+        with store.transaction():
+            out = service.handle("ann", b"o" * 16, m.GroupTitle(group=GROUP, title=f"t{i}", cmid=b"t%d" % i), T0)
+        assert out.reply == m.Ok()
+    events = [x for x in inbox(store, "bob") if x.to == GROUP]
+    assert [x.cmid for x in events] == [b""] * 4 and [x.kind for x in events] == [m.GROUP_EVENT_KIND] * 4
+    send(store, "ann", "bob", b"c1", b"x")
+    with pytest.raises(DuplicateSend):
+        send(store, "ann", "bob", b"c1", b"x")
+    assert store.find_send("ann", b"") is None
+
+
+def test_group_membership_marks_and_history(store):
+    users(store, "ann", "bob", "cat")
+    service = _make_group(store, "ann", ["bob", "cat"])
+
+    def do(actor, msg):
+        with store.transaction():
+            return service.handle(actor, b"o" * 16, msg, T0)
+
+    sent = do("bob", m.Send(to=GROUP, cmid=b"g1", kind=0, body=b"one")).reply
+    assert do("cat", m.Read(peer=GROUP, msg_id=sent.msg_id)).reply == m.Ok()
+    do("ann", m.GroupRemove(group=GROUP, users=["cat"], cmid=b"r1"))
+    later = do("bob", m.Send(to=GROUP, cmid=b"g2", kind=0, body=b"two")).reply
+    assert [g.user for g in store.group_members(GROUP)] == ["ann", "bob", "cat"]
+    assert [g.active for g in store.group_members(GROUP)] == [True, True, False]
+    assert store.groups_joined(["ann", "cat"]) == {"ann": 1}
+    convs = {c.peer: c for c in store.conversations("ann")}
+    assert convs[GROUP].unread == 2 and convs[GROUP].last_msg_id == later.msg_id
+    # cat keeps its copies up to its removal, and sees no later ones.
+    cat_page, _ = store.history("cat", GROUP, 0, 10)
+    assert [x.body for x in cat_page if x.kind == 0] == [b"one"]
+    assert [x.body for x in store.history("ann", GROUP, 0, 10)[0] if x.kind == 0] == [b"two", b"one"]
+    assert not store.conversation_of("cat", GROUP, later.msg_id)
+    assert store.written_to("ann", ["bob", "cat", "nobody"]) == {"bob", "cat"}
+    assert store.find_group_op("ann", b"r1") is not None and store.find_group_op("bob", b"r1") is None
+
+
+def _group_writer(url, sender, body_prefix, peer):
+    s = open_store(url)
+    service = _group_service(s)
+    try:
+        for i in range(PER_WRITER):
+            to = GROUP if i % 2 else peer
+            with s.transaction():
+                out = service.handle_batch([Request(sender, b"o" * 16, m.Send(
+                    to=to, cmid=body_prefix + b"%d" % i, kind=0, body=body_prefix + b"%d" % i))], T0 + i)
+            assert isinstance(out[0].reply, m.SendOk), out
+    finally:
+        s.close()
+
+
+@pytest.mark.timeout(180)
+def test_concurrent_group_writers_give_every_member_one_order(store_url):
+    s = open_store(store_url)
+    try:
+        users(s, "ann", "bob", "cat")
+        _make_group(s, "ann", ["bob", "cat"])
+        ctx = multiprocessing.get_context("fork")
+        procs = [ctx.Process(target=_group_writer, args=(store_url, "ann", b"a", "bob")),
+                 ctx.Process(target=_group_writer, args=(store_url, "bob", b"b", "cat")),
+                 ctx.Process(target=_group_writer, args=(store_url, "cat", b"c", "ann"))]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(150)
+        assert [p.exitcode for p in procs] == [0, 0, 0]
+        orders = []
+        for user in ("ann", "bob", "cat"):
+            msgs = sync_all(s, user)
+            assert [x.seq for x in msgs] == list(range(1, len(msgs) + 1))
+            assert [x.msg_id for x in msgs] == sorted(x.msg_id for x in msgs)
+            orders.append([x.msg_id for x in msgs if x.to == GROUP])
+        assert orders[0] == orders[1] == orders[2] and len(orders[0]) == 1 + 3 * (PER_WRITER // 2)
+    finally:
+        s.close()
+
+
+def test_sqlite_schema_1_gains_groups_and_keeps_its_messages(tmp_path):
+    import sqlite3
+
+    import sqlite_utils
+
+    from simzmq.store import sqlite as sqlite_store
+
+    path = str(tmp_path / "old.db")
+    conn = sqlite3.connect(path, isolation_level=None)
+    sqlite_store.MIGRATIONS[0](sqlite_utils.Database(conn))
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    s = open_store(path)
+    try:
+        users(s, "ann", "bob")
+        send(s, "ann", "bob", b"c1", b"x")
+        with pytest.raises(DuplicateSend):
+            send(s, "ann", "bob", b"c1", b"y")
+        _make_group(s, "ann", ["bob"])
+        assert s.conn.execute("PRAGMA user_version").fetchone()[0] == len(sqlite_store.MIGRATIONS)
+    finally:
+        s.close()
