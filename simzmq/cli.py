@@ -461,12 +461,27 @@ def push(ctx, name):
 def run_push(cfg: config_mod.Config, name: str, index: int) -> None:
     from simzmq.push import service as push_mod
     b = cfg.broker
+    links, configure_peer = peer_links(cfg)
     service = push_mod.PushService(
         name, cfg.push, cfg.store_url(), [b.primary.notify_out, b.backup.notify_out],
         metrics_host=cfg.region.metrics_host, metrics_port=config_mod.push_metrics_port(cfg, index) or None,
         sqlite_synchronous=cfg.im.sqlite_synchronous,
-        configure_socket=bus_client(cfg, "worker", f"push service {name}"), config_sources=cfg.describe())
+        configure_socket=bus_client(cfg, "worker", f"push service {name}"), config_sources=cfg.describe(),
+        peers=links, configure_peer=configure_peer)
     push_mod.run(service)
+
+
+def peer_links(cfg: config_mod.Config):
+    """The peer regions' brokers (region.peers; none: []) and how to connect
+    to them (configure(sock, link); None with [bus] curve off)."""
+    from simzmq import federation as fed
+    if not cfg.region.peers:
+        return [], None
+    try:
+        links = fed.parse_peers(cfg.region.peers)
+        return links, fed.peer_configurator(cfg.data_dir, links) if cfg.bus.curve else None
+    except (ValueError, keys_mod.KeyFileError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @push.command("dead")
@@ -535,11 +550,7 @@ def federate(ctx):
 def run_federation(cfg: config_mod.Config) -> None:
     from simzmq import federation as fed
     b = cfg.broker
-    try:
-        links = fed.parse_peers(cfg.region.peers)
-        configure_peer = fed.peer_configurator(cfg.data_dir, links) if cfg.bus.curve else None
-    except (ValueError, keys_mod.KeyFileError) as exc:
-        raise click.ClickException(str(exc)) from None
+    links, configure_peer = peer_links(cfg)
     configure_local = bus_client(cfg, "worker", "federation")
     fed.run(fed.FederationProcess(cfg.region.name, links, [b.primary.notify_in, b.backup.notify_in],
                                   configure_peer, configure_local, cfg.region.federation_metrics_port or None,

@@ -243,8 +243,8 @@ class IMService(GroupService):
                 batch.sent[(sender, new.cmid)] = SentRecord(msg_id, sender_seq, now_ms, msg.to, msg.kind,
                                                             new.body, recipient_seq)
             _step(run, self.store.add_messages, stored)
-            if self.push_delay_ms is not None:
-                self._queue_pushes(run, stored)
+            _step(run, self.queue_pushes, now_ms,
+                  [(n.msg_id, n.to, n.recipient_seq) for n in stored if n.to != n.sender])
         # Every new one, and every retry: answer the stored SendOk and publish
         # the copies (again, for a retry, because its first attempt may have
         # died between its commit and its publish; gates push each inbox seq
@@ -254,13 +254,18 @@ class IMService(GroupService):
             rec = batch.sent[(sender, bytes(msg.cmid))]
             outcomes[i] = self._sent(sender, origin, msg, rec.msg_id, rec.ts_ms, rec.sender_seq, rec.recipient_seq)
 
-    def _queue_pushes(self, run: list[int], stored: list[NewMessage]) -> None:
-        jobs = [PushJobRow(n.msg_id, n.to, n.recipient_seq, n.ts_ms, n.ts_ms + self.push_delay_ms)
-                for n in stored if n.to != n.sender]
-        if jobs:
-            _step(run, self.store.add_push_jobs, jobs)
-            due = jobs[0].due_ms
-            self.push_due_ms = due if self.push_due_ms is None else min(due, self.push_due_ms)
+    def queue_pushes(self, now_ms: int, copies: Sequence[tuple[int, str, int]]) -> None:
+        """The one way push jobs are written: one for each copy (msg_id, user,
+        inbox seq) of a message stored now, due push_delay_ms later, in the
+        current transaction; nothing while the push service is off. Callers
+        pass the copies of the recipients to wake: a one-to-one message's
+        recipient, a group message's members but its sender, never a group
+        event's (simzmq.groups.is_group_event: events wake no phone)."""
+        if self.push_delay_ms is None or not copies:
+            return
+        due = now_ms + self.push_delay_ms
+        self.store.add_push_jobs([PushJobRow(msg_id, user, seq, now_ms, due) for msg_id, user, seq in copies])
+        self.push_due_ms = due if self.push_due_ms is None else min(due, self.push_due_ms)
 
     def take_push_due(self) -> int | None:
         """The earliest due time of the push jobs queued since the last call
@@ -364,10 +369,9 @@ class IMService(GroupService):
         actor's own connection included; a group message every member's
         sessions but the one that sent it.
 
-        Offline pushes: a group message's copies are pushed like a
-        one-to-one message's (with the group as `to`); an event never is:
-        a push hook skips the Msgs for which simzmq.groups.is_group_event
-        is true."""
+        Offline pushes: group_send queues a push job for each member but
+        the sender (queue_pushes), like a one-to-one message's; an event
+        never queues one."""
         if type(msg) is m.Send:
             if not is_group(msg.to):
                 raise Refused(ErrorCode.BAD_REQUEST, "not a group")

@@ -141,10 +141,11 @@ def preview(kind: int, body: bytes) -> str:
 
 
 def call_body(call: Call) -> dict:
-    """The JSON object the webhook receives (docs/push.md)."""
+    """The JSON object the webhook receives (docs/push.md); `group` is the
+    group of a group message, "" for a one-to-one message."""
     j = call.job
     return {"user": j.user, "msg_id": j.msg_id, "seq": j.seq, "sender": j.sender, "kind": j.kind,
-            "ts_ms": j.ts_ms, "preview": preview(j.kind, j.body), "unread": j.unread}
+            "ts_ms": j.ts_ms, "preview": preview(j.kind, j.body), "unread": j.unread, "group": j.group}
 
 
 def delivery_id(call: Call) -> str:

@@ -66,8 +66,15 @@ def now_ms() -> int:
 class PushService:
     def __init__(self, name: str, cfg: PushConfig, store_url: str, notify_outs: list[str],
                  metrics_host: str, metrics_port: int | None, sqlite_synchronous: str = "FULL",
-                 configure_socket=None, config_sources: str = ""):
+                 configure_socket=None, config_sources: str = "", peers=(), configure_peer=None):
         self.name = name
+        # The peer regions sharing the store (region.peers, federation.Link):
+        # their users' jobs are in the same outbox, so the presence reports
+        # of their gates are heard too, from their brokers' notify-out
+        # (configure_peer(sock, link): CURVE as a gate of theirs, as the
+        # federation process connects).
+        self.peers = list(peers)
+        self.configure_peer = configure_peer
         self.cfg = cfg
         self.store_url = store_url
         self.notify_outs = notify_outs
@@ -197,7 +204,7 @@ class PushService:
         try:
             decided = plan(jobs, self.presence.online(user), now_ms(), self.cfg.coalesce_ms)
             if decided.skipped:
-                await self.db(self.store.finish_push_jobs, list(decided.skipped))
+                await self.db(self.store.finish_push_jobs, user, list(decided.skipped))
                 for reason in decided.skipped.values():
                     SKIPPED.labels(reason).inc()
             for call in decided.calls:
@@ -232,23 +239,23 @@ class PushService:
         except Exception as exc:  # connection refused, reset, TLS failure...
             error = f"{type(exc).__name__}: {exc}"
         LATENCY.observe(time.monotonic() - started)
+        head = call.head
         if verdict(status) is Verdict.DONE:
-            await self.db(self.store.finish_push_jobs, list(call.covers))
+            await self.db(self.store.finish_push_jobs, head.user, list(call.covers))
             SENT.inc()
             SETTLED.inc(len(call.covers))
             return True
         kind = failure_kind(status, error)
         FAILURES.labels(kind).inc()
-        head = call.head
         outcome = after_failure(head.created_ms, head.attempts + 1, status, error, now_ms(), self.random.random(),
                                 self.timing)
         if isinstance(outcome, Dead):
-            await self.db(self.store.bury_push_jobs, list(call.covers), now_ms(), outcome.reason)
+            await self.db(self.store.bury_push_jobs, head.user, list(call.covers), now_ms(), outcome.reason)
             DEAD.inc(len(call.covers))
             self.log_throttled(kind, "webhook call %s failed (%s): dead-lettered after %d attempts",
                                delivery_id(call), outcome.reason, head.attempts + 1)
             return True
-        await self.db(self.store.retry_push_job, head.msg_id, outcome.due_ms, head.attempts + 1,
+        await self.db(self.store.retry_push_job, head.user, head.msg_id, outcome.due_ms, head.attempts + 1,
                       f"status {status}" if status is not None else (error or "no answer"))
         RETRIED.inc()
         self.log_throttled(kind, "webhook call %s failed (%s): attempt %d, next in %.1f s", delivery_id(call),
@@ -280,28 +287,39 @@ class PushService:
         self.store = await loop.run_in_executor(
             self.db_thread, lambda: open_store(self.store_url, synchronous=self.sqlite_synchronous))
         ctx = zmq.asyncio.Context()
-        sub = ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RCVHWM, 0)
-        if self.configure_socket is not None:
-            self.configure_socket(sub, "notify_out")
-        for topic in (WAKE_TOPIC, PRESENCE_TOPIC):
-            sub.setsockopt(zmq.SUBSCRIBE, topic)
-        for ep in self.notify_outs:
-            sub.connect(ep)
+
+        def subscriber(endpoints, topics, configure):
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.RCVHWM, 0)
+            if configure is not None:
+                configure(sub)
+            for topic in topics:
+                sub.setsockopt(zmq.SUBSCRIBE, topic)
+            for ep in endpoints:
+                sub.connect(ep)
+            return sub
+        own = self.configure_socket
+        subs = [subscriber(self.notify_outs, (WAKE_TOPIC, PRESENCE_TOPIC),
+                           (lambda sock: own(sock, "notify_out")) if own else None)]
+        for link in self.peers:
+            peer = self.configure_peer
+            subs.append(subscriber([link.endpoint], (PRESENCE_TOPIC,),
+                                   (lambda sock, link=link: peer(sock, link)) if peer else None))
         self.http = AsyncHTTPClient(force_instance=True, max_clients=self.cfg.concurrency)
         if self.metrics_port:
             start_http_server(self.metrics_port, self.metrics_host)
         c = self.cfg
         log.info("push service %s: config %s", self.name, self.config_sources)
-        log.info("push service %s: calls POST %s (timeout %.1f s, %d users at once), store %s, listening to %s, "
+        log.info("push service %s: calls POST %s (timeout %.1f s, %d users at once), store %s, listening to %s%s, "
                  "metrics %s", self.name, c.webhook, c.timeout_s, c.concurrency, self.store.describe(),
                  ",".join(self.notify_outs),
+                 "".join(f", presence of region {link.region} at {link.endpoint}" for link in self.peers),
                  f"http://{self.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "off")
         log.info("push service %s: jobs due %d ms after their message (coalescing %d ms), retried up to %d s; "
                  "first calls after %.1f s of presence reports", self.name, c.delay_ms, c.coalesce_ms,
                  c.max_age_s, self.presence.warm_s)
-        listener = asyncio.ensure_future(self.listen(sub))
+        listeners = [asyncio.ensure_future(self.listen(sub)) for sub in subs]
         stats = asyncio.ensure_future(self.stats_loop())
         try:
             await self.scan_loop()
@@ -309,11 +327,12 @@ class PushService:
             log.info("push service %s stopping: %d users' calls under way", self.name, len(self.inflight))
             if self.inflight:
                 await asyncio.wait(list(self.inflight.values()), timeout=STOP_GRACE_S)
-            for task in (listener, stats, *self.inflight.values()):
+            for task in (*listeners, stats, *self.inflight.values()):
                 task.cancel()
-            await asyncio.gather(listener, stats, *self.inflight.values(), return_exceptions=True)
+            await asyncio.gather(*listeners, stats, *self.inflight.values(), return_exceptions=True)
             self.http.close()
-            sub.close()
+            for sub in subs:
+                sub.close()
             ctx.term()
             await loop.run_in_executor(self.db_thread, self.store.close)
             self.db_thread.shutdown()

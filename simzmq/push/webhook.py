@@ -40,6 +40,14 @@ def url_problem(url: str) -> str | None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "must be an http:// or https:// URL"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        return "its port must be a number from 1 to 65535"
+    if any(c.isspace() for c in url):
+        return "must not contain spaces"
     if parts.scheme == "http" and not is_loopback_url(url):
         return "must be https:// (plain http is allowed to a loopback address only)"
     return None

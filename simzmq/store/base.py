@@ -77,7 +77,8 @@ class NewMessage(NamedTuple):
 class PushJobRow(NamedTuple):
     """A push job as the IM worker writes it, in the message's transaction:
     `user` should hear of message `msg_id` (their inbox seq `seq`) once
-    `due_ms` has passed, unless they are online or have fetched it by then."""
+    `due_ms` has passed, unless they are online or have fetched it by then.
+    A job is (user, msg_id): a group message has one per member to wake."""
 
     msg_id: int
     user: str
@@ -101,6 +102,7 @@ class PushJob(NamedTuple):
     body: bytes
     delivered: int  # the user's delivered mark now
     unread: int     # the user's unread total now
+    group: str = ""  # the group of a group message; "" for a one-to-one message
 
 
 class DeadJob(NamedTuple):
@@ -358,7 +360,7 @@ class Store:
     ) -> tuple[list[HistoryMsg], bool]:
         raise NotImplementedError
 
-    # the push outbox (simzmq/push.py): jobs are written with their message,
+    # the push outbox (simzmq/push/): jobs are written with their message,
     # claimed under a lease by one push service instance at a time, and
     # removed once done or moved to the dead-letter table.
 
@@ -375,20 +377,20 @@ class Store:
         time works on a user, in order. `token` must be new for each claim."""
         raise NotImplementedError
 
-    def finish_push_jobs(self, msg_ids: Sequence[int]) -> None:
-        """Done (sent or not needed): remove them from the outbox."""
+    def finish_push_jobs(self, user: str, msg_ids: Sequence[int]) -> None:
+        """Done (sent or not needed): remove `user`'s jobs of these messages from the outbox."""
         raise NotImplementedError
 
-    def retry_push_job(self, msg_id: int, due_ms: int, attempts: int, error: str) -> None:
-        """Try again at due_ms; the lease ends."""
+    def retry_push_job(self, user: str, msg_id: int, due_ms: int, attempts: int, error: str) -> None:
+        """Try `user`'s job of `msg_id` again at due_ms; the lease ends."""
         raise NotImplementedError
 
     def release_push_jobs(self, token: str, user: str) -> None:
         """End the lease of claim `token` on what is left of `user`'s jobs."""
         raise NotImplementedError
 
-    def bury_push_jobs(self, msg_ids: Sequence[int], now_ms: int, error: str) -> None:
-        """Move jobs from the outbox to the dead-letter table."""
+    def bury_push_jobs(self, user: str, msg_ids: Sequence[int], now_ms: int, error: str) -> None:
+        """Move `user`'s jobs of these messages from the outbox to the dead-letter table."""
         raise NotImplementedError
 
     def dead_push_jobs(self, limit: int) -> list[DeadJob]:
@@ -396,8 +398,9 @@ class Store:
         raise NotImplementedError
 
     def requeue_dead_push_jobs(self, msg_ids: Sequence[int] | None, now_ms: int) -> int:
-        """Move dead jobs (all when msg_ids is None) back to the outbox, due
-        now with no attempts; returns how many."""
+        """Move the dead jobs of these messages (every member's, for a group
+        message; all when msg_ids is None) back to the outbox, due now with
+        no attempts; returns how many."""
         raise NotImplementedError
 
     def push_stats(self) -> PushStats:

@@ -157,32 +157,35 @@ _SCHEMA_V2 = "DROP FUNCTION simzmq_append(text, text, bytea, smallint, bytea, bi
 # Groups: the unique (sender, cmid) constraint becomes a partial index.
 _SCHEMA_V3 = "ALTER TABLE messages DROP CONSTRAINT messages_sender_cmid_key;\n" + ";\n".join(GROUPS_SCHEMA)
 
-# The push outbox (simzmq/push/): one row per message to push, written in
-# the message's transaction; the dead-letter table keeps given-up ones.
+# The push outbox (simzmq/push/): one row per user to wake of a message (a
+# group message has one per member), written in the message's transaction;
+# the dead-letter table keeps given-up ones.
 _SCHEMA_V4 = """
 CREATE TABLE push_outbox (
-    msg_id      bigint PRIMARY KEY,
     user_id     text COLLATE "C" NOT NULL,
+    msg_id      bigint NOT NULL,
     seq         bigint NOT NULL,
     created_ms  bigint NOT NULL,
     due_ms      bigint NOT NULL,
     attempts    integer NOT NULL,
     lease_until bigint NOT NULL,
     lease_token text NOT NULL,
-    last_error  text NOT NULL
+    last_error  text NOT NULL,
+    PRIMARY KEY (user_id, msg_id)
 );
-CREATE INDEX push_outbox_user ON push_outbox (user_id, msg_id);
 CREATE INDEX push_outbox_due ON push_outbox (due_ms, msg_id);
 CREATE INDEX push_outbox_lease ON push_outbox (lease_token);
 CREATE TABLE push_dead (
-    msg_id      bigint PRIMARY KEY,
     user_id     text COLLATE "C" NOT NULL,
+    msg_id      bigint NOT NULL,
     seq         bigint NOT NULL,
     created_ms  bigint NOT NULL,
     attempts    integer NOT NULL,
     died_ms     bigint NOT NULL,
-    last_error  text NOT NULL
+    last_error  text NOT NULL,
+    PRIMARY KEY (user_id, msg_id)
 );
+CREATE INDEX push_dead_msg ON push_dead (msg_id);
 """
 
 MIGRATIONS = [_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4]

@@ -109,7 +109,7 @@ _CLAIM_PUSH_JOBS = (
 # until the claimant releases the user: memory stays bounded).
 _CLAIMED_PUSH_JOBS = (
     "SELECT o.msg_id, o.user_id, o.seq, o.created_ms, o.due_ms, o.attempts, m.sender, m.kind, m.ts_ms, m.body,"
-    " u.delivered FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY msg_id) AS n"
+    " u.delivered, m.recipient FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY msg_id) AS n"
     " FROM push_outbox WHERE lease_token = ?) AS o"
     " JOIN messages m ON m.msg_id = o.msg_id JOIN users u ON u.id = o.user_id"
     " WHERE o.n <= ? ORDER BY o.user_id, o.msg_id"
@@ -449,36 +449,39 @@ class SQLStore(Store):
         self._execute(_CLAIM_PUSH_JOBS.format(lock=self._SKIP_LOCKED),
                       (lease_until_ms, token, now_ms, now_ms, max_users))
         unread = dict(self._execute(_CLAIMED_UNREAD, (token,)).fetchall())
-        return [PushJob(*r[:9], bytes(r[9]), r[10], int(unread.get(r[1]) or 0))
+        # A group message's job names its group (the message's recipient);
+        # a one-to-one message's names none ("").
+        return [PushJob(*r[:9], bytes(r[9]), r[10], int(unread.get(r[1]) or 0), r[11] if is_group(r[11]) else "")
                 for r in self._execute(_CLAIMED_PUSH_JOBS, (token, per_user)).fetchall()]
 
-    def _by_ids(self, sql: str, msg_ids: Sequence[int], before: Sequence = ()) -> None:
+    def _by_ids(self, sql: str, msg_ids: Sequence[int], before: Sequence = ()) -> Any:
         ids = _padded(sorted(set(msg_ids)))
-        self._execute(sql + _in_list(len(ids)), (*before, *ids))
+        return self._execute(sql + _in_list(len(ids)), (*before, *ids))
 
-    def finish_push_jobs(self, msg_ids: Sequence[int]) -> None:
+    def finish_push_jobs(self, user: str, msg_ids: Sequence[int]) -> None:
         if msg_ids:
-            self._by_ids("DELETE FROM push_outbox WHERE msg_id IN ", msg_ids)
+            self._by_ids("DELETE FROM push_outbox WHERE user_id = ? AND msg_id IN ", msg_ids, (user,))
 
-    def retry_push_job(self, msg_id: int, due_ms: int, attempts: int, error: str) -> None:
+    def retry_push_job(self, user: str, msg_id: int, due_ms: int, attempts: int, error: str) -> None:
         self._execute("UPDATE push_outbox SET due_ms = ?, attempts = ?, last_error = ?, lease_until = 0,"
-                      " lease_token = '' WHERE msg_id = ?", (due_ms, attempts, error[:200], msg_id))
+                      " lease_token = '' WHERE user_id = ? AND msg_id = ?",
+                      (due_ms, attempts, error[:200], user, msg_id))
 
     def release_push_jobs(self, token: str, user: str) -> None:
         self._execute("UPDATE push_outbox SET lease_until = 0, lease_token = '' WHERE lease_token = ? AND user_id = ?",
                       (token, user))
 
-    def bury_push_jobs(self, msg_ids: Sequence[int], now_ms: int, error: str) -> None:
+    def bury_push_jobs(self, user: str, msg_ids: Sequence[int], now_ms: int, error: str) -> None:
         if not msg_ids:
             return
         self._by_ids("INSERT INTO push_dead (msg_id, user_id, seq, created_ms, attempts, died_ms, last_error)"
-                     " SELECT msg_id, user_id, seq, created_ms, attempts, ?, ? FROM push_outbox WHERE msg_id IN ",
-                     msg_ids, (now_ms, error[:200]))
-        self.finish_push_jobs(msg_ids)
+                     " SELECT msg_id, user_id, seq, created_ms, attempts, ?, ? FROM push_outbox"
+                     " WHERE user_id = ? AND msg_id IN ", msg_ids, (now_ms, error[:200], user))
+        self.finish_push_jobs(user, msg_ids)
 
     def dead_push_jobs(self, limit: int) -> list[DeadJob]:
         rows = self._execute("SELECT msg_id, user_id, seq, created_ms, attempts, died_ms, last_error FROM push_dead"
-                             " ORDER BY msg_id LIMIT ?", (limit,)).fetchall()
+                             " ORDER BY msg_id, user_id LIMIT ?", (limit,)).fetchall()
         return [DeadJob(*r) for r in rows]
 
     def requeue_dead_push_jobs(self, msg_ids: Sequence[int] | None, now_ms: int) -> int:
@@ -491,8 +494,7 @@ class SQLStore(Store):
         if not msg_ids:
             return 0
         self._by_ids(insert + select + " WHERE msg_id IN ", msg_ids, (now_ms,))
-        ids = _padded(sorted(set(msg_ids)))
-        return self._execute("DELETE FROM push_dead WHERE msg_id IN " + _in_list(len(ids)), ids).rowcount
+        return self._by_ids("DELETE FROM push_dead WHERE msg_id IN ", msg_ids).rowcount
 
     def push_stats(self) -> PushStats:
         queued, oldest = self._execute("SELECT count(*), MIN(created_ms) FROM push_outbox", ()).fetchone()

@@ -115,19 +115,21 @@ def _groups_v2(db: sqlite_utils.Database) -> None:
 
 
 def _push_v3(db: sqlite_utils.Database) -> None:
-    # The push outbox (simzmq/push/): one row per message to push, written
-    # in the message's transaction; the dead-letter table keeps given-up ones.
+    # The push outbox (simzmq/push/): one row per user to wake of a message
+    # (a group message has one per member), written in the message's
+    # transaction; the dead-letter table keeps given-up ones.
     db.execute(
-        "CREATE TABLE push_outbox (msg_id INTEGER PRIMARY KEY, user_id TEXT NOT NULL, seq INTEGER NOT NULL,"
+        "CREATE TABLE push_outbox (user_id TEXT NOT NULL, msg_id INTEGER NOT NULL, seq INTEGER NOT NULL,"
         " created_ms INTEGER NOT NULL, due_ms INTEGER NOT NULL, attempts INTEGER NOT NULL,"
-        " lease_until INTEGER NOT NULL, lease_token TEXT NOT NULL, last_error TEXT NOT NULL)")
-    db.execute("CREATE INDEX push_outbox_user ON push_outbox (user_id, msg_id)")
+        " lease_until INTEGER NOT NULL, lease_token TEXT NOT NULL, last_error TEXT NOT NULL,"
+        " PRIMARY KEY (user_id, msg_id)) WITHOUT ROWID")
     db.execute("CREATE INDEX push_outbox_due ON push_outbox (due_ms, msg_id)")
     db.execute("CREATE INDEX push_outbox_lease ON push_outbox (lease_token)")
     db.execute(
-        "CREATE TABLE push_dead (msg_id INTEGER PRIMARY KEY, user_id TEXT NOT NULL, seq INTEGER NOT NULL,"
+        "CREATE TABLE push_dead (user_id TEXT NOT NULL, msg_id INTEGER NOT NULL, seq INTEGER NOT NULL,"
         " created_ms INTEGER NOT NULL, attempts INTEGER NOT NULL, died_ms INTEGER NOT NULL,"
-        " last_error TEXT NOT NULL)")
+        " last_error TEXT NOT NULL, PRIMARY KEY (user_id, msg_id)) WITHOUT ROWID")
+    db.execute("CREATE INDEX push_dead_msg ON push_dead (msg_id)")
 
 
 # PRAGMA user_version N means MIGRATIONS[:N] have run.

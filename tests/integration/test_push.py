@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from simzmq.client import Client
+from simzmq.client import Client, new_group_id
 from simzmq.push import webhook
 from simzmq.store import open_store
 from tests.region import ROOT, Region, free_ports
@@ -151,8 +151,13 @@ def wait_for(predicate, timeout=60.0, what="a condition"):
         time.sleep(0.05)
 
 
+def region_store(region):
+    """The region's store, opened here (Postgres when the suite runs on it)."""
+    return open_store(region.store or f"sqlite:///{region.data_dir / 'im.db'}")
+
+
 def outbox_holds(region, msg_ids) -> bool:
-    store = open_store(f"sqlite:///{region.data_dir / 'im.db'}")
+    store = region_store(region)
     try:
         rows = store._execute("SELECT msg_id FROM push_outbox", ()).fetchall()
     finally:
@@ -168,7 +173,8 @@ def test_an_offline_recipient_gets_exactly_one_signed_call(region, receiver):
     assert call["signature"] == webhook.signature(SECRET, call["raw"])
     assert call["delivery"] == f"{bob}:{ok.msg_id}"
     assert call["body"] == {"user": bob, "msg_id": ok.msg_id, "seq": 1, "sender": alice, "kind": 0,
-                            "ts_ms": ok.ts_ms, "preview": ("hello bob, " + "é" * 200)[:100], "unread": 1}
+                            "ts_ms": ok.ts_ms, "preview": ("hello bob, " + "é" * 200)[:100], "unread": 1,
+                            "group": ""}
     wait_for(lambda: not outbox_holds(region, [ok.msg_id]), what="the job to leave the outbox")
     time.sleep(1.0)
     assert len(receiver.for_user(bob, ok_only=False)) == 1
@@ -204,6 +210,47 @@ def test_a_recipient_who_fetches_before_the_job_is_due_gets_no_call(region, rece
     wait_for(lambda: not outbox_holds(region, [ok.msg_id]), what="the decision")
     time.sleep(0.5)
     assert receiver.for_user(bob, ok_only=False) == []
+
+
+def test_a_group_message_wakes_offline_members_only_and_group_events_wake_nobody(region, receiver):
+    """alice and carl stay online; bob and dave are offline. Every group
+    event (created, title, added, removed) reaches bob or dave: none makes a
+    call. The group message makes exactly one: to bob, naming the group."""
+    alice, bob, carl, dave = fresh("alice"), fresh("bob"), fresh("carl"), fresh("dave")
+    group = new_group_id()
+
+    async def go():
+        a = await client(region, alice)
+        c = await client(region, carl)
+        contacts = []
+        for name in (bob, dave):
+            x = await client(region, name)
+            contacts.append((await x.send(alice, b"hi")).msg_id)  # alice is their contact
+            await x.close()
+        contacts.append((await c.send(alice, b"hi")).msg_id)
+        await a.group_create(group, "Crew", [bob, carl])
+        await a.group_title(group, "Crew at 8")
+        await a.group_add(group, [dave])
+        await a.group_remove(group, [dave])
+        ok = await a.send(group, b"dinner at 8?")
+        # Online until every job (alice's from the contacts' messages, the
+        # group message's) has been decided.
+        await asyncio.to_thread(wait_for, lambda: not outbox_holds(region, contacts + [ok.msg_id]), 60,
+                                "the decisions")
+        await a.close()
+        await c.close()
+        return ok
+    ok = run(go())
+    (call,) = wait_for(lambda: receiver.for_user(bob), what="bob's call")
+    assert call["signature"] == webhook.signature(SECRET, call["raw"])
+    assert call["delivery"] == f"{bob}:{ok.msg_id}"
+    # bob's inbox: his own "hi", then created, title, added, removed, the message.
+    assert call["body"] == {"user": bob, "msg_id": ok.msg_id, "seq": 6, "sender": alice, "kind": 0,
+                            "ts_ms": ok.ts_ms, "preview": "dinner at 8?", "unread": 1, "group": group}
+    time.sleep(1.0)
+    assert len(receiver.for_user(bob, ok_only=False)) == 1
+    for name in (alice, carl, dave):
+        assert receiver.for_user(name, ok_only=False) == [], name
 
 
 def metric(port: int, name: str) -> float:
@@ -352,7 +399,7 @@ def test_ten_thousand_queued_jobs_drain_with_bounded_memory(tmp_path):
         pid = r.pid("push-1")
         wait_for(lambda: metric(r.push_metrics_port, "simzmq_push_queued_jobs") == 0, what="metrics")
         baseline = rss_kb(pid, "VmRSS")
-        store = open_store(f"sqlite:///{r.data_dir / 'im.db'}")
+        store = region_store(r)
         try:
             service = IMService(store, 3600_000, 1 << 20, push_delay_ms=0)
             names = [f"bulk{i}" for i in range(100)]
@@ -466,3 +513,54 @@ def test_coalescing_sends_one_call_with_the_newest_message_and_the_unread_total(
     finally:
         r.stop()
         receiver.stop()
+
+
+def test_two_regions_on_one_store_push_only_users_online_in_neither(tmp_path, pg_cluster):
+    """Regions a and b share one Postgres (so one outbox, which both push
+    services claim from) and are federated. bob is online in b only: a's
+    messages to him make no call, whichever push service decides. Once he is
+    offline, one call."""
+    from simzmq import keys as keys_mod
+    from simzmq.federation import exchange_keys
+    from tests.integration.test_regions import notify_outs
+
+    dsn = pg_cluster.create_database()
+    receiver = Receiver().start()
+    a, b = (Region(tmp_path / name, store=dsn, extra_env=dict(push_env(receiver), SIMZMQ_REGION_NAME=name))
+            for name in ("a", "b"))
+    a.env["SIMZMQ_REGION_PEERS"] = ",".join("b@" + ep for ep in notify_outs(b))
+    b.env["SIMZMQ_REGION_PEERS"] = ",".join("a@" + ep for ep in notify_outs(a))
+    for r in (a, b):
+        r.argv += ["--webhook", receiver.url, "--webhook-secret", SECRET, "--open-registration"]
+        r.data_dir.mkdir(parents=True)
+        keys_mod.ensure_bus_keys(r.data_dir)
+    exchange_keys(a.data_dir, "a", b.data_dir, "b")
+    started = []
+    try:
+        for r in (a, b):
+            r.start(timeout=120)
+            started.append(r)
+        alice, bob = fresh("alice"), fresh("bob")
+
+        async def go():
+            bob_in_b = await client(b, bob)
+            alice_in_a = await client(a, alice)
+            online = [(await alice_in_a.send(bob, b"you are in b, %d" % i)).msg_id for i in range(3)]
+            await asyncio.to_thread(wait_for, lambda: not outbox_holds(a, online), 60, "the decisions")
+            await bob_in_b.close()
+            offline = await alice_in_a.send(bob, b"and now you are gone")
+            await alice_in_a.close()
+            return offline
+        offline = run(go())
+        (call,) = wait_for(lambda: receiver.for_user(bob), what="the call")
+        assert call["body"]["msg_id"] == offline.msg_id
+        assert call["signature"] == webhook.signature(SECRET, call["raw"])
+        wait_for(lambda: not outbox_holds(a, [offline.msg_id]), what="the job to be settled")
+        time.sleep(1.0)
+        assert len(receiver.for_user(bob, ok_only=False)) == 1
+    finally:
+        for r in reversed(started):
+            r.stop()
+        receiver.stop()
+    for r in (a, b):
+        assert "presence of region" in r.read_log()

@@ -76,7 +76,7 @@ def test_call_body_and_preview():
     p = plan([job(7, body=long)], online=False, now_ms=T0)
     body = call_body(p.calls[0])
     assert body == {"user": "bob", "msg_id": 7, "seq": 7, "sender": "ann", "kind": 0, "ts_ms": T0,
-                    "preview": "é" * 100, "unread": 3}
+                    "preview": "é" * 100, "unread": 3, "group": ""}
     assert delivery_id(p.calls[0]) == "bob:7"
 
 
@@ -96,6 +96,10 @@ def test_webhook_urls():
     assert webhook.url_problem("https://push.example.com/hook") is None
     assert "https" in webhook.url_problem("http://push.example.com/hook")
     assert webhook.url_problem("ftp://x/") is not None and webhook.url_problem("nonsense") is not None
+    assert webhook.url_problem("http//127.0.0.1:9000/hook") is not None  # a typo'd scheme
+    for bad_port in ("http://127.0.0.1:90o0/hook", "http://127.0.0.1:99999/hook", "http://127.0.0.1:0/hook"):
+        assert "port" in webhook.url_problem(bad_port)
+    assert "spaces" in webhook.url_problem("http://127.0.0.1:9000/my hook")
 
 
 _numbers = {}

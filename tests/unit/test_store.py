@@ -636,7 +636,7 @@ def test_push_jobs_are_written_with_their_message(store):
     assert store.claim_push_jobs("t2", T0 + 1000, T0 + 60_000, 10, 10) == []
     assert [j.msg_id for j in store.claim_push_jobs("t3", T0 + 60_000, T0 + 90_000, 10, 10)] == [first.msg_id]
     with store.transaction():
-        store.finish_push_jobs([first.msg_id])
+        store.finish_push_jobs("bob", [first.msg_id])
     assert store.push_stats() == (0, None, 0)
 
 
@@ -668,14 +668,14 @@ def test_push_claims_keep_one_user_in_order_and_to_one_claimant(store):
     assert [(j.user, j.msg_id) for j in second] == [("cat", c1.msg_id)]
     # bob's first job retries later: his second waits behind it, even when due
     with store.transaction():
-        store.retry_push_job(b1.msg_id, T0 + 50, 1, "status 500")
+        store.retry_push_job("bob", b1.msg_id, T0 + 50, 1, "status 500")
         store.release_push_jobs("a", "bob")
     assert store.claim_push_jobs("c", T0 + 20, T0 + 100, 10, 10) == []
     with store.transaction():
         again = store.claim_push_jobs("d", T0 + 50, T0 + 100, 10, 1)  # one job per user at most
     assert [(j.msg_id, j.attempts) for j in again] == [(b1.msg_id, 1)]
     with store.transaction():
-        store.finish_push_jobs([b1.msg_id])
+        store.finish_push_jobs("bob", [b1.msg_id])
         store.release_push_jobs("d", "bob")
     assert [j.msg_id for j in store.claim_push_jobs("e", T0 + 50, T0 + 100, 10, 10)] == [b2.msg_id]
 
@@ -687,7 +687,7 @@ def test_dead_push_jobs_are_listed_and_requeued(store):
     ids = [_send_via(service, "ann", "bob", b"%d" % i).msg_id for i in range(3)]
     with store.transaction():
         store.claim_push_jobs("a", T0, T0 + 100, 10, 10)
-        store.bury_push_jobs(ids[:2], T0 + 7, "status 500")
+        store.bury_push_jobs("bob", ids[:2], T0 + 7, "status 500")
     assert store.push_stats() == (1, T0, 2)
     dead = store.dead_push_jobs(10)
     assert [(d.msg_id, d.user, d.died_ms, d.last_error) for d in dead] == [
@@ -710,7 +710,8 @@ def _claimer(url, token, out):
         for n in range(40):
             with store.transaction():
                 jobs = store.claim_push_jobs(f"{token}-{n}", T0, T0 + 10**9, 3, 100)
-                store.finish_push_jobs([j.msg_id for j in jobs])
+                for j in jobs:
+                    store.finish_push_jobs(j.user, [j.msg_id])
             got += [j.msg_id for j in jobs]
     finally:
         store.close()
