@@ -445,6 +445,9 @@ class Limiter:
                                           cfg.login_delay_max_s, cfg.login_forget_s, n)
         self.login_address = FailureThrottle(cfg.login_free_failures_per_address, cfg.login_delay_base_s,
                                              cfg.login_delay_max_s, cfg.login_forget_s, n)
+        # Password checks forwarded and not yet answered, per ("user", id)
+        # and ("address", key): see login_wait.
+        self.password_checks = Counts()
         self.connections = 0
         self.per_address = Counts()
 
@@ -544,22 +547,50 @@ class Limiter:
         Only password Logins are throttled per user: a resume token is 32
         random bytes, nothing to guess, so an attacker failing as a victim
         cannot lock the victim's token resumes out.
+
+        Past its free failures a user or an address gets one password check
+        at a time: while one is being checked, the next is refused as if it
+        had failed. Failures only count once answered, so a guesser on five
+        connections would otherwise have five Argon2id checks computed after
+        each wait instead of one.
         """
         if not self.is_trusted(address):
-            wait = self.login_address.wait(address_key(address), now)
+            key = address_key(address)
+            wait = self._login_wait(self.login_address, key, ("address", key), password, now)
             if wait > 0:
                 return wait, LOGIN_ADDRESS
         if password:
-            wait = self.login_user.wait(user, now)
+            wait = self._login_wait(self.login_user, user, ("user", user), password, now)
             if wait > 0:
                 return wait, LOGIN_USER
         return 0.0, ""
 
-    def login_failed(self, user: str, address: str, password: bool, now: float) -> None:
+    def _login_wait(self, throttle: FailureThrottle, key: str, checking: tuple, password: bool,
+                    now: float) -> float:
+        wait = throttle.wait(key, now)
+        if wait > 0 or not password or not self.password_checks.get(checking):
+            return wait
+        failures = throttle.failures(key, now)
+        if failures < throttle.free:
+            return 0.0
+        return max(1.0, throttle.delay_after(failures))
+
+    def _password_check_keys(self, user: str, address: str) -> list:
+        keys = [("user", user)]
         if not self.is_trusted(address):
-            self.login_address.failed(address_key(address), now)
+            keys.append(("address", address_key(address)))
+        return keys
+
+    def login_started(self, user: str, address: str, password: bool) -> None:
+        """A Login that passed login_wait is forwarded; login_ended when answered."""
         if password:
-            self.login_user.failed(user, now)
+            for key in self._password_check_keys(user, address):
+                self.password_checks.add(key)
+
+    def login_ended(self, user: str, address: str, password: bool) -> None:
+        if password:
+            for key in self._password_check_keys(user, address):
+                self.password_checks.remove(key)
 
     def login_succeeded(self, user: str) -> None:
         # The address keeps its count: one good account must not launder the
