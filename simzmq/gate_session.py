@@ -358,6 +358,11 @@ class ClientConnection:
                 self.large_reply_pending = False
             if self.paused and not self._must_pause():
                 self._set_paused(False)
+            if on_reply is None and self.state == CLOSED:
+                # Nobody left to read it: not even decoded (a never-reader's
+                # pages of inbox, arriving after it was kicked).
+                inc(REQUESTS, name, "closed")
+                return
             if (on_reply is None and self.codec is BIN and reply_payload is not None
                     and reply_payload[:1] in PASS_THROUGH_REPLIES and self.state != CLOSED):
                 # The usual case, a bin client and a success reply: the
