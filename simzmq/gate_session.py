@@ -129,7 +129,7 @@ class ClientConnection:
         # transport stops reading this connection (`paused`) until replies
         # drain: it is told through transport.pause_changed().
         self.pending = 0
-        self.large_reply_pending = False  # a request of ONE_AT_A_TIME is being answered
+        self.large_replies_pending = 0  # requests of ONE_AT_A_TIME being answered
         self.paused = False
         self._lost = False
         self.final_sent = False  # the frame with TAG_FINAL is sealed: nothing may follow
@@ -346,7 +346,7 @@ class ClientConnection:
         payload = BIN.encode(msg, 0)
         self.pending += 1
         one_at_a_time = msg.TYPE in ONE_AT_A_TIME
-        self.large_reply_pending |= one_at_a_time
+        self.large_replies_pending += one_at_a_time
         if not self.paused and self._must_pause():
             if self.gate.limiter.reading_paused(self.pending):
                 inc(BACKPRESSURE, "pending")
@@ -354,8 +354,7 @@ class ClientConnection:
 
         def done(reply_payload):
             self.pending -= 1
-            if one_at_a_time:
-                self.large_reply_pending = False
+            self.large_replies_pending -= one_at_a_time
             if self.paused and not self._must_pause():
                 self._set_paused(False)
             if on_reply is None and self.state == CLOSED:
@@ -396,7 +395,7 @@ class ClientConnection:
         self.gate.backend.request(key.encode(), self.session, payload, done)
 
     def _must_pause(self) -> bool:
-        return self.large_reply_pending or self.gate.limiter.reading_paused(self.pending)
+        return self.large_replies_pending > 0 or self.gate.limiter.reading_paused(self.pending)
 
     # -- output -------------------------------------------------------------
 

@@ -411,7 +411,9 @@ class GateMachine(RuleBasedStateMachine):
         assert set(gate.fanout.sessions) == set(gate.backend.subscribed)
         for conn in live:
             assert conn.pending >= 0
-            assert conn.paused == (conn.pending >= gate.limiter.cfg.max_pending_requests)
+            assert conn.large_replies_pending >= 0
+            assert conn.paused == (conn.pending >= gate.limiter.cfg.max_pending_requests
+                                   or conn.large_replies_pending > 0)
         pending_logins = sum(1 for c in gate.connections if c.login_pending)
         assert pending_logins <= sum(gate.fanout.logins_pending.values())
 
