@@ -592,6 +592,12 @@ class Limiter:
             for key in self._password_check_keys(user, address):
                 self.password_checks.remove(key)
 
+    def login_failed(self, user: str, address: str, password: bool, now: float) -> None:
+        if not self.is_trusted(address):
+            self.login_address.failed(address_key(address), now)
+        if password:
+            self.login_user.failed(user, now)
+
     def login_succeeded(self, user: str) -> None:
         # The address keeps its count: one good account must not launder the
         # failures of an address that guesses at others.
