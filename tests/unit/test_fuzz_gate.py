@@ -449,7 +449,7 @@ def test_backpressure_flag_follows_pending_requests():
     _, origin, msg, cb = gate.backend.pending.pop()
     cb(reply_for(msg, origin, "ok"))
     for ref in range(2, 6):
-        c.conn.payload_received(c.tx.seal(BIN.encode(m.Sync(), ref)))
+        c.conn.payload_received(c.tx.seal(BIN.encode(m.Read(peer="bob", msg_id=ref), ref)))
     assert c.conn.pending == 4 and c.conn.paused
     _, origin, msg, cb = gate.backend.pending.pop(0)
     cb(reply_for(msg, origin, "ok"))
