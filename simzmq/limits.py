@@ -548,30 +548,33 @@ class Limiter:
         random bytes, nothing to guess, so an attacker failing as a victim
         cannot lock the victim's token resumes out.
 
-        Past its free failures a user or an address gets one password check
-        at a time: while one is being checked, the next is refused as if it
-        had failed. Failures only count once answered, so a guesser on five
-        connections would otherwise have five Argon2id checks computed after
-        each wait instead of one.
+        Password checks (Argon2id, the worker's dearest work) run one at a
+        time per user, and per address as many at once as the address has
+        free failures left (at least one): the next is refused, as if it had
+        failed, until one is answered. Failures only count once answered, so
+        a guesser on five connections would otherwise keep five checks
+        going, and on a loaded machine, where the answers come after the
+        gate stopped waiting, no failure would ever slow it down.
         """
         if not self.is_trusted(address):
             key = address_key(address)
-            wait = self._login_wait(self.login_address, key, ("address", key), password, now)
+            wait = self._login_wait(self.login_address, key, ("address", key), password, now, False)
             if wait > 0:
                 return wait, LOGIN_ADDRESS
         if password:
-            wait = self._login_wait(self.login_user, user, ("user", user), password, now)
+            wait = self._login_wait(self.login_user, user, ("user", user), password, now, True)
             if wait > 0:
                 return wait, LOGIN_USER
         return 0.0, ""
 
     def _login_wait(self, throttle: FailureThrottle, key: str, checking: tuple, password: bool,
-                    now: float) -> float:
+                    now: float, one_at_a_time: bool) -> float:
         wait = throttle.wait(key, now)
-        if wait > 0 or not password or not self.password_checks.get(checking):
+        if wait > 0 or not password:
             return wait
         failures = throttle.failures(key, now)
-        if failures < throttle.free:
+        side_by_side = 1 if one_at_a_time else max(1, throttle.free - failures)
+        if self.password_checks.get(checking) < side_by_side:
             return 0.0
         return max(1.0, throttle.delay_after(failures))
 
