@@ -125,9 +125,10 @@ class ClientConnection:
         self.last_rx = now
         self.bucket = gate.limiter.connection_bucket(now)
         self.send_bytes = gate.limiter.connection_byte_bucket(now)
-        # Requests forwarded and not yet answered; at max_pending_requests the
-        # transport stops reading this connection (`paused`) until replies
-        # drain: it is told through transport.pause_changed().
+        # Requests forwarded and not yet answered; at max_pending_requests,
+        # and while a request of ONE_AT_A_TIME is answered, the transport
+        # stops reading this connection (`paused`) until replies drain: it
+        # is told through transport.pause_changed().
         self.pending = 0
         self.large_replies_pending = 0  # requests of ONE_AT_A_TIME being answered
         self.paused = False
