@@ -98,7 +98,7 @@ class Gate:
     real ones; tests may pass their own."""
 
     def __init__(self, name: str, cfg: dict, static_sk: bytes, brokers: list[BrokerEndpoints],
-                 configure_socket=None, clock=None, loop=None):
+                 configure_socket=None, clock=None, loop=None, presence_interval_s: float | None = None):
         self.name = name
         self.cfg = cfg
         self.static_sk = static_sk
@@ -121,6 +121,10 @@ class Gate:
         self._last_prune = 0.0
         self._last_sweep = 0.0
         self.outbound_estimate = 0
+        # Not None: report who is online to the push service this often.
+        self.presence_interval_s = presence_interval_s
+        self.presence = None  # PresenceReporter once started
+        self._presence_timer = None
 
     def now(self) -> float:
         return self.clock()
@@ -237,11 +241,19 @@ class Gate:
                                cfg["probe_interval_ms"] / 1000, cfg["failover_after_ms"] / 1000,
                                self.fanout.on_notification, self.fanout.resync, self.configure_socket)
         self.backend.start()
+        if self.presence_interval_s is not None:
+            from simzmq.push.presence import PresenceReporter
+            self.presence = PresenceReporter(self.name, self.presence_interval_s, self.backend.request)
+            self._presence_tick()
         self.fanout.check_holes()
         self._sweep_tick()
         log.info("gate %s listening: clients tcp://%s:%d, http%s://%s:%d (health, history, metrics, ws); "
                  "brokers %s", self.name, host, port, "s" if ssl_options else "", http_host, http_port,
                  ", ".join(f"{b.name} {b.frontend} / {b.notify_out}" for b in self.brokers))
+
+    def _presence_tick(self) -> None:
+        self.presence.snapshot(self.fanout.sessions)
+        self._presence_timer = self.call_later(self.presence.interval_s, self._presence_tick)
 
     async def shutdown(self):
         log.info("gate %s shutting down: kicking %d connections", self.name, len(self.connections))
@@ -252,6 +264,9 @@ class Gate:
             self._sweep_timer.cancel()
         for conn in list(self.connections):
             conn.kick(KickCode.SHUTDOWN, "server shutting down")
+        if self.presence is not None:
+            self._presence_timer.cancel()
+            self.presence.close()  # goes out with the link's next flush, before it closes
         await asyncio.sleep(0.2)
         self.backend.close()
 
@@ -274,12 +289,13 @@ def check_http_exposure(cfg: dict) -> dict | None:
 
 
 def run(name: str, cfg: dict, static_sk: bytes, brokers: list[BrokerEndpoints],
-        host: str, port: int, http_host: str, http_port: int, configure_socket=None) -> None:
+        host: str, port: int, http_host: str, http_port: int, configure_socket=None,
+        presence_interval_s: float | None = None) -> None:
     """Run a gate until SIGTERM/SIGINT."""
     ssl_options = check_http_exposure(cfg)
 
     async def main():
-        gate = Gate(name, cfg, static_sk, brokers, configure_socket)
+        gate = Gate(name, cfg, static_sk, brokers, configure_socket, presence_interval_s=presence_interval_s)
         try:
             await gate.start(host, port, http_host, http_port, ssl_options)
         except ListenError as exc:

@@ -67,6 +67,8 @@ class Fanout:
         self.pushlogs[conn.user].raise_watermark(max_seq)
         mine[conn.session] = conn
         SESSIONS.inc()
+        if self.gate.presence is not None:
+            self.gate.presence.session("start", conn.user, conn.session)
         # After adding this one: the user stays online (and subscribed) while
         # the sessions it replaces end.
         if conn.device:
@@ -79,6 +81,8 @@ class Fanout:
         if mine is None or mine.pop(conn.session, None) is None:
             return
         SESSIONS.dec()
+        if self.gate.presence is not None:
+            self.gate.presence.session("end", conn.user, conn.session)
         if not mine:
             del self.sessions[conn.user]
             self.pushlogs.pop(conn.user, None)

@@ -68,6 +68,13 @@ BACKPRESSURE = Counter("simzmq_gate_backpressure_total",
 SEND_BYTES = Counter("simzmq_gate_send_bytes_total",
                      "Bytes of Send requests let through the byte budgets (send_bytes_*)")
 SEND_TYPE = m.Send.TYPE
+# Requests whose reply may fill a frame (a page of the inbox, the list of
+# conversations) are served one at a time per connection: reading pauses
+# until the reply is in. A client that asks for its inbox again and again and
+# reads nothing would otherwise have the worker read, the broker carry and
+# the gate encrypt max_pending_requests pages before the first one shows
+# that it is not reading; this way the socket's buffers fill after a few.
+ONE_AT_A_TIME = frozenset({m.Sync.TYPE, m.Convs.TYPE})
 
 TYPE_NAMES = {t: cls.__name__ for t, cls in m.MESSAGES.items()}
 
@@ -118,10 +125,12 @@ class ClientConnection:
         self.last_rx = now
         self.bucket = gate.limiter.connection_bucket(now)
         self.send_bytes = gate.limiter.connection_byte_bucket(now)
-        # Requests forwarded and not yet answered; at max_pending_requests the
-        # transport stops reading this connection (`paused`) until replies
-        # drain: it is told through transport.pause_changed().
+        # Requests forwarded and not yet answered; at max_pending_requests,
+        # and while a request of ONE_AT_A_TIME is answered, the transport
+        # stops reading this connection (`paused`) until replies drain: it
+        # is told through transport.pause_changed().
         self.pending = 0
+        self.large_replies_pending = 0  # requests of ONE_AT_A_TIME being answered
         self.paused = False
         self._lost = False
         self.final_sent = False  # the frame with TAG_FINAL is sealed: nothing may follow
@@ -271,10 +280,12 @@ class ClientConnection:
         self.login_pending = True
         self.device = msg.device
         gate.fanout.login_started(msg.user)
+        gate.limiter.login_started(msg.user, self.address, password)
 
         def logged_in(ref, reply):
             self.login_pending = False
             gate.fanout.login_ended(msg.user)
+            gate.limiter.login_ended(msg.user, self.address, password)
             if isinstance(reply, m.LoginOk):
                 gate.limiter.login_succeeded(msg.user)
                 if self.state == CLOSED:
@@ -335,14 +346,23 @@ class ClientConnection:
         return None when it has answered itself, and then to the client."""
         payload = BIN.encode(msg, 0)
         self.pending += 1
-        if not self.paused and self.gate.limiter.reading_paused(self.pending):
-            inc(BACKPRESSURE, "pending")
+        one_at_a_time = msg.TYPE in ONE_AT_A_TIME
+        self.large_replies_pending += one_at_a_time
+        if not self.paused and self._must_pause():
+            if self.gate.limiter.reading_paused(self.pending):
+                inc(BACKPRESSURE, "pending")
             self._set_paused(True)
 
         def done(reply_payload):
             self.pending -= 1
-            if self.paused and not self.gate.limiter.reading_paused(self.pending):
+            self.large_replies_pending -= one_at_a_time
+            if self.paused and not self._must_pause():
                 self._set_paused(False)
+            if on_reply is None and self.state == CLOSED:
+                # Nobody left to read it: not even decoded (a never-reader's
+                # pages of inbox, arriving after it was kicked).
+                inc(REQUESTS, name, "closed")
+                return
             if (on_reply is None and self.codec is BIN and reply_payload is not None
                     and reply_payload[:1] in PASS_THROUGH_REPLIES and self.state != CLOSED):
                 # The usual case, a bin client and a success reply: the
@@ -374,6 +394,9 @@ class ClientConnection:
                 self.send_message(reply, ref)
 
         self.gate.backend.request(key.encode(), self.session, payload, done)
+
+    def _must_pause(self) -> bool:
+        return self.large_replies_pending > 0 or self.gate.limiter.reading_paused(self.pending)
 
     # -- output -------------------------------------------------------------
 

@@ -9,7 +9,8 @@ that wrote.
 
 Reading stops (transport.pause_reading) while any of these holds, and
 resumes when none does:
-  - the session has max_pending_requests with the back end (`paused`);
+  - the session is `paused`: it has max_pending_requests with the back
+    end, or a Sync or Convs whose reply is not in yet (one at a time);
   - more than pause_reading_bytes wait in the socket's write buffer
     (pause_writing/resume_writing, limits at exactly that many bytes): a
     client that asks and never reads would make the back end produce replies

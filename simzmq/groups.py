@@ -16,7 +16,7 @@ one that does not (NOT_A_GROUP below).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from simzmq.store.base import GroupEntry, GroupMember, GroupRow, Store
 from simzmq.wire import messages as m
@@ -48,7 +48,8 @@ def is_group(peer: str) -> bool:
 
 def is_group_event(msg: m.Msg) -> bool:
     """Group events are pushed to online sessions only, never as an offline
-    push (section 7); group messages are pushed like one-to-one ones."""
+    push (section 7): _write_events queues no push job; group messages
+    (group_send) queue them like one-to-one ones."""
     return msg.kind == GROUP_EVENT_KIND
 
 
@@ -85,6 +86,8 @@ class GroupService:
 
     store: Store
     max_group_members: int
+    # IMService.queue_pushes: writes the push jobs of a new message's copies.
+    queue_pushes: Callable[[int, Sequence[tuple[int, str, int]]], None]
 
     def _load_group(self, group: str, member: str) -> Group:
         """The group, locked, if `member` is in it; else refused as unknown."""
@@ -287,6 +290,8 @@ class GroupService:
                                                      kind=msg.kind, ts_ms=now_ms, cmid=msg.cmid, body=msg.body))))
         store.add_group_entries([GroupEntry(msg_id, sender, msg.to, msg.kind, now_ms, bytes(msg.cmid),
                                             bytes(msg.body), mine, True)])
+        # Members offline when it is due hear of it by push; the sender never.
+        self.queue_pushes(now_ms, [(msg_id, user, seq) for user, seq in mine.items() if user != sender])
         return m.SendOk(msg_id=msg_id, seq=mine[sender], ts_ms=now_ms), notices
 
     def group_readers(self, group: str) -> list[str]:

@@ -445,6 +445,9 @@ class Limiter:
                                           cfg.login_delay_max_s, cfg.login_forget_s, n)
         self.login_address = FailureThrottle(cfg.login_free_failures_per_address, cfg.login_delay_base_s,
                                              cfg.login_delay_max_s, cfg.login_forget_s, n)
+        # Password checks forwarded and not yet answered, per ("user", id)
+        # and ("address", key): see login_wait.
+        self.password_checks = Counts()
         self.connections = 0
         self.per_address = Counts()
 
@@ -544,16 +547,53 @@ class Limiter:
         Only password Logins are throttled per user: a resume token is 32
         random bytes, nothing to guess, so an attacker failing as a victim
         cannot lock the victim's token resumes out.
+
+        Password checks (Argon2id, the worker's dearest work) run one at a
+        time per user, and per address as many at once as the address has
+        free failures left (at least one): the next is refused, as if it had
+        failed, until one is answered. Failures only count once answered, so
+        a guesser on five connections would otherwise keep five checks
+        going, and on a loaded machine, where the answers come after the
+        gate stopped waiting, no failure would ever slow it down.
         """
         if not self.is_trusted(address):
-            wait = self.login_address.wait(address_key(address), now)
+            key = address_key(address)
+            wait = self._login_wait(self.login_address, key, ("address", key), password, now, False)
             if wait > 0:
                 return wait, LOGIN_ADDRESS
         if password:
-            wait = self.login_user.wait(user, now)
+            wait = self._login_wait(self.login_user, user, ("user", user), password, now, True)
             if wait > 0:
                 return wait, LOGIN_USER
         return 0.0, ""
+
+    def _login_wait(self, throttle: FailureThrottle, key: str, checking: tuple, password: bool,
+                    now: float, one_at_a_time: bool) -> float:
+        wait = throttle.wait(key, now)
+        if wait > 0 or not password:
+            return wait
+        failures = throttle.failures(key, now)
+        side_by_side = 1 if one_at_a_time else max(1, throttle.free - failures)
+        if self.password_checks.get(checking) < side_by_side:
+            return 0.0
+        return max(1.0, throttle.delay_after(failures))
+
+    def _password_check_keys(self, user: str, address: str) -> list:
+        keys = [("user", user)]
+        if not self.is_trusted(address):
+            keys.append(("address", address_key(address)))
+        return keys
+
+    def login_started(self, user: str, address: str, password: bool) -> None:
+        """A Login that passed login_wait is forwarded; login_ended when answered."""
+        if password:
+            for key in self._password_check_keys(user, address):
+                self.password_checks.add(key)
+
+    def login_ended(self, user: str, address: str, password: bool) -> None:
+        if password:
+            for key in self._password_check_keys(user, address):
+                self.password_checks.remove(key)
 
     def login_failed(self, user: str, address: str, password: bool, now: float) -> None:
         if not self.is_trusted(address):

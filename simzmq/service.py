@@ -23,7 +23,7 @@ from collections.abc import Container, Sequence
 from typing import NamedTuple
 
 from simzmq.groups import GroupService, Refused, is_group
-from simzmq.store.base import NewMessage, SentRecord, Store, clamp_history_limit, clamp_sync_limit
+from simzmq.store.base import NewMessage, PushJobRow, SentRecord, Store, clamp_history_limit, clamp_sync_limit
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode
 from simzmq.wire.rules import MAX_GROUP_MEMBERS
@@ -141,11 +141,18 @@ class _SendBatch:
 
 
 class IMService(GroupService):
-    def __init__(self, store: Store, token_ttl_ms: int, max_frame: int, max_group_members: int = MAX_GROUP_MEMBERS):
+    def __init__(self, store: Store, token_ttl_ms: int, max_frame: int, max_group_members: int = MAX_GROUP_MEMBERS,
+                 push_delay_ms: int | None = None):
         self.store = store
         self.max_group_members = max_group_members
         self.token_ttl_ms = token_ttl_ms
         self.max_items_bytes = max_frame - FRAME_OVERHEAD
+        # With the push service on: each new message to someone else queues a
+        # push job, due push_delay_ms after it (docs/push.md), in its own
+        # transaction. push_due_ms is the earliest due time queued since the
+        # shell last took it (to wake the push service after the commit).
+        self.push_delay_ms = push_delay_ms
+        self.push_due_ms: int | None = None
 
     def handle(self, key: str, origin: bytes, msg, now_ms: int, prepared=None) -> Outcome:
         """One request from the user `key`. `prepared` is the result of the
@@ -236,6 +243,8 @@ class IMService(GroupService):
                 batch.sent[(sender, new.cmid)] = SentRecord(msg_id, sender_seq, now_ms, msg.to, msg.kind,
                                                             new.body, recipient_seq)
             _step(run, self.store.add_messages, stored)
+            _step(run, self.queue_pushes, now_ms,
+                  [(n.msg_id, n.to, n.recipient_seq) for n in stored if n.to != n.sender])
         # Every new one, and every retry: answer the stored SendOk and publish
         # the copies (again, for a retry, because its first attempt may have
         # died between its commit and its publish; gates push each inbox seq
@@ -244,6 +253,26 @@ class IMService(GroupService):
             sender, origin, msg = requests[i][:3]
             rec = batch.sent[(sender, bytes(msg.cmid))]
             outcomes[i] = self._sent(sender, origin, msg, rec.msg_id, rec.ts_ms, rec.sender_seq, rec.recipient_seq)
+
+    def queue_pushes(self, now_ms: int, copies: Sequence[tuple[int, str, int]]) -> None:
+        """The one way push jobs are written: one for each copy (msg_id, user,
+        inbox seq) of a message stored now, due push_delay_ms later, in the
+        current transaction; nothing while the push service is off. Callers
+        pass the copies of the recipients to wake: a one-to-one message's
+        recipient, a group message's members but its sender, never a group
+        event's (simzmq.groups.is_group_event: events wake no phone)."""
+        if self.push_delay_ms is None or not copies:
+            return
+        due = now_ms + self.push_delay_ms
+        self.store.add_push_jobs([PushJobRow(msg_id, user, seq, now_ms, due) for msg_id, user, seq in copies])
+        self.push_due_ms = due if self.push_due_ms is None else min(due, self.push_due_ms)
+
+    def take_push_due(self) -> int | None:
+        """The earliest due time of the push jobs queued since the last call
+        (None: none). Asked after the commit; a rolled-back batch only makes
+        a spurious wake-up."""
+        due, self.push_due_ms = self.push_due_ms, None
+        return due
 
     # -- accounts -----------------------------------------------------------
 
@@ -340,10 +369,9 @@ class IMService(GroupService):
         actor's own connection included; a group message every member's
         sessions but the one that sent it.
 
-        Offline pushes: a group message's copies are pushed like a
-        one-to-one message's (with the group as `to`); an event never is:
-        a push hook skips the Msgs for which simzmq.groups.is_group_event
-        is true."""
+        Offline pushes: group_send queues a push job for each member but
+        the sender (queue_pushes), like a one-to-one message's; an event
+        never queues one."""
         if type(msg) is m.Send:
             if not is_group(msg.to):
                 raise Refused(ErrorCode.BAD_REQUEST, "not a group")

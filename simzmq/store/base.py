@@ -74,6 +74,54 @@ class NewMessage(NamedTuple):
     recipient_seq: int  # == sender_seq when the sender wrote to itself
 
 
+class PushJobRow(NamedTuple):
+    """A push job as the IM worker writes it, in the message's transaction:
+    `user` should hear of message `msg_id` (their inbox seq `seq`) once
+    `due_ms` has passed, unless they are online or have fetched it by then.
+    A job is (user, msg_id): a group message has one per member to wake."""
+
+    msg_id: int
+    user: str
+    seq: int
+    created_ms: int
+    due_ms: int
+
+
+class PushJob(NamedTuple):
+    """A claimed push job with what its call needs from the store."""
+
+    msg_id: int
+    user: str
+    seq: int
+    created_ms: int
+    due_ms: int
+    attempts: int
+    sender: str
+    kind: int
+    ts_ms: int
+    body: bytes
+    delivered: int  # the user's delivered mark now
+    unread: int     # the user's unread total now
+    group: str = ""  # the group of a group message; "" for a one-to-one message
+
+
+class DeadJob(NamedTuple):
+    """A push job given up on (in the dead-letter table)."""
+
+    msg_id: int
+    user: str
+    seq: int
+    created_ms: int
+    attempts: int
+    died_ms: int
+    last_error: str
+
+
+class PushStats(NamedTuple):
+    queued: int
+    oldest_created_ms: int | None
+    dead: int
+
 class GroupRow(NamedTuple):
     """A group (section 7); owner is '' once it is closed."""
 
@@ -310,4 +358,50 @@ class Store:
     def history(
         self, user: str, peer: str, before: int, limit: int
     ) -> tuple[list[HistoryMsg], bool]:
+        raise NotImplementedError
+
+    # the push outbox (simzmq/push/): jobs are written with their message,
+    # claimed under a lease by one push service instance at a time, and
+    # removed once done or moved to the dead-letter table.
+
+    def add_push_jobs(self, jobs: Sequence[PushJobRow]) -> None:
+        """Queue push jobs (one executemany)."""
+        raise NotImplementedError
+
+    def claim_push_jobs(self, token: str, now_ms: int, lease_until_ms: int, max_users: int,
+                        per_user: int) -> list[PushJob]:
+        """Lease the queued jobs of up to `max_users` users whose oldest job
+        is due and not leased, and return the first `per_user` of each in
+        (user, msg_id) order. A user's jobs are claimed together, and never
+        while another lease on their oldest job runs, so one instance at a
+        time works on a user, in order. `token` must be new for each claim."""
+        raise NotImplementedError
+
+    def finish_push_jobs(self, user: str, msg_ids: Sequence[int]) -> None:
+        """Done (sent or not needed): remove `user`'s jobs of these messages from the outbox."""
+        raise NotImplementedError
+
+    def retry_push_job(self, user: str, msg_id: int, due_ms: int, attempts: int, error: str) -> None:
+        """Try `user`'s job of `msg_id` again at due_ms; the lease ends."""
+        raise NotImplementedError
+
+    def release_push_jobs(self, token: str, user: str) -> None:
+        """End the lease of claim `token` on what is left of `user`'s jobs."""
+        raise NotImplementedError
+
+    def bury_push_jobs(self, user: str, msg_ids: Sequence[int], now_ms: int, error: str) -> None:
+        """Move `user`'s jobs of these messages from the outbox to the dead-letter table."""
+        raise NotImplementedError
+
+    def dead_push_jobs(self, limit: int) -> list[DeadJob]:
+        """The dead-letter table, oldest first."""
+        raise NotImplementedError
+
+    def requeue_dead_push_jobs(self, msg_ids: Sequence[int] | None, now_ms: int) -> int:
+        """Move the dead jobs of these messages (every member's, for a group
+        message; all when msg_ids is None) back to the outbox, due now with
+        no attempts; returns how many."""
+        raise NotImplementedError
+
+    def push_stats(self) -> PushStats:
         raise NotImplementedError

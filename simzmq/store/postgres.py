@@ -154,8 +154,41 @@ $fn$;
 # Appends are batched in Python now (SQLStore.add_messages).
 _SCHEMA_V2 = "DROP FUNCTION simzmq_append(text, text, bytea, smallint, bytea, bigint);"
 
-MIGRATIONS = [_SCHEMA_V1, _SCHEMA_V2,
-              "ALTER TABLE messages DROP CONSTRAINT messages_sender_cmid_key;\n" + ";\n".join(GROUPS_SCHEMA)]
+# Groups: the unique (sender, cmid) constraint becomes a partial index.
+_SCHEMA_V3 = "ALTER TABLE messages DROP CONSTRAINT messages_sender_cmid_key;\n" + ";\n".join(GROUPS_SCHEMA)
+
+# The push outbox (simzmq/push/): one row per user to wake of a message (a
+# group message has one per member), written in the message's transaction;
+# the dead-letter table keeps given-up ones.
+_SCHEMA_V4 = """
+CREATE TABLE push_outbox (
+    user_id     text COLLATE "C" NOT NULL,
+    msg_id      bigint NOT NULL,
+    seq         bigint NOT NULL,
+    created_ms  bigint NOT NULL,
+    due_ms      bigint NOT NULL,
+    attempts    integer NOT NULL,
+    lease_until bigint NOT NULL,
+    lease_token text NOT NULL,
+    last_error  text NOT NULL,
+    PRIMARY KEY (user_id, msg_id)
+);
+CREATE INDEX push_outbox_due ON push_outbox (due_ms, msg_id);
+CREATE INDEX push_outbox_lease ON push_outbox (lease_token);
+CREATE TABLE push_dead (
+    user_id     text COLLATE "C" NOT NULL,
+    msg_id      bigint NOT NULL,
+    seq         bigint NOT NULL,
+    created_ms  bigint NOT NULL,
+    attempts    integer NOT NULL,
+    died_ms     bigint NOT NULL,
+    last_error  text NOT NULL,
+    PRIMARY KEY (user_id, msg_id)
+);
+CREATE INDEX push_dead_msg ON push_dead (msg_id);
+"""
+
+MIGRATIONS = [_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4]
 
 # SQLSTATEs of transient conflicts: deadlock, serialization failure, lock
 # timeout, cancelled statement (statement_timeout).
@@ -178,6 +211,8 @@ class PostgresStore(SQLStore):
     _NO_LIMIT = None
     _FOR_UPDATE = " FOR UPDATE"
     _LOCK_ROWS = " ORDER BY id FOR UPDATE"
+    # Users whose oldest job another claim has locked are skipped, not waited for.
+    _SKIP_LOCKED = " FOR UPDATE OF o SKIP LOCKED"
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn

@@ -30,10 +30,14 @@ from .base import (
     GroupMember,
     GroupRow,
     Conv,
+    DeadJob,
     DuplicateSend,
     HistoryMsg,
     Msg,
     NewMessage,
+    PushJob,
+    PushJobRow,
+    PushStats,
     SentRecord,
     Store,
     UnknownUser,
@@ -87,6 +91,38 @@ _UPSERT_CONVERSATIONS = (
     " unread = conversations.unread + excluded.unread"
 )
 
+
+_INSERT_PUSH_JOBS = (
+    "INSERT INTO push_outbox (msg_id, user_id, seq, created_ms, due_ms, attempts, lease_until, lease_token,"
+    " last_error) VALUES (?, ?, ?, ?, ?, 0, 0, '', '')"
+)
+# A user is claimable when their oldest job is due and not leased; their
+# other jobs wait behind it (one user's pushes go out in order), so the claim
+# leases all of them. {lock} is how the back end keeps two claims apart.
+_CLAIM_PUSH_JOBS = (
+    "UPDATE push_outbox SET lease_until = ?, lease_token = ? WHERE user_id IN ("
+    "SELECT o.user_id FROM push_outbox o WHERE o.due_ms <= ? AND o.lease_until <= ?"
+    " AND NOT EXISTS (SELECT 1 FROM push_outbox p WHERE p.user_id = o.user_id AND p.msg_id < o.msg_id)"
+    " ORDER BY o.due_ms, o.msg_id LIMIT ?{lock})"
+)
+# The first `per_user` of each claimed user's jobs (the rest stay leased
+# until the claimant releases the user: memory stays bounded).
+_CLAIMED_PUSH_JOBS = (
+    "SELECT o.msg_id, o.user_id, o.seq, o.created_ms, o.due_ms, o.attempts, m.sender, m.kind, m.ts_ms, m.body,"
+    " u.delivered, m.recipient FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY msg_id) AS n"
+    " FROM push_outbox WHERE lease_token = ?) AS o"
+    " JOIN messages m ON m.msg_id = o.msg_id JOIN users u ON u.id = o.user_id"
+    " WHERE o.n <= ? ORDER BY o.user_id, o.msg_id"
+)
+_CLAIMED_UNREAD = (
+    "SELECT user_id, SUM(unread) FROM conversations WHERE user_id IN"
+    " (SELECT DISTINCT user_id FROM push_outbox WHERE lease_token = ?) GROUP BY user_id"
+)
+
+
+@lru_cache(maxsize=None)
+def _in_list(count: int) -> str:
+    return "(" + ", ".join(["?"] * count) + ")"
 
 # Schema of groups (section 7), the same text in both back ends (each runs
 # it as a migration step). Group events are messages with an empty cmid, so
@@ -154,6 +190,11 @@ class SQLStore(Store):
     # What user_seqs appends to lock the rows it reads ("" where the write
     # transaction is exclusive anyway).
     _LOCK_ROWS: str
+    # What the push claim appends to its choice of users so that two claims
+    # at once take different ones ("" where the write transaction is
+    # exclusive anyway).
+    _SKIP_LOCKED: str
+
     # What lock_group appends to lock the row it reads.
     _FOR_UPDATE: str
 
@@ -397,6 +438,69 @@ class SQLStore(Store):
             Msg(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), bytes(r[7])) for r in rows[:limit]
         ], more
 
+    # the push outbox
+
+    def add_push_jobs(self, jobs: Sequence[PushJobRow]) -> None:
+        if jobs:
+            self._executemany(_INSERT_PUSH_JOBS, jobs)  # a PushJobRow is the row's first columns
+
+    def claim_push_jobs(self, token: str, now_ms: int, lease_until_ms: int, max_users: int,
+                        per_user: int) -> list[PushJob]:
+        self._execute(_CLAIM_PUSH_JOBS.format(lock=self._SKIP_LOCKED),
+                      (lease_until_ms, token, now_ms, now_ms, max_users))
+        unread = dict(self._execute(_CLAIMED_UNREAD, (token,)).fetchall())
+        # A group message's job names its group (the message's recipient);
+        # a one-to-one message's names none ("").
+        return [PushJob(*r[:9], bytes(r[9]), r[10], int(unread.get(r[1]) or 0), r[11] if is_group(r[11]) else "")
+                for r in self._execute(_CLAIMED_PUSH_JOBS, (token, per_user)).fetchall()]
+
+    def _by_ids(self, sql: str, msg_ids: Sequence[int], before: Sequence = ()) -> Any:
+        ids = _padded(sorted(set(msg_ids)))
+        return self._execute(sql + _in_list(len(ids)), (*before, *ids))
+
+    def finish_push_jobs(self, user: str, msg_ids: Sequence[int]) -> None:
+        if msg_ids:
+            self._by_ids("DELETE FROM push_outbox WHERE user_id = ? AND msg_id IN ", msg_ids, (user,))
+
+    def retry_push_job(self, user: str, msg_id: int, due_ms: int, attempts: int, error: str) -> None:
+        self._execute("UPDATE push_outbox SET due_ms = ?, attempts = ?, last_error = ?, lease_until = 0,"
+                      " lease_token = '' WHERE user_id = ? AND msg_id = ?",
+                      (due_ms, attempts, error[:200], user, msg_id))
+
+    def release_push_jobs(self, token: str, user: str) -> None:
+        self._execute("UPDATE push_outbox SET lease_until = 0, lease_token = '' WHERE lease_token = ? AND user_id = ?",
+                      (token, user))
+
+    def bury_push_jobs(self, user: str, msg_ids: Sequence[int], now_ms: int, error: str) -> None:
+        if not msg_ids:
+            return
+        self._by_ids("INSERT INTO push_dead (msg_id, user_id, seq, created_ms, attempts, died_ms, last_error)"
+                     " SELECT msg_id, user_id, seq, created_ms, attempts, ?, ? FROM push_outbox"
+                     " WHERE user_id = ? AND msg_id IN ", msg_ids, (now_ms, error[:200], user))
+        self.finish_push_jobs(user, msg_ids)
+
+    def dead_push_jobs(self, limit: int) -> list[DeadJob]:
+        rows = self._execute("SELECT msg_id, user_id, seq, created_ms, attempts, died_ms, last_error FROM push_dead"
+                             " ORDER BY msg_id, user_id LIMIT ?", (limit,)).fetchall()
+        return [DeadJob(*r) for r in rows]
+
+    def requeue_dead_push_jobs(self, msg_ids: Sequence[int] | None, now_ms: int) -> int:
+        select = ("SELECT msg_id, user_id, seq, created_ms, ?, 0, 0, '', '' FROM push_dead")
+        insert = ("INSERT INTO push_outbox (msg_id, user_id, seq, created_ms, due_ms, attempts, lease_until,"
+                  " lease_token, last_error) ")
+        if msg_ids is None:
+            self._execute(insert + select, (now_ms,))
+            return self._execute("DELETE FROM push_dead", ()).rowcount
+        if not msg_ids:
+            return 0
+        self._by_ids(insert + select + " WHERE msg_id IN ", msg_ids, (now_ms,))
+        return self._by_ids("DELETE FROM push_dead WHERE msg_id IN ", msg_ids).rowcount
+
+    def push_stats(self) -> PushStats:
+        queued, oldest = self._execute("SELECT count(*), MIN(created_ms) FROM push_outbox", ()).fetchone()
+        (dead,) = self._execute("SELECT count(*) FROM push_dead", ()).fetchone()
+        return PushStats(queued, oldest, dead)
+
     # groups (section 7)
 
     def lock_group(self, group: str) -> GroupRow | None:
@@ -432,7 +536,7 @@ class SQLStore(Store):
             return {}
         users = _padded(users)
         rows = self._execute(
-            f"SELECT user_id, count(*) FROM group_members WHERE user_id IN ({', '.join(['?'] * len(users))})"
+            "SELECT user_id, count(*) FROM group_members WHERE user_id IN " + _in_list(len(users)) +
             " AND active = 1 GROUP BY user_id",
             users,
         ).fetchall()

@@ -114,8 +114,26 @@ def _groups_v2(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
+def _push_v3(db: sqlite_utils.Database) -> None:
+    # The push outbox (simzmq/push/): one row per user to wake of a message
+    # (a group message has one per member), written in the message's
+    # transaction; the dead-letter table keeps given-up ones.
+    db.execute(
+        "CREATE TABLE push_outbox (user_id TEXT NOT NULL, msg_id INTEGER NOT NULL, seq INTEGER NOT NULL,"
+        " created_ms INTEGER NOT NULL, due_ms INTEGER NOT NULL, attempts INTEGER NOT NULL,"
+        " lease_until INTEGER NOT NULL, lease_token TEXT NOT NULL, last_error TEXT NOT NULL,"
+        " PRIMARY KEY (user_id, msg_id)) WITHOUT ROWID")
+    db.execute("CREATE INDEX push_outbox_due ON push_outbox (due_ms, msg_id)")
+    db.execute("CREATE INDEX push_outbox_lease ON push_outbox (lease_token)")
+    db.execute(
+        "CREATE TABLE push_dead (user_id TEXT NOT NULL, msg_id INTEGER NOT NULL, seq INTEGER NOT NULL,"
+        " created_ms INTEGER NOT NULL, attempts INTEGER NOT NULL, died_ms INTEGER NOT NULL,"
+        " last_error TEXT NOT NULL, PRIMARY KEY (user_id, msg_id)) WITHOUT ROWID")
+    db.execute("CREATE INDEX push_dead_msg ON push_dead (msg_id)")
+
+
 # PRAGMA user_version N means MIGRATIONS[:N] have run.
-MIGRATIONS = [_create_v1, _groups_v2]
+MIGRATIONS = [_create_v1, _groups_v2, _push_v3]
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -187,6 +205,7 @@ class SQLiteStore(SQLStore):
     _NO_LIMIT = -1
     _FOR_UPDATE = ""
     _LOCK_ROWS = ""
+    _SKIP_LOCKED = ""
 
     def __init__(
         self,

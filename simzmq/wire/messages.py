@@ -468,6 +468,16 @@ class Catchup:
     limit: U32 = 0
 
 
+@_message
+class PresenceReport:
+    """A gate's presence report for the push service (docs/internal-protocol.md,
+    "Push service"): JSON, which the IM worker publishes on the "!presence"
+    topic after answering Ok. It touches no store."""
+
+    TYPE: ClassVar[int] = 133
+    report: Bytes = b""
+
+
 # The types a client may send; anything else from a client is bad_request.
 CLIENT_REQUESTS: frozenset[int] = frozenset(
     cls.TYPE

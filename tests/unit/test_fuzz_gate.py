@@ -411,7 +411,9 @@ class GateMachine(RuleBasedStateMachine):
         assert set(gate.fanout.sessions) == set(gate.backend.subscribed)
         for conn in live:
             assert conn.pending >= 0
-            assert conn.paused == (conn.pending >= gate.limiter.cfg.max_pending_requests)
+            assert conn.large_replies_pending >= 0
+            assert conn.paused == (conn.pending >= gate.limiter.cfg.max_pending_requests
+                                   or conn.large_replies_pending > 0)
         pending_logins = sum(1 for c in gate.connections if c.login_pending)
         assert pending_logins <= sum(gate.fanout.logins_pending.values())
 
@@ -447,7 +449,7 @@ def test_backpressure_flag_follows_pending_requests():
     _, origin, msg, cb = gate.backend.pending.pop()
     cb(reply_for(msg, origin, "ok"))
     for ref in range(2, 6):
-        c.conn.payload_received(c.tx.seal(BIN.encode(m.Sync(), ref)))
+        c.conn.payload_received(c.tx.seal(BIN.encode(m.Read(peer="bob", msg_id=ref), ref)))
     assert c.conn.pending == 4 and c.conn.paused
     _, origin, msg, cb = gate.backend.pending.pop(0)
     cb(reply_for(msg, origin, "ok"))

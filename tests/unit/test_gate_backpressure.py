@@ -100,17 +100,24 @@ def test_reading_pauses_behind_a_client_that_does_not_read_and_resumes():
     run(main())
 
 
+async def logged_in_peer():
+    """A gate, its listener, and a Peer logged in as alice."""
+    gate, server, port = await start_gate()
+    peer = await Peer().connect(port)
+    peer.send([m.Login(user="alice", password="pw")])
+    while not gate.backend.pending:
+        await asyncio.sleep(0.005)
+    _, origin, msg, cb = gate.backend.pending.pop()
+    cb(reply_for(msg, origin, "ok"))
+    assert isinstance((await peer.recv())[1], m.LoginOk)
+    return gate, server, peer
+
+
 def test_frames_read_at_max_pending_are_served_once_replies_drain():
     async def main():
-        gate, server, port = await start_gate()
-        peer = await Peer().connect(port)
-        peer.send([m.Login(user="alice", password="pw")])
-        while not gate.backend.pending:
-            await asyncio.sleep(0.005)
-        _, origin, msg, cb = gate.backend.pending.pop()
-        cb(reply_for(msg, origin, "ok"))
-        assert isinstance((await peer.recv())[1], m.LoginOk)
-        peer.send([m.Sync() for _ in range(10)], first_ref=2)  # one write, read at once
+        gate, server, peer = await logged_in_peer()
+        # Reads (a Sync would be served one at a time anyway), in one write, read at once.
+        peer.send([m.Read(peer="bob", msg_id=i + 1) for i in range(10)], first_ref=2)
         answered = []
         while len(answered) < 10:
             await asyncio.sleep(0.005)
@@ -123,6 +130,28 @@ def test_frames_read_at_max_pending_are_served_once_replies_drain():
                 answered.append(msg)
         refs = sorted([(await peer.recv())[0] for _ in range(10)])
         assert refs == list(range(2, 12))
+        peer.writer.close()
+        server.close()
+
+    run(main())
+
+
+def test_syncs_are_read_one_at_a_time():
+    async def main():
+        gate, server, peer = await logged_in_peer()
+        peer.send([m.Sync(), m.Sync(), m.Ping(ts_ms=7)], first_ref=2)  # one write
+        for ref in (2, 3):
+            while not gate.backend.pending:
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.05)  # time to read the next one, were it reading
+            assert len(gate.backend.pending) == 1
+            _, origin, msg, cb = gate.backend.pending.pop()
+            assert isinstance(msg, m.Sync)
+            cb(reply_for(msg, origin, "ok"))
+            got_ref, batch = await peer.recv()
+            assert got_ref == ref and isinstance(batch, m.Batch)
+        got_ref, pong = await peer.recv()
+        assert got_ref == 4 and isinstance(pong, m.Pong)
         peer.writer.close()
         server.close()
 

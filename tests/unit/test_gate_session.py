@@ -153,3 +153,21 @@ def test_a_login_with_the_same_device_replaces_the_older_session():
     # Regression: the replaced session's end took the user offline (and
     # unsubscribed) with the new session still there.
     assert len(gate.fanout.sessions["alice"]) == 1 and gate.backend.subscribed == {"alice": 1}
+
+
+def test_a_sync_pauses_reading_until_answered_and_a_late_reply_is_dropped_undecoded():
+    gate, _ = make_gate()
+    c = logged_in(gate)
+    send(c, m.Sync(), 2)
+    assert c.conn.paused and c.conn.large_replies_pending == 1
+    _, origin, msg, cb = gate.backend.pending.pop()
+    cb(reply_for(msg, origin, "ok"))
+    c.read()
+    assert not c.conn.paused and isinstance(c.received[-1][1], m.Batch)
+    # The connection closes with a Sync outstanding: its reply, when it comes,
+    # is counted and dropped without being decoded.
+    send(c, m.Sync(), 3)
+    _, origin, msg, cb = gate.backend.pending.pop()
+    c.conn.close("gone")
+    cb(b"\x00not even a reply")
+    assert not c.conn.paused and c.conn.pending == 0

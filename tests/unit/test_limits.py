@@ -367,6 +367,38 @@ def test_login_failures_per_address_and_success_does_not_launder_them():
     assert lim.login_wait("e", "10.0.0.2", True, 0) == (0.0, "")
 
 
+def test_password_checks_one_at_a_time_per_user_and_per_free_failure_per_address():
+    lim = limiter(login_free_failures_per_user=5, login_free_failures_per_address=3,
+                  login_delay_base_s=1, login_delay_max_s=60, login_forget_s=600)
+    # One check of a user at a time: the next waits for its answer.
+    assert lim.login_wait("victim", "10.0.0.1", True, 0) == (0.0, "")
+    lim.login_started("victim", "10.0.0.1", True)
+    assert lim.login_wait("victim", "10.0.0.2", True, 0) == (1.0, "login_user")
+    # Token resumes and other users are not held up by it.
+    assert lim.login_wait("victim", "10.0.0.2", False, 0) == (0.0, "")
+    assert lim.login_wait("other", "10.0.0.2", True, 0) == (0.0, "")
+    lim.login_ended("victim", "10.0.0.1", True)
+    assert lim.login_wait("victim", "10.0.0.2", True, 0) == (0.0, "")
+    # An address: as many at once as it has free failures left, at least one.
+    for user in ("a", "b", "c"):
+        assert lim.login_wait(user, "10.0.0.3", True, 0) == (0.0, "")
+        lim.login_started(user, "10.0.0.3", True)
+    assert lim.login_wait("d", "10.0.0.3", True, 0) == (1.0, "login_address")
+    assert lim.login_wait("d", "10.0.0.3", False, 0) == (0.0, "")
+    for user in ("a", "b"):
+        lim.login_ended(user, "10.0.0.3", True)
+        lim.login_failed(user, "10.0.0.3", True, 0)
+    assert lim.login_wait("d", "10.0.0.3", True, 0) == (1.0, "login_address")  # c's still running
+    lim.login_ended("c", "10.0.0.3", True)
+    lim.login_failed("c", "10.0.0.3", True, 0)
+    assert lim.login_wait("d", "10.0.0.3", True, 0) == (1.0, "login_address")  # the delay now
+    assert lim.login_wait("d", "10.0.0.3", True, 1) == (0.0, "")
+    lim.login_started("d", "10.0.0.3", True)
+    assert lim.login_wait("e", "10.0.0.3", True, 1) == (1.0, "login_address")
+    lim.login_ended("d", "10.0.0.3", True)
+    assert len(lim.password_checks) == 0
+
+
 def test_trusted_addresses_skip_per_address_login_and_register_limits():
     lim = limiter(login_free_failures_per_address=1, registers_per_address_burst=1,
                   login_free_failures_per_user=100, trusted_addresses=("127.0.0.0/8",))
