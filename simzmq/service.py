@@ -456,15 +456,15 @@ class IMService(GroupService):
         """The states of `msg.users` as `viewer` may see them: each one's
         own, and that of users who have written to it; 0 for anyone else,
         for ids of no user and for groups."""
-        ids = [u for u in dict.fromkeys(msg.users) if not is_group(u)]
-        allowed = self.store.written_to(viewer, [u for u in ids if u != viewer])
+        ids = list(dict.fromkeys(msg.users))  # each once, in the order asked
+        allowed = self.store.written_to(viewer, [u for u in ids if u != viewer and not is_group(u)])
         if viewer in ids:
             allowed.add(viewer)
         last_seen = self.store.last_seen(allowed)  # the ones that exist
         states = self._states(list(last_seen), now_ms)
         return Outcome(m.PresenceList(states=[
             m.Presence(user=u, state=states[u], last_seen_ms=pr.shown_last_seen(states[u], last_seen[u], now_ms))
-            if u in last_seen else m.Presence(user=u) for u in msg.users]))
+            if u in last_seen else m.Presence(user=u) for u in ids]))
 
     def _typing(self, sender, origin, msg: m.Typing, now_ms, prepared) -> Outcome:
         """Typing notices, never stored: to a user who has written to the
