@@ -82,7 +82,7 @@ class Fanout:
         mine[conn.session] = conn
         SESSIONS.inc()
         self.gate.presence.set_session(conn, conn.user, pr.ONLINE)
-        self.gate.reporter.session("start", conn.user, conn.session, self.gate.presence.local(conn.user))
+        self._report_session("start", conn)
         # After adding this one: the user stays online (and subscribed) while
         # the sessions it replaces end.
         if conn.device:
@@ -97,7 +97,7 @@ class Fanout:
         SESSIONS.dec()
         self.unwatch(conn, None)
         self.gate.presence.set_session(conn, conn.user, pr.NONE)
-        self.gate.reporter.session("end", conn.user, conn.session, self.gate.presence.local(conn.user))
+        self._report_session("end", conn)
         if not mine:
             del self.sessions[conn.user]
             self.pushlogs.pop(conn.user, None)
@@ -105,9 +105,14 @@ class Fanout:
 
     # -- presence ------------------------------------------------------------------
 
+    def _report_session(self, op: str, conn) -> None:
+        # No reporter before the gate has started (tests drive a gate that never does).
+        if self.gate.reporter is not None:
+            self.gate.reporter.session(op, conn.user, conn.session, self.gate.presence.local(conn.user))
+
     def set_presence(self, conn, state: int) -> None:
         changed = self.gate.presence.set_session(conn, conn.user, state)
-        if changed is not None:
+        if changed is not None and self.gate.reporter is not None:
             self.gate.reporter.state(conn.user, changed)
 
     def watch(self, conn, users: list[str]) -> list[str]:
@@ -151,7 +156,7 @@ class Fanout:
             self.gate.backend.request(conn.user.encode(), conn.session,
                                       BIN.encode(m.Watch(users=users[start:start + per_request]), 0), answered)
 
-    def _became_contact(self, user: str, payload: bytes, decoded) -> None:
+    def _became_contact(self, user: str, decoded) -> None:
         """`user` got a NewMsg: if it is a one-to-one message from someone a
         connection of `user` watches unseen, that someone has just made
         `user` its contact, and may be seen now."""
@@ -214,7 +219,7 @@ class Fanout:
                 return
         decoded = self._push_all(list(mine.values()), payload, mtype, origin)
         if mtype == m.NewMsg.TYPE and self.gate.presence.watching:
-            self._became_contact(user, payload, decoded)
+            self._became_contact(user, decoded)
 
     @staticmethod
     def _push_all(conns, payload: bytes, mtype: int, origin: bytes):

@@ -257,3 +257,137 @@ def test_typing_in_a_group_reaches_the_other_members(svc):
     # Not a member, or no such group: nothing, and the same Ok.
     assert call(svc, "dave", m.Typing(peer="#g", typing=True)) == call(svc, "dave", m.Typing(peer="#x", typing=True))
     assert call(svc, "dave", m.Typing(peer="#g", typing=True)).notices == ()
+
+
+# -- the gate's side, driven directly (fake transport, back end and clock) ----------------------
+
+from tests.unit.test_fuzz_gate import make_gate  # noqa: E402
+from tests.unit.test_gate_session import logged_in, send  # noqa: E402
+
+
+def pending_of(gate, kind):
+    found = [p for p in gate.backend.pending if type(p[2]) is kind]
+    for p in found:
+        gate.backend.pending.remove(p)
+    return found
+
+
+def test_set_presence_is_answered_by_the_gate():
+    gate, _ = make_gate()
+    c = logged_in(gate)
+    assert send(c, m.SetPresence(state=AWAY), 2)[1] == m.Ok()
+    assert gate.presence.session_state(c.conn, "alice") == AWAY
+    assert send(c, m.SetPresence(state=0), 3)[1].code == ErrorCode.BAD_REQUEST
+    assert gate.presence.session_state(c.conn, "alice") == AWAY
+    assert not gate.backend.pending
+
+
+def test_watch_is_answered_by_a_worker_then_notices_go_to_those_who_may_see():
+    gate, _ = make_gate()
+    a = logged_in(gate, 1, user="alice")
+    b = logged_in(gate, 2, user="bob")
+    key, origin, msg, cb = a.forwarded(gate, m.Watch(users=["carol", "dave"]), ref=4)
+    assert (key, origin, msg.users) == ("alice", a.conn.session, ["carol", "dave"])
+    assert gate.backend.subscribed == {"alice": 1, "bob": 1, "carol": 1, "dave": 1}
+    answer = m.PresenceList(states=[m.Presence(user="carol", state=ONLINE, last_seen_ms=5), m.Presence(user="dave")])
+    cb(BIN.encode(answer, 0))
+    a.read()
+    assert a.received[-1][:2] == (4, answer)
+    # bob watches carol too, and cannot see her.
+    _, _, _, cb = b.forwarded(gate, m.Watch(users=["carol"]), ref=5)
+    cb(BIN.encode(m.PresenceList(states=[m.Presence(user="carol")]), 0))
+    b.read()
+    notice = m.PresenceNotice(state=m.Presence(user="carol", state=AWAY, last_seen_ms=9))
+    gate.fanout.on_notification(b"carol\0", b"", BIN.encode(notice, 0))
+    gate.fanout.on_notification(b"dave\0", b"", BIN.encode(m.PresenceNotice(state=m.Presence(user="dave")), 0))
+    a.read()
+    b.read()
+    assert a.received[-1] == (0, notice, False)
+    assert [x for x in b.received if isinstance(x[1], m.PresenceNotice)] == []
+    # Watch{[]} stops it all (and the subscriptions).
+    assert send(a, m.Watch(users=[]), 6)[1] == m.PresenceList()
+    assert gate.backend.subscribed == {"alice": 1, "bob": 1, "carol": 1}
+
+
+def test_a_failed_watch_takes_back_what_it_added():
+    gate, _ = make_gate()
+    a = logged_in(gate)
+    _, _, _, cb = a.forwarded(gate, m.Watch(users=["carol"]), ref=4)
+    cb(None)  # no answer in time
+    a.read()
+    assert a.received[-1][1].code == ErrorCode.UNAVAILABLE
+    assert gate.presence.watching == {} and "carol" not in gate.backend.subscribed
+
+
+def test_watch_over_the_connections_limit_is_too_large():
+    gate, _ = make_gate()
+    gate.presence.max_per_connection = 3
+    a = logged_in(gate)
+    a.forwarded(gate, m.Watch(users=["u1", "u2"]), ref=4)
+    assert send(a, m.Watch(users=["u3", "u4"]), 5)[1].code == ErrorCode.TOO_LARGE
+    a.forwarded(gate, m.Watch(users=["u1", "u3"]), ref=6)  # u1 counted once
+
+
+def test_a_first_message_from_a_hidden_watched_user_asks_again():
+    gate, _ = make_gate()
+    a = logged_in(gate)
+    _, _, _, cb = a.forwarded(gate, m.Watch(users=["carol"]), ref=4)
+    cb(BIN.encode(m.PresenceList(states=[m.Presence(user="carol")]), 0))
+    new = m.NewMsg(msg=m.Msg(msg_id=1, seq=4, sender="carol", to="alice", body=b"hi"))
+    gate.fanout.on_notification(b"alice\0", b"", BIN.encode(new, 0))
+    ((key, _, msg, cb),) = pending_of(gate, m.Watch)
+    assert (key, msg.users) == ("alice", ["carol"])
+    cb(BIN.encode(m.PresenceList(states=[m.Presence(user="carol", state=ONLINE, last_seen_ms=7)]), 0))
+    a.read()
+    assert a.received[-1] == (0, m.PresenceNotice(state=m.Presence(user="carol", state=ONLINE, last_seen_ms=7)),
+                              False)
+    assert gate.presence.notice_targets("carol") == [a.conn]
+
+
+def test_a_resync_asks_again_for_every_watched_state():
+    gate, _ = make_gate()
+    a = logged_in(gate)
+    _, _, _, cb = a.forwarded(gate, m.Watch(users=["carol", "dave"]), ref=4)
+    cb(BIN.encode(m.PresenceList(states=[m.Presence(user="carol"), m.Presence(user="dave")]), 0))
+    gate.fanout.resync(None)
+    ((key, _, msg, _),) = pending_of(gate, m.Watch)
+    assert (key, sorted(msg.users)) == ("alice", ["carol", "dave"])
+
+
+def test_typing_answered_here_passed_on_once_a_second_never_from_appearing_offline():
+    gate, loop = make_gate()
+    a = logged_in(gate)
+    assert send(a, m.Typing(peer="bob", typing=True), 2)[1] == m.Ok()
+    ((key, origin, msg, _),) = pending_of(gate, m.Typing)
+    assert (key, origin, msg) == ("alice", a.conn.session, m.Typing(peer="bob", typing=True))
+    assert send(a, m.Typing(peer="bob", typing=False), 3)[1] == m.Ok()
+    assert pending_of(gate, m.Typing) == []  # within the second
+    assert send(a, m.Typing(peer="#g", typing=True), 4)[1] == m.Ok()
+    assert len(pending_of(gate, m.Typing)) == 1  # another peer
+    loop.advance(1.0)
+    send(a, m.Typing(peer="bob", typing=False), 5)
+    assert len(pending_of(gate, m.Typing)) == 1
+    send(a, m.SetPresence(state=OFFLINE), 6)
+    loop.advance(1.0)
+    assert send(a, m.Typing(peer="bob", typing=True), 7)[1] == m.Ok()
+    assert pending_of(gate, m.Typing) == []
+
+
+def test_typing_notices_reach_all_the_users_sessions():
+    gate, _ = make_gate()
+    a1 = logged_in(gate, 1, device="phone")
+    a2 = logged_in(gate, 2, device="laptop")
+    notice = m.TypingNotice(user="bob", peer="alice", typing=True)
+    gate.fanout.on_notification(b"alice\0", b"", BIN.encode(notice, 0))
+    for c in (a1, a2):
+        c.read()
+        assert c.received[-1] == (0, notice, False)
+
+
+def test_a_session_that_ends_stops_its_watches():
+    gate, _ = make_gate()
+    a = logged_in(gate)
+    a.forwarded(gate, m.Watch(users=["carol"]), ref=4)
+    a.conn.close("test")
+    assert gate.presence.watching == {} and gate.backend.subscribed == {}
+    assert gate.presence.states == {}
