@@ -409,7 +409,8 @@ class IMService(GroupService):
 
     # -- presence and typing (simzmq/presence.py) -----------------------------------
 
-    def _states(self, users, now_ms) -> dict[str, int]:
+    def _states(self, users, now_ms: int | None) -> dict[str, int]:
+        """Each user's state from the gates whose lease holds at now_ms (None: every gate stored)."""
         found = self.store.presence_of(users, now_ms)
         return {u: pr.combine(found.get(u, ())) for u in users}
 
@@ -428,21 +429,17 @@ class IMService(GroupService):
             return Outcome(m.Ok())  # a late copy: a later report was applied
         changes = pr.local_changes(store.gate_presence(gate), states, complete)
         expired = [g for g in store.expired_presence_gates(now_ms) if g != gate]
-        expired_users = set()
-        if expired:
-            expired_users = {u for g in expired for u in store.gate_presence(g)}
-        affected = sorted(set(changes) | expired_users)
-        if not affected:
-            store.drop_presence_gates(expired)
-            if report["op"] == "bye":
-                store.drop_presence_gates([gate])
-            return Outcome(m.Ok())
-        before = self._states(affected, now_ms)
+        affected = sorted(set(changes).union(*(store.gate_presence(g) for g in expired)))
+        # Before: as the watchers were last told, the expired gates included
+        # (every gate whose lease ran out is among them, so: every gate).
+        before = self._states(affected, None)
         store.drop_presence_gates(expired)
         if report["op"] == "bye":
             store.drop_presence_gates([gate])
         else:
             store.save_presence(gate, changes)
+        if not affected:
+            return Outcome(m.Ok())
         changed = pr.changed_users(before, self._states(affected, now_ms))
         unseen = [u for u, (old, new) in changed.items() if pr.seen(old) and not pr.seen(new)]
         store.set_last_seen(unseen, now_ms)

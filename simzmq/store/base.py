@@ -324,9 +324,9 @@ class Store:
 
     # presence (section 7, simzmq/presence.py)
 
-    def presence_of(self, users: Iterable[str], now_ms: int) -> dict[str, list[int]]:
+    def presence_of(self, users: Iterable[str], now_ms: int | None) -> dict[str, list[int]]:
         """The local states of each of `users` on the gates whose lease holds
-        at `now_ms` (absent: on none)."""
+        at `now_ms` (None: on every gate stored; absent: on none)."""
         raise NotImplementedError
 
     def gate_presence(self, gate: str) -> dict[str, int]:

@@ -513,15 +513,19 @@ class SQLStore(Store):
 
     # presence (section 7)
 
-    def presence_of(self, users: Iterable[str], now_ms: int) -> dict[str, list[int]]:
-        users = sorted(set(users))
+    def presence_of(self, users: Iterable[str], now_ms: int | None) -> dict[str, list[int]]:
+        users = _padded(sorted(set(users))) if users else []
         if not users:
             return {}
-        rows = self._execute(
-            "SELECT p.user_id, p.state FROM presence p JOIN presence_gates g ON g.gate = p.gate"
-            " WHERE g.expires_ms > ? AND p.user_id IN " + _in_list(len(users)),
-            [now_ms, *users],
-        ).fetchall()
+        if now_ms is None:
+            rows = self._execute(
+                "SELECT user_id, state FROM presence WHERE user_id IN " + _in_list(len(users)), users).fetchall()
+        else:
+            rows = self._execute(
+                "SELECT p.user_id, p.state FROM presence p JOIN presence_gates g ON g.gate = p.gate"
+                " WHERE g.expires_ms > ? AND p.user_id IN " + _in_list(len(users)),
+                [now_ms, *users],
+            ).fetchall()
         found: dict[str, list[int]] = {}
         for user, state in rows:
             found.setdefault(user, []).append(state)
@@ -566,7 +570,7 @@ class SQLStore(Store):
         return users
 
     def last_seen(self, users: Iterable[str]) -> dict[str, int]:
-        users = sorted(set(users))
+        users = _padded(sorted(set(users))) if users else []
         if not users:
             return {}
         return dict(self._execute(
