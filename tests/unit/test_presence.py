@@ -129,8 +129,9 @@ def test_typing_limiter_one_per_peer_per_interval_and_a_sender_bucket():
     assert t.allow("a", "b", 1.0) is None
     assert t.allow("x", "b", 1.0) is None  # another sender
     assert t.allow("a", "c", 1.0) is None
-    assert t.allow("a", "d", 1.0) == "typing_sender"  # three spent by a at once
-    assert t.allow("a", "d", 1.5) is None  # one token back after half a second
+    assert t.allow("a", "d", 1.0) is None
+    assert t.allow("a", "e", 1.0) == "typing_sender"  # the burst of three spent at once
+    assert t.allow("a", "e", 1.5) is None  # one token back after half a second
     assert t.prune(100.0) == 0
 
 
