@@ -13,7 +13,10 @@ from simzmq.presence import AWAY, NONE, OFFLINE, ONLINE, UNKNOWN, GatePresence, 
 from simzmq.service import IMService, RegisterWork
 from simzmq.store import open_store
 from simzmq.wire import messages as m
+from simzmq.wire.codec import BIN
 from simzmq.wire.messages import ErrorCode
+from tests.unit.test_fuzz_gate import make_gate
+from tests.unit.test_gate_session import logged_in, send
 
 T0 = 1_764_000_000_000
 TTL_MS = 7 * 24 * 3600 * 1000
@@ -261,9 +264,6 @@ def test_typing_in_a_group_reaches_the_other_members(svc):
 
 
 # -- the gate's side, driven directly (fake transport, back end and clock) ----------------------
-
-from tests.unit.test_fuzz_gate import make_gate  # noqa: E402
-from tests.unit.test_gate_session import logged_in, send  # noqa: E402
 
 
 def pending_of(gate, kind):
