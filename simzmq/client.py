@@ -53,6 +53,7 @@ SENDOK_GAP_GRACE_S = 0.3
 # Section 7: clients send Typing{true} at most every TYPING_EVERY_S while
 # typing, and take a `true` as ended after TYPING_SHOWN_S without another.
 TYPING_EVERY_S = 3.0
+WATCH_PER_REQUEST = 256  # ids in one Watch (section 7)
 TYPING_SHOWN_S = 6.0
 NO_RECONNECT_KICKS = frozenset({KickCode.REPLACED, KickCode.ABUSE})
 # Errors after which a Send is worth repeating with the same cmid.
@@ -672,16 +673,22 @@ class Client:
 
     async def watch(self, users: list[str]) -> list[m.Presence]:
         """Watch `users` too (their states: in ``presence`` and as
-        PresenceNotice events); [] stops watching anyone."""
-        reply = await self._call(m.Watch(users=list(users)))
+        PresenceNotice events), WATCH_PER_REQUEST ids a request; [] stops
+        watching anyone."""
         if not users:
+            await self._call(m.Watch(users=[]))
             self.watched = []
             self.presence.clear()
-        else:
-            self.watched = list(dict.fromkeys([*self.watched, *users]))
-        for state in reply.states:
+            return []
+        users = list(users)
+        states = []
+        for start in range(0, len(users), WATCH_PER_REQUEST):
+            reply = await self._call(m.Watch(users=users[start:start + WATCH_PER_REQUEST]))
+            states.extend(reply.states)
+        self.watched = list(dict.fromkeys([*self.watched, *users]))
+        for state in states:
             self.presence[state.user] = state
-        return reply.states
+        return states
 
     async def typing(self, peer: str, typing: bool = True) -> None:
         await self._call(m.Typing(peer=peer, typing=typing))

@@ -61,8 +61,8 @@ def typing_from(user: str):
     return lambda e: type(e) is m.TypingNotice and e.user == user
 
 
-def new_msg_from(user: str):
-    return lambda e: type(e) is m.NewMsg and e.msg.sender == user
+def new_msg_from(user: str, body: bytes | None = None):
+    return lambda e: type(e) is m.NewMsg and e.msg.sender == user and (body is None or e.msg.body == body)
 
 
 def gate_metrics(region, gate: int) -> dict[str, float]:
@@ -115,8 +115,8 @@ def test_presence_among_contacts_across_two_gates(region):
         # Watch{[]} stops everything; bob's change no longer reaches alice.
         assert await alice.watch([]) == []
         await bob.set_presence(ONLINE)
-        await alice.send(alice.user, b"marker")
-        _, before = await next_event(alice, new_msg_from(alice.user))
+        await bob.send(alice.user, b"marker")
+        _, before = await next_event(alice, new_msg_from(bob.user, b"marker"))
         assert not any(type(e) is m.PresenceNotice for e in before)
         for c in (alice, bob, dave):
             await c.close()
@@ -162,13 +162,13 @@ def test_typing_reaches_the_right_sessions_only(region):
         # (her next event is ivan's message after it).
         await ivan.typing(gina.user, True)
         await ivan.send(gina.user, b"after typing")
-        _, before = await next_event(gina, new_msg_from(ivan.user))
+        _, before = await next_event(gina, new_msg_from(ivan.user, b"after typing"))
         assert not any(type(e) is m.TypingNotice for e in before)
         # gina's own typing never reaches her other session.
         await gina.typing(hugo.user, True)
         await next_event(hugo, typing_from(gina.user))
         await gina.send(hugo.user, b"after typing")
-        _, before = await next_event(gina2, lambda e: type(e) is m.NewMsg and e.msg.body == b"after typing")
+        _, before = await next_event(gina2, new_msg_from(gina.user, b"after typing"))
         assert not any(type(e) is m.TypingNotice for e in before)
 
         # A group: ivan's typing reaches the other members, with the group as peer.
@@ -183,7 +183,7 @@ def test_typing_reaches_the_right_sessions_only(region):
         await hugo.set_presence(OFFLINE)
         await hugo.typing(gina.user, False)
         await hugo.send(gina.user, b"marker")
-        _, before = await next_event(gina, new_msg_from(hugo.user))
+        _, before = await next_event(gina, new_msg_from(hugo.user, b"marker"))
         assert not any(type(e) is m.TypingNotice for e in before)
         assert gate_metrics(region, 1)['simzmq_gate_typing_dropped_total{why="offline"}'] == dropped + 1
         await hugo.set_presence(ONLINE)
@@ -193,7 +193,7 @@ def test_typing_reaches_the_right_sessions_only(region):
         before_burst = gate_metrics(region, 1).get('simzmq_gate_typing_dropped_total{why="typing_peer"}', 0)
         await asyncio.gather(*(hugo.typing(gina.user, i % 2 == 0) for i in range(20)))
         await hugo.send(gina.user, b"after the burst")
-        _, before = await next_event(gina, lambda e: type(e) is m.NewMsg and e.msg.body == b"after the burst")
+        _, before = await next_event(gina, new_msg_from(hugo.user, b"after the burst"))
         passed = sum(1 for e in before if typing_from(hugo.user)(e))
         assert passed < 20
         assert gate_metrics(region, 1)['simzmq_gate_typing_dropped_total{why="typing_peer"}'] \
