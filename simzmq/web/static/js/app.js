@@ -227,7 +227,7 @@ function onInput() {
   const now = Date.now();
   if (current && $("text").value.trim()) {
     if (typingSent.peer !== current || now - typingSent.at >= TYPING_EVERY_MS) {
-      stopTyping();
+      if (typingSent.peer !== current) stopTyping();
       client.typing(current, true);
       typingSent = { peer: current, at: now };
     }
