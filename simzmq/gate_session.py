@@ -77,13 +77,10 @@ TYPING_DROPPED = Counter("simzmq_gate_typing_dropped_total",
                          "typing_per_s), offline (the session appears offline)", ["why"])
 
 
-# Section 7 (protocol 1.1), all of it: groups (forwarded like Send, keyed
-# by the actor), what 1.1 changes in Send and Read (group ids, kinds 250-255
-# refused), presence and typing (simzmq/presence.py). So the SetPresence
-# probe answers Ok.
-SERVED_1_1 = frozenset(cls.TYPE for cls in (
-    m.GroupCreate, m.GroupAdd, m.GroupRemove, m.GroupGet, m.GroupTitle, m.Send, m.Read,
-    m.Watch, m.SetPresence, m.Typing))
+# The gate serves protocol 1.1 (section 7) whole: groups (forwarded like
+# Send, keyed by the actor), what 1.1 changes in Send and Read (group ids,
+# kinds 250-255 refused), presence and typing (simzmq/presence.py). So the
+# SetPresence probe answers Ok.
 
 
 def now_ms() -> int:
@@ -196,7 +193,7 @@ class ClientConnection:
             return
         try:
             ref, msg = self.codec.decode(plaintext)
-            validate_request(msg, self.gate.max_body, protocol_1_1=mtype in SERVED_1_1,
+            validate_request(msg, self.gate.max_body, protocol_1_1=True,
                              max_group_members=self.gate.cfg.get("max_group_members", MAX_GROUP_MEMBERS))
         except ShortPayload:
             raise
