@@ -28,4 +28,4 @@ def test_presence_and_typing_between_two_browsers(new_page):
     # finn leaves: erin sees him offline, with when he was last seen.
     finn.locator("#logout").click()
     expect(conv_entry(erin, "finn").locator(".presence")).to_have_attribute("data-state", "offline")
-    expect(erin.locator("#peer-status")).to_contain_text("last seen", timeout=10000)
+    expect(erin.locator("#peer-status")).to_contain_text("last seen", timeout=20000)
