@@ -29,6 +29,8 @@ from simzmq.gate_http import make_app
 from simzmq.gate_session import CLOSED, RATE_LIMITED, ClientConnection
 from simzmq.gatelink import Backend, BrokerEndpoints
 from simzmq.limits import Limiter, LimitsConfig, LogThrottle, pick_slow_consumers
+from simzmq.presence import GatePresence, TypingLimiter, report_timing
+from simzmq.push.presence import PresenceReporter
 from simzmq.wire.messages import KickCode
 
 log = logging.getLogger("simzmq.gate")
@@ -121,10 +123,14 @@ class Gate:
         self._last_prune = 0.0
         self._last_sweep = 0.0
         self.outbound_estimate = 0
-        # Not None: report who is online to the push service this often.
+        # Who is online here goes to the IM workers (presence, section 7) and
+        # the push service: at least this often when the push service is on.
         self.presence_interval_s = presence_interval_s
-        self.presence = None  # PresenceReporter once started
+        self.reporter: PresenceReporter | None = None  # once started
         self._presence_timer = None
+        lim = self.limiter.cfg
+        self.presence = GatePresence(lim.watch_per_request, lim.watch_per_connection)
+        self.typing = TypingLimiter(lim.typing_peer_interval_s, lim.typing_per_s, lim.typing_burst)
 
     def now(self) -> float:
         return self.clock()
@@ -241,10 +247,9 @@ class Gate:
                                cfg["probe_interval_ms"] / 1000, cfg["failover_after_ms"] / 1000,
                                self.fanout.on_notification, self.fanout.resync, self.configure_socket)
         self.backend.start()
-        if self.presence_interval_s is not None:
-            from simzmq.push.presence import PresenceReporter
-            self.presence = PresenceReporter(self.name, self.presence_interval_s, self.backend.request)
-            self._presence_tick()
+        interval_s, ttl_ms = report_timing(cfg["idle_timeout_s"], self.presence_interval_s)
+        self.reporter = PresenceReporter(self.name, interval_s, self.backend.request, ttl_ms)
+        self._presence_tick()
         self.fanout.check_holes()
         self._sweep_tick()
         log.info("gate %s listening: clients tcp://%s:%d, http%s://%s:%d (health, history, metrics, ws); "
@@ -252,8 +257,9 @@ class Gate:
                  ", ".join(f"{b.name} {b.frontend} / {b.notify_out}" for b in self.brokers))
 
     def _presence_tick(self) -> None:
-        self.presence.snapshot(self.fanout.sessions)
-        self._presence_timer = self.call_later(self.presence.interval_s, self._presence_tick)
+        self.reporter.snapshot(self.fanout.sessions, self.presence.local_states())
+        TRACKED.labels("typing").set(self.typing.prune(self.now()))
+        self._presence_timer = self.call_later(self.reporter.interval_s, self._presence_tick)
 
     async def shutdown(self):
         log.info("gate %s shutting down: kicking %d connections", self.name, len(self.connections))
@@ -264,9 +270,9 @@ class Gate:
             self._sweep_timer.cancel()
         for conn in list(self.connections):
             conn.kick(KickCode.SHUTDOWN, "server shutting down")
-        if self.presence is not None:
+        if self.reporter is not None:
             self._presence_timer.cancel()
-            self.presence.close()  # goes out with the link's next flush, before it closes
+            self.reporter.close()  # goes out with the link's next flush, before it closes
         await asyncio.sleep(0.2)
         self.backend.close()
 

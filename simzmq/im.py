@@ -60,7 +60,6 @@ log = logging.getLogger("simzmq.im")
 
 SERVICE = b"im"
 POLL_MS = 100
-OK_REPLY = BIN.encode(m.Ok(), 0)
 
 REQUESTS = Counter("simzmq_im_requests_total", "Requests handled by type and outcome", ["type", "outcome"])
 BATCH_SIZE = Histogram("simzmq_im_batch_requests", "Requests per group commit",
@@ -374,12 +373,15 @@ class IMWorker:
         now_ms = int(time.time() * 1000)
         ready: list[Job] = []
         waiting: list[Job] = []  # need password work first
-        relayed: list[Job] = []  # gates' presence reports, for the push service
+        relayed: list[Job] = []  # gates' presence reports, for the push service too
         refused: dict = {}  # session -> replies: the password queue cannot make their deadline
         for job in jobs:
             msg = job.msg
             if type(msg) is m.PresenceReport:
+                # Applied to the store like any request (the gates' local
+                # states), then relayed as it is to the push service.
                 relayed.append(job)
+                ready.append(job)
             elif job.prepared is None and (isinstance(msg, m.Register)
                                          or (isinstance(msg, m.Login) and not msg.token)):
                 if self.passwords.admit(started, job.deadline):
@@ -423,8 +425,6 @@ class IMWorker:
                 (job.request, pack_reply(job.corr, BIN.encode(outcome.reply, 0))))
             count_request(type(job.msg).__name__, _outcome(outcome.reply))
             notices.extend(outcome.notices)
-        for job in relayed:
-            answers.setdefault(job.request.session, []).append((job.request, pack_reply(job.corr, OK_REPLY)))
         for session, replies in answers.items():
             session.reply_all(replies)
         for message in encode_notices(notices):

@@ -163,8 +163,11 @@ def delivery_id(call: Call) -> str:
 #   op:   "start" / "end" (one session of `user`, `session` its hex id),
 #         "snapshot" (`users`: every user online there, each with its
 #         sessions; a big gate's continues in "snapshot+" parts), "bye"
-#         (the gate stops).
-OPS = ("start", "end", "snapshot", "snapshot+", "bye")
+#         (the gate stops), "state" (a session's SetPresence changed the
+#         user's local state; the push service has nothing to do with it).
+#   state, states, ttl_ms: the local states of the users reported and how
+#         long they hold (simzmq/presence.py; the IM workers keep them).
+OPS = ("start", "end", "snapshot", "snapshot+", "bye", "state")
 
 
 class BadReport(ValueError):
@@ -212,6 +215,8 @@ class Presence:
         if n <= self.numbers.get(gate, 0):
             return  # a copy through the other broker, or overtaken
         self.numbers[gate] = n
+        if op == "state":
+            return
         if op == "bye":
             self.gates.pop(gate, None)
             self.heard.pop(gate, None)

@@ -324,6 +324,40 @@ class Store:
         contacts, section 7, hold `actor`)."""
         raise NotImplementedError
 
+    # presence (section 7, simzmq/presence.py)
+
+    def presence_of(self, users: Iterable[str], now_ms: int | None) -> dict[str, list[int]]:
+        """The local states of each of `users` on the gates whose lease holds
+        at `now_ms` (None: on every gate stored; absent: on none)."""
+        raise NotImplementedError
+
+    def gate_presence(self, gate: str) -> dict[str, int]:
+        """The local states stored for `gate`, by user."""
+        raise NotImplementedError
+
+    def renew_presence_gate(self, gate: str, n: int, expires_ms: int) -> bool:
+        """Record `gate`'s report number `n` and extend its lease; False
+        (nothing changed) if a report numbered `n` or later was applied."""
+        raise NotImplementedError
+
+    def save_presence(self, gate: str, states: dict[str, int]) -> None:
+        """Set users' local states on `gate` (0: they have none there)."""
+        raise NotImplementedError
+
+    def expired_presence_gates(self, now_ms: int) -> list[str]:
+        raise NotImplementedError
+
+    def drop_presence_gates(self, gates: Sequence[str]) -> set[str]:
+        """Forget these gates and their states; returns the users they had."""
+        raise NotImplementedError
+
+    def last_seen(self, users: Iterable[str]) -> dict[str, int]:
+        """last_seen_ms of each of `users` that exists."""
+        raise NotImplementedError
+
+    def set_last_seen(self, users: Iterable[str], ms: int) -> None:
+        raise NotImplementedError
+
     def find_group_op(self, actor: str, cmid: bytes) -> str | None:
         """The digest of the group change recorded for (actor, cmid)."""
         raise NotImplementedError

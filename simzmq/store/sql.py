@@ -146,6 +146,18 @@ GROUPS_SCHEMA = (
     " PRIMARY KEY (actor, cmid))",
 )
 
+# Schema of presence (section 7, simzmq/presence.py), the same text in both
+# back ends: when each user was last online or away; each gate's lease (its
+# last report's number, and until when its states hold without another);
+# each user's local state on each gate with sessions of theirs.
+PRESENCE_SCHEMA = (
+    "ALTER TABLE users ADD COLUMN last_seen_ms bigint NOT NULL DEFAULT 0",
+    "CREATE TABLE presence_gates (gate text PRIMARY KEY, n bigint NOT NULL, expires_ms bigint NOT NULL)",
+    "CREATE TABLE presence (user_id text NOT NULL, gate text NOT NULL, state smallint NOT NULL,"
+    " PRIMARY KEY (user_id, gate))",
+    "CREATE INDEX presence_gate ON presence (gate)",
+)
+
 _GROUP_UNREAD = (
     "SELECT count(*) FROM messages WHERE recipient = ? AND substr(recipient, 1, 1) = '#'"
     " AND msg_id > ? AND msg_id <= ? AND sender <> ? AND kind <> ?"
@@ -500,6 +512,74 @@ class SQLStore(Store):
         queued, oldest = self._execute("SELECT count(*), MIN(created_ms) FROM push_outbox", ()).fetchone()
         (dead,) = self._execute("SELECT count(*) FROM push_dead", ()).fetchone()
         return PushStats(queued, oldest, dead)
+
+    # presence (section 7)
+
+    def presence_of(self, users: Iterable[str], now_ms: int | None) -> dict[str, list[int]]:
+        users = _padded(sorted(set(users))) if users else []
+        if not users:
+            return {}
+        if now_ms is None:
+            rows = self._execute(
+                "SELECT user_id, state FROM presence WHERE user_id IN " + _in_list(len(users)), users).fetchall()
+        else:
+            rows = self._execute(
+                "SELECT p.user_id, p.state FROM presence p JOIN presence_gates g ON g.gate = p.gate"
+                " WHERE g.expires_ms > ? AND p.user_id IN " + _in_list(len(users)),
+                [now_ms, *users],
+            ).fetchall()
+        found: dict[str, list[int]] = {}
+        for user, state in rows:
+            found.setdefault(user, []).append(state)
+        return found
+
+    def gate_presence(self, gate: str) -> dict[str, int]:
+        return dict(self._execute("SELECT user_id, state FROM presence WHERE gate = ?", (gate,)).fetchall())
+
+    def renew_presence_gate(self, gate: str, n: int, expires_ms: int) -> bool:
+        row = self._execute(f"SELECT n FROM presence_gates WHERE gate = ?{self._FOR_UPDATE}", (gate,)).fetchone()
+        if row is not None and row[0] >= n:
+            return False
+        self._execute(
+            "INSERT INTO presence_gates (gate, n, expires_ms) VALUES (?, ?, ?)"
+            " ON CONFLICT (gate) DO UPDATE SET n = excluded.n, expires_ms = excluded.expires_ms",
+            (gate, n, expires_ms),
+        )
+        return True
+
+    def save_presence(self, gate: str, states: dict[str, int]) -> None:
+        gone = [(user, gate) for user, state in states.items() if not state]
+        kept = [(user, gate, state) for user, state in states.items() if state]
+        if gone:
+            self._executemany("DELETE FROM presence WHERE user_id = ? AND gate = ?", gone)
+        if kept:
+            self._executemany(
+                "INSERT INTO presence (user_id, gate, state) VALUES (?, ?, ?)"
+                " ON CONFLICT (user_id, gate) DO UPDATE SET state = excluded.state",
+                kept,
+            )
+
+    def expired_presence_gates(self, now_ms: int) -> list[str]:
+        return [g for (g,) in self._execute(
+            "SELECT gate FROM presence_gates WHERE expires_ms <= ? ORDER BY gate", (now_ms,)).fetchall()]
+
+    def drop_presence_gates(self, gates: Sequence[str]) -> set[str]:
+        users: set[str] = set()
+        for gate in gates:
+            users.update(self.gate_presence(gate))
+            self._execute("DELETE FROM presence WHERE gate = ?", (gate,))
+            self._execute("DELETE FROM presence_gates WHERE gate = ?", (gate,))
+        return users
+
+    def last_seen(self, users: Iterable[str]) -> dict[str, int]:
+        users = _padded(sorted(set(users))) if users else []
+        if not users:
+            return {}
+        return dict(self._execute(
+            "SELECT id, last_seen_ms FROM users WHERE id IN " + _in_list(len(users)), users).fetchall())
+
+    def set_last_seen(self, users: Iterable[str], ms: int) -> None:
+        self._executemany("UPDATE users SET last_seen_ms = ? WHERE id = ?", [(ms, u) for u in sorted(set(users))])
 
     # groups (section 7)
 

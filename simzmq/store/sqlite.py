@@ -34,7 +34,7 @@ from typing import Iterator
 import sqlite_utils
 
 from .base import StoreBusy, StoreError, clamp_id
-from .sql import GROUPS_SCHEMA, SQLStore
+from .sql import GROUPS_SCHEMA, PRESENCE_SCHEMA, SQLStore
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 # Long enough to ride out another worker's group commit (one fsync plus a
@@ -132,8 +132,14 @@ def _push_v3(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX push_dead_msg ON push_dead (msg_id)")
 
 
+def _presence_v4(db: sqlite_utils.Database) -> None:
+    # Presence (section 7): last_seen_ms, the gates' leases and local states.
+    for statement in PRESENCE_SCHEMA:
+        db.execute(statement)
+
+
 # PRAGMA user_version N means MIGRATIONS[:N] have run.
-MIGRATIONS = [_create_v1, _groups_v2, _push_v3]
+MIGRATIONS = [_create_v1, _groups_v2, _push_v3, _presence_v4]
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:

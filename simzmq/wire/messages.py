@@ -470,9 +470,10 @@ class Catchup:
 
 @_message
 class PresenceReport:
-    """A gate's presence report for the push service (docs/internal-protocol.md,
-    "Push service"): JSON, which the IM worker publishes on the "!presence"
-    topic after answering Ok. It touches no store."""
+    """A gate's presence report (docs/internal-protocol.md, "Push service"
+    and "Presence and typing"): JSON, which the IM worker applies to the
+    store's presence tables and publishes on the "!presence" topic for the
+    push service."""
 
     TYPE: ClassVar[int] = 133
     report: Bytes = b""
