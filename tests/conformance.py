@@ -80,8 +80,8 @@ class Conn(RawClient):
     """One logged-in session. Pushes read past while waiting for a reply are
     kept, in order, in `pushes` until a test takes them with `until`."""
 
-    def __init__(self, port: int, gate_pk: bytes, user: str):
-        super().__init__(port, gate_pk)
+    def __init__(self, port: int, gate_pk: bytes, user: str, codec: int = 1):
+        super().__init__(port, gate_pk, codec=codec)
         self.user = user
         self.pushes: list = []
         self.token = b""
@@ -175,9 +175,10 @@ class World:
     def http_port(self, gate: int) -> int:
         return self.region.http_port + gate - 1
 
-    def user(self, gate: int = 1, tag: str = "u") -> Conn:
+    def user(self, gate: int = 1, tag: str = "u", codec: int = 1) -> Conn:
+        """A new user, registered and logged in on `gate` (codec 1 bin, 2 msgpack)."""
         name = f"{tag}{next(_names)}x{random.randrange(10**6)}"
-        c = Conn(self.port(gate), self.region.gate_pk, name)
+        c = Conn(self.port(gate), self.region.gate_pk, name, codec)
         self.conns.append(c)
         reply = c.served(m.Register(user=name, password=PASSWORD))
         assert type(reply) is m.Ok, reply

@@ -129,6 +129,17 @@ def test_group_create_answers_group_info_and_writes_created_event(w):
     assert info.version >= 1
 
 
+def test_group_event_bodies_are_bin_whatever_the_codec(w):
+    """"as `body` the **bin** encoding (section 4, whatever the connection's
+    codec) of GroupEvent{op, actor, users, title, version}"."""
+    o, a = w.user(1, codec=2), w.user(2, codec=2)
+    info = group_with(o, a, title="msgpack")
+    for x in (o, a):
+        (e,) = group_msgs(x, info.group)
+        assert decode_group_event(e.body) == m.GroupEvent(
+            op=GroupOp.CREATED, actor=o.user, users=[o.user, a.user], title="msgpack", version=info.version)
+
+
 def test_group_create_retry_and_taken_ids(w):
     """"A create for an id that the caller created, while it is still a member,
     answers the current GroupInfo (a retried create); any other taken id gets
