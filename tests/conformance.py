@@ -109,7 +109,7 @@ class Conn(RawClient):
         assert type(reply) is m.GroupInfo, f"GroupGet {group} answered {reply}"
         return reply
 
-    def send(self, to: str, body: bytes = b"hi", kind: int = 0, cm: bytes | None = None) -> m.SendOk:
+    def post(self, to: str, body: bytes = b"hi", kind: int = 0, cm: bytes | None = None) -> m.SendOk:
         msg = m.Send(to=to, cmid=cm or cmid(), kind=kind, body=body)
         reply = self.ask(msg)
         assert type(reply) is m.SendOk, f"{msg} answered {reply}"
@@ -216,4 +216,4 @@ def writes(sender: Conn, *peers: Conn) -> None:
     them one of its contacts (sees its presence, may put it in a group, gets
     its typing)."""
     for p in peers:
-        sender.send(p.user, b"hello")
+        sender.post(p.user, b"hello")
