@@ -12,7 +12,7 @@ socket         ZAP domain        roles allowed to connect
 frontend       ``frontend``      gate
 backend        ``backend``       worker
 notify in      ``notify_in``     worker
-notify out     ``notify_out``    gate
+notify out     ``notify_out``    gate, worker (the push service)
 state          ``state_pub``     broker (the peer), ops (``simzmq monitor``)
 =============  ================  =========================================
 
@@ -48,7 +48,9 @@ SOCKET_ROLES: dict[str, frozenset[str]] = {
     "frontend": frozenset({"gate"}),
     "backend": frozenset({"worker"}),
     "notify_in": frozenset({"worker"}),
-    "notify_out": frozenset({"gate"}),
+    # The push service (with the worker key: it reads the store anyway)
+    # hears the workers' wake-ups and presence reports here (docs/push.md).
+    "notify_out": frozenset({"gate", "worker"}),
     "state_pub": frozenset({"broker", "ops"}),
 }
 # The broker's one client socket: its SUB to the peer's state PUB.

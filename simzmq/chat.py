@@ -4,10 +4,12 @@ Commands: ``/to PEER`` opens the conversation with a user or a group
 (``/to #group``; and marks it read, as any chat app does), a plain line sends
 to it, ``/group create TITLE USER...`` makes a group and opens it, ``/group
 add USER...`` and ``/group leave`` change the open one, ``/convs`` lists conversations with
-unread counts, ``/read`` marks the open conversation read, ``/history`` shows
+unread counts and the peers' presence (and watches it from then on),
+``/presence online|away|offline`` sets this session's, ``/read`` marks the open conversation read, ``/history`` shows
 what this session holds of it, ``/quit`` leaves. Incoming messages and read
-receipts print as they arrive; messages arriving in the open conversation are
-marked read as they are shown.
+receipts print as they arrive, and so do watched peers' presence changes and
+"typing" notices; messages arriving in the open conversation are marked
+read as they are shown.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from simzmq.keys import KeyFileError, load_gate_public
 from simzmq.wire import messages as m
 from simzmq.wire.errors import ProtocolError
 from simzmq.wire.messages import ErrorCode, GroupOp
-from simzmq.wire.rules import MAX_PASSWORD, is_valid_group_id, is_valid_user_id
+from simzmq.wire.rules import MAX_PASSWORD, MAX_WATCH_REQUEST, is_valid_group_id, is_valid_user_id
 
 HELP = ("commands: /to PEER or /to #GROUP, then type to send; /group create TITLE USER...; /group add USER...;"
-        " /group leave; /convs; /read; /history; /quit")
+        " /group leave; /convs; /presence online|away|offline; /read; /history; /quit")
+PRESENCE_WORDS = {m.PresenceState.OFFLINE: "offline", m.PresenceState.ONLINE: "online", m.PresenceState.AWAY: "away"}
+PRESENCE_STATES = {word: state for state, word in PRESENCE_WORDS.items()}
 EVENT_WORDS = {
     GroupOp.CREATED: "created the group with", GroupOp.ADDED: "added", GroupOp.REMOVED: "removed",
     GroupOp.LEFT: "left", GroupOp.TITLE_CHANGED: "renamed the group to", GroupOp.OWNER_CHANGED: "handed the group to",
@@ -68,9 +72,20 @@ def conversation_peer(msg: m.Msg, me: str) -> str:
     return msg.to if msg.sender == me else msg.sender
 
 
-def format_conv(conv: m.Conv) -> str:
+def format_presence(p: m.Presence | None) -> str:
+    """"online", "away", "offline, seen 14:02"; "" when unknown (not a
+    contact, a group)."""
+    if p is None or p.state not in PRESENCE_WORDS:
+        return ""
+    if p.state == m.PresenceState.OFFLINE and p.last_seen_ms:
+        return f"offline, seen {format_time(p.last_seen_ms)}"
+    return PRESENCE_WORDS[p.state]
+
+
+def format_conv(conv: m.Conv, presence: m.Presence | None = None) -> str:
     unread = f"{conv.unread} unread" if conv.unread else "all read"
-    return f"  {conv.peer:<20} {unread}"
+    shown = format_presence(presence)
+    return f"  {conv.peer:<20} {unread}" + (f"  ({shown})" if shown else "")
 
 
 class ChatSession:
@@ -102,8 +117,20 @@ class ChatSession:
             convs = await self.client.convs()
             if not convs:
                 self.out("no conversations yet")
+            users = [c.peer for c in convs if not is_group_id(c.peer)][:MAX_WATCH_REQUEST]
+            if users:
+                try:
+                    await self.client.watch(users)
+                except RequestError:
+                    pass  # a gate without section 7: no presence shown
             for conv in convs:
-                self.out(format_conv(conv))
+                self.out(format_conv(conv, self.client.presence.get(conv.peer)))
+        elif command == "/presence":
+            if arg not in PRESENCE_STATES:
+                self.out("usage: /presence online|away|offline")
+                return
+            await self.client.set_presence(PRESENCE_STATES[arg])
+            self.out(f"you appear {arg}")
         elif command == "/read":
             await self._mark_read()
         elif command == "/history":
@@ -185,6 +212,14 @@ class ChatSession:
         elif type(event) is m.ReadNotice:
             if event.reader != me:
                 self.out(f"  {event.reader} read your messages up to {event.msg_id}")
+        elif type(event) is m.PresenceNotice:
+            shown = format_presence(event.state)
+            if event.state.user != me and shown:
+                self.out(f"  {event.state.user} is {shown}")
+        elif type(event) is m.TypingNotice:
+            if event.typing:
+                where = f" in {event.peer}" if is_group_id(event.peer) else ""
+                self.out(f"  {event.user} is typing{where}...")
         elif type(event) is m.Kick:
             self.out(f"disconnected by the gate: {event.reason}")
             if event.code in (m.KickCode.REPLACED, m.KickCode.ABUSE):

@@ -90,7 +90,8 @@ def raise_fd_limit() -> int:
 
 UP_FLAGS = {"region.data": "--data", "gate.port": "--gate-port", "gate.http_port": "--http-port",
             "im.workers": "--workers", "gate.gates": "--gates", "gate.allow_register": "--open-registration",
-            "region.port_base": "--port-base", "im.store": "--store", "region.name": "--region"}
+            "region.port_base": "--port-base", "im.store": "--store", "region.name": "--region",
+            "push.webhook": "--webhook", "push.secret": "--webhook-secret"}
 
 
 def region_children(cfg: config_mod.Config, env: dict, run_dir: Path) -> list:
@@ -100,6 +101,9 @@ def region_children(cfg: config_mod.Config, env: dict, run_dir: Path) -> list:
                 for role in ("primary", "backup")]
     for i in range(1, cfg.im.workers + 1):
         children.append(Child(f"im-{i}", base + ["im", "--name", f"im-{i}"], env, run_dir))
+    if cfg.push.enabled:
+        for i in range(1, cfg.push.instances + 1):
+            children.append(Child(f"push-{i}", base + ["push", "--name", f"push-{i}"], env, run_dir))
     for i in range(1, cfg.gate.gates + 1):
         port, http_port = config_mod.gate_ports(cfg, i)
         children.append(Child(f"gate-{i}", base + ["gate", "--name", f"gate-{i}", "--port", str(port),
@@ -136,8 +140,12 @@ IM_SERVICE = "im"
 @click.option("--open-registration/--closed-registration", default=None,
               help="Whether clients may Register (default: gate.allow_register).")
 @click.option("--region", "region_name", default=None, help="This region's name (region.name).")
+@click.option("--webhook", default=None,
+              help="Run the push service, calling this URL for messages to offline users (push.webhook).")
+@click.option("--webhook-secret", default=None, help="The key the webhook calls are signed with (push.secret).")
 @click.pass_context
-def up(ctx, data, port_base, gate_port, http_port, workers, gates, store, open_registration, region_name):
+def up(ctx, data, port_base, gate_port, http_port, workers, gates, store, open_registration, region_name,
+       webhook, webhook_secret):
     """Start a whole region as supervised processes: brokers, IM workers, gates.
 
     Prints "region up" once a broker is active with every worker and every
@@ -150,7 +158,8 @@ def up(ctx, data, port_base, gate_port, http_port, workers, gates, store, open_r
                             "name": region_name},
                  "gate": {"port": gate_port, "http_port": http_port, "gates": gates,
                           "allow_register": open_registration},
-                 "im": {"workers": workers, "store": store}}
+                 "im": {"workers": workers, "store": store},
+                 "push": {"webhook": webhook, "secret": webhook_secret}}
     cfg = load_config(ctx, overrides, UP_FLAGS)
     problems = config_mod.local_problems(cfg)
     if problems:
@@ -395,7 +404,8 @@ def run_im(cfg: config_mod.Config, name: str, index: int) -> None:
         heartbeat_ms=b.heartbeat_ms, liveness=b.liveness,
         metrics_port=config_mod.im_metrics_port(cfg, index) or None,
         metrics_host=cfg.region.metrics_host,
-        sqlite_synchronous=cfg.im.sqlite_synchronous, configure_socket=configure_socket)
+        sqlite_synchronous=cfg.im.sqlite_synchronous, configure_socket=configure_socket,
+        push_delay_ms=cfg.push.job_delay_ms if cfg.push.enabled else None)
     im_mod.run(worker)
 
 
@@ -421,8 +431,95 @@ def run_gate(cfg: config_mod.Config, name: str, port: int, http_port: int) -> No
     logging.getLogger("simzmq.gate").info("gate %s: config %s, key %s", name, cfg.describe(), pk.hex())
     brokers = [BrokerEndpoints(role, b.role(role).frontend, b.role(role).notify_out) for role in ("primary", "backup")]
     configure_socket = bus_client(cfg, "gate", f"gate {name}")
+    # With the push service on, the gate reports who is online to it.
     gate_mod.run(name, cfg.section_dict("gate"), sk, brokers, g.host, port, g.http_host, http_port,
-                 configure_socket=configure_socket)
+                 configure_socket=configure_socket,
+                 presence_interval_s=cfg.push.presence_interval_s if cfg.push.enabled else None)
+
+
+# ---------------------------------------------------------------------------
+# The push service (simzmq/push/) and a webhook receiver to try it with.
+# ---------------------------------------------------------------------------
+
+
+@main.group(invoke_without_command=True)
+@click.option("--name", default="push-1", help="Process name: push-N serves metrics on push.metrics_port + N - 1.")
+@click.pass_context
+def push(ctx, name):
+    """Run the push service (calls push.webhook for messages to offline
+    users); `push dead` and `push retry` manage its dead letters."""
+    if ctx.invoked_subcommand is not None:
+        return
+    setup_logging()
+    cfg = load_config(ctx)
+    if not cfg.push.enabled:
+        refuse(["push.webhook is not set: nothing to call (`simzmq up --webhook URL --webhook-secret S`)"])
+    index = process_index(name)
+    serve(cfg, name, config_mod.push_listeners(cfg, index), lambda: run_push(cfg, name, index))
+
+
+def run_push(cfg: config_mod.Config, name: str, index: int) -> None:
+    from simzmq.push import service as push_mod
+    b = cfg.broker
+    service = push_mod.PushService(
+        name, cfg.push, cfg.store_url(), [b.primary.notify_out, b.backup.notify_out],
+        metrics_host=cfg.region.metrics_host, metrics_port=config_mod.push_metrics_port(cfg, index) or None,
+        sqlite_synchronous=cfg.im.sqlite_synchronous,
+        configure_socket=bus_client(cfg, "worker", f"push service {name}"), config_sources=cfg.describe())
+    push_mod.run(service)
+
+
+@push.command("dead")
+@data_option
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.pass_context
+def push_dead(ctx, data, limit):
+    """List the dead-lettered push jobs, oldest first."""
+    from simzmq.store import open_store
+    cfg = load_config(ctx, data_override(data))
+    store = open_store(cfg.store_url())
+    try:
+        dead = store.dead_push_jobs(limit)
+    finally:
+        store.close()
+    if not dead:
+        click.echo("no dead push jobs")
+    for d in dead:
+        click.echo(f"msg_id {d.msg_id} user {d.user} seq {d.seq} attempts {d.attempts} "
+                   f"died {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(d.died_ms / 1000))}: {d.last_error}")
+
+
+@push.command("retry")
+@data_option
+@click.option("--all", "everything", is_flag=True, help="Queue every dead job again.")
+@click.argument("msg_ids", nargs=-1, type=click.IntRange(min=1))
+@click.pass_context
+def push_retry(ctx, data, everything, msg_ids):
+    """Queue dead push jobs again (MSG_ID..., or --all), due now."""
+    from simzmq.store import open_store
+    if bool(msg_ids) == everything:
+        raise click.UsageError("name the msg_ids to retry, or give --all")
+    cfg = load_config(ctx, data_override(data))
+    store = open_store(cfg.store_url())
+    try:
+        with store.transaction():
+            n = store.requeue_dead_push_jobs(None if everything else list(msg_ids), int(time.time() * 1000))
+    finally:
+        store.close()
+    click.echo(f"queued {n} push job{'s' if n != 1 else ''} again")
+
+
+@main.command("webhook-echo")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), required=True)
+@click.option("--secret", required=True, help="The key calls must be signed with (push.secret).")
+@click.option("--status", type=click.IntRange(200, 599), default=200, show_default=True,
+              help="What to answer correctly signed calls.")
+def webhook_echo(host, port, secret, status):
+    """Receive webhook calls: check each signature and print the call as a JSON line."""
+    from simzmq.push import echo
+    setup_logging()
+    echo.run(host, port, secret, status)
 
 
 @main.command()

@@ -32,7 +32,7 @@ from simzmq.wire.codec import BIN, CODECS, Codec
 from simzmq.wire.errors import HandshakeError, ProtocolError
 from simzmq.wire.frames import FrameDecoder, encode_frame
 from simzmq.wire.handshake import MAX_HANDSHAKE_FRAME, ClientHandshake
-from simzmq.wire.messages import GROUP_EVENT_KIND, ErrorCode, KickCode
+from simzmq.wire.messages import GROUP_EVENT_KIND, ErrorCode, KickCode, PresenceState
 
 log = logging.getLogger("simzmq.client")
 
@@ -50,6 +50,11 @@ SYNC_LIMIT = 500
 SENDOK_GAP_GRACE_S = 0.3
 # Kicks after which reconnecting would be wrong: another device took over, or
 # the gate considers this client abusive.
+# Section 7: clients send Typing{true} at most every TYPING_EVERY_S while
+# typing, and take a `true` as ended after TYPING_SHOWN_S without another.
+TYPING_EVERY_S = 3.0
+WATCH_PER_REQUEST = 256  # ids in one Watch (section 7)
+TYPING_SHOWN_S = 6.0
 NO_RECONNECT_KICKS = frozenset({KickCode.REPLACED, KickCode.ABUSE})
 # Errors after which a Send is worth repeating with the same cmid.
 RETRY_SEND_CODES = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED})
@@ -467,7 +472,12 @@ class Client:
 
     ``messages`` maps seq to Msg for every inbox entry this client holds;
     ``events`` receives each newly applied NewMsg (pushed or synced), every
-    ReadNotice and any Kick.
+    ReadNotice, PresenceNotice and TypingNotice, and any Kick.
+
+    Presence and typing (section 7): ``presence`` holds the latest state of
+    each watched user (watch()); ``typing_in(peer)`` who is typing in a
+    conversation now. The client watches again and sets its presence again
+    after every reconnect.
     """
 
     def __init__(
@@ -511,6 +521,11 @@ class Client:
         self._sync_task: asyncio.Task | None = None
         self._sync_again = False
         self._gap_check: asyncio.TimerHandle | None = None
+        self.presence: dict[str, m.Presence] = {}
+        self.watched: list[str] = []
+        self.my_presence = PresenceState.ONLINE
+        self._typing_seen: dict[tuple[str, str], float] = {}  # (user, peer) -> when a `true` came
+        self._restore_task: asyncio.Task | None = None
 
     @property
     def max_contiguous_seq(self) -> int:
@@ -649,6 +664,51 @@ class Client:
     async def group_title(self, group: str, title: str) -> None:
         await self._call(m.GroupTitle(group=group, title=title, cmid=os.urandom(16)))
 
+    # -- presence and typing (section 7) ----------------------------------------
+
+    async def set_presence(self, state: int) -> None:
+        """2 online, 3 away, 1 appear offline; kept across reconnects."""
+        await self._call(m.SetPresence(state=int(state)))
+        self.my_presence = PresenceState(state)
+
+    async def watch(self, users: list[str]) -> list[m.Presence]:
+        """Watch `users` too (their states: in ``presence`` and as
+        PresenceNotice events), WATCH_PER_REQUEST ids a request; [] stops
+        watching anyone."""
+        if not users:
+            await self._call(m.Watch(users=[]))
+            self.watched = []
+            self.presence.clear()
+            return []
+        users = list(users)
+        states = []
+        for start in range(0, len(users), WATCH_PER_REQUEST):
+            reply = await self._call(m.Watch(users=users[start:start + WATCH_PER_REQUEST]))
+            states.extend(reply.states)
+        self.watched = list(dict.fromkeys([*self.watched, *users]))
+        for state in states:
+            self.presence[state.user] = state
+        return states
+
+    async def typing(self, peer: str, typing: bool = True) -> None:
+        await self._call(m.Typing(peer=peer, typing=typing))
+
+    def typing_in(self, peer: str, now: float | None = None) -> list[str]:
+        """Who is typing in the conversation with `peer` (a user or a group):
+        a `true` seen less than TYPING_SHOWN_S ago and no `false` since."""
+        now = time.monotonic() if now is None else now
+        return sorted(user for (user, p), when in self._typing_seen.items()
+                      if p == peer and now - when < TYPING_SHOWN_S)
+
+    def _typing_notice(self, notice: m.TypingNotice) -> None:
+        # A notice to us names us as `peer` for one-to-one typing: the
+        # conversation is then the one with its sender.
+        peer = notice.peer if is_group_id(notice.peer) else notice.user
+        if notice.typing:
+            self._typing_seen[(notice.user, peer)] = time.monotonic()
+        else:
+            self._typing_seen.pop((notice.user, peer), None)
+
     def conversation(self, peer: str) -> list[m.Msg]:
         """The held messages exchanged with ``peer`` (a user or a group, its
         events included), in seq order."""
@@ -708,7 +768,19 @@ class Client:
                 self._transmit(pending)
         if self.inbox.behind(ok.max_seq):
             self._request_sync()
+        if self.watched or self.my_presence != PresenceState.ONLINE:
+            self._restore_task = asyncio.create_task(self._restore_presence())
         return ok
+
+    async def _restore_presence(self) -> None:
+        """After a (re)connect: the presence this client had set, and its watches."""
+        try:
+            if self.my_presence != PresenceState.ONLINE:
+                await self.set_presence(self.my_presence)
+            if self.watched:
+                await self.watch(self.watched)
+        except (RequestError, ConnectionError) as exc:
+            log.info("restoring presence for %s failed: %s", self.user, exc)
 
     async def _login_on(self, conn: Connection) -> m.LoginOk:
         if self.token:
@@ -870,6 +942,12 @@ class Client:
             elif action == InboxTracker.GAP:
                 self._request_sync()
         elif kind is m.ReadNotice or kind is m.Kick:
+            self.events.put_nowait(push)
+        elif kind is m.PresenceNotice:
+            self.presence[push.state.user] = push.state
+            self.events.put_nowait(push)
+        elif kind is m.TypingNotice:
+            self._typing_notice(push)
             self.events.put_nowait(push)
         else:
             log.debug("ignoring push %s", kind.__name__)

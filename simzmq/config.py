@@ -410,11 +410,41 @@ class IMConfig:
     metrics_port: int = setting(Port(off=True))
 
 
+@dataclass(frozen=True)
+class PushConfig:
+    """The push service (docs/push.md); off while webhook is empty."""
+    webhook: str = setting(Text(empty=True))
+    secret: str = setting(Text(empty=True))
+    delay_ms: int = setting(Int(0))
+    coalesce_ms: int = setting(Int(0))
+    timeout_s: float = setting(Seconds())
+    max_age_s: int = setting(Int(1))
+    backoff_min_ms: int = setting(Int(1))
+    backoff_max_ms: int = setting(Int(1))
+    concurrency: int = setting(Int(1, 10000))
+    jobs_per_user: int = setting(Int(1, 100000))
+    lease_s: int = setting(Int(1))
+    scan_interval_ms: int = setting(Int(1))
+    presence_interval_s: float = setting(Seconds())
+    instances: int = setting(Int(1, 16))
+    metrics_port: int = setting(Port(off=True))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.webhook)
+
+    @property
+    def job_delay_ms(self) -> int:
+        """How long after its message a job is due: the wait, and with
+        coalescing the window after it, so the window's jobs are all queued."""
+        return self.delay_ms + self.coalesce_ms
+
+
 # Section name -> its dataclass; nested sections are fields of their parent.
 SECTIONS: dict[str, type] = {
     "region": RegionConfig, "gate": GateConfig, "gate.limits": LimitsConfig, "bus": BusConfig,
     "broker": BrokerConfig, "broker.primary": BrokerEndpointsConfig, "broker.backup": BrokerEndpointsConfig,
-    "im": IMConfig,
+    "im": IMConfig, "push": PushConfig,
 }
 
 
@@ -469,6 +499,7 @@ class Config:
     bus: BusConfig
     broker: BrokerConfig
     im: IMConfig
+    push: PushConfig
     sources: tuple[str, ...]
 
     @property
@@ -652,6 +683,7 @@ def _build(layers: _Layers, sources: tuple[str, ...]) -> Config:
         broker=_section(BrokerConfig, "broker.", values, {
             role: _section(BrokerEndpointsConfig, f"broker.{role}.", values, {}) for role in ("primary", "backup")}),
         im=_section(IMConfig, "im.", values, {}),
+        push=_section(PushConfig, "push.", values, {}),
         sources=sources)
     problems = cross_check(cfg)
     if problems:
@@ -674,6 +706,7 @@ def cross_check(cfg: Config) -> list[str]:
         problems.append(f"broker.request_timeout_ms ({b.request_timeout_ms}) must be below "
                         f"gate.request_timeout_s ({g.request_timeout_s} s), so that a request the gate "
                         "gave up on is dropped at the broker rather than still taking effect")
+    problems += push_problems(cfg.push)
     seen: dict[str, str] = {}
     for role in ("primary", "backup"):
         eps = b.role(role)
@@ -684,6 +717,24 @@ def cross_check(cfg: Config) -> list[str]:
                 problems.append(f"{key} = {ep!r} is also {seen[ep]}: every broker endpoint must differ")
             else:
                 seen[ep] = key
+    return problems
+
+
+def push_problems(p: PushConfig) -> list[str]:
+    from simzmq.push.webhook import url_problem
+    problems = []
+    if p.webhook:
+        why = url_problem(p.webhook)
+        if why:
+            problems.append(f"push.webhook = {p.webhook!r}: {why}")
+        if not p.secret:
+            problems.append("push.secret must be set when push.webhook is (the calls are signed with it)")
+    if p.backoff_min_ms > p.backoff_max_ms:
+        problems.append(f"push.backoff_min_ms ({p.backoff_min_ms}) must not exceed "
+                        f"push.backoff_max_ms ({p.backoff_max_ms})")
+    if p.lease_s <= 2 * p.timeout_s:
+        problems.append(f"push.lease_s ({p.lease_s}) must be more than twice push.timeout_s ({p.timeout_s}), "
+                        "so a claim outlives a call that times out")
     return problems
 
 
@@ -710,6 +761,16 @@ def gate_ports(cfg: Config, index: int) -> tuple[int, int]:
 def im_metrics_port(cfg: Config, index: int) -> int:
     """im-N serves /metrics on im.metrics_port + N - 1 (0: off)."""
     return cfg.im.metrics_port + index - 1 if cfg.im.metrics_port else 0
+
+
+def push_metrics_port(cfg: Config, index: int) -> int:
+    """push-N serves /metrics on push.metrics_port + N - 1 (0: off)."""
+    return cfg.push.metrics_port + index - 1 if cfg.push.metrics_port else 0
+
+
+def push_listeners(cfg: Config, index: int) -> list[Listener]:
+    port = push_metrics_port(cfg, index)
+    return [Listener(f"push-{index}", "metrics", cfg.region.metrics_host, port)] if port else []
 
 
 def broker_listeners(cfg: Config, role: str) -> list[Listener]:
@@ -744,6 +805,9 @@ def region_listeners(cfg: Config) -> list[Listener]:
     out = broker_listeners(cfg, "primary") + broker_listeners(cfg, "backup") + federation_listeners(cfg)
     for i in range(1, cfg.im.workers + 1):
         out += im_listeners(cfg, i)
+    if cfg.push.enabled:
+        for i in range(1, cfg.push.instances + 1):
+            out += push_listeners(cfg, i)
     for i in range(1, cfg.gate.gates + 1):
         out += gate_listeners(cfg, f"gate-{i}", *gate_ports(cfg, i))
     return out

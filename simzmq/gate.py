@@ -29,6 +29,8 @@ from simzmq.gate_http import make_app
 from simzmq.gate_session import CLOSED, RATE_LIMITED, ClientConnection
 from simzmq.gatelink import Backend, BrokerEndpoints
 from simzmq.limits import Limiter, LimitsConfig, LogThrottle, pick_slow_consumers
+from simzmq.presence import GatePresence, TypingLimiter, report_timing
+from simzmq.push.presence import PresenceReporter
 from simzmq.wire.messages import KickCode
 
 log = logging.getLogger("simzmq.gate")
@@ -98,7 +100,7 @@ class Gate:
     real ones; tests may pass their own."""
 
     def __init__(self, name: str, cfg: dict, static_sk: bytes, brokers: list[BrokerEndpoints],
-                 configure_socket=None, clock=None, loop=None):
+                 configure_socket=None, clock=None, loop=None, presence_interval_s: float | None = None):
         self.name = name
         self.cfg = cfg
         self.static_sk = static_sk
@@ -121,6 +123,14 @@ class Gate:
         self._last_prune = 0.0
         self._last_sweep = 0.0
         self.outbound_estimate = 0
+        # Who is online here goes to the IM workers (presence, section 7) and
+        # the push service: at least this often when the push service is on.
+        self.presence_interval_s = presence_interval_s
+        self.reporter: PresenceReporter | None = None  # once started
+        self._presence_timer = None
+        lim = self.limiter.cfg
+        self.presence = GatePresence(lim.watch_per_request, lim.watch_per_connection)
+        self.typing = TypingLimiter(lim.typing_peer_interval_s, lim.typing_per_s, lim.typing_burst)
 
     def now(self) -> float:
         return self.clock()
@@ -237,11 +247,19 @@ class Gate:
                                cfg["probe_interval_ms"] / 1000, cfg["failover_after_ms"] / 1000,
                                self.fanout.on_notification, self.fanout.resync, self.configure_socket)
         self.backend.start()
+        interval_s, ttl_ms = report_timing(cfg["idle_timeout_s"], self.presence_interval_s)
+        self.reporter = PresenceReporter(self.name, interval_s, self.backend.request, ttl_ms)
+        self._presence_tick()
         self.fanout.check_holes()
         self._sweep_tick()
         log.info("gate %s listening: clients tcp://%s:%d, http%s://%s:%d (health, history, metrics, ws); "
                  "brokers %s", self.name, host, port, "s" if ssl_options else "", http_host, http_port,
                  ", ".join(f"{b.name} {b.frontend} / {b.notify_out}" for b in self.brokers))
+
+    def _presence_tick(self) -> None:
+        self.reporter.snapshot(self.fanout.sessions, self.presence.local_states())
+        TRACKED.labels("typing").set(self.typing.prune(self.now()))
+        self._presence_timer = self.call_later(self.reporter.interval_s, self._presence_tick)
 
     async def shutdown(self):
         log.info("gate %s shutting down: kicking %d connections", self.name, len(self.connections))
@@ -252,6 +270,9 @@ class Gate:
             self._sweep_timer.cancel()
         for conn in list(self.connections):
             conn.kick(KickCode.SHUTDOWN, "server shutting down")
+        if self.reporter is not None:
+            self._presence_timer.cancel()
+            self.reporter.close()  # goes out with the link's next flush, before it closes
         await asyncio.sleep(0.2)
         self.backend.close()
 
@@ -274,12 +295,13 @@ def check_http_exposure(cfg: dict) -> dict | None:
 
 
 def run(name: str, cfg: dict, static_sk: bytes, brokers: list[BrokerEndpoints],
-        host: str, port: int, http_host: str, http_port: int, configure_socket=None) -> None:
+        host: str, port: int, http_host: str, http_port: int, configure_socket=None,
+        presence_interval_s: float | None = None) -> None:
     """Run a gate until SIGTERM/SIGINT."""
     ssl_options = check_http_exposure(cfg)
 
     async def main():
-        gate = Gate(name, cfg, static_sk, brokers, configure_socket)
+        gate = Gate(name, cfg, static_sk, brokers, configure_socket, presence_interval_s=presence_interval_s)
         try:
             await gate.start(host, port, http_host, http_port, ssl_options)
         except ListenError as exc:

@@ -6,6 +6,13 @@ PushLog), and whether a catch-up from the store is under way. Notifications
 from the bus come in through on_notification(); a resync (the bus link lost
 notifications) or a hole in a user's seqs that stays open starts a catch-up.
 The time and timers come from the `gate` host, like for the sessions.
+
+Presence and typing (simzmq/presence.py decides): the gate reports each
+change of a user's local state, pushes PresenceNotice to the connections
+watching a user that may see it, asks the workers again for the states a
+connection watches when notices may have been lost (a resync) or a watched
+user has just made the watcher its contact (its first one-to-one message
+to it passes here), and passes TypingNotice to the user's sessions.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import logging
 
 from prometheus_client import Counter, Gauge
 
+from simzmq import presence as pr
 from simzmq.pushlog import PushLog
 from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN, bin_newmsg_seq
@@ -21,7 +29,13 @@ from simzmq.wire.errors import ProtocolError
 from simzmq.wire.messages import KickCode
 
 SESSIONS = Gauge("simzmq_gate_sessions", "Logged-in client connections")
+PRESENCE_QUERIES = Counter("simzmq_gate_presence_queries_total",
+                           "Presence states asked again of the workers for a watching connection, by why",
+                           ["why"])
+WATCHED = Gauge("simzmq_gate_watched_users", "Users watched by at least one connection on this gate")
 CATCHUPS = Counter("simzmq_gate_catchups_total", "Catch-ups of an online user from the store")
+# What the bus may push to a client.
+PUSHED = frozenset((m.NewMsg.TYPE, m.ReadNotice.TYPE, m.TypingNotice.TYPE))
 HOLES = Counter("simzmq_gate_push_holes_total", "Lost pushes noticed by a hole in a user's seqs")
 
 
@@ -67,6 +81,8 @@ class Fanout:
         self.pushlogs[conn.user].raise_watermark(max_seq)
         mine[conn.session] = conn
         SESSIONS.inc()
+        self.gate.presence.set_session(conn, conn.user, pr.ONLINE)
+        self._report_session("start", conn)
         # After adding this one: the user stays online (and subscribed) while
         # the sessions it replaces end.
         if conn.device:
@@ -79,10 +95,85 @@ class Fanout:
         if mine is None or mine.pop(conn.session, None) is None:
             return
         SESSIONS.dec()
+        self.unwatch(conn, None)
+        self.gate.presence.set_session(conn, conn.user, pr.NONE)
+        self._report_session("end", conn)
         if not mine:
             del self.sessions[conn.user]
             self.pushlogs.pop(conn.user, None)
             self.gate.backend.unsubscribe(conn.user)
+
+    # -- presence ------------------------------------------------------------------
+
+    def _report_session(self, op: str, conn) -> None:
+        # No reporter before the gate has started (tests drive a gate that never does).
+        if self.gate.reporter is not None:
+            self.gate.reporter.session(op, conn.user, conn.session, self.gate.presence.local(conn.user))
+
+    def set_presence(self, conn, state: int) -> None:
+        changed = self.gate.presence.set_session(conn, conn.user, state)
+        if changed is not None and self.gate.reporter is not None:
+            self.gate.reporter.state(conn.user, changed)
+
+    def watch(self, conn, users: list[str]) -> list[str]:
+        """Watch `users` on `conn` (subscribing to those new on this gate);
+        returns the ids new to `conn`, for unwatch() if the answer fails."""
+        added, first = self.gate.presence.watch(conn, users)
+        for user in first:
+            self.gate.backend.subscribe(user)
+        WATCHED.set(len(self.gate.presence.watchers))
+        return added
+
+    def unwatch(self, conn, users: list[str] | None) -> None:
+        for user in self.gate.presence.unwatch(conn, users):
+            self.gate.backend.unsubscribe(user)
+        WATCHED.set(len(self.gate.presence.watchers))
+
+    def presence_answered(self, conn, states) -> list:
+        """The states of a worker's answer that `conn` still watches."""
+        return self.gate.presence.answered(conn, states)
+
+    def ask_presence(self, conn, users: list[str], why: str) -> None:
+        """Ask the workers for the states of `users` as `conn` may see them,
+        and push each to it as a PresenceNotice."""
+        PRESENCE_QUERIES.labels(why).inc()
+        per_request = self.gate.presence.max_per_request
+
+        def answered(reply_payload):
+            if reply_payload is None:
+                return
+            try:
+                _, reply = BIN.decode(reply_payload)
+            except ProtocolError as exc:
+                self._undecodable(conn.user, exc)
+                return
+            if not isinstance(reply, m.PresenceList):
+                return  # unavailable: a later resync or Watch asks again
+            for state in self.presence_answered(conn, reply.states):
+                notice = m.PresenceNotice(state=state)
+                conn.push(BIN.encode(notice, 0), m.PresenceNotice.TYPE, lambda n=notice: n)
+        for start in range(0, len(users), per_request):
+            self.gate.backend.request(conn.user.encode(), conn.session,
+                                      BIN.encode(m.Watch(users=users[start:start + per_request]), 0), answered)
+
+    def _became_contact(self, user: str, decoded) -> None:
+        """`user` got a NewMsg: if it is a one-to-one message from someone a
+        connection of `user` watches unseen, that someone has just made
+        `user` its contact, and may be seen now."""
+        presence = self.gate.presence
+        hidden = {conn: presence.hidden_from(conn) for conn in self.sessions.get(user, {}).values()}
+        hidden = {conn: ids for conn, ids in hidden.items() if ids}
+        if not hidden:
+            return
+        try:
+            msg = decoded().msg
+        except ProtocolError:
+            return
+        if msg.to != user or msg.sender == user:
+            return
+        for conn, ids in hidden.items():
+            if msg.sender in ids:
+                self.ask_presence(conn, [msg.sender], "contact")
 
     # -- notifications from the bus ---------------------------------------------
 
@@ -91,10 +182,17 @@ class Fanout:
 
     def on_notification(self, topic: bytes, origin: bytes, payload: bytes) -> None:
         user = topic[:-1].decode("utf-8", "replace")
-        mine = self.sessions.get(user)
-        if not mine or len(payload) < 5:
+        if len(payload) < 5:
             return
         mtype = payload[0]
+        if mtype == m.PresenceNotice.TYPE:
+            # For whoever watches `user` here and may see it (users watched
+            # are subscribed to, online here or not).
+            self._push_all(self.gate.presence.notice_targets(user), payload, mtype, b"")
+            return
+        mine = self.sessions.get(user)
+        if not mine:
+            return
         if mtype == m.SessionStarted.TYPE:
             try:
                 _, started = BIN.decode(payload)
@@ -106,8 +204,8 @@ class Fanout:
                     if conn.session != started.session and conn.device == started.device:
                         conn.kick(KickCode.REPLACED, "logged in elsewhere with the same device")
             return
-        if mtype != m.NewMsg.TYPE and mtype != m.ReadNotice.TYPE:
-            # Only these two are pushed: nothing internal reaches a client.
+        if mtype not in PUSHED:
+            # Only these are pushed: nothing internal reaches a client.
             self.gate.log_throttled("backend", "not pushing a notification of type %d to %s", mtype, user,
                                     level=logging.WARNING)
             return
@@ -119,25 +217,38 @@ class Fanout:
                 return
             if not self.pushlogs[user].first_time(seq, self.gate.now()):
                 return
+        decoded = self._push_all(list(mine.values()), payload, mtype, origin)
+        if mtype == m.NewMsg.TYPE and self.gate.presence.watching:
+            self._became_contact(user, decoded)
+
+    @staticmethod
+    def _push_all(conns, payload: bytes, mtype: int, origin: bytes):
+        """Push to `conns` but the one `origin` names; returns the decoder
+        of the payload (for clients of another codec: decoded once, on first
+        need)."""
         cache = []
 
         def decoded():
-            """For clients of another codec: decoded once, on first need."""
             if not cache:
                 cache.append(BIN.decode(payload)[1])
             return cache[0]
-        for conn in list(mine.values()):
+        for conn in conns:
             if conn.session != origin:
                 conn.push(payload, mtype, decoded)
+        return decoded
 
     # -- catching up from the store ----------------------------------------------
 
     def resync(self, user: str | None) -> None:
         """Catch `user` (None: every online user) up from the store: push
-        every message above what this gate pushed to them."""
+        every message above what this gate pushed to them. Presence notices
+        to them may have been lost too: the states their watchers watch are
+        asked again and pushed."""
         for u in ([user] if user is not None else list(self.sessions)):
             if u in self.sessions:
                 self._catch_up(u)
+        for conn, users in self.gate.presence.watchers_of(None if user is None else [user]).items():
+            self.ask_presence(conn, users, "resync")
 
     def _catch_up(self, user: str) -> None:
         if user in self.catching_up:

@@ -31,6 +31,7 @@ from prometheus_client import Counter, Gauge
 
 from simzmq import limits as lim
 from simzmq.limits import Verdict
+from simzmq.presence import OFFLINE
 from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN, CODECS, peek_header
 from simzmq.wire.errors import ProtocolError, ShortPayload
@@ -70,14 +71,16 @@ SEND_BYTES = Counter("simzmq_gate_send_bytes_total",
 SEND_TYPE = m.Send.TYPE
 
 TYPE_NAMES = {t: cls.__name__ for t, cls in m.MESSAGES.items()}
+TYPING_DROPPED = Counter("simzmq_gate_typing_dropped_total",
+                         "Typing requests answered Ok and passed on to no one, by why: typing_peer (more than one "
+                         "a typing_peer_interval_s per sender and peer), typing_sender (past the sender's "
+                         "typing_per_s), offline (the session appears offline)", ["why"])
 
 
-# Section 7 as served so far: groups (forwarded like Send, keyed by the
-# actor) and what 1.1 changes in Send and Read (group ids, kinds 250-255
-# refused). Watch, SetPresence and Typing are still refused as a 1.0 gate
-# refuses them, so the SetPresence probe answers bad_request.
-GROUP_REQUESTS = (m.GroupCreate, m.GroupAdd, m.GroupRemove, m.GroupGet, m.GroupTitle)
-SERVED_1_1 = frozenset(cls.TYPE for cls in (*GROUP_REQUESTS, m.Send, m.Read))
+# The gate serves protocol 1.1 (section 7) whole: groups (forwarded like
+# Send, keyed by the actor), what 1.1 changes in Send and Read (group ids,
+# kinds 250-255 refused), presence and typing (simzmq/presence.py). So the
+# SetPresence probe answers Ok.
 
 
 def now_ms() -> int:
@@ -190,7 +193,7 @@ class ClientConnection:
             return
         try:
             ref, msg = self.codec.decode(plaintext)
-            validate_request(msg, self.gate.max_body, protocol_1_1=mtype in SERVED_1_1,
+            validate_request(msg, self.gate.max_body, protocol_1_1=True,
                              max_group_members=self.gate.cfg.get("max_group_members", MAX_GROUP_MEMBERS))
         except ShortPayload:
             raise
@@ -303,12 +306,67 @@ class ClientConnection:
         return reply
 
     def _session_request(self, ref, msg):
-        name = type(msg).__name__
-        if self.user is None:
-            inc(REQUESTS, name, "not_logged_in")
-            self.reply_error(ref, ErrorCode.NOT_LOGGED_IN, "log in first")
+        if self._logged_in(ref, msg):
+            self.forward(ref, self.user, msg, type(msg).__name__)
+
+    def _logged_in(self, ref, msg) -> bool:
+        """Whether the connection has a session; if not, it is told so."""
+        if self.user is not None:
+            return True
+        inc(REQUESTS, type(msg).__name__, "not_logged_in")
+        self.reply_error(ref, ErrorCode.NOT_LOGGED_IN, "log in first")
+        return False
+
+    # -- presence and typing (simzmq/presence.py) ------------------------------
+
+    def _set_presence(self, ref, msg: m.SetPresence):
+        if self._logged_in(ref, msg):
+            self.gate.fanout.set_presence(self, msg.state)
+            inc(REQUESTS, "SetPresence", "ok")
+            self.send_message(m.Ok(), ref)
+
+    def _watch(self, ref, msg: m.Watch):
+        if not self._logged_in(ref, msg):
             return
-        self.forward(ref, self.user, msg, name)
+        fanout = self.gate.fanout
+        if not msg.users:
+            fanout.unwatch(self, None)
+            inc(REQUESTS, "Watch", "ok")
+            self.send_message(m.PresenceList(), ref)
+            return
+        too_large = self.gate.presence.over_limit(self, msg.users)
+        if too_large:
+            inc(REQUESTS, "Watch", "too_large")
+            self.reply_error(ref, ErrorCode.TOO_LARGE, too_large)
+            return
+        # Registered now, so Watches in flight count towards the limit; an
+        # answer that is not a PresenceList takes back what this one added.
+        added = fanout.watch(self, msg.users)
+
+        def answered(ref, reply):
+            if not isinstance(reply, m.PresenceList):
+                fanout.unwatch(self, added)
+                return reply
+            fanout.presence_answered(self, reply.states)
+            return reply
+        self.forward(ref, self.user, msg, "Watch", answered)
+
+    def _typing(self, ref, msg: m.Typing):
+        if not self._logged_in(ref, msg):
+            return
+        inc(REQUESTS, "Typing", "ok")
+        self.send_message(m.Ok(), ref)
+        gate = self.gate
+        if gate.presence.session_state(self, self.user) == OFFLINE:
+            inc(TYPING_DROPPED, "offline")
+            return
+        held = gate.typing.allow(self.user, msg.peer, gate.now())
+        if held:
+            inc(TYPING_DROPPED, held)
+            return
+        # The worker checks contacts or membership and publishes the
+        # notices; nothing comes back that the client needs.
+        gate.backend.request(self.user.encode(), self.session, BIN.encode(msg, 0), _ignore)
 
     _handlers = {
         m.Ping.TYPE: _ping,
@@ -325,6 +383,9 @@ class ClientConnection:
         m.GroupRemove.TYPE: _session_request,
         m.GroupGet.TYPE: _session_request,
         m.GroupTitle.TYPE: _session_request,
+        m.Watch.TYPE: _watch,
+        m.SetPresence.TYPE: _set_presence,
+        m.Typing.TYPE: _typing,
     }
 
     # -- the back end -------------------------------------------------------
@@ -494,7 +555,7 @@ class ClientConnection:
 # What the im service may answer a client's request with; anything else (an
 # internal message, an error code this protocol does not have) is a bug or a
 # newer worker, and the client gets Error{internal} instead.
-CLIENT_REPLIES = frozenset({m.LoginOk, m.Error, m.SendOk, m.Batch, m.Ok, m.ConvList, m.GroupInfo})
+CLIENT_REPLIES = frozenset({m.LoginOk, m.Error, m.SendOk, m.Batch, m.Ok, m.ConvList, m.GroupInfo, m.PresenceList})
 ERROR_CODES = frozenset(int(c) for c in ErrorCode)
 
 
@@ -510,6 +571,10 @@ def _checked_reply(gate: "Gate", reply, name: str):
                            level=logging.WARNING)
         return m.Error(code=int(ErrorCode.INTERNAL), reason="bad reply from the back end")
     return reply
+
+
+def _ignore(_reply_payload) -> None:
+    pass
 
 
 _metric_children: dict = {}

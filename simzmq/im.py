@@ -45,6 +45,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from simzmq.envelope import EnvelopeError, pack_notices, pack_reply, request_budget_ms, unpack_request
 from simzmq.mdpworker import Request, WorkerSession
 from simzmq.notify import group_topic
+from simzmq.push import PRESENCE_TOPIC, WAKE_TOPIC
 from simzmq.service import IMService, Outcome, RegisterWork, StepFailed, error
 from simzmq.service import Request as IMRequest  # mdpworker's Request is the MDP one
 from simzmq.store import StoreBusy, open_store
@@ -208,7 +209,8 @@ class IMWorker:
     def __init__(self, name: str, store_url: str, im_cfg: dict, max_frame: int, backends: list[str],
                  notify_ins: list[str], heartbeat_ms: int, liveness: int, metrics_port: int | None,
                  sqlite_synchronous: str = "FULL", metrics_host: str = "127.0.0.1",
-                 configure_socket=None, max_group_members: int = MAX_GROUP_MEMBERS):
+                 configure_socket=None, max_group_members: int = MAX_GROUP_MEMBERS,
+                 push_delay_ms: int | None = None):
         self.name = name
         self.store_url = store_url
         self.im_cfg = im_cfg
@@ -224,6 +226,9 @@ class IMWorker:
         # configure_socket(sock, name) before each bus socket connects (CURVE):
         # name is "backend" for the MDP sessions, "notify_in" for the PUB.
         self.configure_socket = configure_socket
+        # Not None: the push service is on; every new message queues a push
+        # job due this long after it (simzmq/push/).
+        self.push_delay_ms = push_delay_ms
         self.running = True
         self.done: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self.passwords = PasswordQueue(im_cfg["pwhash_threads"])
@@ -234,7 +239,8 @@ class IMWorker:
 
     def run(self) -> None:
         store = open_store(self.store_url, synchronous=self.sqlite_synchronous)
-        service = IMService(store, self.im_cfg["token_ttl_s"] * 1000, self.max_frame, self.max_group_members)
+        service = IMService(store, self.im_cfg["token_ttl_s"] * 1000, self.max_frame, self.max_group_members,
+                            self.push_delay_ms)
         ctx = zmq.Context.instance()
         # One identity with every broker, so each routes the same users here.
         identity = os.urandom(8)
@@ -367,10 +373,16 @@ class IMWorker:
         now_ms = int(time.time() * 1000)
         ready: list[Job] = []
         waiting: list[Job] = []  # need password work first
+        relayed: list[Job] = []  # gates' presence reports, for the push service too
         refused: dict = {}  # session -> replies: the password queue cannot make their deadline
         for job in jobs:
             msg = job.msg
-            if job.prepared is None and (isinstance(msg, m.Register)
+            if type(msg) is m.PresenceReport:
+                # Applied to the store like any request (the gates' local
+                # states), then relayed as it is to the push service.
+                relayed.append(job)
+                ready.append(job)
+            elif job.prepared is None and (isinstance(msg, m.Register)
                                          or (isinstance(msg, m.Login) and not msg.token)):
                 if self.passwords.admit(started, job.deadline):
                     self.passwords.queued += 1
@@ -417,6 +429,11 @@ class IMWorker:
             session.reply_all(replies)
         for message in encode_notices(notices):
             publish(message)
+        push_due = service.take_push_due()
+        if push_due is not None:
+            publish((WAKE_TOPIC, push_due.to_bytes(8, "big")))
+        for job in relayed:
+            publish((PRESENCE_TOPIC, bytes(job.msg.report)))
         for job, pw_hash in deferred:
             fut = pool.submit(self._password_work, job, pw_hash)
             fut.add_done_callback(self._password_done)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import Hashable, Iterable, Mapping
 
+from simzmq.wire.rules import MAX_WATCH_CONNECTION, MAX_WATCH_REQUEST
+
 
 class Verdict(IntEnum):
     ALLOW = 0
@@ -366,6 +368,11 @@ class LimitsConfig:
     max_tracked: int = 100000
     log_lines_per_limit: int = 10
     log_interval_s: float = 60.0
+    watch_per_request: int = MAX_WATCH_REQUEST
+    watch_per_connection: int = MAX_WATCH_CONNECTION
+    typing_peer_interval_s: float = 1.0
+    typing_per_s: float = 5.0
+    typing_burst: int = 10
 
     @classmethod
     def from_mapping(cls, values: Mapping | None) -> "LimitsConfig":
@@ -394,6 +401,12 @@ class LimitsConfig:
             out[name] = value
         cfg = cls(**out)
         AddressSet(cfg.trusted_addresses)  # fail at start on a bad address
+        if not 1 <= cfg.watch_per_request <= min(cfg.watch_per_connection, MAX_WATCH_REQUEST):
+            raise ValueError(f"gate.limits.watch_per_request must be 1 to {MAX_WATCH_REQUEST} and at most "
+                             "watch_per_connection")
+        if cfg.watch_per_connection > MAX_WATCH_CONNECTION:
+            raise ValueError(f"gate.limits.watch_per_connection must be at most {MAX_WATCH_CONNECTION} (protocol "
+                             "section 7)")
         if cfg.abuse_ban_s and cfg.abuse_ban_max_s < cfg.abuse_ban_s:
             raise ValueError("gate.limits.abuse_ban_max_s must be at least abuse_ban_s "
                              "(abuse_ban_s = 0 turns bans off)")

@@ -22,8 +22,10 @@ import secrets
 from collections.abc import Container, Sequence
 from typing import NamedTuple
 
+from simzmq import presence as pr
 from simzmq.groups import GroupService, Refused, is_group
-from simzmq.store.base import NewMessage, SentRecord, Store, clamp_history_limit, clamp_sync_limit
+from simzmq.push.policy import BadReport, parse_report
+from simzmq.store.base import NewMessage, PushJobRow, SentRecord, Store, clamp_history_limit, clamp_sync_limit
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode
 from simzmq.wire.rules import MAX_GROUP_MEMBERS
@@ -95,8 +97,10 @@ def users_touched(key: str, msg) -> frozenset | None:
         return frozenset((key, msg.user))
     if kind in (m.Sync, m.Catchup, m.Convs):
         return frozenset((key,))
-    if kind is m.Revoke:
-        return frozenset()  # tokens only
+    if kind in (m.Revoke, m.PresenceReport, m.Watch, m.Typing):
+        # Tokens; presence rows; reads of contacts and members only (a
+        # contact made by a Send of the same batch counts from the next one).
+        return frozenset()
     return None
 
 
@@ -141,11 +145,18 @@ class _SendBatch:
 
 
 class IMService(GroupService):
-    def __init__(self, store: Store, token_ttl_ms: int, max_frame: int, max_group_members: int = MAX_GROUP_MEMBERS):
+    def __init__(self, store: Store, token_ttl_ms: int, max_frame: int, max_group_members: int = MAX_GROUP_MEMBERS,
+                 push_delay_ms: int | None = None):
         self.store = store
         self.max_group_members = max_group_members
         self.token_ttl_ms = token_ttl_ms
         self.max_items_bytes = max_frame - FRAME_OVERHEAD
+        # With the push service on: each new message to someone else queues a
+        # push job, due push_delay_ms after it (docs/push.md), in its own
+        # transaction. push_due_ms is the earliest due time queued since the
+        # shell last took it (to wake the push service after the commit).
+        self.push_delay_ms = push_delay_ms
+        self.push_due_ms: int | None = None
 
     def handle(self, key: str, origin: bytes, msg, now_ms: int, prepared=None) -> Outcome:
         """One request from the user `key`. `prepared` is the result of the
@@ -236,6 +247,8 @@ class IMService(GroupService):
                 batch.sent[(sender, new.cmid)] = SentRecord(msg_id, sender_seq, now_ms, msg.to, msg.kind,
                                                             new.body, recipient_seq)
             _step(run, self.store.add_messages, stored)
+            if self.push_delay_ms is not None:
+                self._queue_pushes(run, stored)
         # Every new one, and every retry: answer the stored SendOk and publish
         # the copies (again, for a retry, because its first attempt may have
         # died between its commit and its publish; gates push each inbox seq
@@ -244,6 +257,21 @@ class IMService(GroupService):
             sender, origin, msg = requests[i][:3]
             rec = batch.sent[(sender, bytes(msg.cmid))]
             outcomes[i] = self._sent(sender, origin, msg, rec.msg_id, rec.ts_ms, rec.sender_seq, rec.recipient_seq)
+
+    def _queue_pushes(self, run: list[int], stored: list[NewMessage]) -> None:
+        jobs = [PushJobRow(n.msg_id, n.to, n.recipient_seq, n.ts_ms, n.ts_ms + self.push_delay_ms)
+                for n in stored if n.to != n.sender]
+        if jobs:
+            _step(run, self.store.add_push_jobs, jobs)
+            due = jobs[0].due_ms
+            self.push_due_ms = due if self.push_due_ms is None else min(due, self.push_due_ms)
+
+    def take_push_due(self) -> int | None:
+        """The earliest due time of the push jobs queued since the last call
+        (None: none). Asked after the commit; a rolled-back batch only makes
+        a spurious wake-up."""
+        due, self.push_due_ms = self.push_due_ms, None
+        return due
 
     # -- accounts -----------------------------------------------------------
 
@@ -379,6 +407,75 @@ class IMService(GroupService):
         msgs, more = self.store.history(user, msg.peer, msg.before, clamp_history_limit(msg.limit))
         return Outcome(m.HistoryPage(msgs=msgs, more=more))
 
+    # -- presence and typing (simzmq/presence.py) -----------------------------------
+
+    def _states(self, users, now_ms: int | None) -> dict[str, int]:
+        """Each user's state from the gates whose lease holds at now_ms (None: every gate stored)."""
+        found = self.store.presence_of(users, now_ms)
+        return {u: pr.combine(found.get(u, ())) for u in users}
+
+    def _presence_report(self, gate, origin, msg: m.PresenceReport, now_ms, prepared) -> Outcome:
+        """A gate's report: store its users' local states under its lease,
+        forget the gates whose lease ran out, and tell the watchers (through
+        each user's topic) of every user whose state this changed."""
+        try:
+            report = parse_report(bytes(msg.report))
+            states, complete, ttl_ms = pr.local_report(report)
+        except (BadReport, pr.BadLocalReport) as exc:
+            raise Refused(ErrorCode.BAD_REQUEST, f"bad presence report: {exc}") from None
+        gate = report["gate"]
+        store = self.store
+        if not store.renew_presence_gate(gate, report["n"], now_ms + ttl_ms):
+            return Outcome(m.Ok())  # a late copy: a later report was applied
+        changes = pr.local_changes(store.gate_presence(gate), states, complete)
+        expired = [g for g in store.expired_presence_gates(now_ms) if g != gate]
+        affected = sorted(set(changes).union(*(store.gate_presence(g) for g in expired)))
+        # Before: as the watchers were last told, the expired gates included
+        # (every gate whose lease ran out is among them, so: every gate).
+        before = self._states(affected, None)
+        store.drop_presence_gates(expired)
+        if report["op"] == "bye":
+            store.drop_presence_gates([gate])
+        else:
+            store.save_presence(gate, changes)
+        if not affected:
+            return Outcome(m.Ok())
+        changed = pr.changed_users(before, self._states(affected, now_ms))
+        unseen = [u for u, (old, new) in changed.items() if pr.seen(old) and not pr.seen(new)]
+        store.set_last_seen(unseen, now_ms)
+        last_seen = store.last_seen([u for u, (_, new) in changed.items() if not pr.seen(new)])
+        return Outcome(m.Ok(), tuple(
+            Notice(user, b"", m.PresenceNotice(state=m.Presence(
+                user=user, state=new, last_seen_ms=pr.shown_last_seen(new, last_seen.get(user, 0), now_ms))))
+            for user, (_, new) in sorted(changed.items()) if user in last_seen or pr.seen(new)))
+
+    def _watch(self, viewer, origin, msg: m.Watch, now_ms, prepared) -> Outcome:
+        """The states of `msg.users` as `viewer` may see them: each one's
+        own, and that of users who have written to it; 0 for anyone else,
+        for ids of no user and for groups."""
+        ids = list(dict.fromkeys(msg.users))  # each once, in the order asked
+        allowed = self.store.written_to(viewer, [u for u in ids if u != viewer and not is_group(u)])
+        if viewer in ids:
+            allowed.add(viewer)
+        last_seen = self.store.last_seen(allowed)  # the ones that exist
+        states = self._states(list(last_seen), now_ms)
+        return Outcome(m.PresenceList(states=[
+            m.Presence(user=u, state=states[u], last_seen_ms=pr.shown_last_seen(states[u], last_seen[u], now_ms))
+            if u in last_seen else m.Presence(user=u) for u in ids]))
+
+    def _typing(self, sender, origin, msg: m.Typing, now_ms, prepared) -> Outcome:
+        """Typing notices, never stored: to a user who has written to the
+        sender, or to the other current members of a group the sender is in."""
+        notice = m.TypingNotice(user=sender, peer=msg.peer, typing=msg.typing)
+        if is_group(msg.peer):
+            members = [mb.user for mb in self.store.group_members(msg.peer) if mb.active]
+            if sender not in members:
+                return Outcome(m.Ok())
+            return Outcome(m.Ok(), tuple(Notice(u, b"", notice) for u in members if u != sender))
+        if msg.peer == sender or not self.store.written_to(sender, [msg.peer]):
+            return Outcome(m.Ok())
+        return Outcome(m.Ok(), (Notice(msg.peer, b"", notice),))
+
     _handlers = {
         m.Register: _register,
         m.Login: _login,
@@ -388,6 +485,9 @@ class IMService(GroupService):
         m.Read: _read,
         m.Convs: _convs,
         m.History: _history,
+        m.PresenceReport: _presence_report,
+        m.Watch: _watch,
+        m.Typing: _typing,
         m.Send: _group_request,  # one-to-one Sends go through handle_batch
         m.GroupCreate: _group_request,
         m.GroupAdd: _group_request,

@@ -1,19 +1,19 @@
 """`simzmq up`: start a region's processes, say it is up only once it is, keep
 it up, and stop it in order.
 
-Start: brokers, then IM workers and gates. The region is announced only when
-a broker reports itself active with every IM worker registered (its state
-socket), and every gate answers /v1/health with 200 and accepts a TCP
-connection on its client port. A child that exits before it has shown it
-runs (a broker publishing its state, the workers registered, a gate
-answering) cannot start (a port taken, an address that is not this
+Start: brokers, then IM workers, push services (with a webhook) and gates. The
+region is announced only when a broker reports itself active with every IM
+worker registered (its state socket), and every gate answers /v1/health with
+200 and accepts a TCP connection on its client port. A child that exits before
+it has shown it runs (a broker publishing its state, the workers registered, a
+gate answering) cannot start (a port taken, an address that is not this
 machine's, a bad key): the region is stopped and `up` says which process,
 which address and why, in one line. A child that dies after it ran is
 restarted (at once the first time, then with a growing delay while it keeps
 dying quickly), before and after the region is announced.
 
 Stop (SIGTERM, SIGINT, SIGHUP): gates first (clients get Kick{shutdown}), then
-workers, then brokers. Children run in their own process group, so a closed
+push services, workers, brokers. Children run in their own process group, so a closed
 terminal or a Ctrl-C reaches only `up`, which stops them in that order; and
 each child asks the kernel to send it SIGTERM if `up` dies without stopping it.
 """
@@ -51,8 +51,9 @@ STOP_GRACE_S = 5.0
 # machine start slowly; a child that cannot start exits well before).
 STARTUP_TIMEOUT_S = 60.0
 POLL_S = 0.05
-# Stop order: the federation (it feeds the brokers), gates, then workers, then brokers.
-STOP_ORDER = ("federation", "gate-", "im-", "broker-")
+# Stop order: the federation (it feeds the brokers), gates, push services,
+# workers, then brokers.
+STOP_ORDER = ("federation", "gate-", "push-", "im-", "broker-")
 
 PR_SET_PDEATHSIG = 1
 

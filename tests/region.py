@@ -119,6 +119,9 @@ class Region:
         env["SIMZMQ_BROKER_BACKUP_METRICS_PORT"] = str(ports[13])
         self.im_metrics_port = ports[14] if self.workers == 1 else 0
         env["SIMZMQ_IM_METRICS_PORT"] = str(self.im_metrics_port)
+        # push-1's metrics (used when a test turns the push service on).
+        self.push_metrics_port = ports[15]
+        env["SIMZMQ_PUSH_METRICS_PORT"] = str(ports[15])
         env.update(self.extra_env)
         argv = self.argv
         argv[argv.index("--gate-port") + 1] = str(self.gate_port)

@@ -74,6 +74,52 @@ class NewMessage(NamedTuple):
     recipient_seq: int  # == sender_seq when the sender wrote to itself
 
 
+class PushJobRow(NamedTuple):
+    """A push job as the IM worker writes it, in the message's transaction:
+    `user` should hear of message `msg_id` (their inbox seq `seq`) once
+    `due_ms` has passed, unless they are online or have fetched it by then."""
+
+    msg_id: int
+    user: str
+    seq: int
+    created_ms: int
+    due_ms: int
+
+
+class PushJob(NamedTuple):
+    """A claimed push job with what its call needs from the store."""
+
+    msg_id: int
+    user: str
+    seq: int
+    created_ms: int
+    due_ms: int
+    attempts: int
+    sender: str
+    kind: int
+    ts_ms: int
+    body: bytes
+    delivered: int  # the user's delivered mark now
+    unread: int     # the user's unread total now
+
+
+class DeadJob(NamedTuple):
+    """A push job given up on (in the dead-letter table)."""
+
+    msg_id: int
+    user: str
+    seq: int
+    created_ms: int
+    attempts: int
+    died_ms: int
+    last_error: str
+
+
+class PushStats(NamedTuple):
+    queued: int
+    oldest_created_ms: int | None
+    dead: int
+
 class GroupRow(NamedTuple):
     """A group (section 7); owner is '' once it is closed."""
 
@@ -276,6 +322,40 @@ class Store:
         contacts, section 7, hold `actor`)."""
         raise NotImplementedError
 
+    # presence (section 7, simzmq/presence.py)
+
+    def presence_of(self, users: Iterable[str], now_ms: int | None) -> dict[str, list[int]]:
+        """The local states of each of `users` on the gates whose lease holds
+        at `now_ms` (None: on every gate stored; absent: on none)."""
+        raise NotImplementedError
+
+    def gate_presence(self, gate: str) -> dict[str, int]:
+        """The local states stored for `gate`, by user."""
+        raise NotImplementedError
+
+    def renew_presence_gate(self, gate: str, n: int, expires_ms: int) -> bool:
+        """Record `gate`'s report number `n` and extend its lease; False
+        (nothing changed) if a report numbered `n` or later was applied."""
+        raise NotImplementedError
+
+    def save_presence(self, gate: str, states: dict[str, int]) -> None:
+        """Set users' local states on `gate` (0: they have none there)."""
+        raise NotImplementedError
+
+    def expired_presence_gates(self, now_ms: int) -> list[str]:
+        raise NotImplementedError
+
+    def drop_presence_gates(self, gates: Sequence[str]) -> set[str]:
+        """Forget these gates and their states; returns the users they had."""
+        raise NotImplementedError
+
+    def last_seen(self, users: Iterable[str]) -> dict[str, int]:
+        """last_seen_ms of each of `users` that exists."""
+        raise NotImplementedError
+
+    def set_last_seen(self, users: Iterable[str], ms: int) -> None:
+        raise NotImplementedError
+
     def find_group_op(self, actor: str, cmid: bytes) -> str | None:
         """The digest of the group change recorded for (actor, cmid)."""
         raise NotImplementedError
@@ -310,4 +390,49 @@ class Store:
     def history(
         self, user: str, peer: str, before: int, limit: int
     ) -> tuple[list[HistoryMsg], bool]:
+        raise NotImplementedError
+
+    # the push outbox (simzmq/push.py): jobs are written with their message,
+    # claimed under a lease by one push service instance at a time, and
+    # removed once done or moved to the dead-letter table.
+
+    def add_push_jobs(self, jobs: Sequence[PushJobRow]) -> None:
+        """Queue push jobs (one executemany)."""
+        raise NotImplementedError
+
+    def claim_push_jobs(self, token: str, now_ms: int, lease_until_ms: int, max_users: int,
+                        per_user: int) -> list[PushJob]:
+        """Lease the queued jobs of up to `max_users` users whose oldest job
+        is due and not leased, and return the first `per_user` of each in
+        (user, msg_id) order. A user's jobs are claimed together, and never
+        while another lease on their oldest job runs, so one instance at a
+        time works on a user, in order. `token` must be new for each claim."""
+        raise NotImplementedError
+
+    def finish_push_jobs(self, msg_ids: Sequence[int]) -> None:
+        """Done (sent or not needed): remove them from the outbox."""
+        raise NotImplementedError
+
+    def retry_push_job(self, msg_id: int, due_ms: int, attempts: int, error: str) -> None:
+        """Try again at due_ms; the lease ends."""
+        raise NotImplementedError
+
+    def release_push_jobs(self, token: str, user: str) -> None:
+        """End the lease of claim `token` on what is left of `user`'s jobs."""
+        raise NotImplementedError
+
+    def bury_push_jobs(self, msg_ids: Sequence[int], now_ms: int, error: str) -> None:
+        """Move jobs from the outbox to the dead-letter table."""
+        raise NotImplementedError
+
+    def dead_push_jobs(self, limit: int) -> list[DeadJob]:
+        """The dead-letter table, oldest first."""
+        raise NotImplementedError
+
+    def requeue_dead_push_jobs(self, msg_ids: Sequence[int] | None, now_ms: int) -> int:
+        """Move dead jobs (all when msg_ids is None) back to the outbox, due
+        now with no attempts; returns how many."""
+        raise NotImplementedError
+
+    def push_stats(self) -> PushStats:
         raise NotImplementedError

@@ -34,7 +34,7 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from .base import StoreBusy, StoreError, clamp_id
-from .sql import GROUPS_SCHEMA, SQLStore
+from .sql import GROUPS_SCHEMA, PRESENCE_SCHEMA, SQLStore
 
 # Taken while migrating, so workers starting together migrate once.
 MIGRATION_LOCK_KEY = 0x73696D7A6D71  # "simzmq"
@@ -154,8 +154,41 @@ $fn$;
 # Appends are batched in Python now (SQLStore.add_messages).
 _SCHEMA_V2 = "DROP FUNCTION simzmq_append(text, text, bytea, smallint, bytea, bigint);"
 
-MIGRATIONS = [_SCHEMA_V1, _SCHEMA_V2,
-              "ALTER TABLE messages DROP CONSTRAINT messages_sender_cmid_key;\n" + ";\n".join(GROUPS_SCHEMA)]
+# Groups: the unique (sender, cmid) constraint becomes a partial index.
+_SCHEMA_V3 = "ALTER TABLE messages DROP CONSTRAINT messages_sender_cmid_key;\n" + ";\n".join(GROUPS_SCHEMA)
+
+# The push outbox (simzmq/push/): one row per message to push, written in
+# the message's transaction; the dead-letter table keeps given-up ones.
+_SCHEMA_V4 = """
+CREATE TABLE push_outbox (
+    msg_id      bigint PRIMARY KEY,
+    user_id     text COLLATE "C" NOT NULL,
+    seq         bigint NOT NULL,
+    created_ms  bigint NOT NULL,
+    due_ms      bigint NOT NULL,
+    attempts    integer NOT NULL,
+    lease_until bigint NOT NULL,
+    lease_token text NOT NULL,
+    last_error  text NOT NULL
+);
+CREATE INDEX push_outbox_user ON push_outbox (user_id, msg_id);
+CREATE INDEX push_outbox_due ON push_outbox (due_ms, msg_id);
+CREATE INDEX push_outbox_lease ON push_outbox (lease_token);
+CREATE TABLE push_dead (
+    msg_id      bigint PRIMARY KEY,
+    user_id     text COLLATE "C" NOT NULL,
+    seq         bigint NOT NULL,
+    created_ms  bigint NOT NULL,
+    attempts    integer NOT NULL,
+    died_ms     bigint NOT NULL,
+    last_error  text NOT NULL
+);
+"""
+
+# Presence (section 7): last_seen_ms, the gates' leases and local states.
+_SCHEMA_V5 = ";\n".join(PRESENCE_SCHEMA)
+
+MIGRATIONS = [_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5]
 
 # SQLSTATEs of transient conflicts: deadlock, serialization failure, lock
 # timeout, cancelled statement (statement_timeout).
@@ -178,6 +211,8 @@ class PostgresStore(SQLStore):
     _NO_LIMIT = None
     _FOR_UPDATE = " FOR UPDATE"
     _LOCK_ROWS = " ORDER BY id FOR UPDATE"
+    # Users whose oldest job another claim has locked are skipped, not waited for.
+    _SKIP_LOCKED = " FOR UPDATE OF o SKIP LOCKED"
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn

@@ -30,10 +30,14 @@ from .base import (
     GroupMember,
     GroupRow,
     Conv,
+    DeadJob,
     DuplicateSend,
     HistoryMsg,
     Msg,
     NewMessage,
+    PushJob,
+    PushJobRow,
+    PushStats,
     SentRecord,
     Store,
     UnknownUser,
@@ -88,6 +92,38 @@ _UPSERT_CONVERSATIONS = (
 )
 
 
+_INSERT_PUSH_JOBS = (
+    "INSERT INTO push_outbox (msg_id, user_id, seq, created_ms, due_ms, attempts, lease_until, lease_token,"
+    " last_error) VALUES (?, ?, ?, ?, ?, 0, 0, '', '')"
+)
+# A user is claimable when their oldest job is due and not leased; their
+# other jobs wait behind it (one user's pushes go out in order), so the claim
+# leases all of them. {lock} is how the back end keeps two claims apart.
+_CLAIM_PUSH_JOBS = (
+    "UPDATE push_outbox SET lease_until = ?, lease_token = ? WHERE user_id IN ("
+    "SELECT o.user_id FROM push_outbox o WHERE o.due_ms <= ? AND o.lease_until <= ?"
+    " AND NOT EXISTS (SELECT 1 FROM push_outbox p WHERE p.user_id = o.user_id AND p.msg_id < o.msg_id)"
+    " ORDER BY o.due_ms, o.msg_id LIMIT ?{lock})"
+)
+# The first `per_user` of each claimed user's jobs (the rest stay leased
+# until the claimant releases the user: memory stays bounded).
+_CLAIMED_PUSH_JOBS = (
+    "SELECT o.msg_id, o.user_id, o.seq, o.created_ms, o.due_ms, o.attempts, m.sender, m.kind, m.ts_ms, m.body,"
+    " u.delivered FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY msg_id) AS n"
+    " FROM push_outbox WHERE lease_token = ?) AS o"
+    " JOIN messages m ON m.msg_id = o.msg_id JOIN users u ON u.id = o.user_id"
+    " WHERE o.n <= ? ORDER BY o.user_id, o.msg_id"
+)
+_CLAIMED_UNREAD = (
+    "SELECT user_id, SUM(unread) FROM conversations WHERE user_id IN"
+    " (SELECT DISTINCT user_id FROM push_outbox WHERE lease_token = ?) GROUP BY user_id"
+)
+
+
+@lru_cache(maxsize=None)
+def _in_list(count: int) -> str:
+    return "(" + ", ".join(["?"] * count) + ")"
+
 # Schema of groups (section 7), the same text in both back ends (each runs
 # it as a migration step). Group events are messages with an empty cmid, so
 # the idempotency index of Send covers non-empty cmids only; lookups repeat
@@ -108,6 +144,18 @@ GROUPS_SCHEMA = (
     # the first request was (digest), so a different one with its cmid is refused.
     "CREATE TABLE group_ops (actor text NOT NULL, cmid text NOT NULL, digest text NOT NULL,"
     " PRIMARY KEY (actor, cmid))",
+)
+
+# Schema of presence (section 7, simzmq/presence.py), the same text in both
+# back ends: when each user was last online or away; each gate's lease (its
+# last report's number, and until when its states hold without another);
+# each user's local state on each gate with sessions of theirs.
+PRESENCE_SCHEMA = (
+    "ALTER TABLE users ADD COLUMN last_seen_ms bigint NOT NULL DEFAULT 0",
+    "CREATE TABLE presence_gates (gate text PRIMARY KEY, n bigint NOT NULL, expires_ms bigint NOT NULL)",
+    "CREATE TABLE presence (user_id text NOT NULL, gate text NOT NULL, state smallint NOT NULL,"
+    " PRIMARY KEY (user_id, gate))",
+    "CREATE INDEX presence_gate ON presence (gate)",
 )
 
 _GROUP_UNREAD = (
@@ -154,6 +202,11 @@ class SQLStore(Store):
     # What user_seqs appends to lock the rows it reads ("" where the write
     # transaction is exclusive anyway).
     _LOCK_ROWS: str
+    # What the push claim appends to its choice of users so that two claims
+    # at once take different ones ("" where the write transaction is
+    # exclusive anyway).
+    _SKIP_LOCKED: str
+
     # What lock_group appends to lock the row it reads.
     _FOR_UPDATE: str
 
@@ -397,6 +450,135 @@ class SQLStore(Store):
             Msg(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), bytes(r[7])) for r in rows[:limit]
         ], more
 
+    # the push outbox
+
+    def add_push_jobs(self, jobs: Sequence[PushJobRow]) -> None:
+        if jobs:
+            self._executemany(_INSERT_PUSH_JOBS, jobs)  # a PushJobRow is the row's first columns
+
+    def claim_push_jobs(self, token: str, now_ms: int, lease_until_ms: int, max_users: int,
+                        per_user: int) -> list[PushJob]:
+        self._execute(_CLAIM_PUSH_JOBS.format(lock=self._SKIP_LOCKED),
+                      (lease_until_ms, token, now_ms, now_ms, max_users))
+        unread = dict(self._execute(_CLAIMED_UNREAD, (token,)).fetchall())
+        return [PushJob(*r[:9], bytes(r[9]), r[10], int(unread.get(r[1]) or 0))
+                for r in self._execute(_CLAIMED_PUSH_JOBS, (token, per_user)).fetchall()]
+
+    def _by_ids(self, sql: str, msg_ids: Sequence[int], before: Sequence = ()) -> None:
+        ids = _padded(sorted(set(msg_ids)))
+        self._execute(sql + _in_list(len(ids)), (*before, *ids))
+
+    def finish_push_jobs(self, msg_ids: Sequence[int]) -> None:
+        if msg_ids:
+            self._by_ids("DELETE FROM push_outbox WHERE msg_id IN ", msg_ids)
+
+    def retry_push_job(self, msg_id: int, due_ms: int, attempts: int, error: str) -> None:
+        self._execute("UPDATE push_outbox SET due_ms = ?, attempts = ?, last_error = ?, lease_until = 0,"
+                      " lease_token = '' WHERE msg_id = ?", (due_ms, attempts, error[:200], msg_id))
+
+    def release_push_jobs(self, token: str, user: str) -> None:
+        self._execute("UPDATE push_outbox SET lease_until = 0, lease_token = '' WHERE lease_token = ? AND user_id = ?",
+                      (token, user))
+
+    def bury_push_jobs(self, msg_ids: Sequence[int], now_ms: int, error: str) -> None:
+        if not msg_ids:
+            return
+        self._by_ids("INSERT INTO push_dead (msg_id, user_id, seq, created_ms, attempts, died_ms, last_error)"
+                     " SELECT msg_id, user_id, seq, created_ms, attempts, ?, ? FROM push_outbox WHERE msg_id IN ",
+                     msg_ids, (now_ms, error[:200]))
+        self.finish_push_jobs(msg_ids)
+
+    def dead_push_jobs(self, limit: int) -> list[DeadJob]:
+        rows = self._execute("SELECT msg_id, user_id, seq, created_ms, attempts, died_ms, last_error FROM push_dead"
+                             " ORDER BY msg_id LIMIT ?", (limit,)).fetchall()
+        return [DeadJob(*r) for r in rows]
+
+    def requeue_dead_push_jobs(self, msg_ids: Sequence[int] | None, now_ms: int) -> int:
+        select = ("SELECT msg_id, user_id, seq, created_ms, ?, 0, 0, '', '' FROM push_dead")
+        insert = ("INSERT INTO push_outbox (msg_id, user_id, seq, created_ms, due_ms, attempts, lease_until,"
+                  " lease_token, last_error) ")
+        if msg_ids is None:
+            self._execute(insert + select, (now_ms,))
+            return self._execute("DELETE FROM push_dead", ()).rowcount
+        if not msg_ids:
+            return 0
+        self._by_ids(insert + select + " WHERE msg_id IN ", msg_ids, (now_ms,))
+        ids = _padded(sorted(set(msg_ids)))
+        return self._execute("DELETE FROM push_dead WHERE msg_id IN " + _in_list(len(ids)), ids).rowcount
+
+    def push_stats(self) -> PushStats:
+        queued, oldest = self._execute("SELECT count(*), MIN(created_ms) FROM push_outbox", ()).fetchone()
+        (dead,) = self._execute("SELECT count(*) FROM push_dead", ()).fetchone()
+        return PushStats(queued, oldest, dead)
+
+    # presence (section 7)
+
+    def presence_of(self, users: Iterable[str], now_ms: int | None) -> dict[str, list[int]]:
+        users = _padded(sorted(set(users))) if users else []
+        if not users:
+            return {}
+        if now_ms is None:
+            rows = self._execute(
+                "SELECT user_id, state FROM presence WHERE user_id IN " + _in_list(len(users)), users).fetchall()
+        else:
+            rows = self._execute(
+                "SELECT p.user_id, p.state FROM presence p JOIN presence_gates g ON g.gate = p.gate"
+                " WHERE g.expires_ms > ? AND p.user_id IN " + _in_list(len(users)),
+                [now_ms, *users],
+            ).fetchall()
+        found: dict[str, list[int]] = {}
+        for user, state in rows:
+            found.setdefault(user, []).append(state)
+        return found
+
+    def gate_presence(self, gate: str) -> dict[str, int]:
+        return dict(self._execute("SELECT user_id, state FROM presence WHERE gate = ?", (gate,)).fetchall())
+
+    def renew_presence_gate(self, gate: str, n: int, expires_ms: int) -> bool:
+        row = self._execute(f"SELECT n FROM presence_gates WHERE gate = ?{self._FOR_UPDATE}", (gate,)).fetchone()
+        if row is not None and row[0] >= n:
+            return False
+        self._execute(
+            "INSERT INTO presence_gates (gate, n, expires_ms) VALUES (?, ?, ?)"
+            " ON CONFLICT (gate) DO UPDATE SET n = excluded.n, expires_ms = excluded.expires_ms",
+            (gate, n, expires_ms),
+        )
+        return True
+
+    def save_presence(self, gate: str, states: dict[str, int]) -> None:
+        gone = [(user, gate) for user, state in states.items() if not state]
+        kept = [(user, gate, state) for user, state in states.items() if state]
+        if gone:
+            self._executemany("DELETE FROM presence WHERE user_id = ? AND gate = ?", gone)
+        if kept:
+            self._executemany(
+                "INSERT INTO presence (user_id, gate, state) VALUES (?, ?, ?)"
+                " ON CONFLICT (user_id, gate) DO UPDATE SET state = excluded.state",
+                kept,
+            )
+
+    def expired_presence_gates(self, now_ms: int) -> list[str]:
+        return [g for (g,) in self._execute(
+            "SELECT gate FROM presence_gates WHERE expires_ms <= ? ORDER BY gate", (now_ms,)).fetchall()]
+
+    def drop_presence_gates(self, gates: Sequence[str]) -> set[str]:
+        users: set[str] = set()
+        for gate in gates:
+            users.update(self.gate_presence(gate))
+            self._execute("DELETE FROM presence WHERE gate = ?", (gate,))
+            self._execute("DELETE FROM presence_gates WHERE gate = ?", (gate,))
+        return users
+
+    def last_seen(self, users: Iterable[str]) -> dict[str, int]:
+        users = _padded(sorted(set(users))) if users else []
+        if not users:
+            return {}
+        return dict(self._execute(
+            "SELECT id, last_seen_ms FROM users WHERE id IN " + _in_list(len(users)), users).fetchall())
+
+    def set_last_seen(self, users: Iterable[str], ms: int) -> None:
+        self._executemany("UPDATE users SET last_seen_ms = ? WHERE id = ?", [(ms, u) for u in sorted(set(users))])
+
     # groups (section 7)
 
     def lock_group(self, group: str) -> GroupRow | None:
@@ -432,7 +614,7 @@ class SQLStore(Store):
             return {}
         users = _padded(users)
         rows = self._execute(
-            f"SELECT user_id, count(*) FROM group_members WHERE user_id IN ({', '.join(['?'] * len(users))})"
+            "SELECT user_id, count(*) FROM group_members WHERE user_id IN " + _in_list(len(users)) +
             " AND active = 1 GROUP BY user_id",
             users,
         ).fetchall()

@@ -34,7 +34,7 @@ from typing import Iterator
 import sqlite_utils
 
 from .base import StoreBusy, StoreError, clamp_id
-from .sql import GROUPS_SCHEMA, SQLStore
+from .sql import GROUPS_SCHEMA, PRESENCE_SCHEMA, SQLStore
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 # Long enough to ride out another worker's group commit (one fsync plus a
@@ -114,8 +114,30 @@ def _groups_v2(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
+def _push_v3(db: sqlite_utils.Database) -> None:
+    # The push outbox (simzmq/push/): one row per message to push, written
+    # in the message's transaction; the dead-letter table keeps given-up ones.
+    db.execute(
+        "CREATE TABLE push_outbox (msg_id INTEGER PRIMARY KEY, user_id TEXT NOT NULL, seq INTEGER NOT NULL,"
+        " created_ms INTEGER NOT NULL, due_ms INTEGER NOT NULL, attempts INTEGER NOT NULL,"
+        " lease_until INTEGER NOT NULL, lease_token TEXT NOT NULL, last_error TEXT NOT NULL)")
+    db.execute("CREATE INDEX push_outbox_user ON push_outbox (user_id, msg_id)")
+    db.execute("CREATE INDEX push_outbox_due ON push_outbox (due_ms, msg_id)")
+    db.execute("CREATE INDEX push_outbox_lease ON push_outbox (lease_token)")
+    db.execute(
+        "CREATE TABLE push_dead (msg_id INTEGER PRIMARY KEY, user_id TEXT NOT NULL, seq INTEGER NOT NULL,"
+        " created_ms INTEGER NOT NULL, attempts INTEGER NOT NULL, died_ms INTEGER NOT NULL,"
+        " last_error TEXT NOT NULL)")
+
+
+def _presence_v4(db: sqlite_utils.Database) -> None:
+    # Presence (section 7): last_seen_ms, the gates' leases and local states.
+    for statement in PRESENCE_SCHEMA:
+        db.execute(statement)
+
+
 # PRAGMA user_version N means MIGRATIONS[:N] have run.
-MIGRATIONS = [_create_v1, _groups_v2]
+MIGRATIONS = [_create_v1, _groups_v2, _push_v3, _presence_v4]
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -187,6 +209,7 @@ class SQLiteStore(SQLStore):
     _NO_LIMIT = -1
     _FOR_UPDATE = ""
     _LOCK_ROWS = ""
+    _SKIP_LOCKED = ""
 
     def __init__(
         self,

@@ -468,6 +468,17 @@ class Catchup:
     limit: U32 = 0
 
 
+@_message
+class PresenceReport:
+    """A gate's presence report (docs/internal-protocol.md, "Push service"
+    and "Presence and typing"): JSON, which the IM worker applies to the
+    store's presence tables and publishes on the "!presence" topic for the
+    push service."""
+
+    TYPE: ClassVar[int] = 133
+    report: Bytes = b""
+
+
 # The types a client may send; anything else from a client is bad_request.
 CLIENT_REQUESTS: frozenset[int] = frozenset(
     cls.TYPE

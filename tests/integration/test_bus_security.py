@@ -274,7 +274,7 @@ def test_an_unknown_key_gets_no_notifications_and_no_state(broker, data, ctx):
     ep = broker.ep
     rogue_sub, event, value = connect(ctx, zmq.SUB, ep["notify_out"], stranger(data), subscribe=b"")
     assert refused(event, value)
-    worker_sub, event, value = connect(ctx, zmq.SUB, ep["notify_out"], role(data, "worker"), subscribe=b"")
+    ops_sub, event, value = connect(ctx, zmq.SUB, ep["notify_out"], role(data, "ops"), subscribe=b"")
     assert refused(event, value)
     rogue_state, event, value = connect(ctx, zmq.SUB, ep["state_pub"], stranger(data), subscribe=b"")
     assert refused(event, value)
@@ -295,7 +295,7 @@ def test_an_unknown_key_gets_no_notifications_and_no_state(broker, data, ctx):
     read_state(ops)
     read_state(ops)
     # The refused subscribers were connected all along and got nothing.
-    for sock in (rogue_sub, worker_sub, rogue_state, gate_state):
+    for sock in (rogue_sub, ops_sub, rogue_state, gate_state):
         assert sock.poll(0) == 0
     status = read_state(ops)
     assert status["auth"]["refused"]["notify_out"] >= 2 and status["auth"]["refused"]["state_pub"] >= 2

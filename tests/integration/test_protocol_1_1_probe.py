@@ -1,8 +1,8 @@
-"""Protocol 1.1 against a real region whose gate serves groups but not yet
-presence and typing: those requests get the answer of a 1.0 gate,
-Error{bad_request} with its ref, in either codec, before and after Login (so
-the SetPresence probe still says 1.0); the connection stays and nothing is
-stored. Groups themselves are tested in test_groups.py."""
+"""Protocol 1.1 against a real region: the SetPresence probe answers Ok (the
+gate serves section 7); the presence and typing requests need a Login and
+refuse bad values with the right code, in either codec, and the connection
+stays. Groups are tested in test_groups.py, presence and typing in
+test_presence.py."""
 
 from __future__ import annotations
 
@@ -16,14 +16,11 @@ from tests.region import region_fixture
 pytestmark = pytest.mark.timeout(120)
 
 CMID = b"c" * 16
+# Each section 7 request before Login: not_logged_in.
 REQUESTS = [
-    m.SetPresence(state=2),  # the probe of section 7
-    m.SetPresence(state=9),
+    m.SetPresence(state=2),
     m.Watch(users=["bob"]),
-    m.Watch(users=[f"u{i}" for i in range(300)]),  # would be too_large on a 1.1 gate
     m.Typing(peer="bob", typing=True),
-]
-GROUP_REQUESTS = [
     m.GroupCreate(group="#team", title="Team", members=["bob"]),
     m.GroupAdd(group="#team", users=["bob"], cmid=CMID),
     m.GroupRemove(group="#team", users=["bob"], cmid=CMID),
@@ -31,6 +28,19 @@ GROUP_REQUESTS = [
     m.GroupTitle(group="#team", title="T", cmid=CMID),
     m.Send(to="#team", cmid=CMID, kind=0, body=b"hi"),
     m.Read(peer="#team", msg_id=1),
+]
+# After Login: what each answers.
+LOGGED_IN = [
+    (m.SetPresence(state=2), m.Ok),  # the probe of section 7: 1.1
+    (m.SetPresence(state=9), ErrorCode.BAD_REQUEST),
+    (m.SetPresence(state=0), ErrorCode.BAD_REQUEST),
+    (m.Watch(users=["bob"]), m.PresenceList),
+    (m.Watch(users=[f"u{i}" for i in range(300)]), ErrorCode.TOO_LARGE),
+    (m.Watch(users=["not an id"]), ErrorCode.BAD_REQUEST),
+    (m.Typing(peer="bob", typing=True), m.Ok),
+    (m.Typing(peer="#nogroup", typing=False), m.Ok),
+    (m.Typing(peer="", typing=True), ErrorCode.BAD_REQUEST),
+    (m.Watch(users=[]), m.PresenceList),
 ]
 
 
@@ -46,29 +56,35 @@ def bob(region):
 
 
 @pytest.mark.parametrize("codec", [1, 2])
-@pytest.mark.parametrize("logged_in", [False, True])
-def test_1_1_requests_get_bad_request_and_the_connection_stays(region, bob, codec, logged_in):
+def test_section_7_requests_need_a_login(region, bob, codec):
     c = RawClient(region.gate_port, region.gate_pk, codec=codec)
-    if logged_in:
-        c.served(m.Register(user="alice", password="pw-alice"))  # Ok, or exists on the second run
-        assert isinstance(c.served(m.Login(user="alice", password="pw-alice", token=b"", device="")), m.LoginOk)
     for msg in REQUESTS:
         reply = c.request(msg)
-        assert isinstance(reply, m.Error) and reply.code == ErrorCode.BAD_REQUEST, (msg, reply)
+        assert isinstance(reply, m.Error) and reply.code == ErrorCode.NOT_LOGGED_IN, (msg, reply)
     assert isinstance(c.request(m.Ping(ts_ms=7)), m.Pong)
-    if logged_in:
-        assert c.request(m.Sync(since=0, limit=0)).msgs == []
-    assert bob.request(m.Sync(since=0, limit=0)).msgs == []
     c.close()
 
 
 @pytest.mark.parametrize("codec", [1, 2])
-def test_group_requests_need_a_login_and_protocol_kinds_are_refused(region, bob, codec):
+def test_the_probe_says_1_1_and_bad_values_are_refused(region, bob, codec):
     c = RawClient(region.gate_port, region.gate_pk, codec=codec)
-    for msg in GROUP_REQUESTS:
+    c.served(m.Register(user="alice", password="pw-alice"))  # Ok, or exists on the second run
+    assert isinstance(c.served(m.Login(user="alice", password="pw-alice", token=b"", device="")), m.LoginOk)
+    for msg, want in LOGGED_IN:
         reply = c.request(msg)
-        assert isinstance(reply, m.Error) and reply.code == ErrorCode.NOT_LOGGED_IN, (msg, reply)
+        if isinstance(want, ErrorCode):
+            assert isinstance(reply, m.Error) and reply.code == want, (msg, reply)
+        else:
+            assert isinstance(reply, want), (msg, reply)
+    # bob never wrote to alice: she sees state 0 for him.
+    assert c.request(m.Watch(users=["bob"])).states == [m.Presence(user="bob")]
+    assert isinstance(c.request(m.Ping(ts_ms=7)), m.Pong)
+    assert c.request(m.Sync(since=0, limit=0)).msgs == []
+    assert bob.request(m.Sync(since=0, limit=0)).msgs == []
     c.close()
+
+
+def test_protocol_kinds_are_refused(bob):
     # Kinds 250-255 belong to the protocol from 1.1 on.
     reply = bob.request(m.Send(to="bob", cmid=b"k" * 16, kind=255, body=b"x"))
     assert isinstance(reply, m.Error) and reply.code == ErrorCode.BAD_REQUEST

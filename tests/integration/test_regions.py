@@ -105,6 +105,37 @@ def test_users_in_two_regions_talk_with_pushes_and_receipts_both_ways(regions):
     asyncio.run(asyncio.wait_for(main(), 120))
 
 
+def test_presence_and_typing_cross_regions(regions):
+    """Presence notices and typing ride the users' topics, so federation
+    carries them; the states live in the shared store."""
+    a, b = regions
+    tag = os.getpid()
+
+    async def next_of(client: Client, want):
+        while True:
+            event = await asyncio.wait_for(client.events.get(), 60)
+            if want(event):
+                return event
+
+    async def main():
+        cat = await login(a, f"cat-{tag}")
+        dan = await login(b, f"dan-{tag}")
+        await dan.send(cat.user, b"hi")
+        await cat.send(dan.user, b"hi")
+        assert [p.state for p in await cat.watch([dan.user])] == [m.PresenceState.ONLINE]
+        await dan.set_presence(m.PresenceState.AWAY)
+        notice = await next_of(cat, lambda e: type(e) is m.PresenceNotice and e.state.user == dan.user)
+        assert notice.state.state == m.PresenceState.AWAY
+        await cat.typing(dan.user, True)
+        typing = await next_of(dan, lambda e: type(e) is m.TypingNotice)
+        assert typing == m.TypingNotice(user=cat.user, peer=dan.user, typing=True)
+        await dan.close()
+        notice = await next_of(cat, lambda e: type(e) is m.PresenceNotice and e.state.user == dan.user)
+        assert notice.state.state == m.PresenceState.OFFLINE and notice.state.last_seen_ms > 0
+        await cat.close()
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
 @pytest.mark.parametrize("victim", ["a", "b"])
 def test_nothing_lost_or_doubled_while_a_broker_of_a_region_fails_over(regions, victim):
     a, b = regions

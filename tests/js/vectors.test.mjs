@@ -19,3 +19,14 @@ test("handshake.json: keys, HELLO, frames, tampering", async () => {
   await sodium.ready;
   checkHandshake(sodium, load("handshake.json"));
 });
+
+test("codec-groups.json: the section 7 messages the page speaks (presence and typing), every malformed payload refused", async () => {
+  const { SCHEMA } = await import("../../simzmq/web/static/js/codec.js");
+  const vectors = load("codec-groups.json");
+  const known = new Set(Object.values(SCHEMA).map(([type]) => type));
+  const messages = vectors.messages.filter((v) => known.has(v.type));
+  if (!messages.some((v) => v.name === "Watch") || !messages.some((v) => v.name === "PresenceList")) {
+    throw new Error("codec-groups.json has no Watch or PresenceList vector");
+  }
+  checkCodec({ messages, malformed: vectors.malformed });
+});

@@ -25,7 +25,7 @@ def test_the_allow_lists_are_the_ones_documented():
         "frontend": {"gate"},
         "backend": {"worker"},
         "notify_in": {"worker"},
-        "notify_out": {"gate"},
+        "notify_out": {"gate", "worker"},
         "state_pub": {"broker", "ops"},
     }
 
@@ -34,7 +34,7 @@ def test_the_allow_lists_are_the_ones_documented():
     ("frontend", {GATE}),
     ("backend", {WORKER}),
     ("notify_in", {WORKER}),
-    ("notify_out", {GATE}),
+    ("notify_out", {GATE, WORKER}),
     ("state_pub", {BROKER, OPS}),
 ])
 def test_each_socket_admits_its_roles_only(policy, domain, allowed):

@@ -64,7 +64,7 @@ def test_chat_session_sends_receives_and_reads():
         assert "-> bob: hello bob" in text
         assert "<- bob: hi alice" in text
         assert "bob read your messages" in text
-        assert "2 unread" in text  # the /convs line
+        assert "2 unread  (online)" in text  # the /convs line, with bob's presence
         assert "unknown command /bogus" in text
         assert "marked read up to message" in text
         assert [msg.body for msg in gate.inbox["bob"]] == [b"hello bob", b"hi alice"]

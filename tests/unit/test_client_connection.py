@@ -181,6 +181,10 @@ class FakeGate:
                 other.send(m.ReadNotice(reader=conn.user, peer=msg.peer, msg_id=msg.msg_id, ts_ms=5))
         elif kind is m.Convs:
             conn.send(m.ConvList(convs=[m.Conv(peer="bob", last_msg_id=1, unread=2, peer_read=0)]), ref)
+        elif kind is m.Watch:
+            # Everyone lets everyone see them here (no contacts in this fake).
+            conn.send(m.PresenceList(states=[m.Presence(user=u, state=2 if self.online(u) else 1)
+                                             for u in dict.fromkeys(msg.users)]), ref)
 
     def _send(self, conn, ref, msg):
         if msg.to not in self.users:

@@ -38,8 +38,10 @@ USERS = ("alice", "bob", "carol")
 
 # What a gate may send a client.
 GATE_TYPES = {cls.TYPE for cls in (m.LoginOk, m.Error, m.SendOk, m.Batch, m.NewMsg, m.Ok, m.ReadNotice,
-                                   m.Ping, m.Pong, m.ConvList, m.Kick, m.Ready)}
-PUSH_TYPES = {m.NewMsg.TYPE, m.ReadNotice.TYPE, m.Kick.TYPE, m.Ready.TYPE}
+                                   m.Ping, m.Pong, m.ConvList, m.Kick, m.Ready, m.GroupInfo, m.PresenceList,
+                                   m.PresenceNotice, m.TypingNotice)}
+PUSH_TYPES = {m.NewMsg.TYPE, m.ReadNotice.TYPE, m.Kick.TYPE, m.Ready.TYPE, m.PresenceNotice.TYPE,
+              m.TypingNotice.TYPE}
 
 
 def fuzz_settings(ci_examples: int, steps: int):
@@ -214,6 +216,9 @@ REQUESTS = st.one_of(
     st.builds(m.Convs), st.builds(m.Logout),
     st.builds(m.Kick, code=st.integers(0, 10)), st.builds(m.Revoke), st.builds(m.History),
     st.builds(m.NewMsg),
+    st.builds(m.Watch, users=st.lists(_user, max_size=4)),
+    st.builds(m.SetPresence, state=st.integers(0, 4)),
+    st.builds(m.Typing, peer=_user, typing=st.booleans()),
 )
 
 
@@ -236,6 +241,8 @@ def reply_for(msg, origin, choice):
         return BIN.encode(m.Batch(msgs=[m.Msg(msg_id=1, seq=1, sender="x", to="y")], more=False), 0)
     if isinstance(msg, m.Convs):
         return BIN.encode(m.ConvList(convs=[m.Conv(peer="x")]), 0)
+    if isinstance(msg, m.Watch):
+        return BIN.encode(m.PresenceList(states=[m.Presence(user=u, state=2) for u in msg.users]), 0)
     return BIN.encode(m.Ok(), 0)
 
 
@@ -408,7 +415,12 @@ class GateMachine(RuleBasedStateMachine):
                 assert conn.user == user and not conn._lost
             assert len(mine) <= gate.limiter.cfg.max_sessions_per_user
         assert sum(len(s) for s in gate.fanout.sessions.values()) == sum(1 for c in live if c.user is not None)
-        assert set(gate.fanout.sessions) == set(gate.backend.subscribed)
+        # One subscription per user with sessions here, one per user watched here.
+        wanted = collections.Counter(gate.fanout.sessions) + collections.Counter(gate.presence.watchers)
+        assert dict(wanted) == gate.backend.subscribed
+        sessions = {conn for mine in gate.fanout.sessions.values() for conn in mine.values()}
+        assert set(gate.presence.watching) <= sessions
+        assert {conn for mine in gate.presence.states.values() for conn in mine} == sessions
         for conn in live:
             assert conn.pending >= 0
             assert conn.paused == (conn.pending >= gate.limiter.cfg.max_pending_requests)

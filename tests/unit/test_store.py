@@ -605,6 +605,135 @@ def test_the_checkpoint_thread_copies_the_wal_back(tmp_path):
         again.close()
 
 
+# the push outbox
+
+def _pushed(store, delay_ms=1000):
+    """A service that queues push jobs, for the outbox tests."""
+    return IMService(store, 3600_000, 65536, push_delay_ms=delay_ms)
+
+
+def _send_via(service, sender, to, cmid, body=b"hello", ts=T0):
+    with service.store.transaction():
+        out = service.handle(sender, b"s", m.Send(to=to, cmid=cmid, kind=0, body=body), ts)
+    assert isinstance(out.reply, m.SendOk), out.reply
+    return out.reply
+
+
+@pytest.mark.timeout(60)
+def test_push_jobs_are_written_with_their_message(store):
+    users(store, "ann", "bob")
+    service = _pushed(store)
+    first = _send_via(service, "ann", "bob", b"c1")
+    _send_via(service, "ann", "ann", b"c2")  # to oneself: nobody to wake
+    assert service.take_push_due() == T0 + 1000
+    assert service.take_push_due() is None
+    assert store.push_stats() == (1, T0, 0)
+    assert store.claim_push_jobs("t0", T0 + 999, T0 + 60_000, 10, 10) == []  # not due yet
+    jobs = store.claim_push_jobs("t1", T0 + 1000, T0 + 60_000, 10, 10)
+    assert [(j.msg_id, j.user, j.seq, j.sender, j.body, j.delivered, j.unread) for j in jobs] == [
+        (first.msg_id, "bob", 1, "ann", b"hello", 0, 1)]
+    # leased: nobody else gets it until the lease ends
+    assert store.claim_push_jobs("t2", T0 + 1000, T0 + 60_000, 10, 10) == []
+    assert [j.msg_id for j in store.claim_push_jobs("t3", T0 + 60_000, T0 + 90_000, 10, 10)] == [first.msg_id]
+    with store.transaction():
+        store.finish_push_jobs([first.msg_id])
+    assert store.push_stats() == (0, None, 0)
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_message_write_queues_no_push(store):
+    users(store, "ann", "bob")
+    service = _pushed(store)
+    with pytest.raises(Boom):
+        with store.transaction():
+            service.handle("ann", b"s", m.Send(to="bob", cmid=b"c1", kind=0, body=b"x"), T0)
+            raise Boom()
+    assert store.push_stats().queued == 0
+
+
+@pytest.mark.timeout(60)
+def test_push_claims_keep_one_user_in_order_and_to_one_claimant(store):
+    users(store, "ann", "bob", "cat")
+    service = _pushed(store, delay_ms=0)
+    b1 = _send_via(service, "ann", "bob", b"1")
+    c1 = _send_via(service, "ann", "cat", b"2")
+    b2 = _send_via(service, "cat", "bob", b"3", ts=T0 + 5)
+    with store.transaction():
+        first = store.claim_push_jobs("a", T0, T0 + 100, 1, 10)
+    # one user, and all of their jobs with them (b2 is not due yet but queued behind b1)
+    assert [(j.user, j.msg_id) for j in first] == [("bob", b1.msg_id), ("bob", b2.msg_id)]
+    assert first[0].unread == 2
+    with store.transaction():
+        second = store.claim_push_jobs("b", T0 + 10, T0 + 100, 10, 10)
+    assert [(j.user, j.msg_id) for j in second] == [("cat", c1.msg_id)]
+    # bob's first job retries later: his second waits behind it, even when due
+    with store.transaction():
+        store.retry_push_job(b1.msg_id, T0 + 50, 1, "status 500")
+        store.release_push_jobs("a", "bob")
+    assert store.claim_push_jobs("c", T0 + 20, T0 + 100, 10, 10) == []
+    with store.transaction():
+        again = store.claim_push_jobs("d", T0 + 50, T0 + 100, 10, 1)  # one job per user at most
+    assert [(j.msg_id, j.attempts) for j in again] == [(b1.msg_id, 1)]
+    with store.transaction():
+        store.finish_push_jobs([b1.msg_id])
+        store.release_push_jobs("d", "bob")
+    assert [j.msg_id for j in store.claim_push_jobs("e", T0 + 50, T0 + 100, 10, 10)] == [b2.msg_id]
+
+
+@pytest.mark.timeout(60)
+def test_dead_push_jobs_are_listed_and_requeued(store):
+    users(store, "ann", "bob")
+    service = _pushed(store, delay_ms=0)
+    ids = [_send_via(service, "ann", "bob", b"%d" % i).msg_id for i in range(3)]
+    with store.transaction():
+        store.claim_push_jobs("a", T0, T0 + 100, 10, 10)
+        store.bury_push_jobs(ids[:2], T0 + 7, "status 500")
+    assert store.push_stats() == (1, T0, 2)
+    dead = store.dead_push_jobs(10)
+    assert [(d.msg_id, d.user, d.died_ms, d.last_error) for d in dead] == [
+        (ids[0], "bob", T0 + 7, "status 500"), (ids[1], "bob", T0 + 7, "status 500")]
+    with store.transaction():
+        assert store.requeue_dead_push_jobs([ids[1]], T0 + 8) == 1
+    assert [d.msg_id for d in store.dead_push_jobs(10)] == [ids[0]]
+    with store.transaction():
+        assert store.requeue_dead_push_jobs(None, T0 + 9) == 1
+    assert store.push_stats() == (3, T0, 0)
+    with store.transaction():
+        jobs = store.claim_push_jobs("b", T0 + 200, T0 + 300, 10, 10)
+    assert [(j.msg_id, j.attempts) for j in jobs] == [(i, 0) for i in ids]
+
+
+def _claimer(url, token, out):
+    store = open_store(url)
+    got = []
+    try:
+        for n in range(40):
+            with store.transaction():
+                jobs = store.claim_push_jobs(f"{token}-{n}", T0, T0 + 10**9, 3, 100)
+                store.finish_push_jobs([j.msg_id for j in jobs])
+            got += [j.msg_id for j in jobs]
+    finally:
+        store.close()
+    out.put(got)
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_claimants_never_share_a_job(store_url, store):
+    names = [f"u{i}" for i in range(20)]
+    users(store, "ann", *names)
+    service = _pushed(store, delay_ms=0)
+    for i in range(100):
+        _send_via(service, "ann", names[i % 20], b"%d" % i)
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_claimer, args=(store_url, t, out)) for t in ("a", "b", "c")]
+    for p in procs:
+        p.start()
+    got = [x for _ in procs for x in out.get(timeout=100)]
+    for p in procs:
+        p.join()
+    assert len(got) == 100 and len(set(got)) == 100
+
 # groups (protocol.md section 7)
 
 GROUP = "#crew"

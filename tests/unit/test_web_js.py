@@ -16,4 +16,4 @@ def test_js_modules_pass_the_shared_vectors():
         pytest.fail("node is needed for the web chat's tests (it comes with npm)")
     proc = subprocess.run([node, "--test", "tests/js/"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "# pass 2" in proc.stdout and "# fail 0" in proc.stdout, proc.stdout[-2000:]
+    assert "# pass 3" in proc.stdout and "# fail 0" in proc.stdout, proc.stdout[-2000:]

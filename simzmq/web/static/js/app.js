@@ -1,7 +1,7 @@
 // The chat page: binds ChatClient to the DOM. User text only ever goes in
 // through textContent.
 import sodium from "libsodium-wrappers-sumo";
-import { ChatClient, RequestError, SESSION_OVER_CODES, toHex, fromHex } from "./client.js";
+import { ChatClient, RequestError, SESSION_OVER_CODES, TYPING_EVERY_MS, TYPING_SHOWN_MS, toHex, fromHex } from "./client.js";
 
 const $ = (id) => document.getElementById(id);
 const utf8 = new TextEncoder();
@@ -30,6 +30,9 @@ let config, client;
 const convs = new Map(); // peer -> {peer, lastMsgId, unread, peerRead, last}
 const threads = new Map(); // peer -> {msgs: Map msg_id -> msg, pending: Map cmid -> item, oldest, more, loaded}
 let current = null; // the open conversation's peer
+const typers = new Map(); // conversation peer -> Map user -> timer that ends their "typing"
+let typingSent = { peer: null, at: 0 }; // our last Typing{true}
+const PRESENCE_WORDS = { 1: "offline", 2: "online", 3: "away" };
 
 const thread = (peer) => {
   if (!threads.has(peer)) threads.set(peer, { msgs: new Map(), pending: new Map(), oldest: 0, more: true, loaded: false });
@@ -175,6 +178,7 @@ async function refreshConvs() {
   }
   renderConvs();
   if (current) renderThread();
+  watchPeers();
   // The list names only the last msg_id: the text of the newest few comes from history.
   const missing = [...convs.values()].filter((c) => !c.last && c.lastMsgId).slice(0, 12);
   await Promise.all(missing.map(async (c) => {
@@ -184,6 +188,55 @@ async function refreshConvs() {
       renderConvs();
     }
   }));
+}
+
+// --- presence and typing (section 7) ----------------------------------------------
+
+/** Watch every user we have a conversation with (their presence shows if they wrote to us). */
+function watchPeers() {
+  const users = [...convs.keys()].filter((p) => !p.startsWith("#") && !client.watched.has(p));
+  if (users.length) client.watch(users).catch(() => {});
+}
+
+function presenceText(peer) {
+  const p = client.presence.get(peer);
+  if (!p || !PRESENCE_WORDS[p.state]) return "";
+  if (p.state === 1 && p.last_seen_ms) return `last seen ${shortTime(p.last_seen_ms)}`;
+  return PRESENCE_WORDS[p.state];
+}
+
+function renderPeerStatus() {
+  if (!current) return;
+  const who = [...(typers.get(current)?.keys() ?? [])];
+  const typing = who.length === 0 ? "" : current.startsWith("#") ? `${who.join(", ")} ${who.length > 1 ? "are" : "is"} typing…` : "typing…";
+  $("peer-status").textContent = typing || presenceText(current);
+}
+
+function onTyping({ detail: n }) {
+  const peer = n.peer.startsWith("#") ? n.peer : n.user;
+  const users = typers.get(peer) ?? new Map();
+  clearTimeout(users.get(n.user));
+  if (n.typing) users.set(n.user, setTimeout(() => { users.delete(n.user); renderPeerStatus(); }, TYPING_SHOWN_MS));
+  else users.delete(n.user);
+  typers.set(peer, users);
+  renderPeerStatus();
+}
+
+/** While text is being written: Typing{true} at most every few seconds; {false} when it is sent or cleared. */
+function onInput() {
+  const now = Date.now();
+  if (current && $("text").value.trim()) {
+    if (typingSent.peer !== current || now - typingSent.at >= TYPING_EVERY_MS) {
+      if (typingSent.peer !== current) stopTyping();
+      client.typing(current, true);
+      typingSent = { peer: current, at: now };
+    }
+  } else stopTyping();
+}
+
+function stopTyping() {
+  if (typingSent.peer) client.typing(typingSent.peer, false);
+  typingSent = { peer: null, at: 0 };
 }
 
 function renderConvs() {
@@ -206,6 +259,15 @@ function renderConvs() {
     time.className = "conv-time";
     time.textContent = c.last ? shortTime(c.last.ts_ms) : "";
     b.append(name, time, last);
+    const state = client.presence.get(c.peer)?.state;
+    if (PRESENCE_WORDS[state]) {
+      const dot = document.createElement("span");
+      dot.className = "presence";
+      dot.dataset.state = PRESENCE_WORDS[state];
+      dot.title = presenceText(c.peer);
+      dot.setAttribute("aria-label", dot.title);
+      name.prepend(dot);
+    }
     if (c.unread > 0) {
       const badge = document.createElement("span");
       badge.className = "badge";
@@ -266,6 +328,9 @@ async function openConversation(peer) {
   $("peer-view").hidden = false;
   $("chat-view").classList.add("show-conversation");
   $("peer-name").textContent = peer;
+  stopTyping();
+  if (!peer.startsWith("#") && !client.watched.has(peer)) client.watch([peer]).catch(() => {});
+  renderPeerStatus();
   showSendError("");
   renderConvs();
   renderThread();
@@ -363,6 +428,7 @@ function onSend(ev) {
     return;
   }
   showSendError("");
+  stopTyping();
   const cmid = client.send(peer, body);
   thread(peer).pending.set(cmid, { sender: client.user, to: peer, kind: 0, body, cmid, ts_ms: 0 });
   saveSession();
@@ -453,6 +519,8 @@ function newClient() {
   c.addEventListener("sent", onSent);
   c.addEventListener("sendfail", onSendFail);
   c.addEventListener("read", onRead);
+  c.addEventListener("presence", () => { renderConvs(); renderPeerStatus(); });
+  c.addEventListener("typing", onTyping);
   c.addEventListener("session", () => saveSession());
   c.addEventListener("synced", () => current && renderThread());
   return c;
@@ -491,6 +559,8 @@ async function main() {
     if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) onSend(ev);
   });
   $("text").addEventListener("input", autoGrow);
+  $("text").addEventListener("input", onInput);
+  $("text").addEventListener("blur", stopTyping);
   $("back").addEventListener("click", closeConversation);
   $("older").addEventListener("click", () => loadOlder(current));
   $("messages").addEventListener("scroll", () => {

@@ -6,6 +6,9 @@ import * as codec from "./codec.js";
 import { ClientHandshake } from "./channel.js";
 
 export const PING_INTERVAL_MS = 25000;
+export const WATCH_PER_REQUEST = 256; // section 7: ids in one Watch
+export const TYPING_EVERY_MS = 3000; // section 7: Typing{true} at most this often while typing
+export const TYPING_SHOWN_MS = 6000; // and a `true` counts as ended after this without another
 const HANDSHAKE_TIMEOUT_MS = 10000;
 const REQUEST_TIMEOUT_MS = 30000;
 const SENDOK_GAP_GRACE_MS = 300;
@@ -139,6 +142,8 @@ export class ConnectionLost extends Error {}
  *   read      notice        a ReadNotice
  *   session   {user, token} a new resume token (store it)
  *   synced    {}            a Sync finished: the inbox is complete
+ *   presence  Presence      a watched user's state ({user, state, last_seen_ms}; 0 unknown, 1 offline, 2 online, 3 away)
+ *   typing    TypingNotice  {user, peer, typing}: peer is the group, or this user for one-to-one typing
  */
 export class ChatClient extends EventTarget {
   constructor(sodium, { url, gatePk, device }) {
@@ -155,6 +160,8 @@ export class ChatClient extends EventTarget {
     this.pending = new Map(); // cmid hex -> {to, cmid, kind, body}, in send order
     this.limits = { max_body: 65536 };
     this.stopping = false;
+    this.watched = new Set(); // ids watched; watched again after every reconnect
+    this.presence = new Map(); // user -> the latest Presence
   }
 
   setState(state, why = "") {
@@ -218,6 +225,7 @@ export class ChatClient extends EventTarget {
     // Unacknowledged Sends go again, in their order, with their cmids.
     for (const p of this.pending.values()) this.transmit(p);
     if (this.inbox.hasGap || ok.max_seq > this.inbox.maxContiguous) this.requestSync();
+    if (this.watched.size) this.watch([...this.watched]).catch(() => {});
     clearInterval(this.pinger);
     this.pinger = setInterval(() => this.conn === conn && conn.request("Ping", { ts_ms: Date.now() }).catch(() => {}),
       PING_INTERVAL_MS);
@@ -298,6 +306,25 @@ export class ChatClient extends EventTarget {
   }
 
   convs() { return this.call("Convs").then((f) => f.convs); }
+
+  /** Watch these ids too (section 7); their states come as "presence" events. */
+  async watch(users) {
+    const ids = [...new Set(users)].slice(0, WATCH_PER_REQUEST);
+    for (const u of ids) this.watched.add(u);
+    const list = await this.call("Watch", { users: ids });
+    for (const p of list.states) this.onPresence(p);
+    return list.states;
+  }
+
+  onPresence(p) {
+    this.presence.set(p.user, p);
+    this.emit("presence", p);
+  }
+
+  /** Tell whoever may hear it that this user is typing to `peer` (or stopped). */
+  typing(peer, typing) {
+    if (this.conn && this.state === "online") this.conn.request("Typing", { peer, typing }).catch(() => {});
+  }
   read(peer, msgId) { return this.call("Read", { peer, msg_id: msgId }); }
 
   /** Queue a Send; returns its cmid (hex). Sent now if online, else at the next login. */
@@ -356,6 +383,10 @@ export class ChatClient extends EventTarget {
       else this.requestSync();
     } else if (m.name === "ReadNotice") {
       this.emit("read", m.fields);
+    } else if (m.name === "PresenceNotice") {
+      this.onPresence(m.fields.state);
+    } else if (m.name === "TypingNotice") {
+      this.emit("typing", m.fields);
     } else if (m.name === "Kick") {
       this.kick = m.fields;
     } else if (m.name === "Ping") {

@@ -8,8 +8,10 @@ export class ProtocolError extends Error {}
 const MSG = [["msg_id", "u64"], ["seq", "u64"], ["sender", "str"], ["to", "str"], ["kind", "u8"],
   ["ts_ms", "u64"], ["cmid", "bytes"], ["body", "bytes"]];
 const CONV = [["peer", "str"], ["last_msg_id", "u64"], ["unread", "u32"], ["peer_read", "u64"]];
+const PRESENCE = [["user", "str"], ["state", "u8"], ["last_seen_ms", "u64"]];
 
-// name: [type, fields]; a field is [name, kind] or [name, "list"|"struct", item fields].
+// name: [type, fields]; a field is [name, kind] or [name, "list"|"struct", item fields];
+// kind "strs" is a list of str.
 export const SCHEMA = {
   Login: [1, [["user", "str"], ["password", "str"], ["token", "bytes"], ["device", "str"]]],
   LoginOk: [2, [["user", "str"], ["session", "bytes"], ["token", "bytes"], ["max_seq", "u64"], ["server_ms", "u64"]]],
@@ -30,7 +32,16 @@ export const SCHEMA = {
   ConvList: [17, [["convs", "list", CONV]]],
   Kick: [18, [["code", "u16"], ["reason", "str"]]],
   Ready: [19, [["server_ms", "u64"], ["max_frame", "u32"], ["max_body", "u32"], ["idle_timeout_s", "u32"]]],
+  // Section 7: presence and typing.
+  Watch: [26, [["users", "strs"]]],
+  PresenceList: [27, [["states", "list", PRESENCE]]],
+  PresenceNotice: [28, [["state", "struct", PRESENCE]]],
+  SetPresence: [29, [["state", "u8"]]],
+  Typing: [30, [["peer", "str"], ["typing", "bool"]]],
+  TypingNotice: [31, [["user", "str"], ["peer", "str"], ["typing", "bool"]]],
 };
+
+const STR_ITEM = [["s", "str"]];
 
 const BY_TYPE = new Map(Object.entries(SCHEMA).map(([name, [type, fields]]) => [type, { name, fields }]));
 
@@ -122,6 +133,9 @@ function binWrite(w, fields, obj) {
     else if (kind === "list") {
       w.uint(4, v.length);
       for (const x of v) binWrite(w, item, x);
+    } else if (kind === "strs") {
+      w.uint(4, v.length);
+      for (const x of v) binWrite(w, STR_ITEM, { s: x });
     }
   }
 }
@@ -142,6 +156,11 @@ function binRead(r, fields) {
       r.need(count); // every item takes at least one byte: no huge loop on a forged count
       obj[name] = [];
       for (let i = 0; i < count; i++) obj[name].push(binRead(r, item));
+    } else if (kind === "strs") {
+      const count = r.uint(4);
+      r.need(count);
+      obj[name] = [];
+      for (let i = 0; i < count; i++) obj[name].push(binRead(r, STR_ITEM).s);
     }
   }
   return obj;
@@ -182,6 +201,9 @@ function mpWrite(w, fields, obj) {
     else if (kind === "list") {
       mpArray(w, v.length);
       for (const x of v) mpWrite(w, item, x);
+    } else if (kind === "strs") {
+      mpArray(w, v.length);
+      for (const x of v) mpStr(w, x);
     }
   }
 }
@@ -257,12 +279,17 @@ function mpFields(value, fields) {
     const v = value.v.get(name);
     if (v === undefined) throw new ProtocolError(`msgpack map missing field ${name}`);
     const want = kind in WIDTH ? "int" : kind === "bytes" ? "bin" : kind === "struct" ? "map"
-      : kind === "list" ? "array" : kind;
+      : kind === "list" || kind === "strs" ? "array" : kind;
     if (v.t !== want) throw new ProtocolError(`msgpack ${v.t} where ${kind} is required for ${name}`);
     if (kind in WIDTH) obj[name] = checkInt(kind, v.v);
     else if (kind === "struct") obj[name] = mpFields(v, item);
     else if (kind === "list") obj[name] = v.v.map((x) => mpFields(x, item));
-    else obj[name] = v.v;
+    else if (kind === "strs") {
+      obj[name] = v.v.map((x) => {
+        if (x.t !== "str") throw new ProtocolError(`msgpack ${x.t} in a list of str`);
+        return x.v;
+      });
+    } else obj[name] = v.v;
   }
   return obj;
 }
