@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import time
 import urllib.error
 import urllib.parse
@@ -1020,3 +1022,41 @@ def test_typing_notices_at_most_one_per_second_per_sender_and_peer(w):
     barrier.ok(m.Typing(peer=b.user, typing=True))
     _, before = b.until(typing_from(barrier.user, b.user))
     assert len([p for p in before if type(p) is m.TypingNotice and p.user == a.user]) == 1
+
+
+def test_becoming_a_contact_is_a_change_of_the_visible_state(w):
+    """Watch "pushes PresenceNotice to this connection on each change of a
+    watched user's visible state": when the watched user first writes to the
+    watcher, its visible state goes from 0 to its real one."""
+    a, c = w.user(1), w.user(2)
+    assert c.watch([a.user])[a.user].state == 0
+    writes(a, c)
+    notice, _ = c.until(lambda p: type(p) is m.PresenceNotice and p.state.user == a.user)
+    assert notice.state.state == m.PresenceState.ONLINE and notice.state.last_seen_ms > 0
+
+
+# A region of its own, whose gate 2 is killed.
+dying = region_fixture("conformance-dying", name="dying", gates=2, extra_env={"SIMZMQ_GATE_IDLE_TIMEOUT_S": "3"})
+
+
+def test_a_user_whose_gate_dies_goes_offline(dying):
+    """"A user whose gate dies is offline within idle_timeout" (here 3 s; the
+    test waits for the notice, it does not time it)."""
+    w = World(dying)
+    try:
+        a, b = w.user(2), w.user(1)
+        writes(a, b)
+        eventually_state(b, a.user, m.PresenceState.ONLINE)
+        os.kill(dying.pid("gate-2"), signal.SIGKILL)
+
+        def told(p):
+            return type(p) is m.PresenceNotice and p.state.user == a.user and p.state.state != m.PresenceState.ONLINE
+        deadline = time.monotonic() + 60
+        while not any(told(p) for p in b.pushes):
+            assert time.monotonic() < deadline, "no notice that a is offline"
+            assert type(b.ask(m.Ping(ts_ms=1))) is m.Pong  # b's own connection must not go idle
+            time.sleep(0.3)
+        notice = next(p for p in b.pushes if told(p))
+        assert notice.state.state == m.PresenceState.OFFLINE and notice.state.last_seen_ms > 0
+    finally:
+        w.close()
