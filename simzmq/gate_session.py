@@ -68,6 +68,9 @@ BACKPRESSURE = Counter("simzmq_gate_backpressure_total",
 SEND_BYTES = Counter("simzmq_gate_send_bytes_total",
                      "Bytes of Send requests let through the byte budgets (send_bytes_*)")
 SEND_TYPE = m.Send.TYPE
+GROUP_WRITES = Counter("simzmq_gate_group_writes_total",
+                       "Requests that write to every member of a group (Sends to groups, GroupCreate, "
+                       "GroupAdd, GroupRemove, GroupTitle) let through the group_writes limit")
 
 TYPE_NAMES = {t: cls.__name__ for t, cls in m.MESSAGES.items()}
 
@@ -78,6 +81,13 @@ TYPE_NAMES = {t: cls.__name__ for t, cls in m.MESSAGES.items()}
 # refuses them, so the SetPresence probe answers bad_request.
 GROUP_REQUESTS = (m.GroupCreate, m.GroupAdd, m.GroupRemove, m.GroupGet, m.GroupTitle)
 SERVED_1_1 = frozenset(cls.TYPE for cls in (*GROUP_REQUESTS, m.Send, m.Read))
+# Group changes store an event in every member's inbox, as a Send to a group
+# stores the message (the group_writes limit).
+GROUP_CHANGES = (m.GroupCreate, m.GroupAdd, m.GroupRemove, m.GroupTitle)
+
+
+def writes_to_group(msg) -> bool:
+    return type(msg) in GROUP_CHANGES or (type(msg) is m.Send and msg.to.startswith("#"))
 
 
 def now_ms() -> int:
@@ -308,7 +318,17 @@ class ClientConnection:
             inc(REQUESTS, name, "not_logged_in")
             self.reply_error(ref, ErrorCode.NOT_LOGGED_IN, "log in first")
             return
+        if writes_to_group(msg) and not self.group_write_allowed(ref, name):
+            return
         self.forward(ref, self.user, msg, name)
+
+    def group_write_allowed(self, ref: int, name: str) -> bool:
+        verdict = self.gate.limiter.group_write(self.user, self.gate.now())
+        if not verdict:
+            GROUP_WRITES.inc()
+            return True
+        self.limited(ref, lim.GROUP_WRITES, verdict, "too many group messages and changes; retry later", name)
+        return False
 
     _handlers = {
         m.Ping.TYPE: _ping,
