@@ -167,9 +167,9 @@ def test_group_audit_catches_loss_extras_disorder_and_missing_events():
     created, removed = event(10, GroupOp.CREATED, ["o", "a", "b"], 1), event(12, GroupOp.REMOVED, ["b"], 2)
     one, two = text(11, b"a|#g|000001"), text(13, b"a|#g|000002")
     sends = []
-    for n, msg in ((1, one), (2, two)):
+    for n, msg, seq in ((1, one, 2), (2, two, 4)):  # seq: where a's good inbox below holds it
         rec = SendRecord(n, msg.body, issued=float(n), acked=float(n))
-        rec.ok = m.SendOk(msg_id=msg.msg_id, seq=n + 1, ts_ms=1)
+        rec.ok = m.SendOk(msg_id=msg.msg_id, seq=seq, ts_ms=1)
         sends.append(rec)
     change = ChangeRecord(GroupOp.REMOVED, ("b",), m.GroupRemove(group="#g", users=["b"], cmid=b"x"), acked=1.0)
     group = ChaosGroup("#g", Device("o", "receiver", 1), ["o", "a", "b"], "b", [], {"a": sends}, [change])
