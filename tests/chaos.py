@@ -487,11 +487,11 @@ async def _load(region: Region, cfg: ChaosConfig, victim: str) -> dict:
             op = next(steps)
             cmid = os.urandom(16)
             if op == GroupOp.TITLE_CHANGED:
-                rec = ChangeRecord(op, (f"title {n}",), m.GroupTitle(group=group.id, title=f"title {n}", cmid=cmid))
-            elif op == GroupOp.REMOVED:
-                rec = ChangeRecord(op, (group.floater,), m.GroupRemove(group=group.id, users=[group.floater], cmid=cmid))
+                msg = m.GroupTitle(group=group.id, title=f"title {n}", cmid=cmid)
+                rec = ChangeRecord(op, (msg.title,), msg)
             else:
-                rec = ChangeRecord(op, (group.floater,), m.GroupAdd(group=group.id, users=[group.floater], cmid=cmid))
+                change = m.GroupRemove if op == GroupOp.REMOVED else m.GroupAdd
+                rec = ChangeRecord(op, (group.floater,), change(group=group.id, users=[group.floater], cmid=cmid))
             group.changes.append(rec)
             try:
                 await until_available(lambda: group.owner.client.request(rec.msg), within=cfg.drain_s)
