@@ -9,7 +9,9 @@ message reached every online device — as a push wherever the design promises
 one. Group messages and group events ride along in the load: every
 acknowledged group message is stored once in the inbox of everyone who was a
 member then, every member holds the group in the same (msg_id) order, every
-acknowledged change is an event, and every inbox's seqs are gapless. The outage a client saw (the longest gap between its SendOks) is measured
+acknowledged change is an event, and every inbox's seqs are gapless.
+
+The outage a client saw (the longest gap between its SendOks) is measured
 and reported (printed, and written under $SIMZMQ_CHAOS_RESULTS), never
 asserted: docs/failover.md has the numbers. Definitions are in tests/chaos.py.
 """
