@@ -30,7 +30,11 @@ BODY_PAD = bytes(BODY_SIZE - BODY_HEAD.size)
 # the same cmid (so a Send that did take effect is not stored twice).
 RETRY_CODES = frozenset({int(ErrorCode.UNAVAILABLE), int(ErrorCode.RATE_LIMITED)})
 RETRY_DELAY_S = 0.2
-MAX_SETUP_RETRIES = 50
+# How long a setup request (Register, Login, the groups' set-up) is repeated,
+# with the client library's backoff, while the region says unavailable or
+# rate_limited: on a busy machine the IM workers' password threads refuse
+# checks they cannot finish in time, for as long as registrations queue.
+SETUP_PATIENCE_S = 300.0
 # Registrations and password logins in flight across all processes: Argon2id
 # runs on a small thread pool per IM worker, so more only queue there (and a
 # queue longer than the gate's request timeout turns into errors).
@@ -349,16 +353,19 @@ class Worker:
                                      on_push=on_push)
 
     async def request_retrying(self, conn, msg):
-        """A setup request, repeated while the region says unavailable."""
-        from simzmq.client import RequestError
-        for _ in range(MAX_SETUP_RETRIES):
+        """A setup request, repeated while the region says unavailable (or rate_limited)."""
+        from simzmq.client import RequestError, backoff_delays
+        deadline = time.monotonic() + SETUP_PATIENCE_S
+        for delay in backoff_delays(first=RETRY_DELAY_S):
             try:
                 return await conn.request(msg)
             except RequestError as exc:
                 if exc.code not in RETRY_CODES:
                     raise
-            await asyncio.sleep(RETRY_DELAY_S)
-        raise BenchError(f"{type(msg).__name__} kept failing with unavailable")
+                if time.monotonic() + delay > deadline:
+                    raise BenchError(f"{type(msg).__name__} kept failing with {_error_name(exc)} "
+                                     f"for {SETUP_PATIENCE_S:.0f} s") from None
+            await asyncio.sleep(delay)
 
     async def register_all(self, names: list[str]) -> None:
         """Create the users on a few connections, a bounded number in flight."""
