@@ -739,15 +739,18 @@ def history(ctx, data, host, port, gate_key, user_id, http_port, before, limit, 
 # ---------------------------------------------------------------------------
 
 @main.command()
-@click.argument("scenario", type=click.Choice(["pairs", "connect", "fanin", "backlog", "logins"]))
+@click.argument("scenario", type=click.Choice(["pairs", "connect", "fanin", "backlog", "groups", "logins"]))
 @data_option
 @click.option("--host", default=None, help="Gate host (default gate.host).")
 @click.option("--port", type=int, default=None,
               help="Gate port (default: gate-1's port from DATA/run, else gate.port).")
 @click.option("--gate-key", default=None, help="The gate's public key, 64 hex (default: DATA/keys/gate.pub).")
 @click.option("--users", type=int, default=None,
-              help="Users (default: pairs 200, fanin 50, backlog 2, connect min(connections, 200), logins 500).")
-@click.option("--messages", type=int, default=200, show_default=True, help="Messages per sender (pairs, fanin).")
+              help="Users (default: pairs 200, fanin 50, backlog 2, connect min(connections, 200), logins 500); "
+                   "groups: the group's members (256).")
+@click.option("--messages", type=int, default=200, show_default=True,
+              help="Messages per sender (pairs, fanin, groups).")
+@click.option("--senders", type=int, default=1, show_default=True, help="Members sending to the group (groups).")
 @click.option("--window", type=int, default=16, show_default=True,
               help="Unacknowledged Sends per sender (without --rate; also the backlog fill).")
 @click.option("--rate", type=float, default=None, help="Offered msgs/s in total, open loop (pairs, fanin).")
@@ -762,14 +765,15 @@ def history(ctx, data, host, port, gate_key, user_id, http_port, before, limit, 
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @click.pass_context
-def bench(ctx, scenario, data, host, port, gate_key, users, messages, window, rate, procs, connections, backlog,
-          concurrency, settle, codec, as_json, progress):
-    """Load-test a running region: pairs, connect, fanin, backlog or logins."""
+def bench(ctx, scenario, data, host, port, gate_key, users, messages, senders, window, rate, procs, connections,
+          backlog, concurrency, settle, codec, as_json, progress):
+    """Load-test a running region: pairs, connect, fanin, backlog, groups or logins."""
     from simzmq import bench as bench_mod
     cfg = load_config(ctx, {"region": {"data": str(Path(data).resolve()) if data else None}})
     try:
         code = bench_mod.main(cfg, scenario=scenario, host=host, port=port, gate_key=gate_key, users=users,
-                              messages=messages, window=window, rate=rate, procs=procs, connections=connections,
+                              messages=messages, senders=senders, window=window, rate=rate, procs=procs,
+                              connections=connections,
                               backlog=backlog, concurrency=concurrency, settle_s=settle, codec=codec,
                               as_json=as_json, progress=progress)
     except bench_mod.BenchError as exc:

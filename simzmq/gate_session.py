@@ -76,6 +76,9 @@ SEND_TYPE = m.Send.TYPE
 # the gate encrypt max_pending_requests pages before the first one shows
 # that it is not reading; this way the socket's buffers fill after a few.
 ONE_AT_A_TIME = frozenset({m.Sync.TYPE, m.Convs.TYPE})
+GROUP_WRITES = Counter("simzmq_gate_group_writes_total",
+                       "Requests that write to every member of a group (Sends to groups, GroupCreate, "
+                       "GroupAdd, GroupRemove, GroupTitle) let through the group_writes limit")
 
 TYPE_NAMES = {t: cls.__name__ for t, cls in m.MESSAGES.items()}
 TYPING_DROPPED = Counter("simzmq_gate_typing_dropped_total",
@@ -88,6 +91,14 @@ TYPING_DROPPED = Counter("simzmq_gate_typing_dropped_total",
 # Send, keyed by the actor), what 1.1 changes in Send and Read (group ids,
 # kinds 250-255 refused), presence and typing (simzmq/presence.py). So the
 # SetPresence probe answers Ok.
+
+# Group changes store an event in every member's inbox, as a Send to a group
+# stores the message (the group_writes limit).
+GROUP_CHANGES = (m.GroupCreate, m.GroupAdd, m.GroupRemove, m.GroupTitle)
+
+
+def writes_to_group(msg) -> bool:
+    return type(msg) in GROUP_CHANGES or (type(msg) is m.Send and msg.to.startswith("#"))
 
 
 def now_ms() -> int:
@@ -317,8 +328,12 @@ class ClientConnection:
         return reply
 
     def _session_request(self, ref, msg):
-        if self._logged_in(ref, msg):
-            self.forward(ref, self.user, msg, type(msg).__name__)
+        if not self._logged_in(ref, msg):
+            return
+        name = type(msg).__name__
+        if writes_to_group(msg) and not self.group_write_allowed(ref, name):
+            return
+        self.forward(ref, self.user, msg, name)
 
     def _logged_in(self, ref, msg) -> bool:
         """Whether the connection has a session; if not, it is told so."""
@@ -378,6 +393,14 @@ class ClientConnection:
         # The worker checks contacts or membership and publishes the
         # notices; nothing comes back that the client needs.
         gate.backend.request(self.user.encode(), self.session, BIN.encode(msg, 0), _ignore)
+
+    def group_write_allowed(self, ref: int, name: str) -> bool:
+        verdict = self.gate.limiter.group_write(self.user, self.gate.now())
+        if not verdict:
+            GROUP_WRITES.inc()
+            return True
+        self.limited(ref, lim.GROUP_WRITES, verdict, "too many group messages and changes; retry later", name)
+        return False
 
     _handlers = {
         m.Ping.TYPE: _ping,

@@ -340,6 +340,8 @@ class LimitsConfig:
     send_bytes_per_user_burst: int = 2097152
     send_bytes_per_connection_per_s: float = 65536.0
     send_bytes_per_connection_burst: int = 1048576
+    group_writes_per_s: float = 2.0
+    group_writes_burst: int = 50
     abuse_factor: float = 4.0
     registers_per_address_per_min: float = 6.0
     registers_per_address_burst: int = 10
@@ -428,7 +430,8 @@ ADDRESS_BANNED = "address_banned"
 HISTORY = "history"
 SEND_BYTES_USER = "send_bytes_user"
 SEND_BYTES_CONNECTION = "send_bytes_connection"
-LIMIT_NAMES = (REQUESTS, SENDS, SEND_BYTES_USER, SEND_BYTES_CONNECTION, REGISTER_ADDRESS, REGISTER_USER, LOGIN_ADDRESS, LOGIN_USER, SESSIONS,
+GROUP_WRITES = "group_writes"
+LIMIT_NAMES = (REQUESTS, SENDS, SEND_BYTES_USER, SEND_BYTES_CONNECTION, GROUP_WRITES, REGISTER_ADDRESS, REGISTER_USER, LOGIN_ADDRESS, LOGIN_USER, SESSIONS,
                CONNECTIONS, ADDRESS_CONNECTIONS, ADDRESS_CONNECTS, ADDRESS_BANNED, HISTORY)
 
 
@@ -444,6 +447,12 @@ class Limiter:
         # bodies too fast is slowed down, and its count of Sends is limited
         # (and kicked for abuse) by `sends` already.
         self.send_bytes = BucketTable(cfg.send_bytes_per_user_per_s, cfg.send_bytes_per_user_burst, max_entries=n)
+        # A group write stores one inbox entry per member (up to
+        # max_group_members), where a one-to-one Send stores two: it has a
+        # budget of its own, per request, since only the IM workers know a
+        # group's size (docs/security.md, "Groups").
+        self.group_writes = BucketTable(cfg.group_writes_per_s, cfg.group_writes_burst,
+                                        cfg.abuse_factor * cfg.group_writes_burst, n)
         self.register_address = BucketTable(cfg.registers_per_address_per_min / 60,
                                             cfg.registers_per_address_burst, max_entries=n)
         self.register_user = BucketTable(cfg.registers_per_user_per_min / 60, cfg.registers_per_user_burst,
@@ -547,6 +556,11 @@ class Limiter:
         return max(connection_bytes.retry_after(now, min(size, connection_bytes.burst)),
                    self.send_bytes.retry_after(user, now, min(size, self.send_bytes.burst)))
 
+    def group_write(self, user: str, now: float) -> Verdict:
+        """May `user` make one more request that writes to a group (a Send to
+        it, GroupCreate, GroupAdd, GroupRemove, GroupTitle)?"""
+        return self.group_writes.check(user, now)
+
     def register(self, user: str, address: str, now: float) -> tuple[Verdict, str]:
         if not self.is_trusted(address):
             verdict = self.register_address.check(address_key(address), now)
@@ -628,7 +642,8 @@ class Limiter:
 
     def prune(self, now: float) -> dict[str, int]:
         """Forget what no longer matters; returns the entries left per table."""
-        tables = {"sends": self.sends, "send_bytes": self.send_bytes, "register_address": self.register_address,
+        tables = {"sends": self.sends, "send_bytes": self.send_bytes, "group_writes": self.group_writes,
+                  "register_address": self.register_address,
                   "register_user": self.register_user, "history": self.history_address,
                   "connects_address": self.connects_address, "banned_address": self.banned_address,
                   "login_user": self.login_user, "login_address": self.login_address}

@@ -23,6 +23,34 @@ What one run does (``run_chaos``):
 6. The devices get ``settle_s`` to hold everything (pushes still on their way,
    the client library's own Syncs), then the audit runs (``audit``, pure).
 
+Group traffic rides along (``groups`` groups, see ``plan_groups``): the pairs
+are split into that many chunks, and each chunk's senders and receivers form
+a group, owned by the chunk's first receiver (each member writes to the owner
+once first, so the owner may put it in). While the load runs, every sender
+also sends to its group (``group_rate`` a second, one Send in flight; body
+``sender|group|counter``), and each owner changes its group every
+``group_change_every_s``: a new title, removing one member (the "floater",
+the chunk's last receiver), a new title, putting it back, and so on. The
+group part of the audit (``audit_groups``, pure) takes the owner's inbox,
+which holds every message and event of the group, as the group's history;
+its events say who was a member when, and so which inboxes must hold each
+entry:
+
+* **group lost**: an acked group message missing from the history, or an
+  entry missing from the inbox of someone who was a member then (events:
+  also from whoever it removed);
+* **group extra**: an entry of the group in the inbox of someone who was not
+  a member then;
+* **group doubled**: a msg_id twice in one inbox;
+* **group order violation**: an inbox holding the group's entries in other
+  than msg_id order (then not every member sees one order), or one sender's
+  acked group messages not in send order;
+* **group mismatched**: a copy whose sender, kind or body differs from the
+  history's, or a sender's copy whose msg_id or seq differs from its SendOk;
+* **group events mismatch**: the history's events after the creation are
+  not exactly the acked changes, in order (checked when every change was
+  acked), or versions that do not rise by one.
+
 Definitions used by the audit (docs/failover.md repeats them):
 
 * **acked**: a Send whose ``SendOk`` reached the sender.
@@ -63,9 +91,9 @@ from pathlib import Path
 import zmq
 
 from simzmq import bus
-from simzmq.client import Client, Connection, RequestError
+from simzmq.client import Client, Connection, RequestError, group_event, new_group_id
 from simzmq.wire import messages as m
-from simzmq.wire.messages import ErrorCode
+from simzmq.wire.messages import GROUP_EVENT_KIND, ErrorCode, GroupOp
 from tests.region import Region, until_available
 
 SYNC_LIMIT = 500
@@ -99,6 +127,11 @@ class RecordingClient(Client):
             self.raw_pushes.append((number, push.msg.seq, time.monotonic()))
         self._on_push(push)
 
+    async def request(self, msg: object) -> object:
+        """A request that is safe to repeat as it is (a group change keeps
+        its cmid), repeated on a new connection if this one drops."""
+        return await self._call(msg)
+
 
 @dataclass
 class Device:
@@ -107,6 +140,9 @@ class Device:
     gate: int  # 1-based gate number
     client: RecordingClient | None = None
     stayed: bool | None = None  # fixed when the run ends, before the clients close
+    # Seqs of messages this device sent itself (a receiver's hello to its
+    # group's owner): it holds them from their SendOk, and is not pushed them.
+    sent: set[int] = field(default_factory=set)
 
     @property
     def name(self) -> str:
@@ -139,6 +175,43 @@ class Pair:
     laptop: Device
     inbox_device: Device
     sends: list[SendRecord] = field(default_factory=list)
+
+
+@dataclass
+class ChangeRecord:
+    """A group change the owner made during the load."""
+    op: GroupOp  # TITLE_CHANGED, REMOVED or ADDED
+    detail: tuple  # the title, or the users
+    msg: object
+    acked: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class ChaosGroup:
+    id: str
+    owner: Device  # the owner's first device: it creates the group and changes it
+    members: list[str]  # at its creation, in join order (the owner first)
+    floater: str  # the member the owner removes and puts back
+    senders: list[Pair]  # whose phones send to the group
+    sends: dict[str, list[SendRecord]] = field(default_factory=dict)  # sender -> its group Sends
+    changes: list[ChangeRecord] = field(default_factory=list)
+
+
+def plan_groups(pairs: list[Pair], count: int) -> list[ChaosGroup]:
+    """Split the pairs into ``count`` chunks; each chunk's senders and
+    receivers are a group, owned by its first receiver."""
+    size = len(pairs) // count if count else 0
+    if count and size < 2:
+        raise ValueError("each group needs at least two pairs")
+    groups = []
+    for g in range(count):
+        chunk = pairs[g * size:(g + 1) * size]
+        owner = chunk[0].inbox_device
+        members = [owner.user] + [u for p in chunk for u in (p.sender, p.receiver) if u != owner.user]
+        groups.append(ChaosGroup(new_group_id(), owner, members, chunk[-1].receiver, chunk,
+                                 {p.sender: [] for p in chunk}))
+    return groups
 
 
 # --- brokers' Binary Star state ----------------------------------------------------
@@ -249,6 +322,11 @@ class ChaosConfig:
     after_s: float = 6.0
     drain_s: float = 25.0
     settle_s: float = 10.0
+    groups: int = 2
+    # Group Sends per second per sender, and how often each owner changes its
+    # group: together under the gate's default group_writes limit.
+    group_rate: float = 1.0
+    group_change_every_s: float = 0.8
 
 
 def _start_region(data_dir: Path, cfg: ChaosConfig) -> Region:
@@ -316,11 +394,13 @@ def _run_in_region(region: Region, cfg: ChaosConfig) -> dict:
         after["broker_states"] = {r: s.get("state") for r, s in broker_states(region).items()}
     after["gates"] = {f"gate-{g}": gate_health(region, g) for g in range(1, cfg.gates + 1)}
     result = audit(run["pairs"], run["inboxes"], run["kill_at"], run["load_started"], run["load_stopped"])
+    result.update(audit_groups(run["groups"], run["inboxes"]))
     result.update(after)
     result.update({
         "victim_kind": cfg.victim,
         "config": {"workers": cfg.workers, "gates": cfg.gates, "pairs": cfg.pairs, "rate_per_sender": cfg.rate,
-                   "window": cfg.window, "before_s": cfg.before_s, "after_s": cfg.after_s},
+                   "window": cfg.window, "before_s": cfg.before_s, "after_s": cfg.after_s, "groups": cfg.groups,
+                   "group_rate_per_sender": cfg.group_rate, "group_change_every_s": cfg.group_change_every_s},
     })
     return result
 
@@ -351,22 +431,26 @@ async def _load(region: Region, cfg: ChaosConfig, victim: str) -> dict:
     for p in pairs:
         p.laptop.client.token = p.phone.client.token
     await asyncio.gather(*(_login(p.laptop.client) for p in pairs))
+    groups = plan_groups(pairs, cfg.groups)
+    first_device = {d.user: d for d in devices if d.role != "laptop"}
+    await asyncio.gather(*(_create_group(g, first_device) for g in groups))
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     gave_up = asyncio.Event()
 
-    async def sender(pair: Pair) -> None:
-        client = pair.phone.client
-        slots = asyncio.Semaphore(cfg.window)
-        period = 1.0 / cfg.rate
+    async def stream(client: Client, to: str, label: str, records: list[SendRecord], rate: float,
+                     window: int) -> None:
+        """Sends to ``to`` at ``rate``, at most ``window`` in flight, until stopped."""
+        slots = asyncio.Semaphore(window)
+        period = 1.0 / rate
         next_at = loop.time()
         flying: set[asyncio.Task] = set()
         counter = 0
 
         async def one(rec: SendRecord) -> None:
             try:
-                rec.ok = await client.send(pair.receiver, rec.body)
+                rec.ok = await client.send(to, rec.body)
                 rec.acked = time.monotonic()
             except (RequestError, ConnectionError, OSError) as exc:
                 # A final error is recorded (and fails the audit); a Send the
@@ -386,16 +470,46 @@ async def _load(region: Region, cfg: ChaosConfig, victim: str) -> dict:
                 await asyncio.sleep(delay)
             next_at = max(next_at + period, loop.time())
             counter += 1
-            rec = SendRecord(counter, f"{pair.sender}|{counter:06d}".encode(), time.monotonic())
-            pair.sends.append(rec)
+            rec = SendRecord(counter, f"{label}|{counter:06d}".encode(), time.monotonic())
+            records.append(rec)
             task = asyncio.create_task(one(rec))
             flying.add(task)
             task.add_done_callback(flying.discard)
         if flying:
             await asyncio.wait(list(flying))
 
+    async def changes(group: ChaosGroup) -> None:
+        """The owner changes its group every group_change_every_s until stopped."""
+        steps = itertools.cycle((GroupOp.TITLE_CHANGED, GroupOp.REMOVED, GroupOp.TITLE_CHANGED, GroupOp.ADDED))
+        for n in itertools.count(1):
+            try:
+                await asyncio.wait_for(stop.wait(), cfg.group_change_every_s)
+                return
+            except TimeoutError:
+                pass
+            op = next(steps)
+            cmid = os.urandom(16)
+            if op == GroupOp.TITLE_CHANGED:
+                msg = m.GroupTitle(group=group.id, title=f"title {n}", cmid=cmid)
+                rec = ChangeRecord(op, (msg.title,), msg)
+            else:
+                change = m.GroupRemove if op == GroupOp.REMOVED else m.GroupAdd
+                rec = ChangeRecord(op, (group.floater,), change(group=group.id, users=[group.floater], cmid=cmid))
+            group.changes.append(rec)
+            try:
+                await until_available(lambda: group.owner.client.request(rec.msg), within=cfg.drain_s)
+                rec.acked = time.monotonic()
+            except (RequestError, ConnectionError, OSError) as exc:
+                if not gave_up.is_set():
+                    rec.error = f"{type(exc).__name__}: {exc}"
+
     load_started = time.monotonic()
-    senders = [asyncio.create_task(sender(p)) for p in pairs]
+    senders = [asyncio.create_task(stream(p.phone.client, p.receiver, p.sender, p.sends, cfg.rate, cfg.window))
+               for p in pairs]
+    for g in groups:
+        senders += [asyncio.create_task(stream(p.phone.client, g.id, f"{p.sender}|{g.id}", g.sends[p.sender],
+                                               cfg.group_rate, 1)) for p in g.senders]
+        senders.append(asyncio.create_task(changes(g)))
     await asyncio.sleep(cfg.before_s)
     victim_pid = region.pid(victim)
     os.kill(victim_pid, signal.SIGKILL)
@@ -428,8 +542,21 @@ async def _load(region: Region, cfg: ChaosConfig, victim: str) -> dict:
         d.client.reconnect = False
     for d in devices:
         await d.client.close()
-    return {"pairs": pairs, "inboxes": inboxes, "kill_at": kill_at, "load_started": load_started,
-            "load_stopped": load_stopped, "victim_pid": victim_pid}
+    return {"pairs": pairs, "groups": groups, "inboxes": inboxes, "kill_at": kill_at,
+            "load_started": load_started, "load_stopped": load_stopped, "victim_pid": victim_pid}
+
+
+async def _create_group(group: ChaosGroup, first_device: dict[str, Device]) -> None:
+    """Each member writes to the owner (so the owner may put it in), then the
+    owner creates the group (a retried create answers the current group)."""
+    owner = group.owner
+    hellos = [first_device[u] for u in group.members if u != owner.user]
+    oks = await asyncio.gather(*(d.client.send(owner.user, f"hello|{d.user}|{group.id}".encode()) for d in hellos))
+    for d, ok in zip(hellos, oks):
+        d.sent.add(ok.seq)
+    create = m.GroupCreate(group=group.id, title="chaos", members=group.members[1:])
+    info = await until_available(lambda: owner.client.request(create))
+    assert info.members == group.members, info
 
 
 async def _register(client: Client) -> None:
@@ -457,7 +584,7 @@ def _device_done(d: Device, inbox: list[m.Msg]) -> bool:
     if any(msg.seq not in held for msg in inbox):
         return False
     if d.stayed_connected:
-        pushed = {seq for _, seq, _ in d.client.raw_pushes}
+        pushed = {seq for _, seq, _ in d.client.raw_pushes} | d.sent
         return all(msg.seq in pushed for msg in inbox)
     return True
 
@@ -620,6 +747,121 @@ def audit(pairs: list[Pair], inboxes: dict[str, list[m.Msg]], kill_at: float, lo
     }
 
 
+def group_history(group: str, owner_inbox: list[m.Msg]) -> tuple[list[m.Msg], dict[int, set[str]], list[str]]:
+    """The group's entries as its owner's inbox holds them; who must hold
+    each one (msg_id -> users), from the events before it; and what is wrong
+    with the history itself (events out of msg_id order, version gaps)."""
+    history = [msg for msg in owner_inbox if msg.to == group]
+    holders: dict[int, set[str]] = {}
+    members: set[str] = set()
+    problems = []
+    version = 0
+    for prev, msg in zip([None] + history, history):
+        if prev is not None and msg.msg_id <= prev.msg_id:
+            problems.append(f"{group}: history entry {msg.msg_id} after {prev.msg_id}")
+        event = group_event(msg)
+        if event is None:
+            holders[msg.msg_id] = set(members)
+            continue
+        if event.version != version + 1:
+            problems.append(f"{group}: event version {event.version} after {version}")
+        version = event.version
+        before = set(members)
+        if event.op == GroupOp.CREATED:
+            members = set(event.users)
+        elif event.op == GroupOp.ADDED:
+            members |= set(event.users)
+        elif event.op in (GroupOp.REMOVED, GroupOp.LEFT):
+            members -= set(event.users)
+        # An event reaches the members after it and whoever it removed.
+        holders[msg.msg_id] = before | members
+    return history, holders, problems
+
+
+def audit_groups(groups: list[ChaosGroup], inboxes: dict[str, list[m.Msg]]) -> dict:
+    acked = failed = unacked = 0
+    lost: list[str] = []
+    extra: list[str] = []
+    doubled: list[str] = []
+    order: list[str] = []
+    mismatched: list[str] = []
+    events: list[str] = []
+    changes = {"acked": 0, "failed": 0, "unacked": 0}
+    for group in groups:
+        history, holders, problems = group_history(group.id, inboxes[group.owner.user])
+        events += problems
+        by_id = {msg.msg_id: msg for msg in history}
+        # Every inbox against the history.
+        for user, inbox in inboxes.items():
+            mine = [msg for msg in inbox if msg.to == group.id]
+            ids = [msg.msg_id for msg in mine]
+            if len(set(ids)) != len(ids):
+                doubled.append(f"{user} holds an entry of {group.id} twice")
+            if any(b <= a for a, b in itertools.pairwise(ids)):
+                order.append(f"{user} holds {group.id} out of msg_id order")
+            for msg in mine:
+                truth = by_id.get(msg.msg_id)
+                if truth is None or user not in holders[msg.msg_id]:
+                    extra.append(f"{user}: {msg.msg_id} of {group.id}")
+                elif (msg.sender, msg.kind, msg.body) != (truth.sender, truth.kind, truth.body):
+                    mismatched.append(f"{user}: {msg.msg_id} of {group.id} differs from the history")
+            held = set(ids)
+            lost += [f"{user}: {msg_id} of {group.id}" for msg_id, users in holders.items()
+                     if user in users and msg_id not in held]
+        # The acknowledged Sends: in the history, in send order, the sender's copy as its SendOk said.
+        for sender, records in group.sends.items():
+            by_body = {msg.body: msg for msg in history if msg.sender == sender and msg.kind != GROUP_EVENT_KIND}
+            own = {msg.msg_id: msg for msg in inboxes[sender] if msg.to == group.id}
+            prev = None
+            for rec in records:
+                if rec.ok is None:
+                    if rec.error is not None:
+                        failed += 1
+                    else:
+                        unacked += 1
+                    continue
+                acked += 1
+                label = rec.body.decode()
+                msg = by_body.get(rec.body)
+                if msg is None:
+                    lost.append(f"{label} (acked) is not in the group's history")
+                    continue
+                mine = own.get(rec.ok.msg_id)
+                if msg.msg_id != rec.ok.msg_id or mine is None or mine.seq != rec.ok.seq:
+                    mismatched.append(f"{label}: SendOk (msg_id {rec.ok.msg_id}, seq {rec.ok.seq}) is not "
+                                      f"the sender's copy")
+                if prev is not None and msg.msg_id <= prev:
+                    order.append(f"{label} stored before an earlier Send of {sender}")
+                prev = msg.msg_id
+        # The changes: every one acked, and the history's events are exactly them.
+        for rec in group.changes:
+            key = "acked" if rec.acked is not None else "failed" if rec.error is not None else "unacked"
+            changes[key] += 1
+        seen = []
+        for msg in history:
+            event = group_event(msg)
+            if event is not None and event.op != GroupOp.CREATED:
+                seen.append((GroupOp(event.op), (event.title,) if event.op == GroupOp.TITLE_CHANGED
+                             else tuple(event.users)))
+        if all(rec.acked is not None for rec in group.changes):
+            wanted = [(rec.op, rec.detail) for rec in group.changes]
+            if seen != wanted:
+                events.append(f"{group.id}: events {seen} are not the changes {wanted}")
+    return {
+        "group_acked": acked,
+        "group_failed": failed,
+        "group_unacked": unacked,
+        "group_lost": len(lost),
+        "group_extra": len(extra),
+        "group_doubled": len(doubled),
+        "group_order_violations": len(order),
+        "group_mismatched": len(mismatched),
+        "group_events_mismatch": len(events),
+        "group_changes": changes,
+        "group_examples": (lost + extra + doubled + order + mismatched + events)[:20],
+    }
+
+
 def _device_stats(d: Device, inbox: list[m.Msg]) -> dict:
     c = d.client
     pushed_seqs: set[int] = set()
@@ -627,7 +869,8 @@ def _device_stats(d: Device, inbox: list[m.Msg]) -> dict:
     for number, seq, _ in c.raw_pushes:
         pushed_seqs.add(seq)
         per_conn[(number, seq)] = per_conn.get((number, seq), 0) + 1
-    expected = {msg.seq: msg for msg in inbox}
+    # What the device should hold: its inbox but what it sent itself.
+    expected = {msg.seq: msg for msg in inbox if msg.seq not in d.sent}
     held = c.messages
     wrong = sum(1 for seq, msg in expected.items() if seq in held and held[seq].msg_id != msg.msg_id)
     return {
@@ -648,6 +891,8 @@ def _device_stats(d: Device, inbox: list[m.Msg]) -> dict:
 
 
 SUMMARY_KEYS = ("victim", "acked", "failed", "unacked", "lost", "doubled", "mismatched", "order_violations",
+                "group_acked", "group_lost", "group_extra", "group_doubled", "group_order_violations",
+                "group_mismatched", "group_events_mismatch", "group_changes",
                 "outage_ms", "outage_median_sender_ms", "all_senders_gap_ms", "baseline_outage_ms",
                 "pushes_stayed", "pushes_reconnected", "broker_states")
 

@@ -18,6 +18,8 @@ The modules, one job each:
 * ``progress``    — the progress bar;
 * ``report``      — the report as text;
 * ``logins``      — the logins scenario, which runs on its own (one process);
+* ``groups``      — the groups scenario's plan, members, check and report rows
+  (its traffic runs on the generator of ``load``);
 * ``command``     — the `simzmq bench` command itself.
 
 Scenarios:
@@ -35,6 +37,11 @@ Scenarios:
   token; before that, every user logs in once with its password (measured
   apart, since Argon2id dominates it). Reports logins/s, latencies and the
   region's memory per idle logged-in connection.
+* ``groups``  — ``users`` (default 256) members of one group, spread over the
+  region's gates; ``senders`` of them send ``messages`` each to the group.
+  Reports delivered member copies/s, region CPU per member copy and send→push
+  latency to the last member, and checks that every member holds the group's
+  messages in one order (see simzmq/bench/groups.py).
 * ``logins``  — ``users`` (default 500) password Logins at once, each client
   retrying ``unavailable`` and ``rate_limited`` with backoff; reports
   logins/s against the password threads' capacity (threads ÷ one Argon2id

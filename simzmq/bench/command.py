@@ -9,7 +9,7 @@ from simzmq.bench import logins
 from simzmq.bench.calibrate import calibrate
 from simzmq.bench.coordinator import run
 from simzmq.bench.plan import BenchError, Options, validate
-from simzmq.bench.procstats import gate_port_from_pid, listening_ports, machine_info, read_pid_files
+from simzmq.bench.procstats import gate_client_ports, gate_port_from_pid, listening_ports, machine_info, read_pid_files
 from simzmq.bench.report import format_report
 
 
@@ -30,6 +30,9 @@ def main(cfg, *, scenario: str, host: str | None, port: int | None, gate_key: st
         except keys_mod.KeyFileError as exc:
             raise BenchError(str(exc)) from None
     g = cfg["gate"]
+    if scenario == "groups" and port is None:
+        # The members are spread over every gate of the region.
+        options["gate_ports"] = tuple(sorted(gate_client_ports(data_dir).values()))
     port = port or gate_port_from_pid(data_dir) or g["port"]
     if scenario == "logins":
         return _logins(cfg, host or g["host"], port, pk, options.get("users"), as_json)

@@ -10,6 +10,7 @@ import signal
 import time
 from dataclasses import asdict
 
+from simzmq.bench import groups
 from simzmq.bench.check import check_delivery, merge_errors, merge_latency, percentiles
 from simzmq.bench.gatemetrics import events_delta, gate_events
 from simzmq.bench.load import _child_entry
@@ -161,18 +162,24 @@ def _drive(opts: Options, coord: Coordinator, pids: dict) -> dict:
     plans = coord.plans
     report: dict = {"scenario": sc, "params": _params(opts), "server_pids": pids}
     # Setup steps: a registration and (but for connect) a password login per
-    # user, and for backlog the Sends that fill the inbox.
-    setup_total = n_users if sc == "connect" else 2 * n_users
-    setup = coord.wait_phase("setup", "setup", (F_SETUP, F_ACKED) if sc == "backlog" else F_SETUP,
-                             setup_total + (opts.backlog if sc == "backlog" else 0))
+    # user, for backlog the Sends that fill the inbox, for groups each
+    # member's message to the owner and then the group's creation.
+    if sc == "groups":
+        coord.wait_phase("contacts", "setup", F_SETUP, 3 * n_users - 1)
+        coord.go("create", 0.0)
+        setup = coord.wait_phase("setup", "create", F_SETUP, 1)
+    else:
+        setup_total = n_users if sc == "connect" else 2 * n_users
+        setup = coord.wait_phase("setup", "setup", (F_SETUP, F_ACKED) if sc == "backlog" else F_SETUP,
+                                 setup_total + (opts.backlog if sc == "backlog" else 0))
     report["setup_s"] = round(max(i["setup_s"] for i in setup.values()), 3)
     http_ports = gate_http_ports(opts.data_dir)
     events_before = gate_events(opts.host, http_ports)
     before = sample_all(pids)
     t0 = coord.go("run" if sc != "connect" else "password")
 
-    if sc in ("pairs", "fanin"):
-        total = sum(f.count for p in plans for f in p.flows)
+    if sc in ("pairs", "fanin", "groups"):
+        total = groups.expected_copies(opts) if sc == "groups" else sum(f.count for p in plans for f in p.flows)
         infos = coord.wait_phase("run", "run", F_DELIVERED, total)
         after = sample_all(pids)
         events_after = gate_events(opts.host, http_ports)
@@ -181,7 +188,9 @@ def _drive(opts: Options, coord: Coordinator, pids: dict) -> dict:
         window = max(1e-9, t_end - t0)
         wall = time.monotonic() - t0
         coord.go("check", 0.0)
-        coord.wait_phase("exit", "check", F_SYNCED, total)
+        # Entries read by the Sync check (for groups: every member's copies).
+        synced = opts.senders * opts.messages * n_users if sc == "groups" else total
+        coord.wait_phase("exit", "check", F_SYNCED, synced)
         results = [coord.results[i] for i in sorted(coord.results)]
         push = merge_latency(results, "push_latency")
         ack = merge_latency(results, "ack_latency")
@@ -205,6 +214,8 @@ def _drive(opts: Options, coord: Coordinator, pids: dict) -> dict:
         })
         if lag:
             report["generator"]["pace_lag_ms"] = percentiles(lag)
+        if sc == "groups":
+            groups.add_to_report(report, opts, results)
     elif sc == "backlog":
         coord.wait_phase("run", "sync", F_SYNCED, opts.backlog)
         after = sample_all(pids)
@@ -290,6 +301,6 @@ def _ok(report: dict) -> bool:
     if report["scenario"] == "connect":
         c = report["counts"]
         return c["token_logins"] == c["connections"] and c["password_logins"] == c["users"]
-    if report["scenario"] in ("pairs", "fanin", "backlog"):
+    if report["scenario"] in ("pairs", "fanin", "backlog", "groups"):
         return report["counts"]["acked"] == report["counts"].get("messages", report["counts"].get("backlog"))
     return True

@@ -30,7 +30,11 @@ BODY_PAD = bytes(BODY_SIZE - BODY_HEAD.size)
 # the same cmid (so a Send that did take effect is not stored twice).
 RETRY_CODES = frozenset({int(ErrorCode.UNAVAILABLE), int(ErrorCode.RATE_LIMITED)})
 RETRY_DELAY_S = 0.2
-MAX_SETUP_RETRIES = 50
+# How long a setup request (Register, Login, the groups' set-up) is repeated,
+# with the client library's backoff, while the region says unavailable or
+# rate_limited: on a busy machine the IM workers' password threads refuse
+# checks they cannot finish in time, for as long as registrations queue.
+SETUP_PATIENCE_S = 300.0
 # Registrations and password logins in flight across all processes: Argon2id
 # runs on a small thread pool per IM worker, so more only queue there (and a
 # queue longer than the gate's request timeout turns into errors).
@@ -247,9 +251,16 @@ class Receiver:
         w.counters[w.row + F_DELIVERED] += 1
         if w.measuring:
             w.push_latency.append(now - BODY_HEAD.unpack_from(body)[2])
+        self.counted(msg, now)
         if not self.done and self.pushes >= self.total:
             self.done = True
             w.receiver_done()
+
+    def counted(self, msg: m.Msg, now: float) -> None:
+        """A push of an expected message, just counted (a scenario's hook)."""
+
+    def synced(self, msg: m.Msg, bench_message: bool) -> None:
+        """An inbox entry read by the Sync check (a scenario's hook)."""
 
     async def sync_inbox(self, conn) -> dict:
         """Read the whole inbox; per expected sender, its message indexes in seq order."""
@@ -265,10 +276,12 @@ class Receiver:
                     gaps += 1
                 since = msg.seq
                 ks = found.get(msg.sender)
-                if ks is not None and len(msg.body) == BODY_SIZE and msg.body[:4] == BODY_MAGIC:
+                bench_message = ks is not None and len(msg.body) == BODY_SIZE and msg.body[:4] == BODY_MAGIC
+                if bench_message:
                     ks.append(BODY_HEAD.unpack_from(msg.body)[1])
                 else:
                     other += 1
+                self.synced(msg, bench_message)
             self.worker.counters[self.worker.row + F_SYNCED] += len(batch.msgs)
             if not batch.more or not batch.msgs:
                 break
@@ -333,22 +346,26 @@ class Worker:
 
     # -- connections -----------------------------------------------------------------
 
-    async def open(self, on_push=None):
+    async def open(self, on_push=None, port: int | None = None):
+        """A connection to the gate at ``port`` (default: the one the bench was given)."""
         from simzmq.client import Connection
-        return await Connection.open(self.opts.host, self.opts.port, self.opts.gate_pk, self.codecs,
+        return await Connection.open(self.opts.host, port or self.opts.port, self.opts.gate_pk, self.codecs,
                                      on_push=on_push)
 
     async def request_retrying(self, conn, msg):
-        """A setup request, repeated while the region says unavailable."""
-        from simzmq.client import RequestError
-        for _ in range(MAX_SETUP_RETRIES):
+        """A setup request, repeated while the region says unavailable (or rate_limited)."""
+        from simzmq.client import RequestError, backoff_delays
+        deadline = time.monotonic() + SETUP_PATIENCE_S
+        for delay in backoff_delays(first=RETRY_DELAY_S):
             try:
                 return await conn.request(msg)
             except RequestError as exc:
                 if exc.code not in RETRY_CODES:
                     raise
-            await asyncio.sleep(RETRY_DELAY_S)
-        raise BenchError(f"{type(msg).__name__} kept failing with unavailable")
+                if time.monotonic() + delay > deadline:
+                    raise BenchError(f"{type(msg).__name__} kept failing with {_error_name(exc)} "
+                                     f"for {SETUP_PATIENCE_S:.0f} s") from None
+            await asyncio.sleep(delay)
 
     async def register_all(self, names: list[str]) -> None:
         """Create the users on a few connections, a bounded number in flight."""
@@ -384,7 +401,7 @@ class Worker:
         async def one(name):
             async with sem:
                 t0 = time.monotonic()
-                conn = await self.open(on_push_for(name) if on_push_for else None)
+                conn = await self.open(on_push_for(name) if on_push_for else None, self.plan.ports.get(name))
                 t1 = time.monotonic()
                 try:
                     ok = await self.request_retrying(conn, m.Login(user=name, password=self.password, device="bench"))
@@ -440,11 +457,14 @@ class Worker:
         if self._flows_left <= 0 and self._receivers_left <= 0 and self._all_done is not None:
             self._all_done.set()
 
-    async def _traffic(self) -> dict:
+    async def traffic(self, make_receiver=Receiver, prepare=None) -> dict:
         """Senders send, receivers count pushes, until all is delivered (or
-        pushes go quiet). Returns what the run phase measured."""
+        pushes go quiet). Returns what the run phase measured.
+        ``make_receiver(worker, user, expected)`` makes each receiver;
+        ``prepare(sessions)``, if given, runs once everyone is logged in,
+        before the setup barrier."""
         opts, plan = self.opts, self.plan
-        receivers = {name: Receiver(self, name, exp) for name, exp in plan.receivers.items()}
+        receivers = {name: make_receiver(self, name, exp) for name, exp in plan.receivers.items()}
         t_setup = time.monotonic()
         await self.register_all(plan.users)
         sessions = await self.password_logins(
@@ -452,6 +472,8 @@ class Worker:
             on_push_for=lambda name: receivers[name].on_push if name in receivers else self._stray_push)
         for name, r in receivers.items():
             r.conn = sessions[name][0]
+        if prepare is not None:
+            await prepare(sessions)
         senders = [Sender(self, sessions[f.sender][0], f) for f in plan.flows]
         setup_s = time.monotonic() - t_setup
         self._flows_left = sum(1 for s in senders if not s.done)
@@ -522,6 +544,8 @@ class Worker:
             return (opts.resolved_users() // 2) * opts.messages
         if opts.scenario == "fanin":
             return (opts.resolved_users() - 1) * opts.messages
+        if opts.scenario == "groups":
+            return opts.senders * opts.messages
         return opts.backlog
 
     async def _wait_delivered(self, receivers: dict[str, Receiver], pacer) -> array:
@@ -551,10 +575,14 @@ class Worker:
         return lag
 
     async def run_pairs(self) -> dict:
-        return await self._traffic()
+        return await self.traffic()
 
     async def run_fanin(self) -> dict:
-        return await self._traffic()
+        return await self.traffic()
+
+    async def run_groups(self) -> dict:
+        from simzmq.bench import groups
+        return await groups.run_members(self)
 
     async def run_backlog(self) -> dict:
         plan = self.plan

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SCENARIOS = ("pairs", "connect", "fanin", "backlog")
+SCENARIOS = ("pairs", "connect", "fanin", "backlog", "groups")
 CODEC_IDS = {"bin": 1, "msgpack": 2}
 
 CONNECT_SESSIONS_PER_USER = 16
@@ -37,6 +37,10 @@ class Options:
     codec: str = "bin"
     settle_s: float = 2.0
     prefix: str = ""
+    senders: int = 1  # groups: members that send
+    # groups: the client ports of the region's gates, which the members are
+    # spread over (empty: all on `port`)
+    gate_ports: tuple[int, ...] = ()
 
     def resolved_users(self) -> int:
         if self.users is not None:
@@ -44,7 +48,7 @@ class Options:
         # connect: at most CONNECT_SESSIONS_PER_USER connections per user, under
         # the gate's default cap on sessions per user (gate.limits.max_sessions_per_user).
         connect_users = min(self.connections, max(200, -(-self.connections // CONNECT_SESSIONS_PER_USER)))
-        return {"pairs": 200, "fanin": 50, "backlog": 2, "connect": connect_users}[self.scenario]
+        return {"pairs": 200, "fanin": 50, "backlog": 2, "connect": connect_users, "groups": 256}[self.scenario]
 
 
 # ---------------------------------------------------------------------------
@@ -68,6 +72,7 @@ class Plan:
     receivers: dict[str, dict[str, int]] = field(default_factory=dict)
     users: list[str] = field(default_factory=list)  # users this child registers
     connections: list[tuple[int, str]] = field(default_factory=list)  # connect: (number, user)
+    ports: dict[str, int] = field(default_factory=dict)  # user -> gate port, where not the bench's port
 
 
 def user_name(prefix: str, i: int) -> str:
@@ -112,6 +117,9 @@ def make_plans(opts: Options) -> list[Plan]:
         for c in range(opts.connections):
             u = c % n
             plans[u % procs].connections.append((c, name(u)))
+    elif opts.scenario == "groups":
+        from simzmq.bench.groups import plan_members
+        plan_members(opts, plans)
     return plans
 
 
@@ -127,6 +135,10 @@ def validate(opts: Options) -> None:
         raise BenchError(f"{opts.scenario} needs at least 2 users (senders and one recipient)")
     if opts.scenario == "connect" and (n < 1 or opts.connections < 1):
         raise BenchError("connect needs at least one user and one connection")
+    if opts.scenario == "groups" and n < 2:
+        raise BenchError("groups needs at least 2 members (--users)")
+    if opts.scenario == "groups" and not 1 <= opts.senders <= n:
+        raise BenchError("--senders must be between 1 and the group's members (--users)")
     if opts.messages < 1 or opts.window < 1 or opts.concurrency < 1:
         raise BenchError("--messages, --window and --concurrency must be at least 1")
     if opts.scenario == "backlog" and opts.backlog < 1:

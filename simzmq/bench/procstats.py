@@ -91,16 +91,24 @@ def _option_of(pid: int, flag: str) -> int | None:
 def gate_port_from_pid(data_dir: str | Path | None) -> int | None:
     """The client port of gate-1 as `simzmq up` started it (its --port), if
     the region runs on this machine."""
-    pid = read_pid_files(data_dir).get("gate-1")
-    return None if pid is None else _option_of(pid, "--port")
+    return gate_client_ports(data_dir).get("gate-1")
+
+
+def gate_client_ports(data_dir: str | Path | None) -> dict[str, int]:
+    """``{gate name: client port}`` from the gates' command lines (their --port)."""
+    return _gate_ports(data_dir, "--port")
 
 
 def gate_http_ports(data_dir: str | Path | None) -> dict[str, int]:
     """``{gate name: HTTP port}`` from the gates' command lines (their --http-port)."""
+    return _gate_ports(data_dir, "--http-port")
+
+
+def _gate_ports(data_dir: str | Path | None, flag: str) -> dict[str, int]:
     ports = {}
     for name, pid in read_pid_files(data_dir).items():
         if name.startswith("gate-"):
-            port = _option_of(pid, "--http-port")
+            port = _option_of(pid, flag)
             if port is not None:
                 ports[name] = port
     return ports

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from simzmq.bench import groups
 from simzmq.bench.calibrate import format_calibration
 
 
@@ -15,7 +16,9 @@ def format_report(r: dict) -> str:
     p = r["params"]
     lines = []
     head = f"simzmq bench {r['scenario']}: users {p['users']}, procs {p['procs']}, codec {p['codec']}"
-    if r["scenario"] in ("pairs", "fanin"):
+    if r["scenario"] == "groups":
+        head += groups.report_head(r)
+    if r["scenario"] in ("pairs", "fanin", "groups"):
         head += f", messages {p['messages']} per sender, " + (
             f"offered rate {p['rate']:g}/s" if p["rate"] else f"window {p['window']}")
     elif r["scenario"] == "backlog":
@@ -29,14 +32,17 @@ def format_report(r: dict) -> str:
                  f"not measured): {r['setup_s']:.2f} s")
     rows: list[tuple[str, str]] = []
     c = r["counts"]
-    if r["scenario"] in ("pairs", "fanin"):
+    if r["scenario"] in ("pairs", "fanin", "groups"):
+        copies = "member copies" if r["scenario"] == "groups" else "msgs"
         rows += [("measured window", f"{r['window_s']:.3f} s (first Send to last push)"),
                  ("messages sent / acked", f"{c['messages']} / {c['acked']}  (retries {c['retries']})"),
                  ("delivered (NewMsg pushes)", (f"{c['delivered_pushes']}  (duplicates {c['duplicate_pushes']}, "
                                                f"not pushed {c['pushes_missing']})")),
-                 ("delivered msgs/s", f"{r['rates']['delivered_per_s']:.0f}"),
+                 (f"delivered {copies}/s", f"{r['rates']['delivered_per_s']:.0f}"),
                  ("send→push latency ms", _fmt_lat(r["latency_ms"]["send_to_push"])),
                  ("send→SendOk latency ms", _fmt_lat(r["latency_ms"]["send_to_ack"]))]
+        if r["scenario"] == "groups":
+            rows += groups.report_rows(r, _fmt_lat)
         if "pace_lag_ms" in r["generator"]:
             rows.append(("generator pacing lag ms", _fmt_lat(r["generator"]["pace_lag_ms"])))
     elif r["scenario"] == "backlog":
@@ -80,7 +86,7 @@ def format_report(r: dict) -> str:
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
     srv = r["server"]
     if srv["processes"]:
-        unit = {"pairs": "msg", "fanin": "msg", "backlog": "msg", "connect": "login"}[r["scenario"]]
+        unit = {"pairs": "msg", "fanin": "msg", "backlog": "msg", "connect": "login", "groups": "copy"}[r["scenario"]]
         lines.append("  region processes (measured window):")
         lines.append(f"    {'process':<16} {'pid':>7} {'CPU s':>8} {'CPU %':>7} {'CPU µs/' + unit:>13} "
                      f"{'RSS before':>11} {'RSS after':>11}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from array import array
@@ -106,6 +107,44 @@ def test_backlog(region):
     assert t["total_s"] >= t["sync_s"] > 0
     assert_clean(r, 120)
     assert_server_measured(r)
+
+
+# The groups scenario spreads the members over every gate of the region.
+groups_region = region_fixture("benchgroups", name="groups_region", gates=2, workers=2)
+
+
+@pytest.mark.timeout(120)
+def test_groups_members_on_two_gates(groups_region):
+    r = bench(groups_region, "groups", "--users", "6", "--senders", "2", "--messages", "8", "--procs", "2")
+    assert r["group"] == {"id": r["group"]["id"], "members": 6, "senders": 2, "gates": 2, "expected_copies": 80}
+    c = r["counts"]
+    assert c["messages"] == c["acked"] == 16
+    # Every message to the 5 members besides its sender.
+    assert c["delivered_pushes"] + c["pushes_missing"] == 80 and c["duplicate_pushes"] == 0
+    assert r["latency_ms"]["send_to_push"]["n"] == c["delivered_pushes"]
+    last = r["latency_ms"]["send_to_last_member"]
+    assert last["n"] + c["not_pushed_to_every_member"] == 16
+    assert r["check"]["same_order"] == {"members": 6, "messages": 16, "differing": 0, "out_of_msg_id_order": 0}
+    assert_clean(r, 16 * 6)  # each member's copy of each message, the senders' own included
+    assert_server_measured(r)
+    assert {p["name"] for p in r["server"]["processes"]} >= {"gate-2", "im-2"}
+    assert_calibrated(r, groups_region)
+
+
+@pytest.mark.timeout(120)
+def test_groups_text_report_at_a_fixed_rate(groups_region):
+    proc = subprocess.run([sys.executable, "-m", "simzmq", "bench", "groups", "--users", "3", "--messages", "5",
+                           "--rate", "50", "--data", str(groups_region.data_dir), "--no-progress"],
+                          cwd=str(ROOT), env=groups_region.env, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("simzmq bench groups: users 3, procs 1, codec bin, a group of 3 members on 2 gate(s), "
+                               "1 sender(s), messages 5 per sender, offered rate 50/s")
+    assert lines[1].startswith("  calibration: CPython ")
+    for row in ("delivered member copies/s", "send→push to the last member ms", "Sync check", "CPU µs/copy"):
+        assert row in proc.stdout, row
+    assert re.search(r"same order for every member +OK: 3 members, 5 messages, differing 0", proc.stdout)
+    assert lines[-1] == "  result: OK"
 
 
 @pytest.mark.timeout(60)

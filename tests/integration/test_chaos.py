@@ -6,7 +6,12 @@ Each test checks, against every user's inbox read afresh at the end: zero
 acknowledged messages lost, zero stored twice, each sender's messages in send
 order in both inboxes, SendOk's msg_id and seq match the store, and every
 message reached every online device — as a push wherever the design promises
-one. The outage a client saw (the longest gap between its SendOks) is measured
+one. Group messages and group events ride along in the load: every
+acknowledged group message is stored once in the inbox of everyone who was a
+member then, every member holds the group in the same (msg_id) order, every
+acknowledged change is an event, and every inbox's seqs are gapless.
+
+The outage a client saw (the longest gap between its SendOks) is measured
 and reported (printed, and written under $SIMZMQ_CHAOS_RESULTS), never
 asserted: docs/failover.md has the numbers. Definitions are in tests/chaos.py.
 """
@@ -29,6 +34,7 @@ def check_delivery(r: dict) -> None:
     assert r["doubled"] == 0, r["doubled_examples"]
     assert r["mismatched"] == 0, r["mismatched_examples"]
     assert r["order_violations"] == 0, r["order_examples"]
+    check_groups(r)
     for group in ("pushes_stayed", "pushes_reconnected"):
         # Every online device ends up holding every message, each as sent...
         assert r[group]["missing"] == 0, (group, [d for d in r["devices"] if d["missing"]])
@@ -36,6 +42,16 @@ def check_delivery(r: dict) -> None:
         # ...and a gate pushes each inbox seq to a connection once.
         assert r[group]["pushed_twice"] == 0, (group, [d for d in r["devices"] if d["pushed_twice"]])
     assert r["victim_new_pid"] is not None and r["victim_new_pid"] != r["victim_pid"], "not restarted"
+
+
+def check_groups(r: dict) -> None:
+    """The group traffic of the load, whatever was killed."""
+    assert r["group_acked"] > 0 and r["group_failed"] == 0 and r["group_unacked"] == 0, r
+    changes = r["group_changes"]
+    assert changes["acked"] > 0 and changes["failed"] == changes["unacked"] == 0, changes
+    for key in ("group_lost", "group_extra", "group_doubled", "group_order_violations", "group_mismatched",
+                "group_events_mismatch"):
+        assert r[key] == 0, (key, r["group_examples"])
 
 
 def check_all_pushed_to_everyone_online(r: dict) -> None:
@@ -127,3 +143,50 @@ def test_audit_catches_loss_doubles_and_disorder():
     assert r["pushes_stayed"]["devices"] == 0  # the fake connections are not open
     moved = r["pushes_reconnected"]
     assert moved["messages"] == 8 and moved["pushed"] == 5 and moved["sync_only"] == 1 and moved["missing"] == 2
+
+
+@pytest.mark.timeout(10)
+def test_group_audit_catches_loss_extras_disorder_and_missing_events():
+    """The group audit itself, on a doctored history: the owner `o` created
+    #g with `a` and `b`, removed `b`, and `a` sent two messages."""
+    import dataclasses
+
+    from simzmq.wire import messages as m
+    from simzmq.wire.codec import BIN
+    from simzmq.wire.messages import GROUP_EVENT_KIND, GroupOp
+    from tests.chaos import ChangeRecord, ChaosGroup, Device, SendRecord, audit_groups
+
+    def event(msg_id, op, users, version):
+        body = BIN.encode_struct(m.GroupEvent(op=int(op), actor="o", users=users, title="", version=version))
+        return m.Msg(msg_id=msg_id, seq=0, sender="o", to="#g", kind=GROUP_EVENT_KIND, ts_ms=1, cmid=b"", body=body)
+
+    def text(msg_id, body):
+        return m.Msg(msg_id=msg_id, seq=0, sender="a", to="#g", kind=0, ts_ms=1, cmid=b"c", body=body)
+
+    def inbox(*msgs):
+        return [dataclasses.replace(msg, seq=i) for i, msg in enumerate(msgs, 1)]
+
+    created, removed = event(10, GroupOp.CREATED, ["o", "a", "b"], 1), event(12, GroupOp.REMOVED, ["b"], 2)
+    one, two = text(11, b"a|#g|000001"), text(13, b"a|#g|000002")
+    sends = []
+    for n, msg, seq in ((1, one, 2), (2, two, 4)):  # seq: where a's good inbox below holds it
+        rec = SendRecord(n, msg.body, issued=float(n), acked=float(n))
+        rec.ok = m.SendOk(msg_id=msg.msg_id, seq=seq, ts_ms=1)
+        sends.append(rec)
+    change = ChangeRecord(GroupOp.REMOVED, ("b",), m.GroupRemove(group="#g", users=["b"], cmid=b"x"), acked=1.0)
+    group = ChaosGroup("#g", Device("o", "receiver", 1), ["o", "a", "b"], "b", [], {"a": sends}, [change])
+    good = {"o": inbox(created, one, removed, two), "a": inbox(created, one, removed, two),
+            "b": inbox(created, one, removed)}
+    r = audit_groups([group], good)
+    assert r["group_acked"] == 2 and r["group_changes"]["acked"] == 1
+    assert all(r[k] == 0 for k in ("group_lost", "group_extra", "group_doubled", "group_order_violations",
+                                   "group_mismatched", "group_events_mismatch")), r
+    # b misses the event that removed it and holds a message sent after it
+    # left; a holds the group out of order.
+    bad = {"o": good["o"], "a": inbox(created, removed, one, two), "b": inbox(created, one, two)}
+    r = audit_groups([group], bad)
+    assert r["group_lost"] == 1 and r["group_extra"] == 1 and r["group_order_violations"] == 1
+    # An acked change that left no event.
+    group.changes.append(ChangeRecord(GroupOp.ADDED, ("b",), m.GroupAdd(group="#g", users=["b"], cmid=b"y"),
+                                      acked=2.0))
+    assert audit_groups([group], good)["group_events_mismatch"] == 1

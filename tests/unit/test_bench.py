@@ -118,3 +118,98 @@ def test_summary_medians_and_ratio_of_interleaved_runs():
     assert x == {"figure": "x", "a": [10.0, 12.0, 50.0], "b": [30.0, 20.0, 24.0], "median_a": 12.0, "median_b": 24.0,
                  "ratio_b_a": 2.0}
     assert y["median_a"] is None and y["median_b"] == 2.0 and y["ratio_b_a"] is None
+
+
+# --- the groups scenario's pure parts ---------------------------------------------------
+
+from array import array  # noqa: E402
+
+from simzmq.bench import groups  # noqa: E402
+from simzmq.bench.plan import BenchError, Options, make_plans, validate  # noqa: E402
+
+
+def group_opts(**kw) -> Options:
+    base = dict(scenario="groups", host="127.0.0.1", port=1, gate_pk=b"k" * 32, prefix="bx", users=5, senders=2,
+                messages=3, procs=2, gate_ports=(7001, 7002))
+    return Options(**{**base, **kw})
+
+
+def test_group_plan_spreads_members_over_processes_and_gates():
+    opts = group_opts()
+    plans = make_plans(opts)
+    assert [p.users for p in plans] == [["bx-0", "bx-2", "bx-4"], ["bx-1", "bx-3"]]
+    assert {u: port for p in plans for u, port in p.ports.items()} == {
+        "bx-0": 7001, "bx-1": 7002, "bx-2": 7001, "bx-3": 7002, "bx-4": 7001}
+    # The first `senders` members send to the group; every member checks them all.
+    assert [(f.sender, f.to, f.count) for p in plans for f in p.flows] == [("bx-0", "#bx-g", 3), ("bx-1", "#bx-g", 3)]
+    assert all(exp == {"bx-0": 3, "bx-1": 3} for p in plans for exp in p.receivers.values())
+    assert groups.expected_copies(opts) == 2 * 3 * 4
+    # Without the gates' ports, everyone on the bench's own.
+    assert all(not p.ports for p in make_plans(group_opts(gate_ports=())))
+
+
+@pytest.mark.parametrize("kw, says", [({"users": 1, "senders": 1}, "at least 2 members"),
+                                      ({"senders": 0}, "--senders"), ({"senders": 6}, "--senders")])
+def test_group_options_refused(kw, says):
+    with pytest.raises(BenchError, match=says):
+        validate(group_opts(**kw))
+
+
+def arrivals_result(counts, pushes):
+    """One process's Arrivals after `pushes` of (sender, k, t_sent, now)."""
+    a = groups.Arrivals(counts)
+    for sender, k, t_sent, now in pushes:
+        a.note(sender, k, t_sent, now)
+    return {"group": {"arrivals": a.result()}}
+
+
+def test_latency_to_the_last_member_merges_processes():
+    counts = {"s": 2}
+    # Message 0 reaches two members in process one (at 1.2 and 1.5) and one in
+    # process two (at 1.4); message 1 only two members of three.
+    one = arrivals_result(counts, [("s", 0, 1.0, 1.2), ("s", 0, 1.0, 1.5), ("s", 1, 2.0, 2.1)])
+    two = arrivals_result(counts, [("s", 0, 1.0, 1.4), ("s", 1, 2.0, 2.3), ("s", 9, 2.0, 2.3), ("x", 0, 0.0, 1.0)])
+    latencies, short = groups.last_member_latency([one, two], copies_each=3)
+    assert [round(x, 6) for x in latencies] == [0.5] and short == 1
+    latencies, short = groups.last_member_latency([one, two], copies_each=2)
+    assert sorted(round(x, 6) for x in latencies) == [0.3, 0.5] and short == 0
+
+
+def orders_result(rows):
+    lists, members = {}, []
+    for user, ids in rows:
+        arr = array("Q", ids)
+        digest = groups.order_digest(arr)
+        lists.setdefault(digest, arr.tobytes())
+        members.append((user, digest, all(a < b for a, b in zip(ids, ids[1:]))))
+    return {"group": {"orders": {"lists": lists, "members": members}}}
+
+
+def test_order_agreement_finds_a_member_out_of_step():
+    same = [orders_result([("a", [3, 5, 8]), ("b", [3, 5, 8])]), orders_result([("c", [3, 5, 8])])]
+    assert groups.order_agreement(same) == {"members": 3, "messages": 3, "differing": 0, "out_of_msg_id_order": 0}
+    swapped = groups.order_agreement([orders_result([("a", [3, 5, 8]), ("b", [3, 8, 5])])])
+    assert (swapped["differing"], swapped["out_of_msg_id_order"]) == (1, 1)
+    missing = groups.order_agreement([orders_result([("a", [3, 5, 8])]), orders_result([("b", [3, 8])])])
+    assert (missing["differing"], missing["out_of_msg_id_order"]) == (1, 0)
+
+
+def test_add_to_report_fails_the_check_on_disagreement():
+    opts = group_opts(users=3, senders=1, messages=1, gate_ports=())
+    one = arrivals_result({"bx-0": 1}, [("bx-0", 0, 1.0, 1.1), ("bx-0", 0, 1.0, 1.2)])
+    one["group"].update(orders_result([("bx-0", [7]), ("bx-1", [7]), ("bx-2", [])])["group"])
+    report = {"latency_ms": {}, "counts": {}, "check": {"ok": True}}
+    groups.add_to_report(report, opts, [one])
+    assert report["group"] == {"id": "#bx-g", "members": 3, "senders": 1, "gates": 1, "expected_copies": 2}
+    assert report["latency_ms"]["send_to_last_member"]["n"] == 1
+    assert report["counts"]["not_pushed_to_every_member"] == 0
+    assert report["check"]["same_order"]["differing"] == 1 and report["check"]["ok"] is False
+
+
+def test_figures_of_a_group_run_per_member_copy():
+    report = pairs_report(1000, REGION_CPU)
+    report["scenario"] = "groups"
+    report["latency_ms"]["send_to_last_member"] = {"n": 10, "p50": 4.0, "p99": 8.0}
+    figs = figures(report)
+    assert figs["delivered member copies/s"] == 500.0 and figs["region CPU µs/member copy"] == 1900.0
+    assert figs["send→last member p50 ms (windowed)"] == 4.0 and figs["send→last member p99 ms (windowed)"] == 8.0
