@@ -286,6 +286,21 @@ class StoreUrl(Kind):
 
 
 @dataclass(frozen=True)
+class WebhookUrl(Kind):
+    """Empty (off), or a URL the push service may call (simzmq/push/webhook.py)."""
+    expect = "empty, or an https:// URL (http:// to a loopback address only)"
+
+    def check(self, value: Any) -> str:
+        from simzmq.push.webhook import url_problem
+        if not isinstance(value, str):
+            raise ValueError(self.expect)
+        why = url_problem(value) if value else None
+        if why:
+            raise ValueError(why)
+        return value
+
+
+@dataclass(frozen=True)
 class Names(Kind):
     """A list of strings; in the environment, comma-separated."""
     empty: bool = True  # whether the list may be empty
@@ -413,7 +428,7 @@ class IMConfig:
 @dataclass(frozen=True)
 class PushConfig:
     """The push service (docs/push.md); off while webhook is empty."""
-    webhook: str = setting(Text(empty=True))
+    webhook: str = setting(WebhookUrl())
     secret: str = setting(Text(empty=True))
     delay_ms: int = setting(Int(0))
     coalesce_ms: int = setting(Int(0))
@@ -721,14 +736,10 @@ def cross_check(cfg: Config) -> list[str]:
 
 
 def push_problems(p: PushConfig) -> list[str]:
-    from simzmq.push.webhook import url_problem
     problems = []
-    if p.webhook:
-        why = url_problem(p.webhook)
-        if why:
-            problems.append(f"push.webhook = {p.webhook!r}: {why}")
-        if not p.secret:
-            problems.append("push.secret must be set when push.webhook is (the calls are signed with it)")
+    if p.webhook and not p.secret:
+        problems.append("push.secret must be set when push.webhook is (the calls are signed with it): "
+                        "--webhook-secret S, or SIMZMQ_PUSH_SECRET")
     if p.backoff_min_ms > p.backoff_max_ms:
         problems.append(f"push.backoff_min_ms ({p.backoff_min_ms}) must not exceed "
                         f"push.backoff_max_ms ({p.backoff_max_ms})")

@@ -35,19 +35,19 @@ def is_loopback_url(url: str) -> bool:
 
 
 def url_problem(url: str) -> str | None:
-    """Why `url` cannot be the webhook, or None. Plain http only to this
-    machine: the body carries message previews."""
+    """What `url` must be to serve as the webhook (it is not), or None.
+    Plain http only to this machine: the body carries message previews."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "must be an http:// or https:// URL"
+        return "an http:// or https:// URL"
     try:
         port = parts.port
     except ValueError:
         port = 0
     if port == 0:
-        return "its port must be a number from 1 to 65535"
+        return "a URL whose port is a number from 1 to 65535"
     if any(c.isspace() for c in url):
-        return "must not contain spaces"
+        return "a URL without spaces"
     if parts.scheme == "http" and not is_loopback_url(url):
-        return "must be https:// (plain http is allowed to a loopback address only)"
+        return "https:// (plain http is allowed to a loopback address only)"
     return None

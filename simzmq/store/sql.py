@@ -486,8 +486,9 @@ class SQLStore(Store):
     def bury_push_jobs(self, user: str, msg_ids: Sequence[int], now_ms: int, error: str) -> None:
         if not msg_ids:
             return
+        # attempts + 1: the call that failed for good counts.
         self._by_ids("INSERT INTO push_dead (msg_id, user_id, seq, created_ms, attempts, died_ms, last_error)"
-                     " SELECT msg_id, user_id, seq, created_ms, attempts, ?, ? FROM push_outbox"
+                     " SELECT msg_id, user_id, seq, created_ms, attempts + 1, ?, ? FROM push_outbox"
                      " WHERE user_id = ? AND msg_id IN ", msg_ids, (now_ms, error[:200], user))
         self.finish_push_jobs(user, msg_ids)
 

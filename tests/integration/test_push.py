@@ -80,7 +80,10 @@ class Receiver:
 
 
 def push_env(receiver: Receiver, **more) -> dict:
-    env = {"SIMZMQ_PUSH_DELAY_MS": str(DELAY_MS), "SIMZMQ_PUSH_PRESENCE_INTERVAL_S": "1",
+    # A loaded machine must not make a broker take its peer for dead, nor a
+    # gate give up on a Register whose password hashing waits for a core.
+    env = {"SIMZMQ_BROKER_HEARTBEAT_MS": "1000", "SIMZMQ_GATE_REQUEST_TIMEOUT_S": "20",
+           "SIMZMQ_PUSH_DELAY_MS": str(DELAY_MS), "SIMZMQ_PUSH_PRESENCE_INTERVAL_S": "1",
            "SIMZMQ_PUSH_BACKOFF_MIN_MS": "200", "SIMZMQ_PUSH_BACKOFF_MAX_MS": "1000",
            "SIMZMQ_PUSH_TIMEOUT_S": "2", "SIMZMQ_PUSH_LEASE_S": "5", "SIMZMQ_PUSH_SCAN_INTERVAL_MS": "200"}
     env.update({f"SIMZMQ_PUSH_{k.upper()}": str(v) for k, v in more.items()})
@@ -564,3 +567,21 @@ def test_two_regions_on_one_store_push_only_users_online_in_neither(tmp_path, pg
         receiver.stop()
     for r in (a, b):
         assert "presence of region" in r.read_log()
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--webhook", "htp://127.0.0.1:9000/hook", "--webhook-secret", "s"],
+     "(from --webhook): must be an http:// or https:// URL"),
+    (["--webhook", "ftp://127.0.0.1/hook", "--webhook-secret", "s"], "must be an http:// or https:// URL"),
+    (["--webhook", "127.0.0.1:9000/hook", "--webhook-secret", "s"], "must be an http:// or https:// URL"),
+    (["--webhook", "http://127.0.0.1:90o0/hook", "--webhook-secret", "s"], "port is a number"),
+    (["--webhook", "http://push.example.com/hook", "--webhook-secret", "s"], "must be https://"),
+    (["--webhook", "http://127.0.0.1:9000/hook"], "push.secret must be set"),
+])
+def test_up_refuses_a_wrong_webhook_in_one_line_and_starts_nothing(tmp_path, flags, expected):
+    out = subprocess.run([sys.executable, "-m", "simzmq", "up", "--data", str(tmp_path / "data"), *flags],
+                         capture_output=True, text=True, cwd=str(ROOT), timeout=60)
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], out.stderr
+    assert not (tmp_path / "data" / "run").exists()

@@ -269,12 +269,16 @@ def test_the_push_section_is_checked_as_a_whole():
     assert on.push.enabled and on.push.job_delay_ms == on.push.delay_ms + 500
     assert config.load(env={"SIMZMQ_PUSH_WEBHOOK": "http://127.0.0.1:9/h", "SIMZMQ_PUSH_SECRET": "s"}).push.enabled
     with pytest.raises(config.ConfigError) as exc:
-        config.load(env={"SIMZMQ_PUSH_WEBHOOK": "http://app.example.com/hook", "SIMZMQ_PUSH_BACKOFF_MIN_MS": "9",
+        config.load(env={"SIMZMQ_PUSH_WEBHOOK": "http://app.example.com/hook"})
+    assert exc.value.problems == [
+        "push.webhook = 'http://app.example.com/hook' (from SIMZMQ_PUSH_WEBHOOK): must be https:// (plain http is "
+        "allowed to a loopback address only)"]
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(env={"SIMZMQ_PUSH_WEBHOOK": "https://app.example.com/hook", "SIMZMQ_PUSH_BACKOFF_MIN_MS": "9",
                          "SIMZMQ_PUSH_BACKOFF_MAX_MS": "8", "SIMZMQ_PUSH_LEASE_S": "20"})
     assert exc.value.problems == [
-        "push.webhook = 'http://app.example.com/hook': must be https:// (plain http is allowed to a loopback "
-        "address only)",
-        "push.secret must be set when push.webhook is (the calls are signed with it)",
+        "push.secret must be set when push.webhook is (the calls are signed with it): --webhook-secret S, "
+        "or SIMZMQ_PUSH_SECRET",
         "push.backoff_min_ms (9) must not exceed push.backoff_max_ms (8)",
         "push.lease_s (20) must be more than twice push.timeout_s (10.0), so a claim outlives a call that times out",
     ]

@@ -99,7 +99,7 @@ def test_webhook_urls():
     assert webhook.url_problem("http//127.0.0.1:9000/hook") is not None  # a typo'd scheme
     for bad_port in ("http://127.0.0.1:90o0/hook", "http://127.0.0.1:99999/hook", "http://127.0.0.1:0/hook"):
         assert "port" in webhook.url_problem(bad_port)
-    assert "spaces" in webhook.url_problem("http://127.0.0.1:9000/my hook")
+    assert "without spaces" in webhook.url_problem("http://127.0.0.1:9000/my hook")
 
 
 _numbers = {}
