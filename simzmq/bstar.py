@@ -9,7 +9,9 @@ clock or touches a socket. The transitions follow the reactor version,
   the peer expiry), or when the peer tells it that it is the one waiting;
 * once ACTIVE, the only way out is death;
 * two ACTIVE or two PASSIVE servers are a fatal configuration error and the
-  server stops (:class:`DualActive`, :class:`DualPassive`).
+  server stops (:class:`DualActive`, :class:`DualPassive`) — with one
+  departure from bstar.c: when both are ACTIVE, only the backup stops and the
+  primary keeps serving (:meth:`BinaryStar.on_peer_state`).
 
 The states a server publishes to its peer are the peer's events: a server in
 state PRIMARY is seen by its peer as event PEER_PRIMARY, and so on.
@@ -108,6 +110,7 @@ class BinaryStar:
     """
 
     def __init__(self, primary: bool, now: float, peer_timeout: float) -> None:
+        self.primary = primary
         self.state = State.PRIMARY if primary else State.BACKUP
         self.peer_timeout = peer_timeout
         # As in bstar.c the peer counts as alive for one timeout after start,
@@ -124,12 +127,24 @@ class BinaryStar:
     def on_peer_state(self, peer_state: State, now: float) -> State:
         """The peer published its state; returns our (maybe new) state.
 
-        Raises :class:`DualActive` / :class:`DualPassive`.
+        Raises :class:`DualActive` / :class:`DualPassive`; a primary does not
+        raise DualActive but stays ACTIVE. Two active servers mean the
+        backup missed the primary's state messages for a peer timeout (a
+        starved machine or a slow network delays them) and took over on a
+        client request. bstar.c stops both, which leaves the region with no
+        broker until both are restarted; here the backup stops alone, and
+        restarted it sees the primary active and goes passive. Both serving
+        for those moments loses nothing: the brokers hold no messages, the
+        store is one, and Sends are idempotent on their cmid.
         """
         self.peer_state = peer_state
         self.peer_seen = now
         self.peer_expiry = now + self.peer_timeout
-        self.state, _ = step(self.state, PEER_EVENT[peer_state], now, self.peer_expiry)
+        try:
+            self.state, _ = step(self.state, PEER_EVENT[peer_state], now, self.peer_expiry)
+        except DualActive:
+            if not self.primary:
+                raise
         return self.state
 
     def on_client_request(self, now: float) -> bool:

@@ -122,11 +122,22 @@ def test_lone_backup_never_serves():
     assert backup.state is B
 
 
-def test_dual_active_raises_from_class():
-    server = BinaryStar(primary=True, now=0.0, peer_timeout=2.0)
-    server.on_peer_state(B, 0.1)
+def test_dual_active_stops_the_backup_only():
+    # The backup went active while the primary was serving (it missed the
+    # primary's state messages): the backup stops, the primary serves on.
+    backup = BinaryStar(primary=False, now=0.0, peer_timeout=2.0)
+    backup.on_peer_state(A, 0.1)
+    assert backup.on_client_request(5.0) is True and backup.state is A
     with pytest.raises(DualActive):
-        server.on_peer_state(A, 0.2)
+        backup.on_peer_state(A, 5.1)
+    primary = BinaryStar(primary=True, now=0.0, peer_timeout=2.0)
+    primary.on_peer_state(B, 0.1)
+    assert primary.state is A
+    assert primary.on_peer_state(A, 5.1) is A
+    assert primary.on_client_request(5.2) is True
+    # the backup, restarted, comes back passive
+    restarted = BinaryStar(primary=False, now=6.0, peer_timeout=2.0)
+    assert restarted.on_peer_state(A, 6.1) is S
 
 
 def test_dual_passive_raises_from_class():
