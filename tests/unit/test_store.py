@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import sqlite3
@@ -754,6 +755,15 @@ def _make_group(store, owner, members):
     return service
 
 
+def _handle(store, service, actor, msg):
+    with store.transaction():
+        return service.handle(actor, b"o" * 16, msg, T0)
+
+
+def _group_conv(store, user):
+    return {c.peer: c for c in store.conversations(user)}[GROUP]
+
+
 def test_group_events_have_empty_cmids_and_sends_stay_unique(store):
     users(store, "ann", "bob")
     service = _make_group(store, "ann", ["bob"])
@@ -771,11 +781,7 @@ def test_group_events_have_empty_cmids_and_sends_stay_unique(store):
 
 def test_group_membership_marks_and_history(store):
     users(store, "ann", "bob", "cat")
-    service = _make_group(store, "ann", ["bob", "cat"])
-
-    def do(actor, msg):
-        with store.transaction():
-            return service.handle(actor, b"o" * 16, msg, T0)
+    do = functools.partial(_handle, store, _make_group(store, "ann", ["bob", "cat"]))
 
     sent = do("bob", m.Send(to=GROUP, cmid=b"g1", kind=0, body=b"one")).reply
     assert do("cat", m.Read(peer=GROUP, msg_id=sent.msg_id)).reply == m.Ok()
@@ -784,8 +790,8 @@ def test_group_membership_marks_and_history(store):
     assert [g.user for g in store.group_members(GROUP)] == ["ann", "bob", "cat"]
     assert [g.active for g in store.group_members(GROUP)] == [True, True, False]
     assert store.groups_joined(["ann", "cat"]) == {"ann": 1}
-    convs = {c.peer: c for c in store.conversations("ann")}
-    assert convs[GROUP].unread == 2 and convs[GROUP].last_msg_id == later.msg_id
+    ann = _group_conv(store, "ann")
+    assert ann.unread == 2 and ann.last_msg_id == later.msg_id
     # cat keeps its copies up to its removal, and sees no later ones.
     cat_page, _ = store.history("cat", GROUP, 0, 10)
     assert [x.body for x in cat_page if x.kind == 0] == [b"one"]
@@ -797,14 +803,8 @@ def test_group_membership_marks_and_history(store):
 
 def test_a_former_members_group_conv_stays_as_at_its_removal(store):
     users(store, "ann", "bob", "cat")
-    service = _make_group(store, "ann", ["bob", "cat"])
-
-    def do(actor, msg):
-        with store.transaction():
-            return service.handle(actor, b"o" * 16, msg, T0)
-
-    def conv(user):
-        return {c.peer: c for c in store.conversations(user)}[GROUP]
+    do = functools.partial(_handle, store, _make_group(store, "ann", ["bob", "cat"]))
+    conv = functools.partial(_group_conv, store)
 
     one = do("bob", m.Send(to=GROUP, cmid=b"g1", kind=0, body=b"one")).reply
     do("cat", m.Read(peer=GROUP, msg_id=one.msg_id))
@@ -845,7 +845,7 @@ def test_a_rolled_back_removal_leaves_the_conv_live(store):
     with store.transaction():
         sent = service.handle("ann", b"o" * 16, m.Send(to=GROUP, cmid=b"g1", kind=0, body=b"x"), T0).reply
         service.handle("ann", b"o" * 16, m.Read(peer=GROUP, msg_id=sent.msg_id), T0)
-    assert {c.peer: c for c in store.conversations("bob")}[GROUP].peer_read == sent.msg_id
+    assert _group_conv(store, "bob").peer_read == sent.msg_id
 
 
 def _group_writer(url, sender, body_prefix, peer):
@@ -962,9 +962,7 @@ def test_the_frozen_convs_step_freezes_who_had_left_and_keeps_members_live(store
     _write_schema_before_frozen_convs(store_url)
     s = open_store(store_url)
     try:
-        def conv(user):
-            return {c.peer: c for c in s.conversations(user)}[GROUP]
-
+        conv = functools.partial(_group_conv, s)
         assert conv("cat") == Conv(GROUP, 9, 1, 5)
         assert (conv("ann").peer_read, conv("bob").peer_read) == (5, 7)
         with s.transaction():
