@@ -256,6 +256,8 @@ class GroupService:
             if new_owner:
                 events.append((GroupOp.OWNER_CHANGED, actor, [new_owner], "", remaining))
         notices, _ = self._changed(actor, msg, group, events, now_ms)
+        # Their Conv with the group stays as it is now (section 7).
+        self.store.freeze_group_convs(group.row.id, leaving)
         return m.Ok(), notices
 
     def group_title(self, actor: str, msg: m.GroupTitle, now_ms: int):

@@ -372,7 +372,14 @@ class Store:
 
     def start_group_marks(self, group: str, users: Iterable[str], msg_id: int) -> None:
         """Set the read mark of `users` in the group to `msg_id` (the event
-        that added them), nothing unread before it."""
+        that added them), nothing unread before it; their Conv with the
+        group is live again."""
+        raise NotImplementedError
+
+    def freeze_group_convs(self, group: str, users: Iterable[str]) -> None:
+        """Keep the Conv with the group of `users`, who have just left it or
+        been removed (their member rows saved inactive), as it is now: its
+        peer_read stays the lowest mark of the members left (section 7)."""
         raise NotImplementedError
 
     # conversations

@@ -34,7 +34,7 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from .base import StoreBusy, StoreError, clamp_id
-from .sql import GROUPS_SCHEMA, PRESENCE_SCHEMA, SQLStore
+from .sql import FROZEN_CONVS_SCHEMA, GROUPS_SCHEMA, PRESENCE_SCHEMA, SQLStore
 
 # Taken while migrating, so workers starting together migrate once.
 MIGRATION_LOCK_KEY = 0x73696D7A6D71  # "simzmq"
@@ -191,7 +191,10 @@ CREATE INDEX push_dead_msg ON push_dead (msg_id);
 # Presence (section 7): last_seen_ms, the gates' leases and local states.
 _SCHEMA_V5 = ";\n".join(PRESENCE_SCHEMA)
 
-MIGRATIONS = [_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5]
+# A former member's Conv with a group stays as at its removal (section 7).
+_SCHEMA_V6 = ";\n".join(FROZEN_CONVS_SCHEMA)
+
+MIGRATIONS = [_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6]
 
 # SQLSTATEs of transient conflicts: deadlock, serialization failure, lock
 # timeout, cancelled statement (statement_timeout).

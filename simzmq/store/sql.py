@@ -158,6 +158,28 @@ PRESENCE_SCHEMA = (
     "CREATE INDEX presence_gate ON presence (gate)",
 )
 
+# A group conversation's peer_read, for the conversation row `c` (a user's
+# with a group): the lowest read mark of the group's other current members,
+# 0 with none. The one way it is computed: live for a member, and once, in
+# the transaction of its removal, for a former member (frozen_peer_read).
+_GROUP_PEER_READ = (
+    "SELECT COALESCE(MIN(o.read_mark), 0) FROM group_members g"
+    " JOIN conversations o ON o.user_id = g.user_id AND o.peer = g.group_id"
+    " WHERE g.group_id = c.peer AND g.active = 1 AND g.user_id <> c.user_id"
+)
+
+# A former member's Conv with a group stays as it was at its removal
+# (section 7): frozen_peer_read holds the peer_read it had then, and is NULL
+# while the user is a member. The same text in both back ends (each runs it
+# as a migration step); users who were already former members when it runs
+# keep the peer_read of that moment.
+FROZEN_CONVS_SCHEMA = (
+    "ALTER TABLE conversations ADD COLUMN frozen_peer_read bigint",
+    f"UPDATE conversations AS c SET frozen_peer_read = ({_GROUP_PEER_READ})"
+    " WHERE EXISTS (SELECT 1 FROM group_members f"
+    " WHERE f.group_id = c.peer AND f.user_id = c.user_id AND f.active = 0)",
+)
+
 _GROUP_UNREAD = (
     "SELECT count(*) FROM messages WHERE recipient = ? AND substr(recipient, 1, 1) = '#'"
     " AND msg_id > ? AND msg_id <= ? AND sender <> ? AND kind <> ?"
@@ -405,24 +427,16 @@ class SQLStore(Store):
 
     def conversations(self, user: str, limit: int | None = None) -> list[Conv]:
         rows = self._execute(
-            "SELECT c.peer, c.last_msg_id, c.unread, COALESCE(p.read_mark, 0)"
+            "SELECT c.peer, c.last_msg_id, c.unread,"
+            " CASE WHEN substr(c.peer, 1, 1) = '#'"
+            f" THEN COALESCE(c.frozen_peer_read, ({_GROUP_PEER_READ}))"
+            " ELSE COALESCE(p.read_mark, 0) END"
             " FROM conversations c"
             " LEFT JOIN conversations p ON p.user_id = c.peer AND p.peer = c.user_id"
             " WHERE c.user_id = ? ORDER BY c.last_msg_id DESC LIMIT ?",
             (user, self._NO_LIMIT if limit is None else limit),
         ).fetchall()
-        return [Conv(row[0], row[1], row[2], self._group_peer_read(row[0], user)) if is_group(row[0])
-                else Conv(*row) for row in rows]
-
-    def _group_peer_read(self, group: str, user: str) -> int:
-        """The lowest read mark of the group's other current members."""
-        row = self._execute(
-            "SELECT MIN(c.read_mark) FROM group_members g"
-            " JOIN conversations c ON c.user_id = g.user_id AND c.peer = g.group_id"
-            " WHERE g.group_id = ? AND g.active = 1 AND g.user_id <> ?",
-            (group, user),
-        ).fetchone()
-        return row[0] or 0
+        return [Conv(*row) for row in rows]
 
     def history(
         self, user: str, peer: str, before: int, limit: int
@@ -670,6 +684,14 @@ class SQLStore(Store):
 
     def start_group_marks(self, group: str, users: Iterable[str], msg_id: int) -> None:
         self._executemany(
-            "UPDATE conversations SET read_mark = ?, unread = 0 WHERE user_id = ? AND peer = ?",
+            "UPDATE conversations SET read_mark = ?, unread = 0, frozen_peer_read = NULL"
+            " WHERE user_id = ? AND peer = ?",
             [(msg_id, user, group) for user in sorted(set(users))],
+        )
+
+    def freeze_group_convs(self, group: str, users: Iterable[str]) -> None:
+        self._executemany(
+            f"UPDATE conversations AS c SET frozen_peer_read = ({_GROUP_PEER_READ})"
+            " WHERE c.user_id = ? AND c.peer = ?",
+            [(user, group) for user in sorted(set(users))],
         )

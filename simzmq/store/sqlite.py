@@ -34,7 +34,7 @@ from typing import Iterator
 import sqlite_utils
 
 from .base import StoreBusy, StoreError, clamp_id
-from .sql import GROUPS_SCHEMA, PRESENCE_SCHEMA, SQLStore
+from .sql import FROZEN_CONVS_SCHEMA, GROUPS_SCHEMA, PRESENCE_SCHEMA, SQLStore
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 # Long enough to ride out another worker's group commit (one fsync plus a
@@ -138,8 +138,14 @@ def _presence_v4(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
+def _frozen_convs_v5(db: sqlite_utils.Database) -> None:
+    # A former member's Conv with a group stays as at its removal (section 7).
+    for statement in FROZEN_CONVS_SCHEMA:
+        db.execute(statement)
+
+
 # PRAGMA user_version N means MIGRATIONS[:N] have run.
-MIGRATIONS = [_create_v1, _groups_v2, _push_v3, _presence_v4]
+MIGRATIONS = [_create_v1, _groups_v2, _push_v3, _presence_v4, _frozen_convs_v5]
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:

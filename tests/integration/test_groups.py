@@ -141,6 +141,36 @@ def test_groups_across_two_gates(region):
     run(main())
 
 
+def test_a_former_members_conv_stays_as_it_was(region):
+    """Section 7: "A former member keeps its own copies [...] and its Conv
+    stays as it was at its removal", whatever the others do afterwards."""
+    tag = str(os.getpid())
+    group = new_group_id()
+
+    async def main():
+        owner = await user(region, "owner" + tag, 0)
+        former = await user(region, "former" + tag, 1)
+        await former.send(owner.user, b"hello")
+        await owner.group_create(group, "team", [former.user])
+        await owner.send(group, b"1")
+        await owner.group_remove(group, [former.user])
+
+        async def conv():
+            return {c.peer: c for c in await former.convs()}[group]
+
+        at_removal = await conv()
+        await owner.send(group, b"2")
+        await owner.group_title(group, "later")
+        await owner.sync()
+        await owner.read(group, owner.conversation(group)[-1].msg_id)
+        assert (await conv()) == at_removal
+        assert at_removal.unread == 1
+        for c in (owner, former):
+            await c.close()
+
+    run(main())
+
+
 def test_the_terminal_chat_makes_and_uses_a_group(region):
     from simzmq.chat import ChatSession
 

@@ -60,6 +60,10 @@ def events(service, user, group=G):
             if e.to == group and e.kind == GROUP_EVENT_KIND]
 
 
+def group_conv(service, user, group=G):
+    return {c.peer: c for c in call(service, user, m.Convs()).reply.convs}[group]
+
+
 def create(service, actor="alice", members=("bob", "carol"), title="Team", group=G):
     return call(service, actor, m.GroupCreate(group=group, title=title, members=list(members)))
 
@@ -224,14 +228,45 @@ def test_reads_and_conversations(svc):
     out = call(svc, "alice", m.Read(peer=G, msg_id=one.msg_id))
     assert out.reply == m.Ok()
     assert {n.user for n in out.notices} == {"alice", "bob", "carol"}
-    assert {c.peer: c for c in call(svc, "alice", m.Convs()).reply.convs}[G].unread == 1
+    assert group_conv(svc, "alice").unread == 1
     call(svc, "carol", m.Read(peer=G, msg_id=two.msg_id))
-    assert {c.peer: c for c in call(svc, "bob", m.Convs()).reply.convs}[G].peer_read == one.msg_id
+    assert group_conv(svc, "bob").peer_read == one.msg_id
     # Someone who never got the group's entries cannot mark them.
     assert code(call(svc, "dave", m.Read(peer=G, msg_id=one.msg_id))) == ErrorCode.BAD_REQUEST
     page = svc.store.history("bob", G, 0, 10)
     assert [x.body for x in page[0]][:2] == [b"two", b"one"]
     assert svc.store.history("dave", G, 0, 10) == ([], False)
+
+
+def test_a_former_members_conv_stays_as_it_was_at_its_removal(svc):
+    create(svc)
+    one = send(svc, "bob", G, b"one").reply
+    call(svc, "carol", m.Read(peer=G, msg_id=one.msg_id))
+    assert call(svc, "alice", m.GroupRemove(group=G, users=["carol"], cmid=b"r")).reply == m.Ok()
+    carol_at_removal = group_conv(svc, "carol")
+    created_id = inbox(svc, "alice")[-3].msg_id
+    assert carol_at_removal.peer_read == created_id and carol_at_removal.unread == 0
+    # What the others do afterwards moves nothing of carol's Conv.
+    two = send(svc, "alice", G, b"two").reply
+    call(svc, "alice", m.GroupTitle(group=G, title="Later", cmid=b"t"))
+    for user in ("alice", "bob"):
+        assert call(svc, user, m.Read(peer=G, msg_id=two.msg_id)).reply == m.Ok()
+    assert group_conv(svc, "carol") == carol_at_removal
+    # Leaving freezes it too, at the mark of the member left then.
+    assert call(svc, "bob", m.GroupRemove(group=G, users=["bob"], cmid=b"l")).reply == m.Ok()
+    bob_at_leaving = group_conv(svc, "bob")
+    assert bob_at_leaving.peer_read == two.msg_id
+    three = send(svc, "alice", G, b"three").reply
+    call(svc, "alice", m.Read(peer=G, msg_id=three.msg_id))
+    assert group_conv(svc, "bob") == bob_at_leaving
+    assert group_conv(svc, "carol") == carol_at_removal
+    # Put back by the owner, carol's Conv is live again.
+    assert call(svc, "alice", m.GroupAdd(group=G, users=["carol"], cmid=b"a")).reply == m.Ok()
+    assert group_conv(svc, "carol").peer_read == three.msg_id
+    four = send(svc, "carol", G, b"four").reply
+    call(svc, "alice", m.Read(peer=G, msg_id=four.msg_id))
+    assert group_conv(svc, "carol").peer_read == four.msg_id
+    assert group_conv(svc, "bob") == bob_at_leaving
 
 
 def test_a_batch_mixing_group_and_one_to_one_sends_keeps_inboxes_gapless(svc):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import sqlite3
@@ -754,6 +755,15 @@ def _make_group(store, owner, members):
     return service
 
 
+def _handle(store, service, actor, msg):
+    with store.transaction():
+        return service.handle(actor, b"o" * 16, msg, T0)
+
+
+def _group_conv(store, user):
+    return {c.peer: c for c in store.conversations(user)}[GROUP]
+
+
 def test_group_events_have_empty_cmids_and_sends_stay_unique(store):
     users(store, "ann", "bob")
     service = _make_group(store, "ann", ["bob"])
@@ -771,11 +781,7 @@ def test_group_events_have_empty_cmids_and_sends_stay_unique(store):
 
 def test_group_membership_marks_and_history(store):
     users(store, "ann", "bob", "cat")
-    service = _make_group(store, "ann", ["bob", "cat"])
-
-    def do(actor, msg):
-        with store.transaction():
-            return service.handle(actor, b"o" * 16, msg, T0)
+    do = functools.partial(_handle, store, _make_group(store, "ann", ["bob", "cat"]))
 
     sent = do("bob", m.Send(to=GROUP, cmid=b"g1", kind=0, body=b"one")).reply
     assert do("cat", m.Read(peer=GROUP, msg_id=sent.msg_id)).reply == m.Ok()
@@ -784,8 +790,8 @@ def test_group_membership_marks_and_history(store):
     assert [g.user for g in store.group_members(GROUP)] == ["ann", "bob", "cat"]
     assert [g.active for g in store.group_members(GROUP)] == [True, True, False]
     assert store.groups_joined(["ann", "cat"]) == {"ann": 1}
-    convs = {c.peer: c for c in store.conversations("ann")}
-    assert convs[GROUP].unread == 2 and convs[GROUP].last_msg_id == later.msg_id
+    ann = _group_conv(store, "ann")
+    assert ann.unread == 2 and ann.last_msg_id == later.msg_id
     # cat keeps its copies up to its removal, and sees no later ones.
     cat_page, _ = store.history("cat", GROUP, 0, 10)
     assert [x.body for x in cat_page if x.kind == 0] == [b"one"]
@@ -793,6 +799,53 @@ def test_group_membership_marks_and_history(store):
     assert not store.conversation_of("cat", GROUP, later.msg_id)
     assert store.written_to("ann", ["bob", "cat", "nobody"]) == {"bob", "cat"}
     assert store.find_group_op("ann", b"r1") is not None and store.find_group_op("bob", b"r1") is None
+
+
+def test_a_former_members_group_conv_stays_as_at_its_removal(store):
+    users(store, "ann", "bob", "cat")
+    do = functools.partial(_handle, store, _make_group(store, "ann", ["bob", "cat"]))
+    conv = functools.partial(_group_conv, store)
+
+    one = do("bob", m.Send(to=GROUP, cmid=b"g1", kind=0, body=b"one")).reply
+    do("cat", m.Read(peer=GROUP, msg_id=one.msg_id))
+    created = [x.msg_id for x in inbox(store, "ann") if x.to == GROUP][0]
+    do("ann", m.GroupRemove(group=GROUP, users=["cat"], cmid=b"r1"))
+    at_removal = conv("cat")
+    # ann's and bob's marks are where the event that added them left them.
+    assert at_removal.peer_read == created and at_removal.unread == 0
+    two = do("ann", m.Send(to=GROUP, cmid=b"g2", kind=0, body=b"two")).reply
+    do("ann", m.Read(peer=GROUP, msg_id=two.msg_id))
+    do("bob", m.Read(peer=GROUP, msg_id=two.msg_id))
+    assert conv("cat") == at_removal
+    # bob's own mark counts for ann while bob is in, and stops with bob's leaving.
+    assert conv("ann").peer_read == two.msg_id
+    do("bob", m.GroupRemove(group=GROUP, users=["bob"], cmid=b"r2"))
+    bob_left = conv("bob")
+    assert bob_left.peer_read == two.msg_id
+    three = do("ann", m.Send(to=GROUP, cmid=b"g3", kind=0, body=b"three")).reply
+    do("ann", m.Read(peer=GROUP, msg_id=three.msg_id))
+    assert conv("bob") == bob_left and conv("cat") == at_removal
+    # Put back, cat's Conv is live again: ann's mark, then ann's next one.
+    added = do("ann", m.GroupAdd(group=GROUP, users=["cat"], cmid=b"a1"))
+    assert added.reply == m.Ok()
+    assert conv("cat").peer_read == three.msg_id and conv("cat").unread == 0
+    four = do("cat", m.Send(to=GROUP, cmid=b"g4", kind=0, body=b"four")).reply
+    do("ann", m.Read(peer=GROUP, msg_id=four.msg_id))
+    assert conv("cat").peer_read == four.msg_id
+
+
+def test_a_rolled_back_removal_leaves_the_conv_live(store):
+    users(store, "ann", "bob")
+    service = _make_group(store, "ann", ["bob"])
+    with pytest.raises(Boom):
+        with store.transaction():
+            service.handle("ann", b"o" * 16, m.GroupRemove(group=GROUP, users=["bob"], cmid=b"r1"), T0)
+            raise Boom()
+    assert [g.active for g in store.group_members(GROUP)] == [True, True]
+    with store.transaction():
+        sent = service.handle("ann", b"o" * 16, m.Send(to=GROUP, cmid=b"g1", kind=0, body=b"x"), T0).reply
+        service.handle("ann", b"o" * 16, m.Read(peer=GROUP, msg_id=sent.msg_id), T0)
+    assert _group_conv(store, "bob").peer_read == sent.msg_id
 
 
 def _group_writer(url, sender, body_prefix, peer):
@@ -855,5 +908,66 @@ def test_sqlite_schema_1_gains_groups_and_keeps_its_messages(tmp_path):
             send(s, "ann", "bob", b"c1", b"y")
         _make_group(s, "ann", ["bob"])
         assert s.conn.execute("PRAGMA user_version").fetchone()[0] == len(sqlite_store.MIGRATIONS)
+    finally:
+        s.close()
+
+
+# A group of ann, bob and cat that cat has left, written straight into a
+# store whose schema stops before frozen_peer_read; the marks of ann, bob
+# and cat in it are 7, 5 and 3.
+_GROUP_BEFORE_FROZEN_CONVS = (
+    "INSERT INTO users (id, pw_hash, created_ms, max_seq, delivered)"
+    " VALUES ('ann', 'h', 0, 0, 0), ('bob', 'h', 0, 0, 0), ('cat', 'h', 0, 0, 0)",
+    "INSERT INTO groups (id, title, owner, creator, version, joins, created_ms)"
+    " VALUES ('#crew', 'Crew', 'ann', 'ann', 2, 3, 0)",
+    "INSERT INTO group_members (group_id, user_id, joined, active)"
+    " VALUES ('#crew', 'ann', 1, 1), ('#crew', 'bob', 2, 1), ('#crew', 'cat', 3, 0)",
+    "INSERT INTO conversations (user_id, peer, last_msg_id, read_mark, unread)"
+    " VALUES ('ann', '#crew', 10, 7, 0), ('bob', '#crew', 10, 5, 0), ('cat', '#crew', 9, 3, 1)",
+)
+
+
+def _write_schema_before_frozen_convs(store_url):
+    if store_url.startswith("sqlite:"):
+        import sqlite_utils
+
+        from simzmq.store import sqlite as sqlite_store
+
+        step = sqlite_store.MIGRATIONS.index(sqlite_store._frozen_convs_v5)
+        conn = sqlite3.connect("/" + store_url.split("sqlite:", 1)[1].lstrip("/"), isolation_level=None)
+        try:
+            for migration in sqlite_store.MIGRATIONS[:step]:
+                migration(sqlite_utils.Database(conn))
+            conn.execute(f"PRAGMA user_version = {step}")
+            for statement in _GROUP_BEFORE_FROZEN_CONVS:
+                conn.execute(statement)
+        finally:
+            conn.close()
+        return
+    import psycopg
+
+    from simzmq.store import postgres as postgres_store
+
+    step = postgres_store.MIGRATIONS.index(postgres_store._SCHEMA_V6)
+    with psycopg.connect(store_url, autocommit=True) as conn:
+        for migration in postgres_store.MIGRATIONS[:step]:
+            conn.execute(migration, prepare=False)
+        conn.execute("CREATE TABLE schema_version (version integer NOT NULL)")
+        conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (step,))
+        for statement in _GROUP_BEFORE_FROZEN_CONVS:
+            conn.execute(statement)
+
+
+def test_the_frozen_convs_step_freezes_who_had_left_and_keeps_members_live(store_url):
+    _write_schema_before_frozen_convs(store_url)
+    s = open_store(store_url)
+    try:
+        conv = functools.partial(_group_conv, s)
+        assert conv("cat") == Conv(GROUP, 9, 1, 5)
+        assert (conv("ann").peer_read, conv("bob").peer_read) == (5, 7)
+        with s.transaction():
+            assert s.raise_read_mark("bob", GROUP, 10)
+        assert conv("ann").peer_read == 10
+        assert conv("cat") == Conv(GROUP, 9, 1, 5)
     finally:
         s.close()
