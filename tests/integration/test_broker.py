@@ -323,30 +323,47 @@ def test_binary_star_failover(ctx):
     assert primary.error is None and backup.error is None
 
 
-@pytest.mark.timeout(20)
-def test_dual_active_stops_the_broker(ctx):
-    """A peer claiming to be active while we are active is fatal; junk from
-    the peer is not."""
+def _tell(fake_peer, states, until, end):
+    """Publish the fake peer's states over and over until `until()` or `end`."""
+    while time.monotonic() < end and not until():
+        for state in states:
+            fake_peer.send_multipart([b"state", b'{"state": "%s"}' % state.encode()])
+        time.sleep(0.02)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("role", ["primary", "backup"])
+def test_dual_active_stops_the_backup_only(ctx, role):
+    """A peer claiming to be active while we are active stops a backup and
+    leaves a primary serving; junk from the peer is never fatal."""
     fake_peer = ctx.socket(zmq.PUB)
     fake_peer.linger = 0
     port = fake_peer.bind_to_random_port("tcp://127.0.0.1")
-    running = Running(ctx, role="primary", state_pub=ANY, peer_state=f"tcp://127.0.0.1:{port}",
+    running = Running(ctx, role=role, state_pub=ANY, peer_state=f"tcp://127.0.0.1:{port}",
                       peer_heartbeat=0.05)
     try:
-        end = time.monotonic() + 10
+        end = time.monotonic() + 20
         while time.monotonic() < end and running.broker.state is not State.ACTIVE:
             fake_peer.send_multipart([b"state", b"{not json"])
             fake_peer.send_multipart([b"junk"])
-            fake_peer.send_multipart([b"state", b'{"state": "backup"}'])
+            if role == "primary":
+                fake_peer.send_multipart([b"state", b'{"state": "backup"}'])
+            else:
+                # active: the backup stands by; then the peer restarts
+                # (primary), so the backup takes over
+                first = running.broker.state is State.BACKUP
+                fake_peer.send_multipart([b"state", b'{"state": "%s"}' % (b"active" if first else b"primary")])
             time.sleep(0.02)
         assert running.broker.state is State.ACTIVE
         assert running.thread.is_alive()
-        while time.monotonic() < end and running.thread.is_alive():
-            fake_peer.send_multipart([b"state", b'{"state": "active"}'])
-            time.sleep(0.02)
-        running.thread.join(5)
-        assert not running.thread.is_alive()
-        assert isinstance(running.error, DualActive)
+        _tell(fake_peer, ["active"], lambda: not running.thread.is_alive(), time.monotonic() + 2)
+        if role == "primary":
+            assert running.thread.is_alive() and running.broker.state is State.ACTIVE
+            assert running.error is None
+        else:
+            running.thread.join(5)
+            assert not running.thread.is_alive()
+            assert isinstance(running.error, DualActive)
     finally:
         running.stop()
         fake_peer.close()
