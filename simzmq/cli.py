@@ -340,11 +340,9 @@ def broker(ctx, role):
 
 
 def run_broker(cfg: config_mod.Config, role: str) -> None:
-    from simzmq.broker import Broker
-    b = cfg.broker
-    mine = b.role(role)
-    peer = b.role("backup" if role == "primary" else "primary")
     import zmq
+
+    from simzmq.broker import Broker
     from simzmq import bus as bus_mod
     context = zmq.Context.instance()
     bus = None
@@ -360,14 +358,8 @@ def run_broker(cfg: config_mod.Config, role: str) -> None:
     else:
         bus_mod.curve_off_warning(f"broker {role}")
     try:
-        Broker(frontend=mine.frontend, backend=mine.backend, notify_in=mine.notify_in,
-               notify_out=mine.notify_out, state_pub=mine.state, peer_state=peer.state,
-               role=role, heartbeat_interval=b.heartbeat_ms / 1000,
-               peer_heartbeat=b.peer_heartbeat_ms / 1000,
-               liveness=b.liveness, request_timeout=b.request_timeout_ms / 1000,
-               keyed_services=set(b.keyed_services),
-               metrics_port=mine.metrics_port or None, metrics_addr=cfg.region.metrics_host,
-               context=context, configure_socket=bus.configure_socket if bus else None,
+        Broker(cfg.broker, role, cfg.region.metrics_host, context=context,
+               configure_socket=bus.configure_socket if bus else None,
                auth_counts=bus.zap.counts if bus else None).run()
     finally:
         if bus is not None:
@@ -394,18 +386,8 @@ def im(ctx, name):
 
 def run_im(cfg: config_mod.Config, name: str, index: int) -> None:
     from simzmq import im as im_mod
-    b = cfg.broker
     configure_socket = bus_client(cfg, "worker", f"im worker {name}")
-    worker = im_mod.IMWorker(
-        name=name, store_url=cfg.store_url(), im_cfg=cfg.section_dict("im"), max_frame=cfg.gate.max_frame,
-        max_group_members=cfg.gate.max_group_members,
-        backends=[b.primary.backend, b.backup.backend],
-        notify_ins=[b.primary.notify_in, b.backup.notify_in],
-        heartbeat_ms=b.heartbeat_ms, liveness=b.liveness,
-        metrics_port=config_mod.im_metrics_port(cfg, index) or None,
-        metrics_host=cfg.region.metrics_host,
-        sqlite_synchronous=cfg.im.sqlite_synchronous, configure_socket=configure_socket,
-        push_delay_ms=cfg.push.job_delay_ms if cfg.push.enabled else None)
+    worker = im_mod.IMWorker(name, cfg, config_mod.im_metrics_port(cfg, index) or None, configure_socket)
     im_mod.run(worker)
 
 
@@ -425,16 +407,9 @@ def gate(ctx, name, port, http_port):
 
 def run_gate(cfg: config_mod.Config, name: str, port: int, http_port: int) -> None:
     from simzmq import gate as gate_mod
-    from simzmq.gatelink import BrokerEndpoints
-    g, b = cfg.gate, cfg.broker
     sk, pk = keys_mod.ensure_gate_key(cfg.data_dir)
     logging.getLogger("simzmq.gate").info("gate %s: config %s, key %s", name, cfg.describe(), pk.hex())
-    brokers = [BrokerEndpoints(role, b.role(role).frontend, b.role(role).notify_out) for role in ("primary", "backup")]
-    configure_socket = bus_client(cfg, "gate", f"gate {name}")
-    # With the push service on, the gate reports who is online to it.
-    gate_mod.run(name, cfg.section_dict("gate"), sk, brokers, g.host, port, g.http_host, http_port,
-                 configure_socket=configure_socket,
-                 presence_interval_s=cfg.push.presence_interval_s if cfg.push.enabled else None)
+    gate_mod.run(name, cfg, sk, port, http_port, bus_client(cfg, "gate", f"gate {name}"))
 
 
 # ---------------------------------------------------------------------------
@@ -460,12 +435,8 @@ def push(ctx, name):
 
 def run_push(cfg: config_mod.Config, name: str, index: int) -> None:
     from simzmq.push import service as push_mod
-    b = cfg.broker
-    service = push_mod.PushService(
-        name, cfg.push, cfg.store_url(), [b.primary.notify_out, b.backup.notify_out],
-        metrics_host=cfg.region.metrics_host, metrics_port=config_mod.push_metrics_port(cfg, index) or None,
-        sqlite_synchronous=cfg.im.sqlite_synchronous,
-        configure_socket=bus_client(cfg, "worker", f"push service {name}"), config_sources=cfg.describe())
+    service = push_mod.PushService(name, cfg, config_mod.push_metrics_port(cfg, index) or None,
+                                   bus_client(cfg, "worker", f"push service {name}"))
     push_mod.run(service)
 
 
@@ -534,16 +505,13 @@ def federate(ctx):
 
 def run_federation(cfg: config_mod.Config) -> None:
     from simzmq import federation as fed
-    b = cfg.broker
     try:
         links = fed.parse_peers(cfg.region.peers)
         configure_peer = fed.peer_configurator(cfg.data_dir, links) if cfg.bus.curve else None
     except (ValueError, keys_mod.KeyFileError) as exc:
         raise click.ClickException(str(exc)) from None
     configure_local = bus_client(cfg, "worker", "federation")
-    fed.run(fed.FederationProcess(cfg.region.name, links, [b.primary.notify_in, b.backup.notify_in],
-                                  configure_peer, configure_local, cfg.region.federation_metrics_port or None,
-                                  cfg.region.metrics_host))
+    fed.run(fed.FederationProcess(cfg, links, configure_peer, configure_local))
 
 
 # ---------------------------------------------------------------------------
@@ -718,7 +686,7 @@ def history(ctx, data, host, port, gate_key, user_id, http_port, before, limit, 
     password = client_password(user_id)
     try:
         asyncio.run(run_history(gate, user_id, password, peer, before=before, limit=limit, as_json=as_json,
-                                cafile=cfg["gate"]["tls_cert"] or None))
+                                cafile=cfg.gate.tls_cert or None))
     except HistoryError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -30,11 +30,11 @@ def main(cfg, *, scenario: str, host: str | None, port: int | None, gate_key: st
             pk = keys_mod.load_gate_public(data_dir)
         except keys_mod.KeyFileError as exc:
             raise BenchError(str(exc)) from None
-    g = cfg["gate"]
-    port = port or gate_port_from_pid(data_dir) or g["port"]
+    g = cfg.gate
+    port = port or gate_port_from_pid(data_dir) or g.port
     if scenario == "logins":
-        return _logins(cfg, host or g["host"], port, pk, options.get("users"), as_json)
-    opts = Options(scenario=scenario, host=host or g["host"], port=port, gate_pk=pk, data_dir=str(data_dir),
+        return _logins(cfg, host or g.host, port, pk, options.get("users"), as_json)
+    opts = Options(scenario=scenario, host=host or g.host, port=port, gate_pk=pk, data_dir=str(data_dir),
                    **options)
     validate(opts)  # bad arguments are refused before the calibration takes its seconds
     calibration = calibrate(data_dir)
@@ -54,10 +54,10 @@ def _logins(cfg, host: str, port: int, pk: bytes, users: int | None, as_json: bo
     if users < 1:
         raise BenchError("logins needs at least 1 user")
     workers = sum(1 for name in read_pid_files(cfg.data_dir) if name.startswith("im-")) or 1
-    im = cfg["im"]
+    im = cfg.im
     urls = [f"http://127.0.0.1:{im_metrics_port(cfg, i)}/metrics" for i in range(1, workers + 1)
             if im_metrics_port(cfg, i)]
-    report = logins.run(host, port, pk, users, workers * im["pwhash_threads"], im["pwhash_strength"], urls)
+    report = logins.run(host, port, pk, users, workers * im.pwhash_threads, im.pwhash_strength, urls)
     report["machine"] = machine_info()
     print(json.dumps(report, indent=2) if as_json else logins.format_report(report))
     return 0 if report["ok"] else 1
