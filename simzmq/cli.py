@@ -342,8 +342,8 @@ def broker(ctx, role):
 def run_broker(cfg: config_mod.Config, role: str) -> None:
     import zmq
 
-    from simzmq.broker import Broker
     from simzmq import bus as bus_mod
+    from simzmq.broker import Broker
     context = zmq.Context.instance()
     bus = None
     if cfg.bus.curve:

@@ -24,10 +24,10 @@ import zmq
 from prometheus_client import Counter, Gauge, Histogram
 
 from simzmq import gate_tcp
+from simzmq.config import Config, GateConfig
 from simzmq.gate_fanout import Fanout
 from simzmq.gate_http import make_app
 from simzmq.gate_session import CLOSED, RATE_LIMITED, ClientConnection
-from simzmq.config import Config, GateConfig
 from simzmq.gatelink import Backend, BrokerEndpoints, broker_pair
 from simzmq.limits import Limiter, LimitsConfig, LogThrottle, pick_slow_consumers
 from simzmq.wire.messages import KickCode
