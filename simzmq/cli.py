@@ -115,17 +115,7 @@ def region_children(cfg: config_mod.Config, env: dict, run_dir: Path) -> list:
 
 def readiness_probe(cfg: config_mod.Config):
     from simzmq.supervise import ReadinessProbe
-    gates = []
-    for i in range(1, cfg.gate.gates + 1):
-        port, http_port = config_mod.gate_ports(cfg, i)
-        gates.append((f"gate-{i}", cfg.gate.host, port, cfg.gate.http_host, http_port, bool(cfg.gate.tls_cert)))
-    configure_socket = bus_client(cfg, "ops", "simzmq up") if cfg.bus.curve else None
-    return ReadinessProbe([cfg.broker.primary.state, cfg.broker.backup.state], configure_socket,
-                          cfg.im.workers, IM_SERVICE, gates)
-
-
-# The service IM workers register under (simzmq/im.py SERVICE).
-IM_SERVICE = "im"
+    return ReadinessProbe(cfg, bus_client(cfg, "ops", "simzmq up") if cfg.bus.curve else None)
 
 
 @main.command()
@@ -224,6 +214,8 @@ def command_name() -> str:
 def announce(cfg: config_mod.Config, gate_pk: bytes) -> None:
     g, data_dir, cmd = cfg.gate, cfg.data_dir, command_name()
     gates = ", ".join(f"{g.host}:{config_mod.gate_ports(cfg, i)[0]}" for i in range(1, g.gates + 1))
+    web = ", ".join(f"http{'s' if g.tls_cert else ''}://{g.http_host}:{config_mod.gate_ports(cfg, i)[1]}/"
+                    for i in range(1, g.gates + 1))
     # chat and down find the region from DATA/run; monitor reads the brokers'
     # state endpoints from the configuration, which a --port-base moved.
     watch = f"{cmd} monitor --data {data_dir}"
@@ -232,7 +224,7 @@ def announce(cfg: config_mod.Config, gate_pk: bytes) -> None:
     click.echo(
         f"\nsimzmq region up. Clients connect to {gates} and pin the gate key\n"
         f"  {gate_pk.hex()}   (in {data_dir / 'keys' / 'gate.pub'})\n"
-        f"HTTP (health, history, metrics): http{'s' if g.tls_cert else ''}://{g.http_host}:{g.http_port}/v1/health\n"
+        f"Web chat and HTTP API (/v1/health, /v1/history, /metrics): {web}\n"
         f"Talk:   {cmd} chat --data {data_dir} --user alice --register\n"
         f"        {cmd} chat --data {data_dir} --user bob --register   (in another terminal)\n"
         f"Watch:  {watch}\n"
