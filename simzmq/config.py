@@ -146,7 +146,7 @@ class Port(Int):
 def _shifted_port(port: int, delta: int) -> int:
     moved = port + delta
     if not 1 <= moved <= 65535:
-        raise ValueError(f"port {port} shifted by region.port_base to {moved}, outside 1-65535")
+        raise ValueError(f"from {port} to {moved}")
     return moved
 
 
@@ -629,11 +629,16 @@ def _check_values(layers: _Layers) -> dict[str, Any]:
             problems.append(f"{key} = {value!r} (from {origin}): must be {exc}")
     delta = checked.get("region.port_base", DEFAULT_PORT_BASE) - DEFAULT_PORT_BASE
     if delta:
+        outside = []
         for key, value in checked.items():
             try:
                 checked[key] = SCHEMA[key].shift(value, delta)
             except ValueError as exc:
-                problems.append(f"{key} = {value!r} (from {layers.origin[key]}): {exc}")
+                outside.append(f"{key} {exc}")
+        if outside:
+            more = f", and {len(outside) - 1} more port{'s' if len(outside) > 2 else ''}," if len(outside) > 1 else ""
+            problems.append(f"region.port_base = {checked['region.port_base']} (from {layers.origin['region.port_base']}) "
+                            f"moves {outside[0]}{more} outside 1-65535")
     return checked
 
 

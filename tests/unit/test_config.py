@@ -83,7 +83,8 @@ BAD_ENVIRONMENT = [
     ("SIMZMQ_GATE_LIMITS_SENDS_BURST", "2.5", "gate.limits.sends_burst must be an integer >= 0"),
     ("SIMZMQ_GATE_LIMITS_TRUSTED_ADDRESSES", "10.0.0.0/33", "10.0.0.0/33"),
     ("SIMZMQ_REGION_PORT_BASE", "0", "region.port_base = 0 (from SIMZMQ_REGION_PORT_BASE): must be an integer 1-65535"),
-    ("SIMZMQ_REGION_PORT_BASE", "65500", "shifted by region.port_base to"),
+    ("SIMZMQ_REGION_PORT_BASE", "65500", "region.port_base = 65500 (from SIMZMQ_REGION_PORT_BASE) moves "
+     "gate.http_port from 7780 to 65580, and 4 more ports, outside 1-65535"),
 ]
 
 
