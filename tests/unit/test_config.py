@@ -225,7 +225,8 @@ def test_the_default_layout_has_room_for_21_gates_and_20_workers_on_any_port_bas
 def test_ports_a_local_region_would_use_twice():
     many = config.load(env={}, overrides={"gate": {"gates": 22}})
     assert config.port_clashes(config.region_listeners(many)) == [
-        "port 7721 is both broker-primary frontend and gate-22 client port"]
+        "port 7721 is both broker-primary frontend and gate-22 client port",
+        "port 7801 is both im-1 metrics and gate-22 http port"]
     assert config.port_clashes(config.region_listeners(config.load(env={}))) == []
     wildcard = config.load(env={"SIMZMQ_GATE_HOST": "0.0.0.0", "SIMZMQ_GATE_PORT": "7741"})
     assert config.port_clashes(config.region_listeners(wildcard)) == [
