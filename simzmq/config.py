@@ -249,7 +249,7 @@ class Endpoint(Kind):
 
 
 def split_tcp(endpoint: str) -> tuple[str, int | None]:
-    """("127.0.0.1", 7701) from "tcp://127.0.0.1:7701" ("::1" from "[::1]");
+    """("127.0.0.1", 7721) from "tcp://127.0.0.1:7721" ("::1" from "[::1]");
     port None when missing or out of range."""
     rest = endpoint[len("tcp://"):]
     host, sep, port = rest.rpartition(":")
