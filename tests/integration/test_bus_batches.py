@@ -18,7 +18,6 @@ from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN
 from tests.brokerthread import BrokerThread
 from tests.configs import defaults, with_brokers
-from tests.region import free_ports
 
 CREDIT = 256
 
@@ -29,11 +28,11 @@ def bus(tmp_path):
     broker = BrokerThread(context=ctx, heartbeat_ms=100)
     cfg = defaults(tmp_path)
     cfg = dataclasses.replace(cfg, im=dataclasses.replace(cfg.im, credit=CREDIT, pwhash_nice=0))
-    # The worker's backup broker is a port nobody listens on.
-    (nowhere,) = free_ports(1)
+    # The worker's backup broker is an ipc path of this test's that nothing
+    # binds (a free TCP port could be another test's broker by then).
+    nowhere = f"ipc://{tmp_path}/no-backup-broker"
     cfg = with_brokers(cfg, {"backend": broker.ep["backend"], "notify_in": broker.ep["notify_in"]},
-                       {"backend": f"tcp://127.0.0.1:{nowhere}", "notify_in": f"tcp://127.0.0.1:{nowhere}"},
-                       heartbeat_ms=100, liveness=5)
+                       {"backend": nowhere, "notify_in": nowhere}, heartbeat_ms=100, liveness=5)
     worker = IMWorker("im-test", cfg, metrics_port=None)
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
