@@ -32,6 +32,7 @@ from simzmq.bus import RefusalLog
 from simzmq.notify import NotifyStamper
 from simzmq.zmqio import receiver, sender
 from simzmq.bstar import BinaryStar, BStarError, State
+from simzmq.config import BrokerConfig
 
 log = logging.getLogger("simzmq.broker")
 
@@ -53,6 +54,10 @@ DEFAULT_MAX_QUEUED = 200_000
 WINNER_CACHE_LIMIT = 100_000
 # A gate counts as connected if it sent a request this recently.
 GATE_SEEN_WINDOW = 10.0
+# Services counted apart in the metrics after they were forgotten; the
+# requests of any more (made-up names) are counted under OTHER_SERVICES.
+MAX_SERVICES_COUNTED = 64
+OTHER_SERVICES = b"(other)"
 # requests_per_s in the published state is averaged over about this long.
 RATE_WINDOW_S = 2.0
 # The state message lists at most this many gates (the count is exact).
@@ -172,6 +177,7 @@ class BrokerCore:
         self._packs: dict[tuple, list[bytes]] = {}
         # Counters the shell exports as metrics.
         self.requests_total = 0
+        self.mmi_total = 0
         self.replies_total = 0
         self.worker_expiries_total = 0
         self.worker_disconnects_total = 0
@@ -179,6 +185,9 @@ class BrokerCore:
         self.requests_dropped_total = 0
         self.requests_requeued_total = 0
         self.malformed_total = 0
+        # Requests of services forgotten while idle, so that the per-service
+        # totals only ever grow.
+        self._forgotten_requests: dict[bytes, int] = {}
         self.drop_log = RefusalLog(DROP_LOG_INTERVAL_S)
 
     # --- input --------------------------------------------------------------
@@ -207,7 +216,8 @@ class BrokerCore:
                 self._accept(identity, service, body[i:i + 2], now, out, True, framing)
             return out
         if service_name.startswith(mdp.MMI_PREFIX):
-            self.requests_total += 1
+            # The gates' reachability probes: counted apart, not as requests.
+            self.mmi_total += 1
             self._mmi(identity, service_name, body, framing, now, out)
             return out
         service = self.services.get(service_name)
@@ -330,8 +340,11 @@ class BrokerCore:
         # Forget services nobody serves or waits for, so requests for made-up
         # service names do not grow the table forever.
         idle = [name for name, s in self.services.items() if not s.workers and not s.waiting]
+        forgotten = self._forgotten_requests
         for name in idle:
-            del self.services[name]
+            service = self.services.pop(name)
+            key = name if name in forgotten or len(forgotten) < MAX_SERVICES_COUNTED else OTHER_SERVICES
+            forgotten[key] = forgotten.get(key, 0) + service.requests
         if len(self.gates) > 64:
             stale = now - GATE_SEEN_WINDOW
             for identity in [g for g, seen in self.gates.items() if seen < stale]:
@@ -353,17 +366,37 @@ class BrokerCore:
             more = f" ({suppressed} more dropped for this reason since the last line)" if suppressed else ""
             log.warning("dropped a %s message%s: %s%s", side, f" from {peer.hex()}" if peer else "", detail, more)
 
-    # --- read-only views for the shell and the monitor -------------------
+    # --- read-only views for the shell, the monitor and the metrics ---------
+    #
+    # The metrics read these from the HTTP server's thread while the broker's
+    # loop changes the tables: each walks a copy (list() of a dict is one step
+    # under the GIL), never the live dict.
 
     def queue_depth(self) -> int:
-        return self._queued + sum(len(w.backlog) for w in self.workers.values())
+        return self._queued + sum(len(w.backlog) for w in list(self.workers.values()))
 
     def in_flight(self) -> int:
-        return sum(len(w.in_flight) for w in self.workers.values())
+        return sum(len(w.in_flight) for w in list(self.workers.values()))
 
     def gate_count(self, now: float) -> int:
         stale = now - GATE_SEEN_WINDOW
-        return sum(1 for seen in self.gates.values() if seen >= stale)
+        return sum(1 for seen in list(self.gates.values()) if seen >= stale)
+
+    def requests_by_service(self) -> dict[str, int]:
+        """Requests received per service since the start, idle services
+        forgotten since included."""
+        counts = dict(self._forgotten_requests)
+        for service in list(self.services.values()):
+            counts[service.name] = counts.get(service.name, 0) + service.requests
+        return {name.decode(errors="replace"): n for name, n in counts.items()}
+
+    def workers_by_service(self) -> dict[str, int]:
+        return {s.name.decode(errors="replace"): len(s.workers) for s in list(self.services.values())}
+
+    def least_recently_heard(self, now: float) -> float:
+        """Seconds since the live worker heard from longest ago spoke (0: none)."""
+        oldest = min((w.expiry for w in list(self.workers.values())), default=None)
+        return 0.0 if oldest is None else max(0.0, now - (oldest - self.worker_timeout))
 
     def snapshot(self, now: float) -> dict:
         return {
@@ -391,6 +424,7 @@ class BrokerCore:
             "queue_depth": self.queue_depth(),
             "in_flight": self.in_flight(),
             "requests_total": self.requests_total,
+            "mmi_total": self.mmi_total,
             "replies_total": self.replies_total,
         }
 
@@ -608,55 +642,45 @@ class BrokerCore:
 class Broker:
     """A Majordomo broker process: sockets and a Poller loop around BrokerCore.
 
-    ``state_pub`` is where this broker publishes its state (for the Binary
-    Star peer and for ``simzmq monitor``); ``peer_state`` is the peer's
-    ``state_pub`` endpoint. Without ``peer_state`` the broker runs alone and
-    is simply active. ``configure_socket(socket, name)`` is called on every
-    socket before it binds or connects (CURVE, for instance); ``name`` is one
-    of frontend, backend, notify_in, notify_out, state_pub, peer_state.
+    `cfg` is the region's [broker] section; this broker binds the endpoints of
+    its `role` and follows the other role's state endpoint as its Binary Star
+    peer. An empty state endpoint means no such socket: a broker whose peer's
+    is empty runs alone and is simply active (tests and embedding; a checked
+    configuration always has both). `metrics_host` is where /metrics listens
+    (region.metrics_host), on this role's metrics_port (0: none).
+    ``configure_socket(socket, name)`` is called on every socket before it
+    binds or connects (CURVE, for instance); ``name`` is one of frontend,
+    backend, notify_in, notify_out, state_pub, peer_state.
     ``auth_counts()``, if given, returns the bus authentication counts
     (``{"accepted": {socket: n}, "refused": {socket: n}}``) for the state
     message and the metrics.
     """
 
-    def __init__(
-        self,
-        frontend: str = "tcp://127.0.0.1:7701",
-        backend: str = "tcp://127.0.0.1:7702",
-        notify_in: str = "tcp://127.0.0.1:7703",
-        notify_out: str = "tcp://127.0.0.1:7704",
-        state_pub: str | None = None,
-        peer_state: str | None = None,
-        role: str = "primary",
-        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
-        liveness: int = DEFAULT_LIVENESS,
-        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
-        keyed_services: Iterable[str | bytes] = ("im",),
-        peer_heartbeat: float = 1.0,
-        metrics_port: int | None = None,
-        metrics_addr: str = "127.0.0.1",
-        context: zmq.Context | None = None,
-        configure_socket: Callable[[zmq.Socket, str], None] | None = None,
-        max_queued: int = DEFAULT_MAX_QUEUED,
-        install_signal_handlers: bool = True,
-        auth_counts: Callable[[], dict] | None = None,
-    ) -> None:
+    def __init__(self, cfg: BrokerConfig, role: str, metrics_host: str = "127.0.0.1", *,
+                 context: zmq.Context | None = None,
+                 configure_socket: Callable[[zmq.Socket, str], None] | None = None,
+                 auth_counts: Callable[[], dict] | None = None,
+                 max_queued: int = DEFAULT_MAX_QUEUED,
+                 install_signal_handlers: bool = True) -> None:
         if role not in ("primary", "backup"):
             raise ValueError(f"role must be 'primary' or 'backup', not {role!r}")
+        mine = cfg.role(role)
+        peer = cfg.role("backup" if role == "primary" else "primary")
         self.endpoints = {
-            "frontend": frontend,
-            "backend": backend,
-            "notify_in": notify_in,
-            "notify_out": notify_out,
-            "state_pub": state_pub,
-            "peer_state": peer_state,
+            "frontend": mine.frontend,
+            "backend": mine.backend,
+            "notify_in": mine.notify_in,
+            "notify_out": mine.notify_out,
+            "state_pub": mine.state or None,
+            "peer_state": peer.state or None,
         }
         self.role = role
-        self.heartbeat_interval = heartbeat_interval
-        self.peer_heartbeat = peer_heartbeat
-        self.metrics_port = metrics_port
-        self.metrics_addr = metrics_addr
-        self.core = BrokerCore(heartbeat_interval, liveness, request_timeout, keyed_services, max_queued)
+        self.heartbeat_interval = cfg.heartbeat_ms / 1000
+        self.peer_heartbeat = cfg.peer_heartbeat_ms / 1000
+        self.metrics_port = mine.metrics_port or None
+        self.metrics_addr = metrics_host
+        self.core = BrokerCore(self.heartbeat_interval, cfg.liveness, cfg.request_timeout_ms / 1000,
+                               cfg.keyed_services, max_queued)
         self.bstar: BinaryStar | None = None
         self._context = context
         self._configure_socket = configure_socket
@@ -665,12 +689,11 @@ class Broker:
         self.ready = threading.Event()  # set once every socket is bound
         self.fatal: BStarError | None = None
         self.state = State.ACTIVE
-        self._metrics = None
         self._dropped_passive = 0
         self._dropped_notifications = 0
         self.stamper = NotifyStamper()
         self._bound: dict[str, str] = {}
-        self.liveness = liveness
+        self.liveness = cfg.liveness
         self.auth_counts = auth_counts
         # Times this broker went from passive to active (took over from its peer).
         self.failovers = 0
@@ -862,7 +885,6 @@ class Broker:
                 outs = core.tick(now)
                 if outs:
                     send(outs)
-                self._update_metrics(now)
                 next_tick = now + self.heartbeat_interval
 
             if state_pub is not None and now >= next_state:
@@ -939,126 +961,91 @@ class Broker:
     # --- metrics ------------------------------------------------------------
 
     def _start_metrics(self) -> None:
+        if self.metrics_port is None:
+            return
         import prometheus_client as prom
 
-        registry = prom.CollectorRegistry(auto_describe=True)
-        m = {
-            "requests": prom.Counter("simzmq_broker_requests", "Client requests received, by service",
-                                     ["service"], registry=registry),
-            "replies": prom.Counter("simzmq_broker_replies", "Replies forwarded to clients", registry=registry),
-            "expiries": prom.Counter("simzmq_broker_worker_expiries", "Workers expired for silence",
-                                     registry=registry),
-            "disconnects": prom.Counter("simzmq_broker_worker_disconnects", "Workers that sent DISCONNECT",
-                                        registry=registry),
-            "timeouts": prom.Counter("simzmq_broker_request_timeouts",
-                                     "Requests dropped after waiting request_timeout for a worker",
-                                     registry=registry),
-            "requeued": prom.Counter("simzmq_broker_requests_requeued",
-                                     "Requests re-sent after their worker went away", registry=registry),
-            "malformed": prom.Counter("simzmq_broker_malformed_messages", "Malformed messages dropped",
-                                      registry=registry),
-            "bad_notifications": prom.Counter("simzmq_broker_malformed_notifications",
-                                              "Malformed notifications dropped", registry=registry),
-            "passive_drops": prom.Counter("simzmq_broker_passive_drops",
-                                          "Client requests dropped while passive", registry=registry),
-            "workers": prom.Gauge("simzmq_broker_workers", "Live workers, by service", ["service"],
-                                  registry=registry),
-            "queue": prom.Gauge("simzmq_broker_queue_depth", "Requests waiting for a worker or its credit",
-                                registry=registry),
-            "in_flight": prom.Gauge("simzmq_broker_in_flight", "Requests held by workers", registry=registry),
-            "gates": prom.Gauge("simzmq_broker_gates", "Gates that sent a request in the last 10 s",
-                                registry=registry),
-            "active": prom.Gauge("simzmq_broker_active", "1 if this broker serves clients (Binary Star active)",
-                                 registry=registry),
-            "failovers": prom.Counter("simzmq_broker_failovers", "Times this broker went from passive to active",
-                                      registry=registry),
-            "notifications": prom.Counter("simzmq_broker_notifications",
-                                          "Notifications forwarded from workers to gates", registry=registry),
-            "dropped": prom.Counter("simzmq_broker_requests_dropped",
-                                    "Requests dropped because max_queued requests were already waiting",
-                                    registry=registry),
-            "peer_heard": prom.Gauge("simzmq_broker_peer_heard_seconds",
-                                     "Seconds since the Binary Star peer's state was last heard (-1: never)",
-                                     registry=registry),
-            "worker_heard": prom.Gauge("simzmq_broker_worker_heard_max_seconds",
-                                       "Seconds since the least recently heard live worker spoke",
-                                       registry=registry),
-            "auth_refused": prom.Counter("simzmq_broker_auth_refusals",
-                                         "Bus connections refused by the ZAP handler (unknown or wrong-role CURVE "
-                                         "key), by socket", ["socket"], registry=registry),
-            "auth_accepted": prom.Counter("simzmq_broker_auth_accepts",
-                                          "Bus connections accepted by the ZAP handler, by socket", ["socket"],
-                                          registry=registry),
-        }
-        self._metrics = m
-        self._metrics_last: dict = {}
-        self.metrics_registry = registry
-        if self.metrics_port is not None:
-            prom.start_http_server(self.metrics_port, self.metrics_addr, registry=registry)
-            log.info("metrics on http://%s:%d/metrics", self.metrics_addr, self.metrics_port)
+        registry = prom.CollectorRegistry()
+        registry.register(BrokerCollector(self))
+        prom.start_http_server(self.metrics_port, self.metrics_addr, registry=registry)
+        log.info("metrics on http://%s:%d/metrics", self.metrics_addr, self.metrics_port)
 
-    def _update_metrics(self, now: float) -> None:
-        # The core counts with plain ints; they are copied into prometheus
-        # once per tick, which keeps the per-message path free of it.
-        m = self._metrics
-        if m is None:
-            return
-        core = self.core
-        last = self._metrics_last
 
-        def bump(name, value, labels=None):
-            previous = last.get((name, labels), 0)
-            if value > previous:
-                metric = m[name] if labels is None else m[name].labels(labels)
-                metric.inc(value - previous)
-                last[(name, labels)] = value
+class BrokerCollector:
+    """The broker's /metrics, read from its counts when scraped: the loop
+    counts with plain ints and never touches prometheus_client. collect() runs
+    on the HTTP server's thread; the core's views walk copies of its tables."""
 
-        for service in core.services.values():
-            # Per-service counts restart when an idle service is forgotten;
-            # count only what is new since the last tick.
-            name = service.name.decode(errors="replace")
-            key = ("requests", name)
-            previous = last.get(key, 0)
-            if service.requests < previous:
-                previous = 0
-            if service.requests > previous:
-                m["requests"].labels(name).inc(service.requests - previous)
-            last[key] = service.requests
-        bump("replies", core.replies_total)
-        bump("expiries", core.worker_expiries_total)
-        bump("disconnects", core.worker_disconnects_total)
-        bump("timeouts", core.requests_timed_out_total)
-        bump("requeued", core.requests_requeued_total)
-        bump("malformed", core.malformed_total)
-        bump("passive_drops", self._dropped_passive)
-        bump("bad_notifications", self._dropped_notifications)
-        seen = set()
-        for service in core.services.values():
-            name = service.name.decode(errors="replace")
-            seen.add(name)
-            m["workers"].labels(name).set(len(service.workers))
-        for name in last.get("worker_labels", set()) - seen:
-            m["workers"].labels(name).set(0)
-        last["worker_labels"] = seen | {n for n in last.get("worker_labels", set())}
-        m["queue"].set(core.queue_depth())
-        m["in_flight"].set(core.in_flight())
-        m["gates"].set(core.gate_count(now))
-        m["active"].set(1 if self.state is State.ACTIVE else 0)
-        bump("failovers", self.failovers)
-        bump("notifications", self.notifications_total)
-        bump("dropped", core.requests_dropped_total)
-        if self.bstar is not None and self.bstar.peer_seen is not None:
-            m["peer_heard"].set(now - self.bstar.peer_seen)
-        else:
-            m["peer_heard"].set(-1)
-        oldest = min((w.expiry for w in core.workers.values()), default=None)
-        m["worker_heard"].set(0 if oldest is None else max(0.0, now - (oldest - core.worker_timeout)))
-        if self.auth_counts is not None:
-            counts = self.auth_counts()
-            for socket_name, value in counts.get("refused", {}).items():
-                bump("auth_refused", value, socket_name)
-            for socket_name, value in counts.get("accepted", {}).items():
-                bump("auth_accepted", value, socket_name)
+    def __init__(self, broker: Broker):
+        self.broker = broker
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        broker, core, now = self.broker, self.broker.core, time.monotonic()
+        requests = CounterMetricFamily("simzmq_broker_requests", "Client requests received, by service",
+                                       labels=["service"])
+        for service, n in core.requests_by_service().items():
+            requests.add_metric([service], n)
+        yield requests
+        yield CounterMetricFamily("simzmq_broker_mmi_requests",
+                                  "MMI requests (the gates' reachability probes), not counted as requests",
+                                  value=core.mmi_total)
+        yield CounterMetricFamily("simzmq_broker_replies", "Replies forwarded to clients", value=core.replies_total)
+        yield CounterMetricFamily("simzmq_broker_worker_expiries", "Workers expired for silence",
+                                  value=core.worker_expiries_total)
+        yield CounterMetricFamily("simzmq_broker_worker_disconnects", "Workers that sent DISCONNECT",
+                                  value=core.worker_disconnects_total)
+        yield CounterMetricFamily("simzmq_broker_request_timeouts",
+                                  "Requests dropped after waiting request_timeout for a worker",
+                                  value=core.requests_timed_out_total)
+        yield CounterMetricFamily("simzmq_broker_requests_requeued", "Requests re-sent after their worker went away",
+                                  value=core.requests_requeued_total)
+        yield CounterMetricFamily("simzmq_broker_requests_dropped",
+                                  "Requests dropped because max_queued requests were already waiting",
+                                  value=core.requests_dropped_total)
+        yield CounterMetricFamily("simzmq_broker_malformed_messages", "Malformed messages dropped",
+                                  value=core.malformed_total)
+        yield CounterMetricFamily("simzmq_broker_malformed_notifications", "Malformed notifications dropped",
+                                  value=broker._dropped_notifications)
+        yield CounterMetricFamily("simzmq_broker_passive_drops", "Client requests dropped while passive",
+                                  value=broker._dropped_passive)
+        yield CounterMetricFamily("simzmq_broker_failovers", "Times this broker went from passive to active",
+                                  value=broker.failovers)
+        yield CounterMetricFamily("simzmq_broker_notifications", "Notifications forwarded from workers to gates",
+                                  value=broker.notifications_total)
+        workers = GaugeMetricFamily("simzmq_broker_workers", "Live workers, by service", labels=["service"])
+        for service, n in core.workers_by_service().items():
+            workers.add_metric([service], n)
+        yield workers
+        yield GaugeMetricFamily("simzmq_broker_queue_depth", "Requests waiting for a worker or its credit",
+                                value=core.queue_depth())
+        yield GaugeMetricFamily("simzmq_broker_in_flight", "Requests held by workers", value=core.in_flight())
+        yield GaugeMetricFamily("simzmq_broker_gates", "Gates that sent a request in the last 10 s",
+                                value=core.gate_count(now))
+        yield GaugeMetricFamily("simzmq_broker_active", "1 if this broker serves clients (Binary Star active)",
+                                value=1 if broker.state is State.ACTIVE else 0)
+        bstar = broker.bstar
+        peer_seen = bstar.peer_seen if bstar is not None else None
+        yield GaugeMetricFamily("simzmq_broker_peer_heard_seconds",
+                                "Seconds since the Binary Star peer's state was last heard (-1: never)",
+                                value=-1 if peer_seen is None else now - peer_seen)
+        yield GaugeMetricFamily("simzmq_broker_worker_heard_max_seconds",
+                                "Seconds since the least recently heard live worker spoke",
+                                value=core.least_recently_heard(now))
+        if broker.auth_counts is not None:
+            counts = broker.auth_counts()
+            refused = CounterMetricFamily("simzmq_broker_auth_refusals",
+                                          "Bus connections refused by the ZAP handler (unknown or wrong-role CURVE "
+                                          "key), by socket", labels=["socket"])
+            for socket_name, n in counts.get("refused", {}).items():
+                refused.add_metric([socket_name], n)
+            yield refused
+            accepted = CounterMetricFamily("simzmq_broker_auth_accepts",
+                                           "Bus connections accepted by the ZAP handler, by socket", labels=["socket"])
+            for socket_name, n in counts.get("accepted", {}).items():
+                accepted.add_metric([socket_name], n)
+            yield accepted
 
 
 def parse_state_message(frames: list[bytes]) -> State | None:

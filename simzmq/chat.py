@@ -303,13 +303,13 @@ def find_gate(cfg, host: str | None = None, port: int | None = None, http_port: 
             raise KeyFileError("--gate-key must be 64 hex characters")
     else:
         pk = load_gate_public(cfg.data_dir)
-    g = cfg["gate"]
+    g = cfg.gate
     return GateAddress(
-        host=host or g["host"],
-        port=port or gate_port_from_pid(cfg.data_dir) or g["port"],
-        http_host=host or g["http_host"],
-        http_port=http_port or gate_http_ports(cfg.data_dir).get("gate-1") or g["http_port"],
-        http_scheme="https" if g["tls_cert"] else "http",
+        host=host or g.host,
+        port=port or gate_port_from_pid(cfg.data_dir) or g.port,
+        http_host=host or g.http_host,
+        http_port=http_port or gate_http_ports(cfg.data_dir).get("gate-1") or g.http_port,
+        http_scheme="https" if g.tls_cert else "http",
         gate_pk=pk)
 
 

@@ -115,17 +115,7 @@ def region_children(cfg: config_mod.Config, env: dict, run_dir: Path) -> list:
 
 def readiness_probe(cfg: config_mod.Config):
     from simzmq.supervise import ReadinessProbe
-    gates = []
-    for i in range(1, cfg.gate.gates + 1):
-        port, http_port = config_mod.gate_ports(cfg, i)
-        gates.append((f"gate-{i}", cfg.gate.host, port, cfg.gate.http_host, http_port, bool(cfg.gate.tls_cert)))
-    configure_socket = bus_client(cfg, "ops", "simzmq up") if cfg.bus.curve else None
-    return ReadinessProbe([cfg.broker.primary.state, cfg.broker.backup.state], configure_socket,
-                          cfg.im.workers, IM_SERVICE, gates)
-
-
-# The service IM workers register under (simzmq/im.py SERVICE).
-IM_SERVICE = "im"
+    return ReadinessProbe(cfg, bus_client(cfg, "ops", "simzmq up") if cfg.bus.curve else None)
 
 
 @main.command()
@@ -224,6 +214,8 @@ def command_name() -> str:
 def announce(cfg: config_mod.Config, gate_pk: bytes) -> None:
     g, data_dir, cmd = cfg.gate, cfg.data_dir, command_name()
     gates = ", ".join(f"{g.host}:{config_mod.gate_ports(cfg, i)[0]}" for i in range(1, g.gates + 1))
+    web = ", ".join(f"http{'s' if g.tls_cert else ''}://{g.http_host}:{config_mod.gate_ports(cfg, i)[1]}/"
+                    for i in range(1, g.gates + 1))
     # chat and down find the region from DATA/run; monitor reads the brokers'
     # state endpoints from the configuration, which a --port-base moved.
     watch = f"{cmd} monitor --data {data_dir}"
@@ -232,7 +224,7 @@ def announce(cfg: config_mod.Config, gate_pk: bytes) -> None:
     click.echo(
         f"\nsimzmq region up. Clients connect to {gates} and pin the gate key\n"
         f"  {gate_pk.hex()}   (in {data_dir / 'keys' / 'gate.pub'})\n"
-        f"HTTP (health, history, metrics): http{'s' if g.tls_cert else ''}://{g.http_host}:{g.http_port}/v1/health\n"
+        f"Web chat and HTTP API (/v1/health, /v1/history, /metrics): {web}\n"
         f"Talk:   {cmd} chat --data {data_dir} --user alice --register\n"
         f"        {cmd} chat --data {data_dir} --user bob --register   (in another terminal)\n"
         f"Watch:  {watch}\n"
@@ -340,12 +332,10 @@ def broker(ctx, role):
 
 
 def run_broker(cfg: config_mod.Config, role: str) -> None:
-    from simzmq.broker import Broker
-    b = cfg.broker
-    mine = b.role(role)
-    peer = b.role("backup" if role == "primary" else "primary")
     import zmq
+
     from simzmq import bus as bus_mod
+    from simzmq.broker import Broker
     context = zmq.Context.instance()
     bus = None
     if cfg.bus.curve:
@@ -360,14 +350,8 @@ def run_broker(cfg: config_mod.Config, role: str) -> None:
     else:
         bus_mod.curve_off_warning(f"broker {role}")
     try:
-        Broker(frontend=mine.frontend, backend=mine.backend, notify_in=mine.notify_in,
-               notify_out=mine.notify_out, state_pub=mine.state, peer_state=peer.state,
-               role=role, heartbeat_interval=b.heartbeat_ms / 1000,
-               peer_heartbeat=b.peer_heartbeat_ms / 1000,
-               liveness=b.liveness, request_timeout=b.request_timeout_ms / 1000,
-               keyed_services=set(b.keyed_services),
-               metrics_port=mine.metrics_port or None, metrics_addr=cfg.region.metrics_host,
-               context=context, configure_socket=bus.configure_socket if bus else None,
+        Broker(cfg.broker, role, cfg.region.metrics_host, context=context,
+               configure_socket=bus.configure_socket if bus else None,
                auth_counts=bus.zap.counts if bus else None).run()
     finally:
         if bus is not None:
@@ -394,18 +378,8 @@ def im(ctx, name):
 
 def run_im(cfg: config_mod.Config, name: str, index: int) -> None:
     from simzmq import im as im_mod
-    b = cfg.broker
     configure_socket = bus_client(cfg, "worker", f"im worker {name}")
-    worker = im_mod.IMWorker(
-        name=name, store_url=cfg.store_url(), im_cfg=cfg.section_dict("im"), max_frame=cfg.gate.max_frame,
-        max_group_members=cfg.gate.max_group_members,
-        backends=[b.primary.backend, b.backup.backend],
-        notify_ins=[b.primary.notify_in, b.backup.notify_in],
-        heartbeat_ms=b.heartbeat_ms, liveness=b.liveness,
-        metrics_port=config_mod.im_metrics_port(cfg, index) or None,
-        metrics_host=cfg.region.metrics_host,
-        sqlite_synchronous=cfg.im.sqlite_synchronous, configure_socket=configure_socket,
-        push_delay_ms=cfg.push.job_delay_ms if cfg.push.enabled else None)
+    worker = im_mod.IMWorker(name, cfg, config_mod.im_metrics_port(cfg, index) or None, configure_socket)
     im_mod.run(worker)
 
 
@@ -425,16 +399,9 @@ def gate(ctx, name, port, http_port):
 
 def run_gate(cfg: config_mod.Config, name: str, port: int, http_port: int) -> None:
     from simzmq import gate as gate_mod
-    from simzmq.gatelink import BrokerEndpoints
-    g, b = cfg.gate, cfg.broker
     sk, pk = keys_mod.ensure_gate_key(cfg.data_dir)
     logging.getLogger("simzmq.gate").info("gate %s: config %s, key %s", name, cfg.describe(), pk.hex())
-    brokers = [BrokerEndpoints(role, b.role(role).frontend, b.role(role).notify_out) for role in ("primary", "backup")]
-    configure_socket = bus_client(cfg, "gate", f"gate {name}")
-    # With the push service on, the gate reports who is online to it.
-    gate_mod.run(name, cfg.section_dict("gate"), sk, brokers, g.host, port, g.http_host, http_port,
-                 configure_socket=configure_socket,
-                 presence_interval_s=cfg.push.presence_interval_s if cfg.push.enabled else None)
+    gate_mod.run(name, cfg, sk, port, http_port, bus_client(cfg, "gate", f"gate {name}"))
 
 
 # ---------------------------------------------------------------------------
@@ -460,14 +427,10 @@ def push(ctx, name):
 
 def run_push(cfg: config_mod.Config, name: str, index: int) -> None:
     from simzmq.push import service as push_mod
-    b = cfg.broker
     links, configure_peer = peer_links(cfg)
-    service = push_mod.PushService(
-        name, cfg.push, cfg.store_url(), [b.primary.notify_out, b.backup.notify_out],
-        metrics_host=cfg.region.metrics_host, metrics_port=config_mod.push_metrics_port(cfg, index) or None,
-        sqlite_synchronous=cfg.im.sqlite_synchronous,
-        configure_socket=bus_client(cfg, "worker", f"push service {name}"), config_sources=cfg.describe(),
-        peers=links, configure_peer=configure_peer)
+    service = push_mod.PushService(name, cfg, config_mod.push_metrics_port(cfg, index) or None,
+                                   bus_client(cfg, "worker", f"push service {name}"),
+                                   peers=links, configure_peer=configure_peer)
     push_mod.run(service)
 
 
@@ -549,12 +512,9 @@ def federate(ctx):
 
 def run_federation(cfg: config_mod.Config) -> None:
     from simzmq import federation as fed
-    b = cfg.broker
     links, configure_peer = peer_links(cfg)
     configure_local = bus_client(cfg, "worker", "federation")
-    fed.run(fed.FederationProcess(cfg.region.name, links, [b.primary.notify_in, b.backup.notify_in],
-                                  configure_peer, configure_local, cfg.region.federation_metrics_port or None,
-                                  cfg.region.metrics_host))
+    fed.run(fed.FederationProcess(cfg, links, configure_peer, configure_local))
 
 
 # ---------------------------------------------------------------------------
@@ -729,7 +689,7 @@ def history(ctx, data, host, port, gate_key, user_id, http_port, before, limit, 
     password = client_password(user_id)
     try:
         asyncio.run(run_history(gate, user_id, password, peer, before=before, limit=limit, as_json=as_json,
-                                cafile=cfg["gate"]["tls_cert"] or None))
+                                cafile=cfg.gate.tls_cert or None))
     except HistoryError as exc:
         raise click.ClickException(str(exc)) from None
 

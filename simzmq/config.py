@@ -19,9 +19,8 @@ import os
 import re
 import sys
 import tomllib
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 from urllib.parse import urlsplit
 
@@ -147,7 +146,7 @@ class Port(Int):
 def _shifted_port(port: int, delta: int) -> int:
     moved = port + delta
     if not 1 <= moved <= 65535:
-        raise ValueError(f"port {port} shifted by region.port_base to {moved}, outside 1-65535")
+        raise ValueError(f"from {port} to {moved}")
     return moved
 
 
@@ -250,7 +249,7 @@ class Endpoint(Kind):
 
 
 def split_tcp(endpoint: str) -> tuple[str, int | None]:
-    """("127.0.0.1", 7701) from "tcp://127.0.0.1:7701" ("::1" from "[::1]");
+    """("127.0.0.1", 7721) from "tcp://127.0.0.1:7721" ("::1" from "[::1]");
     port None when missing or out of range."""
     rest = endpoint[len("tcp://"):]
     host, sep, port = rest.rpartition(":")
@@ -530,25 +529,6 @@ class Config:
             return "sqlite:///" + str(self.data_dir / self.im.sqlite_path)
         return self.im.store
 
-    def section_dict(self, section: str) -> dict:
-        """A section as the plain dict the process constructors still take."""
-        return _plain(getattr(self, section))
-
-    def __getitem__(self, section: str) -> Mapping:
-        # Read-only mapping view for callers not yet moved to the attributes
-        # (simzmq/bench.py and the chat command read cfg["gate"]["port"]).
-        return MappingProxyType(self.section_dict(section))
-
-
-def _plain(obj) -> Any:
-    if is_dataclass(obj):
-        return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj)}
-    if isinstance(obj, tuple):
-        return list(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
 
 # --- loading ------------------------------------------------------------------------------
 
@@ -664,11 +644,16 @@ def _check_values(layers: _Layers) -> dict[str, Any]:
             problems.append(f"{key} = {value!r} (from {origin}): must be {exc}")
     delta = checked.get("region.port_base", DEFAULT_PORT_BASE) - DEFAULT_PORT_BASE
     if delta:
+        outside = []
         for key, value in checked.items():
             try:
                 checked[key] = SCHEMA[key].shift(value, delta)
             except ValueError as exc:
-                problems.append(f"{key} = {value!r} (from {layers.origin[key]}): {exc}")
+                outside.append(f"{key} {exc}")
+        if outside:
+            more = f", and {len(outside) - 1} more port{'s' if len(outside) > 2 else ''}," if len(outside) > 1 else ""
+            problems.append(f"region.port_base = {checked['region.port_base']} (from {layers.origin['region.port_base']}) "
+                            f"moves {outside[0]}{more} outside 1-65535")
     return checked
 
 
@@ -826,9 +811,14 @@ def region_listeners(cfg: Config) -> list[Listener]:
 
 def local_problems(cfg: Config) -> list[str]:
     """What stops a whole region from running on this one machine (`simzmq
-    up`): a port used twice, a gate's TLS files missing here."""
-    problems = [f"{clash} (gate-N listens on gate.port + N - 1 and gate.http_port + N - 1)"
-                for clash in port_clashes(region_listeners(cfg))]
+    up`): ports used twice (one line for all: the first clash and how many
+    more), a gate's TLS files missing here."""
+    problems = []
+    clashes = port_clashes(region_listeners(cfg))
+    if clashes:
+        more = f", and {len(clashes) - 1} more port{'s' if len(clashes) > 2 else ''} used twice" if len(clashes) > 1 else ""
+        problems.append(f"{clashes[0]}{more} (gate-N listens on gate.port + N - 1 and gate.http_port + N - 1; "
+                        "docs/running.md shows the port layout)")
     for key in ("tls_cert", "tls_key"):
         path = getattr(cfg.gate, key)
         if path and not os.access(path, os.R_OK):

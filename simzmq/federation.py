@@ -49,6 +49,7 @@ from typing import NamedTuple
 from prometheus_client import Counter
 
 from simzmq import keys as keys_mod
+from simzmq.config import Config
 from simzmq.envelope import EnvelopeError, pack_notices, unpack_notices, unpack_stamp
 from simzmq.linkcore import FEDERATION_RESYNC
 from simzmq.notify import GROUPS, is_group_topic
@@ -173,17 +174,17 @@ def parse_peers(peers) -> list[Link]:
 class FederationProcess:
     """The thin shell: one SUB per link, one PUB into the own brokers."""
 
-    def __init__(self, region: str, links: list[Link], notify_ins: list[str], configure_peer=None,
-                 configure_local=None, metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
+    def __init__(self, cfg: Config, links: list[Link], configure_peer=None, configure_local=None) -> None:
+        # links: cfg.region.peers parsed (parse_peers);
         # configure_peer(sock, link): CURVE client of the peer's brokers;
         # configure_local(sock): CURVE client (worker role) of our own.
-        self.core = FederationCore(region, links)
+        self.core = FederationCore(cfg.region.name, links)
         self.links = links
-        self.notify_ins = notify_ins
+        self.notify_ins = [cfg.broker.primary.notify_in, cfg.broker.backup.notify_in]
         self.configure_peer = configure_peer
         self.configure_local = configure_local
-        self.metrics_port = metrics_port
-        self.metrics_host = metrics_host
+        self.metrics_port = cfg.region.federation_metrics_port or None
+        self.metrics_host = cfg.region.metrics_host
         self.exported: dict = {}
         self.running = True
 

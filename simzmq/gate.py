@@ -24,10 +24,11 @@ import zmq
 from prometheus_client import Counter, Gauge, Histogram
 
 from simzmq import gate_tcp
+from simzmq.config import Config, GateConfig
 from simzmq.gate_fanout import Fanout
 from simzmq.gate_http import make_app
 from simzmq.gate_session import CLOSED, RATE_LIMITED, ClientConnection
-from simzmq.gatelink import Backend, BrokerEndpoints
+from simzmq.gatelink import Backend, BrokerEndpoints, broker_pair
 from simzmq.limits import Limiter, LimitsConfig, LogThrottle, pick_slow_consumers
 from simzmq.presence import GatePresence, TypingLimiter, report_timing
 from simzmq.push.presence import PresenceReporter
@@ -99,13 +100,13 @@ class Gate:
     """`clock` (seconds, monotonic) and `loop` (call_later) default to the
     real ones; tests may pass their own."""
 
-    def __init__(self, name: str, cfg: dict, static_sk: bytes, brokers: list[BrokerEndpoints],
+    def __init__(self, name: str, cfg: GateConfig, static_sk: bytes, brokers: list[BrokerEndpoints],
                  configure_socket=None, clock=None, loop=None, presence_interval_s: float | None = None):
         self.name = name
         self.cfg = cfg
         self.static_sk = static_sk
-        self.max_frame = cfg["max_frame"]
-        self.max_body = cfg["max_body"]
+        self.max_frame = cfg.max_frame
+        self.max_body = cfg.max_body
         self.brokers = brokers
         self.configure_socket = configure_socket
         self.connections: set[ClientConnection] = set()
@@ -116,7 +117,7 @@ class Gate:
         self.http = None
         self.clock = clock or time.monotonic
         self.loop = loop
-        self.limiter = Limiter(capped_by_descriptors(LimitsConfig.from_mapping(cfg.get("limits"))))
+        self.limiter = Limiter(capped_by_descriptors(cfg.limits))
         self.log_throttle = LogThrottle(self.limiter.cfg.log_lines_per_limit, self.limiter.cfg.log_interval_s)
         self._sweep_timer = None
         self._sweep_due = None
@@ -239,15 +240,14 @@ class Gate:
             raise ListenError(f"cannot listen for clients on tcp://{host}:{port}: {exc.strerror or exc}") from None
         try:
             self.http = make_app(self).listen(http_port, http_host, ssl_options=ssl_options,
-                                              xheaders=cfg["behind_tls_proxy"])
+                                              xheaders=cfg.behind_tls_proxy)
         except OSError as exc:
             self.tcp.close()
             raise ListenError(f"cannot listen for HTTP on {http_host}:{http_port}: {exc.strerror or exc}") from None
-        self.backend = Backend(self.ctx, self.brokers, cfg["request_timeout_s"],
-                               cfg["probe_interval_ms"] / 1000, cfg["failover_after_ms"] / 1000,
-                               self.fanout.on_notification, self.fanout.resync, self.configure_socket)
+        self.backend = Backend(self.ctx, self.brokers, cfg, self.fanout.on_notification, self.fanout.resync,
+                               self.configure_socket)
         self.backend.start()
-        interval_s, ttl_ms = report_timing(cfg["idle_timeout_s"], self.presence_interval_s)
+        interval_s, ttl_ms = report_timing(cfg.idle_timeout_s, self.presence_interval_s)
         self.reporter = PresenceReporter(self.name, interval_s, self.backend.request, ttl_ms)
         self._presence_tick()
         self.fanout.check_holes()
@@ -281,29 +281,31 @@ class ListenError(Exception):
     """A port the gate was told to listen on cannot be had (taken, not allowed)."""
 
 
-def check_http_exposure(cfg: dict) -> dict | None:
+def check_http_exposure(cfg: GateConfig) -> dict | None:
     """TLS options for the HTTP API, or None for plain HTTP where that is
     allowed (protocol.md section 6: the bearer token never crosses a network
     in the clear)."""
-    if cfg["tls_cert"] and cfg["tls_key"]:
-        return {"certfile": cfg["tls_cert"], "keyfile": cfg["tls_key"]}
-    host = cfg["http_host"]
-    if host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.") or cfg["behind_tls_proxy"]:
+    if cfg.tls_cert and cfg.tls_key:
+        return {"certfile": cfg.tls_cert, "keyfile": cfg.tls_key}
+    host = cfg.http_host
+    if host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.") or cfg.behind_tls_proxy:
         return None
     raise SystemExit(f"refusing plain HTTP on {host}: set gate.tls_cert and gate.tls_key, "
                      "or gate.behind_tls_proxy = true if a TLS-terminating proxy is in front")
 
 
-def run(name: str, cfg: dict, static_sk: bytes, brokers: list[BrokerEndpoints],
-        host: str, port: int, http_host: str, http_port: int, configure_socket=None,
-        presence_interval_s: float | None = None) -> None:
-    """Run a gate until SIGTERM/SIGINT."""
-    ssl_options = check_http_exposure(cfg)
+def run(name: str, cfg: Config, static_sk: bytes, port: int, http_port: int, configure_socket=None) -> None:
+    """Run a gate (its client and HTTP ports: `port`, `http_port`) until SIGTERM/SIGINT."""
+    g = cfg.gate
+    ssl_options = check_http_exposure(g)
+    # With the push service on, the gate reports who is online to it.
+    presence_interval_s = cfg.push.presence_interval_s if cfg.push.enabled else None
 
     async def main():
-        gate = Gate(name, cfg, static_sk, brokers, configure_socket, presence_interval_s=presence_interval_s)
+        gate = Gate(name, g, static_sk, broker_pair(cfg.broker), configure_socket,
+                    presence_interval_s=presence_interval_s)
         try:
-            await gate.start(host, port, http_host, http_port, ssl_options)
+            await gate.start(g.host, port, g.http_host, http_port, ssl_options)
         except ListenError as exc:
             log.error("gate %s cannot start: %s", name, exc)
             raise SystemExit(1) from None

@@ -271,7 +271,7 @@ class Fanout:
                     self._undecodable(user, exc)
             if not isinstance(batch, m.Batch):
                 # Unavailable or refused: try once more, later.
-                gate.call_later(gate.cfg["request_timeout_s"] / 5, self.resync, user)
+                gate.call_later(gate.cfg.request_timeout_s / 5, self.resync, user)
                 return
             now = gate.now()
             for msg in batch.msgs:
@@ -295,7 +295,7 @@ class Fanout:
         (its worker died between commit and publish, say): catch up. Runs
         every half push_hole_timeout_ms until stop()."""
         now = self.gate.now()
-        limit = self.gate.cfg["push_hole_timeout_ms"] / 1000
+        limit = self.gate.cfg.push_hole_timeout_ms / 1000
         for user, log_ in self.pushlogs.items():
             if log_.hole_open_for(now) > limit and user not in self.catching_up:
                 HOLES.inc()

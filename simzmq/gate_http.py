@@ -111,7 +111,7 @@ class WsTransport:
         self.handler = handler
         self.gate = gate
         self.max_frame = MAX_HANDSHAKE_FRAME
-        self.max_outbound = gate.cfg["max_outbound_bytes"]
+        self.max_outbound = gate.cfg.max_outbound_bytes
         self.in_flight = None
         self.backlog: collections.deque = collections.deque()
         self.backlog_bytes = 0
@@ -290,13 +290,18 @@ def _queued_bytes(stream) -> int:
 
 
 def _log_http(handler) -> None:
-    # Health probes and metric scrapes every few seconds would drown the log;
-    # failures and history requests are worth a line.
+    # Health probes and metric scrapes every few seconds would drown the log
+    # (a 503 from /v1/health is the gate's state, not a failed request: `up`
+    # polls it while the region starts); failures and history requests are
+    # worth a line.
     status = handler.get_status()
-    if status >= 400 or handler.request.path.startswith("/v1/history"):
+    path = handler.request.path
+    if path == "/v1/health":
+        return
+    if status >= 400 or path.startswith("/v1/history"):
         gate = handler.application.settings["gate"]
         gate.log_throttled("http:%d" % (status // 100), "http %d %s %s %.1fms", status, handler.request.method,
-                           handler.request.path[:200], 1000 * handler.request.request_time())
+                           path[:200], 1000 * handler.request.request_time())
 
 
 # Everything the gate serves over HTTP.

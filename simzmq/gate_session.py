@@ -37,7 +37,7 @@ from simzmq.wire.codec import BIN, CODECS, peek_header
 from simzmq.wire.errors import ProtocolError, ShortPayload
 from simzmq.wire.handshake import GateHandshake
 from simzmq.wire.messages import CLIENT_REQUESTS, ErrorCode, KickCode
-from simzmq.wire.rules import MAX_GROUP_MEMBERS, validate_request
+from simzmq.wire.rules import validate_request
 
 SESSION_ID_BYTES = 16
 # Frames of one connection served before the event loop serves the others
@@ -148,8 +148,8 @@ class ClientConnection:
         self.paused = False
         self._lost = False
         self.final_sent = False  # the frame with TAG_FINAL is sealed: nothing may follow
-        self._handshake_timer = gate.call_later(gate.cfg["handshake_timeout_s"], self._handshake_expired)
-        self._idle_timer = gate.call_later(gate.cfg["idle_timeout_s"], self._idle_check)
+        self._handshake_timer = gate.call_later(gate.cfg.handshake_timeout_s, self._handshake_expired)
+        self._idle_timer = gate.call_later(gate.cfg.idle_timeout_s, self._idle_check)
         CONNECTIONS.inc()
 
     # -- input --------------------------------------------------------------
@@ -170,7 +170,7 @@ class ClientConnection:
                 self.codec = CODECS[self.handshake.codec_id]
                 self.sender = self.handshake.sender
                 ready = m.Ready(server_ms=now_ms(), max_frame=self.gate.max_frame,
-                                max_body=self.gate.max_body, idle_timeout_s=self.gate.cfg["idle_timeout_s"])
+                                max_body=self.gate.max_body, idle_timeout_s=self.gate.cfg.idle_timeout_s)
                 self.transport.write_payloads([welcome, self.sender.seal(self.codec.encode(ready, 0))])
                 self.state = WAIT_HEADER
             elif self.state == WAIT_HEADER:
@@ -214,7 +214,7 @@ class ClientConnection:
         try:
             ref, msg = self.codec.decode(plaintext)
             validate_request(msg, self.gate.max_body, protocol_1_1=True,
-                             max_group_members=self.gate.cfg.get("max_group_members", MAX_GROUP_MEMBERS))
+                             max_group_members=self.gate.cfg.max_group_members)
         except ShortPayload:
             raise
         except ProtocolError as exc:
@@ -264,7 +264,7 @@ class ClientConnection:
         inc(REQUESTS, "Pong", "ok")
 
     def _register(self, ref, msg: m.Register):
-        if not self.gate.cfg["allow_register"]:
+        if not self.gate.cfg.allow_register:
             inc(REQUESTS, "Register", "forbidden")
             self.reply_error(ref, ErrorCode.FORBIDDEN, "registration is closed")
             return
@@ -495,7 +495,7 @@ class ClientConnection:
         # Checked before sealing: a sealed frame that is not sent would break
         # the stream, and the Kick after it could not be read. (A frame always
         # fits into an empty queue.)
-        limit = self.gate.cfg["max_outbound_bytes"]
+        limit = self.gate.cfg.max_outbound_bytes
         queued = self.transport.queued()
         if queued and queued + len(plaintext) > limit:
             self.slow_consumer(f"more than {limit} bytes waiting to be read")
@@ -580,13 +580,13 @@ class ClientConnection:
         if self.state in (HANDSHAKE, WAIT_HEADER):
             CLOSED_BAD.labels("handshake_timeout").inc()
             self.gate.log_throttled("bad_input", "closing %s: no handshake within %ss", self.peer,
-                                    self.gate.cfg["handshake_timeout_s"])
+                                    self.gate.cfg.handshake_timeout_s)
             self.close("handshake timeout")
 
     def _idle_check(self):
         if self.state == CLOSED:
             return
-        idle = self.gate.cfg["idle_timeout_s"]
+        idle = self.gate.cfg.idle_timeout_s
         left = self.last_rx + idle - self.gate.now()
         if left <= 0:
             if self.gate.limiter.behind(self.transport.queued()):

@@ -81,7 +81,7 @@ class GateProtocol(asyncio.BufferedProtocol):
         self.reading = True
         self.writing_paused = False
         self.draining = False  # a turn of buffered frames is scheduled
-        self.backstop = gate.cfg["max_outbound_bytes"] + gate.max_frame + 1024
+        self.backstop = gate.cfg.max_outbound_bytes + gate.max_frame + 1024
         self._linger = None
 
     # -- asyncio callbacks -----------------------------------------------------

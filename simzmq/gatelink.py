@@ -30,6 +30,7 @@ import zmq
 from prometheus_client import Counter, Gauge, Histogram
 
 from simzmq import mdp
+from simzmq.config import BrokerConfig, GateConfig
 from simzmq.envelope import EnvelopeError
 from simzmq.linkcore import LinkCore
 from simzmq.zmqio import receiver, send_frames
@@ -59,6 +60,11 @@ class BrokerEndpoints(NamedTuple):
     notify_out: str
 
 
+def broker_pair(cfg: BrokerConfig) -> list[BrokerEndpoints]:
+    """Where a gate reaches the region's brokers, primary first."""
+    return [BrokerEndpoints(role, cfg.role(role).frontend, cfg.role(role).notify_out) for role in ("primary", "backup")]
+
+
 class Backend:
     """Requests to the `im` service and notifications from it.
 
@@ -73,18 +79,18 @@ class Backend:
     payload)`` / ``on_resync(user or None)`` callbacks it passes in.
     """
 
-    def __init__(self, ctx: zmq.Context, brokers: list[BrokerEndpoints], request_timeout_s: float,
-                 probe_interval_s: float, failover_after_s: float,
+    def __init__(self, ctx: zmq.Context, brokers: list[BrokerEndpoints], cfg: GateConfig,
                  on_notification: Callable[[bytes, bytes, bytes], None],
                  on_resync: Callable[[str | None], None],
                  configure_socket: Callable[[zmq.Socket, str], None] | None = None):
         self.ctx = ctx
         self.brokers = brokers
-        self.failover_after_s = failover_after_s
+        self.failover_after_s = cfg.failover_after_ms / 1000
         self.on_notification = on_notification
         self.on_resync = on_resync
         self.configure_socket = configure_socket
-        self.core = LinkCore(len(brokers), request_timeout_s, probe_interval_s, failover_after_s, time.monotonic())
+        self.core = LinkCore(len(brokers), cfg.request_timeout_s, cfg.probe_interval_ms / 1000, self.failover_after_s,
+                             time.monotonic())
         self.loop = asyncio.get_event_loop()
         self.dealer = self.sub = None
         self._timer = None

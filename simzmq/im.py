@@ -42,6 +42,7 @@ import nacl.pwhash
 import zmq
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from simzmq.config import Config
 from simzmq.envelope import EnvelopeError, pack_notices, pack_reply, request_budget_ms, unpack_request
 from simzmq.mdpworker import Request, WorkerSession
 from simzmq.notify import group_topic
@@ -54,7 +55,6 @@ from simzmq.wire.codec import BIN, bin_newmsg_with_seq
 from simzmq.zmqio import sender
 from simzmq.wire.errors import ProtocolError
 from simzmq.wire.messages import ErrorCode
-from simzmq.wire.rules import MAX_GROUP_MEMBERS
 
 log = logging.getLogger("simzmq.im")
 
@@ -206,32 +206,30 @@ def verify_password(pw_hash: str | None, password: str) -> bool:
 
 
 class IMWorker:
-    def __init__(self, name: str, store_url: str, im_cfg: dict, max_frame: int, backends: list[str],
-                 notify_ins: list[str], heartbeat_ms: int, liveness: int, metrics_port: int | None,
-                 sqlite_synchronous: str = "FULL", metrics_host: str = "127.0.0.1",
-                 configure_socket=None, max_group_members: int = MAX_GROUP_MEMBERS,
-                 push_delay_ms: int | None = None):
+    def __init__(self, name: str, cfg: Config, metrics_port: int | None, configure_socket=None):
+        """`metrics_port`: this worker's (im-N: im.metrics_port + N - 1; None: off)."""
+        b = cfg.broker
         self.name = name
-        self.store_url = store_url
-        self.im_cfg = im_cfg
-        self.max_frame = max_frame
-        self.max_group_members = max_group_members
-        self.backends = backends
-        self.notify_ins = notify_ins
-        self.heartbeat_s = heartbeat_ms / 1000
-        self.liveness = liveness
+        self.store_url = cfg.store_url()
+        self.im_cfg = cfg.im
+        self.max_frame = cfg.gate.max_frame
+        self.max_group_members = cfg.gate.max_group_members
+        self.backends = [b.primary.backend, b.backup.backend]
+        self.notify_ins = [b.primary.notify_in, b.backup.notify_in]
+        self.heartbeat_s = b.heartbeat_ms / 1000
+        self.liveness = b.liveness
         self.metrics_port = metrics_port
-        self.sqlite_synchronous = sqlite_synchronous
-        self.metrics_host = metrics_host
+        self.sqlite_synchronous = cfg.im.sqlite_synchronous
+        self.metrics_host = cfg.region.metrics_host
         # configure_socket(sock, name) before each bus socket connects (CURVE):
         # name is "backend" for the MDP sessions, "notify_in" for the PUB.
         self.configure_socket = configure_socket
         # Not None: the push service is on; every new message queues a push
         # job due this long after it (simzmq/push/).
-        self.push_delay_ms = push_delay_ms
+        self.push_delay_ms = cfg.push.job_delay_ms if cfg.push.enabled else None
         self.running = True
         self.done: queue.SimpleQueue[Job] = queue.SimpleQueue()
-        self.passwords = PasswordQueue(im_cfg["pwhash_threads"])
+        self.passwords = PasswordQueue(cfg.im.pwhash_threads)
         self.carried: list[Job] = []  # put off by fair_batch, first in the next batch
 
     def stop(self, *_):
@@ -239,13 +237,13 @@ class IMWorker:
 
     def run(self) -> None:
         store = open_store(self.store_url, synchronous=self.sqlite_synchronous)
-        service = IMService(store, self.im_cfg["token_ttl_s"] * 1000, self.max_frame, self.max_group_members,
+        service = IMService(store, self.im_cfg.token_ttl_s * 1000, self.max_frame, self.max_group_members,
                             self.push_delay_ms)
         ctx = zmq.Context.instance()
         # One identity with every broker, so each routes the same users here.
         identity = os.urandom(8)
         configure = self.configure_socket
-        sessions = [WorkerSession(context=ctx, endpoint=ep, service=SERVICE, credit=self.im_cfg["credit"],
+        sessions = [WorkerSession(context=ctx, endpoint=ep, service=SERVICE, credit=self.im_cfg.credit,
                                   heartbeat_interval=self.heartbeat_s, liveness=self.liveness, identity=identity,
                                   configure_socket=(lambda sock: configure(sock, "backend")) if configure else None,
                                   batches=True)
@@ -261,9 +259,9 @@ class IMWorker:
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         self.wake_w = wake_w
-        pool = concurrent.futures.ThreadPoolExecutor(self.im_cfg["pwhash_threads"], thread_name_prefix="pwhash",
+        pool = concurrent.futures.ThreadPoolExecutor(self.im_cfg.pwhash_threads, thread_name_prefix="pwhash",
                                                      initializer=lower_thread_priority,
-                                                     initargs=(self.im_cfg["pwhash_nice"],))
+                                                     initargs=(self.im_cfg.pwhash_nice,))
         # The cost of one check, before the first Login needs it.
         self.passwords.queued += 1
         pool.submit(self._calibrate).add_done_callback(self._password_done)
@@ -273,7 +271,7 @@ class IMWorker:
                  self.name, store.describe() if hasattr(store, "describe") else self.store_url,
                  ",".join(self.backends), ",".join(self.notify_ins),
                  f"http://{self.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "off",
-                 self.im_cfg["credit"])
+                 self.im_cfg.credit)
         poller = zmq.Poller()
         for s in sessions:
             poller.register(s.socket, zmq.POLLIN)
@@ -447,7 +445,7 @@ class IMWorker:
                 done = job._replace(prepared=RegisterWork(None, verify_password(pw_hash, job.msg.password)))
             else:
                 done = job._replace(prepared=RegisterWork(
-                    hash_password(job.msg.password, self.im_cfg["pwhash_strength"]), False))
+                    hash_password(job.msg.password, self.im_cfg.pwhash_strength), False))
         elif pw_hash is None:
             # No such user: nothing to check, and nothing measured (it cost nothing).
             return job._replace(prepared=False)
@@ -460,7 +458,7 @@ class IMWorker:
     def _calibrate(self) -> None:
         """One hash, to measure what a check costs on this machine now."""
         started = time.monotonic()
-        hash_password("calibration", self.im_cfg["pwhash_strength"])
+        hash_password("calibration", self.im_cfg.pwhash_strength)
         self.passwords.measured(time.monotonic() - started)
         PASSWORD_CHECK_SECONDS.set(self.passwords.cost_s)
         log.info("one password check takes %.0f ms here (%d threads)", self.passwords.cost_s * 1000,

@@ -8,7 +8,7 @@ its own, hands received frames to :meth:`WorkerSession.handle_incoming`,
 replies with :meth:`WorkerSession.reply` and calls :meth:`WorkerSession.tick`
 at least once per heartbeat interval::
 
-    group = WorkerGroup(["tcp://127.0.0.1:7702", "tcp://127.0.0.1:7712"], "im", credit=256)
+    group = WorkerGroup(["tcp://127.0.0.1:7722", "tcp://127.0.0.1:7732"], "im", credit=256)
     while running:
         for request in group.poll(timeout_ms):
             group.reply(request, [corr, payload])

@@ -35,6 +35,7 @@ from typing import Callable
 
 import zmq
 
+from simzmq.config import Config, gate_ports
 from simzmq.monitor import PairView
 
 log = logging.getLogger("simzmq.up")
@@ -56,6 +57,8 @@ POLL_S = 0.05
 STOP_ORDER = ("federation", "gate-", "push-", "im-", "broker-")
 
 PR_SET_PDEATHSIG = 1
+# The service IM workers register under (simzmq/im.py SERVICE).
+IM_SERVICE = "im"
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:
@@ -210,14 +213,19 @@ def stop_order(names) -> list[list[str]]:
 
 class ReadinessProbe:
     """Asks the region whether it is up: the brokers' state sockets (as the
-    ops role) and each gate's health and client ports."""
+    ops role, through `configure_socket`) and each gate's health and client
+    ports."""
 
-    def __init__(self, state_endpoints: list[str], configure_socket, workers: int, service: str,
-                 gates: list[tuple[str, str, int, str, int, bool]]):
-        # gates: (name, host, client port, http host, http port, https)
-        self.workers = workers
-        self.service = service
-        self.gates = gates
+    def __init__(self, cfg: Config, configure_socket):
+        g = cfg.gate
+        state_endpoints = [cfg.broker.primary.state, cfg.broker.backup.state]
+        self.workers = cfg.im.workers
+        self.service = IM_SERVICE
+        # (name, host, client port, http host, http port, https) of each gate
+        self.gates = []
+        for i in range(1, g.gates + 1):
+            port, http_port = gate_ports(cfg, i)
+            self.gates.append((f"gate-{i}", g.host, port, g.http_host, http_port, bool(g.tls_cert)))
         self.ctx = zmq.Context()
         self.view = PairView(state_endpoints, time.monotonic())
         self.status: dict[str, dict] = {}  # endpoint -> the broker's latest state

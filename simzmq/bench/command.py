@@ -29,14 +29,14 @@ def main(cfg, *, scenario: str, host: str | None, port: int | None, gate_key: st
             pk = keys_mod.load_gate_public(data_dir)
         except keys_mod.KeyFileError as exc:
             raise BenchError(str(exc)) from None
-    g = cfg["gate"]
+    g = cfg.gate
     if scenario == "groups" and port is None:
         # The members are spread over every gate of the region.
         options["gate_ports"] = tuple(sorted(gate_client_ports(data_dir).values()))
-    port = port or gate_port_from_pid(data_dir) or g["port"]
+    port = port or gate_port_from_pid(data_dir) or g.port
     if scenario == "logins":
-        return _logins(cfg, host or g["host"], port, pk, options.get("users"), as_json)
-    opts = Options(scenario=scenario, host=host or g["host"], port=port, gate_pk=pk, data_dir=str(data_dir),
+        return _logins(cfg, host or g.host, port, pk, options.get("users"), as_json)
+    opts = Options(scenario=scenario, host=host or g.host, port=port, gate_pk=pk, data_dir=str(data_dir),
                    **options)
     validate(opts)  # bad arguments are refused before the calibration takes its seconds
     calibration = calibrate(data_dir)
@@ -57,11 +57,11 @@ def _logins(cfg, host: str, port: int, pk: bytes, users: int | None, as_json: bo
         raise BenchError("logins needs at least 1 user")
     worker_pids = [pid for name, pid in read_pid_files(cfg.data_dir).items() if name.startswith("im-")]
     workers = len(worker_pids) or 1
-    im = cfg["im"]
+    im = cfg.im
     urls = [f"http://127.0.0.1:{port}/metrics" for pid in worker_pids for port in listening_ports(pid)]
     calibration = calibrate(cfg.data_dir)
     try:
-        report = logins.run(host, port, pk, users, workers * im["pwhash_threads"], im["pwhash_strength"], urls)
+        report = logins.run(host, port, pk, users, workers * im.pwhash_threads, im.pwhash_strength, urls)
     except OSError as exc:
         raise BenchError(f"cannot reach the gate at {host}:{port}: {exc.strerror or exc}") from None
     report["machine"] = machine_info()

@@ -29,7 +29,7 @@ import zmq.asyncio
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from simzmq.config import PushConfig
+from simzmq.config import Config
 from simzmq.limits import LogThrottle
 from simzmq.push import PRESENCE_TOPIC, WAKE_TOPIC
 from simzmq.push import webhook
@@ -64,9 +64,10 @@ def now_ms() -> int:
 
 
 class PushService:
-    def __init__(self, name: str, cfg: PushConfig, store_url: str, notify_outs: list[str],
-                 metrics_host: str, metrics_port: int | None, sqlite_synchronous: str = "FULL",
-                 configure_socket=None, config_sources: str = "", peers=(), configure_peer=None):
+    def __init__(self, name: str, config: Config, metrics_port: int | None, configure_socket=None,
+                 peers=(), configure_peer=None):
+        """`metrics_port`: this instance's (push-N: push.metrics_port + N - 1; None: off)."""
+        cfg = config.push
         self.name = name
         # The peer regions sharing the store (region.peers, federation.Link):
         # their users' jobs are in the same outbox, so the presence reports
@@ -76,13 +77,13 @@ class PushService:
         self.peers = list(peers)
         self.configure_peer = configure_peer
         self.cfg = cfg
-        self.store_url = store_url
-        self.notify_outs = notify_outs
-        self.metrics_host = metrics_host
+        self.store_url = config.store_url()
+        self.notify_outs = [config.broker.primary.notify_out, config.broker.backup.notify_out]
+        self.metrics_host = config.region.metrics_host
         self.metrics_port = metrics_port
-        self.sqlite_synchronous = sqlite_synchronous
+        self.sqlite_synchronous = config.im.sqlite_synchronous
         self.configure_socket = configure_socket
-        self.config_sources = config_sources
+        self.config_sources = config.describe()
         self.timing = PushTiming(cfg.max_age_s * 1000, cfg.backoff_min_ms, cfg.backoff_max_ms, cfg.coalesce_ms)
         self.instance = f"{name}/{os.urandom(4).hex()}"
         self.tokens = itertools.count(1)

@@ -20,7 +20,7 @@ class Running(BrokerThread):
     """A Broker serving in a thread, with fast heartbeats."""
 
     def __init__(self, ctx, **kw):
-        kw.setdefault("heartbeat_interval", 0.05)
+        kw.setdefault("heartbeat_ms", 50)
         # A broker whose thread dies at start says so at once.
         super().__init__(start_timeout=5, context=ctx, **kw)
 
@@ -159,7 +159,7 @@ def wait_for_workers(running, count, deadline=5.0):
 def test_killed_worker_requests_go_to_the_other(ctx):
     # The victim takes requests and never answers, then vanishes without
     # DISCONNECT; the broker must expire it and re-send what it held.
-    broker = Running(ctx, heartbeat_interval=0.2)
+    broker = Running(ctx, heartbeat_ms=200)
     victim = client(ctx, broker.ep["backend"])
     victim.send_multipart(mdp.build_ready(b"im", 100))
     survivor = ServingThread(WorkerGroup([broker.ep["backend"]], "im", credit=100, heartbeat_interval=0.2,
@@ -259,7 +259,7 @@ def test_worker_session_comes_back_after_broker_restart(ctx):
 
 @pytest.mark.timeout(20)
 def test_state_published(ctx):
-    running = Running(ctx, state_pub=ANY, peer_heartbeat=0.05)
+    running = Running(ctx, state_pub=ANY, peer_heartbeat_ms=50)
     try:
         sub = ctx.socket(zmq.SUB)
         sub.linger = 0
@@ -282,7 +282,7 @@ def _free_port(ctx):
 def test_binary_star_failover(ctx):
     primary_state = f"tcp://127.0.0.1:{_free_port(ctx)}"
     backup_state = f"tcp://127.0.0.1:{_free_port(ctx)}"
-    common = dict(peer_heartbeat=0.1, heartbeat_interval=0.05)
+    common = dict(peer_heartbeat_ms=100, heartbeat_ms=50)
     primary = Running(ctx, role="primary", state_pub=primary_state, peer_state=backup_state, **common)
     backup = Running(ctx, role="backup", state_pub=backup_state, peer_state=primary_state, **common)
     workers = []
@@ -340,7 +340,7 @@ def test_dual_active_stops_the_backup_only(ctx, role):
     fake_peer.linger = 0
     port = fake_peer.bind_to_random_port("tcp://127.0.0.1")
     running = Running(ctx, role=role, state_pub=ANY, peer_state=f"tcp://127.0.0.1:{port}",
-                      peer_heartbeat=0.05)
+                      peer_heartbeat_ms=50)
     try:
         end = time.monotonic() + 20
         while time.monotonic() < end and running.broker.state is not State.ACTIVE:

@@ -3,6 +3,7 @@ process, real sockets on 127.0.0.1, a real SQLite store): one bad request in
 a batch gets its own Error and the others succeed; the replies come back
 packed; the notifications come per topic group, after the commit."""
 
+import dataclasses
 import threading
 import time
 
@@ -16,18 +17,23 @@ from simzmq.notify import group_topic
 from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN
 from tests.brokerthread import BrokerThread
+from tests.configs import defaults, with_brokers
 
-IM_CFG = {"credit": 256, "token_ttl_s": 3600, "pwhash_strength": "interactive", "pwhash_threads": 2,
-          "pwhash_nice": 0}
+CREDIT = 256
 
 
 @pytest.fixture
 def bus(tmp_path):
     ctx = zmq.Context()
-    broker = BrokerThread(context=ctx, heartbeat_interval=0.1)
-    worker = IMWorker("im-test", "sqlite:///" + str(tmp_path / "im.db"), IM_CFG, 1 << 20,
-                      [broker.ep["backend"]], [broker.ep["notify_in"]], heartbeat_ms=100, liveness=5,
-                      metrics_port=None)
+    broker = BrokerThread(context=ctx, heartbeat_ms=100)
+    cfg = defaults(tmp_path)
+    cfg = dataclasses.replace(cfg, im=dataclasses.replace(cfg.im, credit=CREDIT, pwhash_nice=0))
+    # The worker's backup broker is an ipc path of this test's that nothing
+    # binds (a free TCP port could be another test's broker by then).
+    nowhere = f"ipc://{tmp_path}/no-backup-broker"
+    cfg = with_brokers(cfg, {"backend": broker.ep["backend"], "notify_in": broker.ep["notify_in"]},
+                       {"backend": nowhere, "notify_in": nowhere}, heartbeat_ms=100, liveness=5)
+    worker = IMWorker("im-test", cfg, metrics_port=None)
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     yield ctx, broker
@@ -138,7 +144,7 @@ def test_unreadable_requests_are_answered_so_the_worker_keeps_its_credit(bus):
     ctx, broker = bus
     gate = Gate(ctx, broker)
     wait_for_worker(gate)
-    too_short = [(b"ann", pack) for pack in [b"x"] * (IM_CFG["credit"] + 44)]
+    too_short = [(b"ann", pack) for pack in [b"x"] * (CREDIT + 44)]
     gate.dealer.send_multipart(mdp.build_client_batch(b"im", too_short))
     good = gate.batch([(b"ann", m.Register(user="ann", password="pw-ann"))])
     empty, answer = 0, None

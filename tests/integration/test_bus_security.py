@@ -39,8 +39,8 @@ class SecureBroker(BrokerThread):
         self.context = zmq.Context()
         self.bus = bus.start_broker_bus(self.context, data_dir)
         kw.setdefault("state_pub", ANY)
-        kw.setdefault("heartbeat_interval", 0.25)
-        kw.setdefault("peer_heartbeat", 0.1)
+        kw.setdefault("heartbeat_ms", 250)
+        kw.setdefault("peer_heartbeat_ms", 100)
         super().__init__(context=self.context, configure_socket=self.bus.configure_socket,
                          auth_counts=self.bus.zap.counts, **kw)
 
@@ -390,7 +390,7 @@ def test_a_region_runs_on_the_keys_up_made_and_refuses_strangers(tmp_path, ctx):
         status = state_until(ops, lambda s: len(s["workers"]) == 1 and s["gates"] >= 1)
         assert status["state"] == "active" and status["curve"] is True
         assert status["auth"]["refused"]["backend"] >= 1
-        # The refusals are in the broker's metrics too (copied once per heartbeat).
+        # The refusals are in the broker's metrics too (read when scraped).
         url = f"http://127.0.0.1:{region.env['SIMZMQ_BROKER_PRIMARY_METRICS_PORT']}/metrics"
         deadline = time.monotonic() + 10
         while True:

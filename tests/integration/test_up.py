@@ -54,15 +54,15 @@ def bindable(port: int) -> bool:
     return True
 
 
-def free_port_base(avoid: tuple[int, ...] = ()) -> int:
-    """A port_base whose region's ports are all free now (below the range
-    the system hands out for ephemeral ports, so a test client's port does
-    not take one)."""
+def free_port_base(avoid: tuple[int, ...] = (), gates: int = 1) -> int:
+    """A port_base whose region's ports (with `gates` gates) are all free now
+    (below the range the system hands out for ephemeral ports, so a test
+    client's port does not take one)."""
     for _ in range(200):
         base = random.randrange(12000, 30000)
         if any(abs(base - other) < 200 for other in avoid):
             continue
-        cfg = config.load(env={}, overrides={"region": {"port_base": base}})
+        cfg = config.load(env={}, overrides={"region": {"port_base": base}, "gate": {"gates": gates}})
         if all(bindable(lst.port) for lst in config.region_listeners(cfg)):
             return base
     raise AssertionError("no free port range")
@@ -108,7 +108,7 @@ def test_a_taken_port_stops_the_region_with_one_line(tmp_path):
     base = free_port_base()
     squatter = socket.socket()
     squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    squatter.bind(("127.0.0.1", base + 1))  # broker-primary's frontend
+    squatter.bind(("127.0.0.1", base + 21))  # broker-primary's frontend
     squatter.listen()
     try:
         out = simzmq("up", "--data", str(tmp_path / "data"), "--port-base", str(base))
@@ -116,7 +116,7 @@ def test_a_taken_port_stops_the_region_with_one_line(tmp_path):
         squatter.close()
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
-    assert last == (f"simzmq up: broker-primary could not start: cannot listen on frontend 127.0.0.1:{base + 1}: "
+    assert last == (f"simzmq up: broker-primary could not start: cannot listen on frontend 127.0.0.1:{base + 21}: "
                     "Address already in use; region stopped"), out.stderr[-3000:]
     assert BANNER not in out.stderr
     assert list((tmp_path / "data" / "run").glob("*.pid")) == []
@@ -128,11 +128,11 @@ def test_an_address_that_is_not_this_machines_stops_the_region_with_one_line(tmp
     base = free_port_base()
     # 192.0.2.1 is TEST-NET-1: never an address of this machine. The port is
     # written as in conf/simzmq.toml and shifted by the port base like the rest.
-    env = clean_env(SIMZMQ_BROKER_BACKUP_STATE="tcp://192.0.2.1:7715")
+    env = clean_env(SIMZMQ_BROKER_BACKUP_STATE="tcp://192.0.2.1:7735")
     out = simzmq("up", "--data", str(tmp_path / "data"), "--port-base", str(base), env=env)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == (
-        f"simzmq up: broker-backup could not start: cannot listen on state 192.0.2.1:{base + 15}: "
+        f"simzmq up: broker-backup could not start: cannot listen on state 192.0.2.1:{base + 35}: "
         "Cannot assign requested address; region stopped"), out.stderr[-3000:]
     assert BANNER not in out.stderr
 
@@ -157,15 +157,47 @@ def test_bad_settings_are_refused_before_anything_starts(tmp_path):
         "simzmq: gate.gates = -1 (from --gates): must be an integer 1-100",
     ]), out.stderr
     assert not data.exists() and not (ROOT / "mysql").exists()
-    # A file with a misspelt key, and the local region's own port clash.
+    # A file with a misspelt key, and ports the region would use twice: one line.
     site = tmp_path / "site.toml"
     site.write_text("[im]\nworker = 2\n")
     out = simzmq("--config", str(site), "up", "--data", str(data))
     assert out.returncode == 2 and out.stderr.strip() == (
         f"simzmq: {site}: unknown key im.worker (did you mean im.workers?)")
-    out = simzmq("up", "--data", str(data), "--gates", "2")
-    assert out.returncode == 2 and "port 7701 is both broker-primary frontend and gate-2 client port" in out.stderr
+    out = simzmq("up", "--data", str(data), "--gates", "30")
+    assert out.returncode == 2 and out.stderr.startswith(
+        "simzmq: port 7721 is both broker-primary frontend and gate-22 client port, and ")
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert not data.exists()
+
+
+def test_several_gates_on_the_default_layout_all_serve(tmp_path):
+    base = free_port_base(gates=2)
+    data = tmp_path / "data"
+    up = Up(data, "--gates", "2", "--port-base", str(base))
+    try:
+        up.wait_up()
+        assert f"Clients connect to 127.0.0.1:{base}, 127.0.0.1:{base + 1} " in up.text()
+        assert health(base + 80) == 200 and health(base + 81) == 200
+        pk = bytes.fromhex((data / "keys" / "gate.pub").read_text().strip())
+
+        async def talk():
+            # Registered through gate-1, logged in through gate-2: both reach the workers.
+            first = await Connection.open("127.0.0.1", base, pk, ping_interval=None)
+            try:
+                await first.request(m.Register(user="ann", password="pw"))  # an Error would raise
+            finally:
+                first.close()
+            second = await Connection.open("127.0.0.1", base + 1, pk, ping_interval=None)
+            try:
+                assert isinstance(await second.request(m.Login(user="ann", password="pw", device="d2")), m.LoginOk)
+            finally:
+                second.close()
+        asyncio.run(asyncio.wait_for(talk(), 60))
+    finally:
+        down = simzmq("down", "--data", str(data))
+        assert down.returncode == 0, down.stderr
+        assert up.finish() == 0
+    assert list((data / "run").glob("*.pid")) == []
 
 
 def test_two_regions_side_by_side_with_port_base(tmp_path):

@@ -23,16 +23,14 @@ def toml_problems(tmp_path: Path, text: str) -> list[str]:
 def test_defaults_come_from_the_commented_file_as_typed_frozen_sections():
     cfg = config.load(env={})
     assert cfg.gate.port == 7700 and cfg.gate.max_body == 65536 and cfg.gate.allow_register is True
-    assert cfg.broker.primary.frontend == "tcp://127.0.0.1:7701" and cfg.broker.keyed_services == ("im",)
+    assert cfg.broker.primary.frontend == "tcp://127.0.0.1:7721" and cfg.broker.keyed_services == ("im",)
     assert cfg.gate.limits.trusted_addresses == ("127.0.0.1", "::1") and cfg.gate.limits.sends_per_s == 20.0
     assert cfg.im.sqlite_synchronous == "FULL" and cfg.region.port_base == 7700
     assert cfg.sources == (str(config.default_config_path()),)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.gate.port = 1  # type: ignore[misc]
-    # The read-only view callers not yet moved to attributes use.
-    assert cfg["gate"]["port"] == 7700 and cfg["broker"]["primary"]["state"] == "tcp://127.0.0.1:7705"
     with pytest.raises(TypeError):
-        cfg["gate"]["port"] = 1  # type: ignore[index]
+        cfg["gate"]  # type: ignore[index] -- sections are attributes, not string keys
 
 
 def test_environment_overrides_with_types():
@@ -85,7 +83,8 @@ BAD_ENVIRONMENT = [
     ("SIMZMQ_GATE_LIMITS_SENDS_BURST", "2.5", "gate.limits.sends_burst must be an integer >= 0"),
     ("SIMZMQ_GATE_LIMITS_TRUSTED_ADDRESSES", "10.0.0.0/33", "10.0.0.0/33"),
     ("SIMZMQ_REGION_PORT_BASE", "0", "region.port_base = 0 (from SIMZMQ_REGION_PORT_BASE): must be an integer 1-65535"),
-    ("SIMZMQ_REGION_PORT_BASE", "65500", "shifted by region.port_base to"),
+    ("SIMZMQ_REGION_PORT_BASE", "65500", "region.port_base = 65500 (from SIMZMQ_REGION_PORT_BASE) moves "
+     "gate.http_port from 7780 to 65580, and 4 more ports, outside 1-65535"),
 ]
 
 
@@ -170,9 +169,9 @@ def test_port_base_shifts_every_port_of_the_region_together():
                            "SIMZMQ_BROKER_BACKUP_NOTIFY_IN": "ipc:///tmp/simzmq-notify-in"},
                       overrides={"region": {"port_base": 9700}})
     assert (cfg.gate.port, cfg.gate.http_port) == (9700, 9780)
-    assert cfg.broker.primary.frontend == "tcp://127.0.0.1:9701" and cfg.broker.primary.state == "tcp://127.0.0.1:9705"
-    assert cfg.broker.backup.frontend == "tcp://127.0.0.1:9711" and cfg.broker.backup.state == "tcp://127.0.0.1:9715"
-    assert (cfg.broker.primary.metrics_port, cfg.broker.backup.metrics_port) == (9791, 9792)
+    assert cfg.broker.primary.frontend == "tcp://127.0.0.1:9721" and cfg.broker.primary.state == "tcp://127.0.0.1:9725"
+    assert cfg.broker.backup.frontend == "tcp://127.0.0.1:9731" and cfg.broker.backup.state == "tcp://127.0.0.1:9735"
+    assert (cfg.broker.primary.metrics_port, cfg.broker.backup.metrics_port) == (9741, 9742)
     assert cfg.broker.backup.notify_in == "ipc:///tmp/simzmq-notify-in"  # not a port
     assert cfg.im.metrics_port == 0  # off stays off
     default = {(lst.what, lst.process): lst.port for lst in config.region_listeners(config.load(env={}))}
@@ -188,8 +187,8 @@ def test_port_base_shifts_every_port_of_the_region_together():
     ({"SIMZMQ_GATE_FAILOVER_AFTER_MS": "100"}, "gate.failover_after_ms (100) must be more than gate.probe_interval_ms"),
     ({"SIMZMQ_GATE_TLS_CERT": "/nonexistent/cert.pem"}, "gate.tls_cert and gate.tls_key go together"),
     ({"SIMZMQ_BROKER_REQUEST_TIMEOUT_MS": "5000"}, "broker.request_timeout_ms (5000) must be below gate.request_timeout_s"),
-    ({"SIMZMQ_BROKER_BACKUP_FRONTEND": "tcp://127.0.0.1:7701"},
-     "broker.backup.frontend = 'tcp://127.0.0.1:7701' is also broker.primary.frontend"),
+    ({"SIMZMQ_BROKER_BACKUP_FRONTEND": "tcp://127.0.0.1:7721"},
+     "broker.backup.frontend = 'tcp://127.0.0.1:7721' is also broker.primary.frontend"),
 ])
 def test_settings_that_contradict_each_other(env, expected):
     problems = problems_of(env=env)
@@ -215,14 +214,27 @@ def test_endpoints_and_hosts_that_are_fine():
     assert cfg.broker.primary.frontend == "tcp://*:7701" and cfg.gate.host == "0.0.0.0"
 
 
+def test_the_default_layout_has_room_for_21_gates_and_20_workers_on_any_port_base():
+    for base in (7700, 12000):
+        for gates in range(1, 22):
+            cfg = config.load(env={}, overrides={"region": {"port_base": base}, "gate": {"gates": gates},
+                                                 "im": {"workers": 20}})
+            assert config.local_problems(cfg) == [], (base, gates)
+
+
 def test_ports_a_local_region_would_use_twice():
-    two_gates = config.load(env={}, overrides={"gate": {"gates": 2}})
-    assert config.port_clashes(config.region_listeners(two_gates)) == [
-        "port 7701 is both broker-primary frontend and gate-2 client port"]
+    many = config.load(env={}, overrides={"gate": {"gates": 22}})
+    assert config.port_clashes(config.region_listeners(many)) == [
+        "port 7721 is both broker-primary frontend and gate-22 client port",
+        "port 7801 is both im-1 metrics and gate-22 http port"]
     assert config.port_clashes(config.region_listeners(config.load(env={}))) == []
-    wildcard = config.load(env={"SIMZMQ_GATE_HOST": "0.0.0.0", "SIMZMQ_GATE_PORT": "7791"})
+    wildcard = config.load(env={"SIMZMQ_GATE_HOST": "0.0.0.0", "SIMZMQ_GATE_PORT": "7741"})
     assert config.port_clashes(config.region_listeners(wildcard)) == [
-        "port 7791 is both broker-primary metrics and gate-1 client port"]
+        "port 7741 is both broker-primary metrics and gate-1 client port"]
+    # However many ports clash, `up` says so in one line.
+    (line,) = config.local_problems(config.load(env={}, overrides={"gate": {"gates": 40}}))
+    assert line.startswith("port 7721 is both broker-primary frontend and gate-22 client port, and 10 more ports "
+                           "used twice (gate-N listens on gate.port + N - 1"), line
 
 
 def test_a_local_region_needs_the_gate_tls_files_here(tmp_path):
@@ -235,7 +247,7 @@ def test_a_local_region_needs_the_gate_tls_files_here(tmp_path):
 def test_the_multi_machine_example_is_valid():
     example = config.default_config_path().parent / "multi-machine.example.toml"
     cfg = config.load(example, env={})
-    assert cfg.broker.backup.frontend == "tcp://10.0.0.12:7701"
+    assert cfg.broker.backup.frontend == "tcp://10.0.0.12:7721"
     assert cfg.im.store.startswith("postgresql://") and cfg.gate.allow_register is False
 
 

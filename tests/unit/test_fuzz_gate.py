@@ -14,6 +14,7 @@ id, and pushes a user's notifications to that user's sessions only.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import heapq
 import itertools
 import os
@@ -26,11 +27,13 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from simzmq import gate as gate_mod
 from simzmq import gate_session
+from simzmq.limits import LimitsConfig
 from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN, CODECS
 from simzmq.wire.errors import ProtocolError
 from simzmq.wire.handshake import ClientHandshake, public_key
 from simzmq.wire.messages import ErrorCode, KickCode
+from tests.configs import defaults
 
 GATE_SK = bytes(range(7, 39))
 GATE_PK = public_key(GATE_SK)
@@ -123,15 +126,14 @@ class FakeTransport:
         pass
 
 
-GATE_CFG = {
-    "max_frame": 1048576, "max_body": 65536, "handshake_timeout_s": 10, "idle_timeout_s": 90,
-    "request_timeout_s": 5, "push_hole_timeout_ms": 1000, "allow_register": True,
-    "max_outbound_bytes": 4194304,
-    "limits": {"requests_per_s": 5.0, "requests_burst": 8, "sends_per_s": 2.0, "sends_burst": 4,
-               "abuse_factor": 2.0, "max_sessions_per_user": 2, "max_pending_requests": 4,
-               "login_free_failures_per_user": 2, "login_free_failures_per_address": 4,
-               "trusted_addresses": [], "max_outbound_total_bytes": 1000, "slow_consumer_min_bytes": 100},
-}
+GATE_CFG = dataclasses.replace(
+    defaults().gate, max_frame=1048576, max_body=65536, handshake_timeout_s=10, idle_timeout_s=90,
+    request_timeout_s=5, push_hole_timeout_ms=1000, allow_register=True, max_outbound_bytes=4194304,
+    limits=LimitsConfig.from_mapping({
+        "requests_per_s": 5.0, "requests_burst": 8, "sends_per_s": 2.0, "sends_burst": 4,
+        "abuse_factor": 2.0, "max_sessions_per_user": 2, "max_pending_requests": 4,
+        "login_free_failures_per_user": 2, "login_free_failures_per_address": 4,
+        "trusted_addresses": [], "max_outbound_total_bytes": 1000, "slow_consumer_min_bytes": 100}))
 
 
 def make_gate():

@@ -7,6 +7,7 @@ out in one write."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 
 import pytest
@@ -22,9 +23,9 @@ from tests.unit.test_fuzz_gate import GATE_CFG, GATE_PK, GATE_SK, FakeBackend, r
 
 pytestmark = pytest.mark.timeout(60)
 
-CFG = dict(GATE_CFG, limits=dict(GATE_CFG["limits"], pause_reading_bytes=64 * 1024, requests_per_s=1e9,
-                                 requests_burst=10**9, slow_consumer_min_bytes=1 << 30,
-                                 max_outbound_total_bytes=1 << 30))
+CFG = dataclasses.replace(GATE_CFG, limits=dataclasses.replace(
+    GATE_CFG.limits, pause_reading_bytes=64 * 1024, requests_per_s=1e9, requests_burst=10**9,
+    slow_consumer_min_bytes=1 << 30, max_outbound_total_bytes=1 << 30))
 
 
 class Peer:
@@ -123,7 +124,7 @@ def test_frames_read_at_max_pending_are_served_once_replies_drain():
             await asyncio.sleep(0.005)
             # Never more than max_pending_requests with the back end at once;
             # the client sends nothing more, the rest must come from the buffer.
-            assert len(gate.backend.pending) <= CFG["limits"]["max_pending_requests"]
+            assert len(gate.backend.pending) <= CFG.limits.max_pending_requests
             while gate.backend.pending:
                 _, origin, msg, cb = gate.backend.pending.pop(0)
                 cb(reply_for(msg, origin, "ok"))

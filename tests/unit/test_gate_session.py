@@ -5,6 +5,8 @@ a real client handshake and channel."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from simzmq import gate as gate_mod
@@ -38,7 +40,7 @@ def test_states_of_the_handshake():
     c = Client(gate, 1, 1)  # HELLO in: WELCOME and Ready out
     assert c.conn.state == WAIT_HEADER and isinstance(c.received[0][1], m.Ready)
     c.finish_handshake()
-    assert c.conn.state == OPEN and c.transport.max_frame == GATE_CFG["max_frame"]
+    assert c.conn.state == OPEN and c.transport.max_frame == GATE_CFG.max_frame
 
 
 def test_a_request_before_the_handshake_ends_closes_the_connection():
@@ -97,7 +99,7 @@ def test_session_requests_go_under_the_logged_in_user_and_session():
 
 def test_registration_closed_and_client_only_types():
     loop = FakeLoop()
-    gate = gate_mod.Gate("t", dict(GATE_CFG, allow_register=False), GATE_SK, [], clock=lambda: loop.now, loop=loop)
+    gate = gate_mod.Gate("t", dataclasses.replace(GATE_CFG, allow_register=False), GATE_SK, [], clock=lambda: loop.now, loop=loop)
     gate.backend = FakeBackend()
     c = Client(gate, 1, 1)
     c.finish_handshake()
@@ -110,7 +112,7 @@ def test_no_handshake_in_time_closes_without_a_word():
     gate, loop = make_gate()
     c = Client(gate, 1, 1)  # never sends its header
     written = len(c.transport.frames)
-    loop.advance(GATE_CFG["handshake_timeout_s"] + 0.1)
+    loop.advance(GATE_CFG.handshake_timeout_s + 0.1)
     assert c.transport.closed and len(c.transport.frames) == written
 
 
@@ -118,10 +120,10 @@ def test_no_handshake_in_time_closes_without_a_word():
 def test_silence_is_kicked_idle_unless_the_client_is_behind_in_reading(behind, code):
     gate, loop = make_gate()
     c = logged_in(gate)
-    loop.advance(GATE_CFG["idle_timeout_s"] / 2)
+    loop.advance(GATE_CFG.idle_timeout_s / 2)
     assert not c.transport.closed
     c.transport.queued_bytes = behind
-    loop.advance(GATE_CFG["idle_timeout_s"])
+    loop.advance(GATE_CFG.idle_timeout_s)
     assert c.transport.closed
     c.read()
     _, kick, final = c.received[-1]

@@ -11,10 +11,8 @@ import pytest
 from simzmq import gate as gate_mod
 from simzmq.limits import LimitsConfig
 from tests.region import free_ports
-from tests.unit.test_fuzz_gate import GATE_CFG, GATE_SK
-
-CFG = dict(GATE_CFG, http_host="127.0.0.1", tls_cert="", tls_key="", behind_tls_proxy=False,
-           probe_interval_ms=100, failover_after_ms=1000)
+from tests.configs import defaults
+from tests.unit.test_fuzz_gate import GATE_SK
 
 
 @pytest.mark.parametrize("taken", ["tcp", "http"])
@@ -25,7 +23,7 @@ def test_a_taken_port_ends_the_gate_with_one_line(taken, caplog):
     holder.listen()
     try:
         with caplog.at_level(logging.INFO, logger="simzmq.gate"), pytest.raises(SystemExit) as exit_:
-            gate_mod.run("g1", CFG, GATE_SK, [], "127.0.0.1", tcp_port, "127.0.0.1", http_port)
+            gate_mod.run("g1", defaults(), GATE_SK, tcp_port, http_port)
     finally:
         holder.close()
     assert exit_.value.code == 1

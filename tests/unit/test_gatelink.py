@@ -2,6 +2,7 @@
 callback that raises does not stop the link."""
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -10,6 +11,7 @@ import zmq
 from simzmq import mdp
 from simzmq.envelope import pack_reply, unpack_request
 from simzmq.gatelink import Backend, BrokerEndpoints
+from tests.configs import defaults
 
 
 class FakeBroker:
@@ -51,8 +53,8 @@ def test_a_raising_reply_callback_does_not_stop_the_link():
         raise RuntimeError("a bug in a reply callback")
 
     async def scenario():
-        backend = Backend(ctx, [broker.endpoints], 0.5, 0.05, 0.3,
-                          on_notification=lambda *a: None, on_resync=lambda user: None)
+        cfg = dataclasses.replace(defaults().gate, request_timeout_s=0.5, probe_interval_ms=50, failover_after_ms=300)
+        backend = Backend(ctx, [broker.endpoints], cfg, on_notification=lambda *a: None, on_resync=lambda user: None)
         backend.start()
         try:
             backend.request(b"ann", b"", b"first", raising)

@@ -14,6 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "docs" / "grafana" / "simzmq.json"
 METRIC_KINDS = {"Counter", "Gauge", "Histogram", "Summary"}
+# A custom collector's families (the broker's) declare the same kinds.
+FAMILY_KINDS = {"CounterMetricFamily": "Counter", "GaugeMetricFamily": "Gauge"}
 # Labels Prometheus adds (or histograms carry) whatever the code declares.
 SCRAPE_LABELS = {"instance", "job", "le", "quantile"}
 NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
@@ -28,10 +30,12 @@ def declared_metrics() -> dict[str, tuple[str, set[str]]]:
                 continue
             func = node.func
             kind = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            family = kind in FAMILY_KINDS
+            kind = FAMILY_KINDS.get(kind, kind)
             if kind not in METRIC_KINDS or not node.args or not isinstance(node.args[0], ast.Constant):
                 continue
-            labels_node = node.args[2] if len(node.args) > 2 else next(
-                (k.value for k in node.keywords if k.arg == "labelnames"), None)
+            labels_node = next((k.value for k in node.keywords if k.arg == ("labels" if family else "labelnames")),
+                               None if family or len(node.args) < 3 else node.args[2])
             labels = {e.value for e in labels_node.elts} if isinstance(labels_node, (ast.List, ast.Tuple)) else set()
             found[node.args[0].value] = (kind, labels)
     return found

@@ -200,13 +200,13 @@ def test_empty_address_set_holds_nothing():
 
 def test_config_file_defaults_are_the_dataclass_defaults():
     """conf/simzmq.toml documents every limit; its values are the defaults."""
-    assert LimitsConfig.from_mapping(config.load(env={})["gate"]["limits"]) == LimitsConfig()
+    assert config.load(env={}).gate.limits == LimitsConfig()
 
 
 def test_config_from_environment():
     env = {"SIMZMQ_GATE_LIMITS_TRUSTED_ADDRESSES": "", "SIMZMQ_GATE_LIMITS_REQUESTS_PER_S": "2.5",
            "SIMZMQ_GATE_LIMITS_MAX_SESSIONS_PER_USER": "3"}
-    cfg = LimitsConfig.from_mapping(config.load(env=env)["gate"]["limits"])
+    cfg = config.load(env=env).gate.limits
     assert cfg.trusted_addresses == () and cfg.requests_per_s == 2.5 and cfg.max_sessions_per_user == 3
 
 
