@@ -4,6 +4,8 @@ session rules with a fake clock, transport and back end."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from simzmq import gate as gate_mod
@@ -19,10 +21,11 @@ GROUP = "#g1"
 
 def group_gate(per_s=1.0, burst=3, abuse_factor=2.0):
     loop = FakeLoop()
-    limits = dict(GATE_CFG["limits"], requests_per_s=1000.0, requests_burst=1000, sends_per_s=1000.0,
-                  sends_burst=1000, max_pending_requests=1000, group_writes_per_s=per_s,
-                  group_writes_burst=burst, abuse_factor=abuse_factor)
-    gate = gate_mod.Gate("t", dict(GATE_CFG, limits=limits), GATE_SK, [], clock=lambda: loop.now, loop=loop)
+    limits = dataclasses.replace(GATE_CFG.limits, requests_per_s=1000.0, requests_burst=1000, sends_per_s=1000.0,
+                                 sends_burst=1000, max_pending_requests=1000, group_writes_per_s=per_s,
+                                 group_writes_burst=burst, abuse_factor=abuse_factor)
+    gate = gate_mod.Gate("t", dataclasses.replace(GATE_CFG, limits=limits), GATE_SK, [],
+                         clock=lambda: loop.now, loop=loop)
     gate.backend = FakeBackend()
     return gate, loop
 
