@@ -102,6 +102,10 @@ class Region:
         self.gates = at_least(gates, LEAST_GATES_ENV)
         env = dict(os.environ)
         env.pop("SIMZMQ_CONFIG", None)
+        # The test's own knobs are no configuration of the region's (which
+        # refuses SIMZMQ_ variables it does not know).
+        for name in (LEAST_WORKERS_ENV, LEAST_GATES_ENV):
+            env.pop(name, None)
         # im-N serves metrics on this + N - 1; only one worker gets a port
         # known to be free, the others go without metrics in tests.
         self.workers = at_least(workers, LEAST_WORKERS_ENV)
