@@ -34,18 +34,29 @@ def regions(tmp_path_factory, pg_cluster):
     slow = {"SIMZMQ_BROKER_HEARTBEAT_MS": "1000", "SIMZMQ_GATE_REQUEST_TIMEOUT_S": "20"}
     a = Region(root / "a", store=dsn, extra_env=dict(slow, SIMZMQ_REGION_NAME="a"))
     b = Region(root / "b", store=dsn, extra_env=dict(slow, SIMZMQ_REGION_NAME="b"))
-    a.env["SIMZMQ_REGION_PEERS"] = ",".join("b@" + ep for ep in notify_outs(b))
-    b.env["SIMZMQ_REGION_PEERS"] = ",".join("a@" + ep for ep in notify_outs(a))
     for r in (a, b):
         r.data_dir.mkdir(parents=True)
         keys_mod.ensure_bus_keys(r.data_dir)
     exchange_keys(a.data_dir, "a", b.data_dir, "b")
-    a.start(timeout=120)
-    try:
-        b.start(timeout=120)
-    except BaseException:
+    for _ in range(3):
+        # Each region is told the other's notify-out endpoints before it
+        # starts; a start that found a port taken moved to new ones
+        # (Region.start), which the other was not told: then both start again.
+        planned = notify_outs(a) + notify_outs(b)
+        a.env["SIMZMQ_REGION_PEERS"] = ",".join("b@" + ep for ep in notify_outs(b))
+        b.env["SIMZMQ_REGION_PEERS"] = ",".join("a@" + ep for ep in notify_outs(a))
+        a.start(timeout=120)
+        try:
+            b.start(timeout=120)
+        except BaseException:
+            a.stop()
+            raise
+        if notify_outs(a) + notify_outs(b) == planned:
+            break
+        b.stop()
         a.stop()
-        raise
+    else:
+        pytest.fail("the regions kept moving to other ports")
     yield a, b
     b.stop()
     a.stop()
