@@ -398,7 +398,8 @@ def _run_in_region(region: Region, cfg: ChaosConfig) -> dict:
     result.update(after)
     result.update({
         "victim_kind": cfg.victim,
-        "config": {"workers": cfg.workers, "gates": cfg.gates, "pairs": cfg.pairs, "rate_per_sender": cfg.rate,
+        # As started (tests/region.py may have raised the counts asked for).
+        "config": {"workers": region.workers, "gates": region.gates, "pairs": cfg.pairs, "rate_per_sender": cfg.rate,
                    "window": cfg.window, "before_s": cfg.before_s, "after_s": cfg.after_s, "groups": cfg.groups,
                    "group_rate_per_sender": cfg.group_rate, "group_change_every_s": cfg.group_change_every_s},
     })

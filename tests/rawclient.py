@@ -10,7 +10,7 @@ import time
 from simzmq.wire.codec import CODECS
 from simzmq.wire.frames import encode_frame
 from simzmq.wire.handshake import ClientHandshake
-from simzmq.wire.messages import Error, ErrorCode
+from simzmq.wire.messages import Error, ErrorCode, Ok, Register
 
 
 class Closed(Exception):
@@ -93,6 +93,19 @@ class RawClient:
             if not (type(reply) is Error and reply.code == ErrorCode.UNAVAILABLE) or time.monotonic() > deadline:
                 return reply
             time.sleep(0.5)
+
+    def registered(self, user: str, password: str) -> bool:
+        """Register a new account; True once it exists. After an
+        ``unavailable`` the Register is asked again (served()), and a retry of
+        one that did take effect answers ``exists`` (protocol.md, Register: a
+        client relies on neither answer): that counts as registered; the
+        password Login that follows proves the account is the caller's."""
+        msg = Register(user=user, password=password)
+        reply = self.request(msg)
+        if type(reply) is Error and reply.code == ErrorCode.UNAVAILABLE:
+            reply = self.served(msg)
+            return type(reply) is Ok or (type(reply) is Error and reply.code == ErrorCode.EXISTS)
+        return type(reply) is Ok
 
     def skipped(self, msg) -> None:
         """A message request() read past; dropped unless a subclass keeps it."""

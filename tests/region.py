@@ -1,4 +1,10 @@
-"""Start a real region (`simzmq up`) on free 127.0.0.1 ports for a test."""
+"""Start a real region (`simzmq up`) on free 127.0.0.1 ports for a test.
+
+SIMZMQ_TEST_WORKERS and SIMZMQ_TEST_GATES raise the number of IM workers and
+gates of every region a test starts to at least that many (a test asking for
+more keeps its own): bin/test's Postgres pass runs the flows and the chaos
+tests on `simzmq up --store postgresql://… --workers 3 --gates 2` that way.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,16 @@ from simzmq import supervise
 from tests.pg import region_store, regions_on_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+LEAST_WORKERS_ENV = "SIMZMQ_TEST_WORKERS"
+LEAST_GATES_ENV = "SIMZMQ_TEST_GATES"
+
+
+def at_least(asked: int, env_name: str) -> int:
+    """``asked``, or the floor the environment sets for every region if higher."""
+    floor = os.environ.get(env_name, "").strip()
+    return max(asked, int(floor)) if floor else asked
 
 
 def bindable(port: int) -> bool:
@@ -83,22 +99,26 @@ class Region:
     def __init__(self, data_dir: Path, workers: int = 1, gates: int = 1, extra_env: dict | None = None,
                  store: str | None = None):
         self.data_dir = Path(data_dir)
-        self.gates = gates
+        self.gates = at_least(gates, LEAST_GATES_ENV)
         env = dict(os.environ)
         env.pop("SIMZMQ_CONFIG", None)
+        # The test's own knobs are no configuration of the region's (which
+        # refuses SIMZMQ_ variables it does not know).
+        for name in (LEAST_WORKERS_ENV, LEAST_GATES_ENV):
+            env.pop(name, None)
         # im-N serves metrics on this + N - 1; only one worker gets a port
         # known to be free, the others go without metrics in tests.
-        self.workers = workers
+        self.workers = at_least(workers, LEAST_WORKERS_ENV)
         if store is None and regions_on_postgres():
             store = region_store()
         self.store = store
-        if store:
-            env["SIMZMQ_IM_STORE"] = store
         self.extra_env = dict(extra_env or {})
         self.env = env
         self.argv = [sys.executable, "-m", "simzmq", "up", "--data", str(self.data_dir),
                      "--gate-port", "0", "--http-port", "0",
-                     "--workers", str(workers), "--gates", str(gates)]
+                     "--workers", str(self.workers), "--gates", str(self.gates)]
+        if store:
+            self.argv += ["--store", store]
         self._pick_ports()
         self.log_path = self.data_dir.parent / (self.data_dir.name + ".log")
         self.proc: subprocess.Popen | None = None

@@ -29,7 +29,7 @@ def users(region):
     clients = {}
     for name in ("alice", "bob"):
         c = RawClient(region.gate_port, region.gate_pk)
-        assert isinstance(c.served(m.Register(user=name, password="pw-" + name)), m.Ok)
+        assert c.registered(name, "pw-" + name)
         ok = c.served(m.Login(user=name, password="pw-" + name, token=b"", device="test"))
         assert isinstance(ok, m.LoginOk)
         clients[name] = c

@@ -53,7 +53,7 @@ def world(region):
     """alice and bob talk and read; carol is the attacker, with an account of her own."""
     setup = RawClient(region.gate_port, region.gate_pk)
     for name in (A, B, C):
-        assert isinstance(setup.served(m.Register(user=name, password="pw-" + name)), m.Ok)
+        assert setup.registered(name, "pw-" + name)
     alice, bob, carol = login(region, A, "phone"), login(region, B, "phone"), login(region, C, "phone")
     private = []
     for i in range(3):
