@@ -418,7 +418,7 @@ class GateMachine(RuleBasedStateMachine):
             assert len(mine) <= gate.limiter.cfg.max_sessions_per_user
         assert sum(len(s) for s in gate.fanout.sessions.values()) == sum(1 for c in live if c.user is not None)
         # One subscription per user with sessions here, one per user watched here.
-        wanted = collections.Counter(gate.fanout.sessions) + collections.Counter(gate.presence.watchers)
+        wanted = collections.Counter(list(gate.fanout.sessions)) + collections.Counter(list(gate.presence.watchers))
         assert dict(wanted) == gate.backend.subscribed
         sessions = {conn for mine in gate.fanout.sessions.values() for conn in mine.values()}
         assert set(gate.presence.watching) <= sessions
