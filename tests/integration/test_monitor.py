@@ -71,7 +71,9 @@ def healthy(update) -> bool:
 
 @pytest.mark.timeout(180)
 def test_monitor_follows_a_stalled_backup_a_failover_and_a_stalled_worker(tmp_path):
-    with Region(tmp_path / "data") as region:
+    # A long idle timeout spaces the gates' presence reports (idle_timeout / 6)
+    # beyond this test: the only request each gate sends is its snapshot at start.
+    with Region(tmp_path / "data", extra_env={"SIMZMQ_GATE_IDLE_TIMEOUT_S": "3600"}) as region:
         mon = Monitor(region, "--interval", "0.2")
         try:
             update = mon.until(lambda u: healthy(u) and len(broker(u, "primary")["workers"]) == 1
@@ -80,8 +82,10 @@ def test_monitor_follows_a_stalled_backup_a_failover_and_a_stalled_worker(tmp_pa
             assert update["summary"] == "OK: primary active, backup passive" and update["problems"] == []
             assert primary["curve"] is True and primary["failovers"] == 0
             assert primary["pid"] == region.pid("broker-primary")
-            # The gate's probes are heard (it counts as a gate) but are not client requests.
-            assert primary["mmi_total"] > 0 and primary["requests_total"] == 0 and primary["requests_per_s"] == 0
+            # The gate's probes are heard (it counts as a gate) but are not
+            # requests; its presence snapshot at start is one (it may still be
+            # on its way).
+            assert primary["mmi_total"] > 0 and primary["requests_total"] <= region.gates
             assert primary["peer_heard_ago"] < 1 and broker(update, "backup")["peer_state"] == "active"
 
             # The backup stops answering: the pair has no standby.
