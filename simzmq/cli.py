@@ -156,24 +156,17 @@ def up(ctx, data, port_base, gate_port, http_port, workers, gates, store, open_r
         refuse(problems)
     data_dir = cfg.data_dir
     run_dir = data_dir / "run"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for directory in (data_dir, run_dir):  # the store, keys, pid files
+            check_writable(directory)
+    except OSError as exc:
+        refuse([f"cannot use the data directory {data_dir}: {exc.strerror or exc} ({exc.filename or run_dir})"])
     running = supervise.live_processes(run_dir)
     if running:
         listed = ", ".join(f"{name} (pid {pid})" for name, pid in running.items())
         refuse([f"a region is already running in {data_dir}: {listed}; stop it with "
                 f"`{command_name()} down --data {data_dir}`"])
-    # The key exists before any gate accepts a connection, so a client that
-    # reads keys/gate.pub right after `up` printed it can pin it.
-    _, gate_pk = keys_mod.ensure_gate_key(data_dir)
-    # The bus keys too, so every child finds its role's key at start.
-    try:
-        keys_mod.ensure_bus_keys(data_dir)
-    except keys_mod.KeyFileError as exc:
-        raise click.ClickException(str(exc)) from None
-    if not cfg.bus.curve:
-        from simzmq.bus import curve_off_warning
-        curve_off_warning("region")
-    fds = raise_fd_limit()
     env = dict(os.environ)
     env.update(config_mod.env_for(overrides))
     env["SIMZMQ_REGION_DATA"] = str(data_dir)
@@ -181,16 +174,30 @@ def up(ctx, data, port_base, gate_port, http_port, workers, gates, store, open_r
         env["SIMZMQ_CONFIG"] = str(Path(ctx.obj["config_path"]).resolve())
     region = supervise.Supervisor(region_children(cfg, env, run_dir), lambda: readiness_probe(cfg))
     region.install_signals()
+    # The key exists before any gate accepts a connection, so a client that
+    # reads keys/gate.pub right after `up` printed it can pin it.
+    try:
+        _, gate_pk = keys_mod.ensure_gate_key(data_dir)
+        # The bus keys too, so every child finds its role's key at start.
+        keys_mod.ensure_bus_keys(data_dir)
+    except keys_mod.KeyFileError as exc:
+        refuse([str(exc)])
+    except OSError as exc:
+        refuse([f"cannot write the region's keys in {data_dir / 'keys'}: {exc.strerror or exc}"])
+    if not cfg.bus.curve:
+        from simzmq.bus import curve_off_warning
+        curve_off_warning("region")
+    fds = raise_fd_limit()
     up_pid_file = run_dir / "up.pid"
     supervise.write_pid_file(up_pid_file, os.getpid())
     log.info("region starting: data %s, config %s, fd limit %d", data_dir, cfg.describe(), fds)
     failure = None
     try:
         try:
-            ready = region.start()
+            region.start()
         except supervise.StartFailed as exc:
-            failure, ready = str(exc), False
-        if ready:
+            failure = exc
+        else:
             announce(cfg, gate_pk)
             region.supervise()
     finally:
@@ -201,7 +208,15 @@ def up(ctx, data, port_base, gate_port, http_port, workers, gates, store, open_r
     if failure:
         log.error("region not started: %s", failure)
         click.echo(f"simzmq up: {failure}; region stopped", err=True)
-        sys.exit(1)
+        sys.exit(failure.exit_code)
+
+
+def check_writable(directory: Path) -> None:
+    """OSError unless a file can be made in `directory` (os.access would say
+    yes to root on a read-only file system)."""
+    probe = directory / f".simzmq-write-check-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 def command_name() -> str:

@@ -685,14 +685,15 @@ def _build(layers: _Layers, sources: tuple[str, ...]) -> Config:
         im=_section(IMConfig, "im.", values, {}),
         push=_section(PushConfig, "push.", values, {}),
         sources=sources)
-    problems = cross_check(cfg)
+    problems = cross_check(cfg, layers.origin)
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
-def cross_check(cfg: Config) -> list[str]:
-    """What no single key can be wrong about alone."""
+def cross_check(cfg: Config, origin: Mapping[str, str]) -> list[str]:
+    """What no single key can be wrong about alone (`origin`: where each
+    dotted key's value came from, for messages)."""
     problems = []
     g, b = cfg.gate, cfg.broker
     if g.max_body > g.max_frame:
@@ -706,7 +707,7 @@ def cross_check(cfg: Config) -> list[str]:
         problems.append(f"broker.request_timeout_ms ({b.request_timeout_ms}) must be below "
                         f"gate.request_timeout_s ({g.request_timeout_s} s), so that a request the gate "
                         "gave up on is dropped at the broker rather than still taking effect")
-    problems += push_problems(cfg.push)
+    problems += push_problems(cfg.push, origin)
     seen: dict[str, str] = {}
     for role in ("primary", "backup"):
         eps = b.role(role)
@@ -720,8 +721,13 @@ def cross_check(cfg: Config) -> list[str]:
     return problems
 
 
-def push_problems(p: PushConfig) -> list[str]:
+def push_problems(p: PushConfig, origin: Mapping[str, str]) -> list[str]:
     problems = []
+    if p.secret and not p.webhook:
+        # A secret alone means a forgotten webhook: pushes would silently not go out.
+        problems.append(f"push.secret is set (from {origin['push.secret']}) but push.webhook is not, and the push "
+                        "service runs only with a webhook to call: add --webhook URL (push.webhook, "
+                        "SIMZMQ_PUSH_WEBHOOK), or drop the secret")
     if p.webhook and not p.secret:
         problems.append("push.secret must be set when push.webhook is (the calls are signed with it): "
                         "--webhook-secret S, or SIMZMQ_PUSH_SECRET")

@@ -323,7 +323,20 @@ def _connect_host(host: str) -> str:
 
 
 class StartFailed(Exception):
-    """The region could not start; the message is the one line `up` prints."""
+    """The region could not start; the message is the one line `up` prints,
+    `exit_code` what it exits with."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def stopped_before_up(signum: int, starting: list[str]) -> StartFailed:
+    """A stop signal before the region was up: the shell's 128 + signal number
+    (130 for Ctrl-C), as for any command a signal ended."""
+    what = ", ".join(starting) if starting else "none"
+    return StartFailed(f"stopped by {signal.Signals(signum).name} before the region was up "
+                       f"(still starting: {what})", 128 + signum)
 
 
 class Supervisor:
@@ -339,10 +352,10 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self.on_signal)
 
-    def start(self, timeout: float = STARTUP_TIMEOUT_S) -> bool:
-        """Start every child and wait until the region is ready. False if a
-        stop signal came first; StartFailed if a child could not start or the
-        region was not ready in time."""
+    def start(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Start every child and wait until the region is ready. StartFailed if
+        a child could not start, the region was not ready in time, or a stop
+        signal came first."""
         brokers = [c for c in self.children if c.name.startswith("broker-")]
         for child in brokers:
             child.start()
@@ -360,13 +373,13 @@ class Supervisor:
                         raise StartFailed(f"{child.name} could not start: {child.reason()}")
                 waiting = probe.waiting_for()
                 if not waiting:
-                    return True
+                    return
                 if time.monotonic() > deadline:
                     raise StartFailed(f"the region was not ready after {timeout:.0f} s: " + "; ".join(waiting))
                 time.sleep(POLL_S * 4)
+            raise stopped_before_up(self.stopping[0], [c.name for c in self.children if c.name not in probe.ready])
         finally:
             probe.close()
-        return False
 
     def supervise(self) -> None:
         while not self.stopping:

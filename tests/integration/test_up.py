@@ -298,3 +298,48 @@ def test_a_killed_gate_is_restarted_at_once_and_serves_again(tmp_path):
         wait_for(lambda: region.health() == 200, 60.0)
         assert re.search(rf"gate-1 \(pid {old}\) killed by signal 9 after [0-9.]+ s; restarting at once",
                          region.read_log())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_before_the_region_is_up_says_so_and_fails(tmp_path, sig):
+    # The store is a "Postgres" that accepts the connection and never answers:
+    # im-1 stays starting, so the region cannot come up before the signal.
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen()
+    base = free_port_base()
+    data = tmp_path / "data"
+    up = Up(data, "--port-base", str(base), "--store", f"postgresql://u@127.0.0.1:{mute.getsockname()[1]}/db")
+    try:
+        wait_for(lambda: "started im-1" in up.text() or up.proc.poll() is not None, 120.0)
+        up.proc.send_signal(sig)
+        code = up.finish()
+    finally:
+        mute.close()
+    text = up.text()
+    assert code == 128 + sig, text[-3000:]
+    last = text.strip().splitlines()[-1]
+    assert re.fullmatch(rf"simzmq up: stopped by {sig.name} before the region was up \(still starting: "
+                        r"[a-z0-9-]+(, [a-z0-9-]+)*\); region stopped", last), last
+    assert "im-1" in last.split("still starting: ")[1]
+    assert BANNER not in text
+    assert list((data / "run").glob("*.pid")) == []
+    assert not any(is_simzmq_process(pid) for pid in started_pids(text))
+
+
+def test_a_webhook_secret_without_a_webhook_is_refused(tmp_path):
+    data = tmp_path / "data"
+    out = simzmq("up", "--data", str(data), "--webhook-secret", "s3")
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        "simzmq: push.secret is set (from --webhook-secret) but push.webhook is not, and the push service runs "
+        "only with a webhook to call: add --webhook URL (push.webhook, SIMZMQ_PUSH_WEBHOOK), or drop the secret")
+    site = tmp_path / "site.toml"
+    site.write_text('[push]\nsecret = "s3"\n')
+    for args, env in [(("--config", str(site)), clean_env()), ((), clean_env(SIMZMQ_PUSH_SECRET="s3"))]:
+        out = simzmq(*args, "up", "--data", str(data), env=env)
+        origin = str(site) if args else "SIMZMQ_PUSH_SECRET"
+        assert out.returncode == 2 and out.stderr.startswith(
+            f"simzmq: push.secret is set (from {origin}) but push.webhook is not"), out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
+    assert not data.exists()
