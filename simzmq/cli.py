@@ -81,10 +81,15 @@ def main(ctx, config_path):
 
 
 def raise_fd_limit() -> int:
-    """Many connections need many descriptors: lift the soft limit to the hard one."""
+    """Lift the soft descriptor limit to the hard one, as servers do at start
+    (each client connection is a descriptor; the default soft limit is often
+    1024 below a far higher hard limit). Returns the soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # e.g. an unlimited hard limit the kernel caps lower: keep the soft one
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
@@ -316,6 +321,7 @@ def serve(cfg: config_mod.Config, name: str, listeners: list[config_mod.Listener
         proclog.critical("%s %s", name, reason)
         record_failure(cfg.data_dir / "run", name, f"{name} {reason}")
         sys.exit(1)
+    raise_fd_limit()
     for listener in listeners:
         why = can_listen(listener)
         if why:

@@ -59,41 +59,34 @@ DEFAULT_MAX_CONNECTIONS = LimitsConfig().max_connections
 
 
 def capped_by_descriptors(limits: LimitsConfig, soft_limit: int | None = None) -> LimitsConfig:
-    """max_connections no higher than the descriptors allow: past that, accept()
-    fails with EMFILE and the listener spins instead of refusing cleanly.
-    Without `soft_limit`, the process's own limit, first raised as far as the
-    hard limit lets and max_connections needs."""
+    """max_connections no higher than the descriptors allow (`soft_limit`,
+    default the process's own, which `simzmq` raised to the hard limit at
+    start): past that, accept() fails with EMFILE and the listener spins
+    instead of refusing cleanly.
+
+    The default max_connections is a ceiling that follows the machine: the
+    gate's "listening" line says what it came to. A max_connections an
+    operator chose and cannot have gets one warning with the fix."""
     if soft_limit is None:
-        soft_limit = _raise_descriptor_limit(limits.max_connections + FD_RESERVE)
+        soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     cap = max(1, soft_limit - FD_RESERVE)
-    if limits.max_connections <= cap:
+    if limits.max_connections <= cap or soft_limit == resource.RLIM_INFINITY:
         return limits
-    # The default is a ceiling that simply follows the machine (an INFO line
-    # says what it came to); a max_connections an operator chose and cannot
-    # have is worth a warning.
-    chosen = limits.max_connections != DEFAULT_MAX_CONNECTIONS
-    log.log(logging.WARNING if chosen else logging.INFO,
-            "max_connections %d is more than %d file descriptors allow (the descriptor limit is %d, and the "
-            "gate keeps %d for itself); holding at most %d connections (raise the limit to hold more)",
-            limits.max_connections, cap, soft_limit, FD_RESERVE, cap)
+    if limits.max_connections != DEFAULT_MAX_CONNECTIONS:
+        needed = limits.max_connections + FD_RESERVE
+        log.warning("gate.limits.max_connections %d does not fit: the descriptor limit is %d and the gate keeps %d "
+                    "for itself, so it holds at most %d connections; give it %d descriptors (LimitNOFILE=%d under "
+                    "systemd, `ulimit -n %d` before starting it) or lower max_connections",
+                    limits.max_connections, soft_limit, FD_RESERVE, cap, needed, needed, needed)
     return dataclasses.replace(limits, max_connections=cap)
 
 
-def _raise_descriptor_limit(wanted: int) -> int:
-    """The soft RLIMIT_NOFILE, raised towards `wanted` within the hard limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= wanted:
-        return soft
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if target <= soft:
-        return soft
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    except (ValueError, OSError) as exc:
-        log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, target, exc)
-        return soft
-    log.info("raised the descriptor limit from %d to %d for max_connections", soft, target)
-    return target
+def connection_ceiling(configured: LimitsConfig, effective: LimitsConfig) -> str:
+    """How many connections the gate holds, for its "listening" line."""
+    if effective.max_connections < configured.max_connections:
+        limit = effective.max_connections + FD_RESERVE
+        return f"up to {effective.max_connections} connections (what {limit} file descriptors allow)"
+    return f"up to {effective.max_connections} connections"
 
 
 class Gate:
@@ -252,8 +245,9 @@ class Gate:
         self._presence_tick()
         self.fanout.check_holes()
         self._sweep_tick()
-        log.info("gate %s listening: clients tcp://%s:%d, http%s://%s:%d (health, history, metrics, ws); "
-                 "brokers %s", self.name, host, port, "s" if ssl_options else "", http_host, http_port,
+        log.info("gate %s listening: clients tcp://%s:%d, %s; http%s://%s:%d (health, history, metrics, ws); "
+                 "brokers %s", self.name, host, port, connection_ceiling(self.cfg.limits, self.limiter.cfg),
+                 "s" if ssl_options else "", http_host, http_port,
                  ", ".join(f"{b.name} {b.frontend} / {b.notify_out}" for b in self.brokers))
 
     def _presence_tick(self) -> None:

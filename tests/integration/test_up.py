@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -83,12 +84,12 @@ def health(port: int) -> int | None:
 class Up:
     """`simzmq up` with its output in a file."""
 
-    def __init__(self, data: Path, *args: str, env=None):
+    def __init__(self, data: Path, *args: str, env=None, preexec=None):
         self.log_path = data.parent / (data.name + ".log")
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "simzmq", "up", "--data", str(data), *args],
                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=str(ROOT),
-                                     env=env if env is not None else clean_env())
+                                     env=env if env is not None else clean_env(), preexec_fn=preexec)
 
     def text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -343,3 +344,33 @@ def test_a_webhook_secret_without_a_webhook_is_refused(tmp_path):
             f"simzmq: push.secret is set (from {origin}) but push.webhook is not"), out.stderr
         assert len(out.stderr.strip().splitlines()) == 1
     assert not data.exists()
+
+
+def test_the_descriptor_limit_is_raised_at_start_and_a_max_connections_that_cannot_fit_is_one_warning(tmp_path):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 1024:
+        pytest.skip(f"needs a finite hard descriptor limit above 1024 (it is {hard})")
+    # Started from a shell with the common soft limit of 1024; max_connections
+    # more than even the hard limit allows.
+    wanted = hard + 1000
+    base = free_port_base(gates=2)
+    data = tmp_path / "data"
+    up = Up(data, "--port-base", str(base), "--gates", "2",
+            env=clean_env(SIMZMQ_GATE_LIMITS_MAX_CONNECTIONS=str(wanted)),
+            preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard)))
+    try:
+        up.wait_up()
+    finally:
+        simzmq("down", "--data", str(data))
+        assert up.finish() == 0
+    text = up.text()
+    cap = hard - 256
+    warnings = [line for line in text.splitlines() if " WARNING " in line and "max_connections" in line]
+    assert len(warnings) == 2, warnings  # one per gate, each once
+    for line in warnings:
+        assert (f"gate.limits.max_connections {wanted} does not fit: the descriptor limit is {hard} and the gate "
+                f"keeps 256 for itself, so it holds at most {cap} connections; give it {wanted + 256} descriptors "
+                f"(LimitNOFILE={wanted + 256} under systemd") in line, line
+    listening = [line for line in text.splitlines() if "listening: clients" in line]
+    assert len(listening) == 2 and all(f"up to {cap} connections (what {hard} file descriptors allow)" in line
+                                       for line in listening), listening

@@ -43,7 +43,10 @@ def test_descriptor_warning_only_when_max_connections_does_not_fit(caplog):
         capped = gate_mod.capped_by_descriptors(LimitsConfig(max_connections=1000), 1000)
     assert capped.max_connections == 1000 - gate_mod.FD_RESERVE
     (line,) = [r.getMessage() for r in caplog.records]
-    assert f"max_connections 1000 is more than {1000 - gate_mod.FD_RESERVE} file descriptors allow" in line
+    assert line.startswith(f"gate.limits.max_connections 1000 does not fit: the descriptor limit is 1000 and the "
+                           f"gate keeps {gate_mod.FD_RESERVE} for itself, so it holds at most "
+                           f"{1000 - gate_mod.FD_RESERVE} connections; give it {1000 + gate_mod.FD_RESERVE} "
+                           f"descriptors"), line
 
 
 def test_the_default_max_connections_follows_the_descriptor_limit_without_a_warning(caplog):
@@ -51,4 +54,8 @@ def test_the_default_max_connections_follows_the_descriptor_limit_without_a_warn
     with caplog.at_level(logging.INFO, logger="simzmq.gate"):
         capped = gate_mod.capped_by_descriptors(LimitsConfig(), default)
     assert capped.max_connections == default - gate_mod.FD_RESERVE
-    assert [r.levelno for r in caplog.records] == [logging.INFO]
+    assert caplog.records == []
+    # The gate's "listening" line says what the ceiling came to.
+    assert gate_mod.connection_ceiling(LimitsConfig(), capped) == (
+        f"up to {default - gate_mod.FD_RESERVE} connections (what {default} file descriptors allow)")
+    assert gate_mod.connection_ceiling(LimitsConfig(), LimitsConfig()) == f"up to {default} connections"
