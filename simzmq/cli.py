@@ -163,10 +163,13 @@ def up(ctx, data, port_base, gate_port, http_port, workers, gates, store, open_r
     run_dir = data_dir / "run"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        for directory in (data_dir, run_dir):  # the store, keys, pid files
-            check_writable(directory)
     except OSError as exc:
-        refuse([f"cannot use the data directory {data_dir}: {exc.strerror or exc} ({exc.filename or run_dir})"])
+        refuse([f"cannot use the data directory {data_dir}: cannot make {exc.filename or run_dir}: "
+                f"{exc.strerror or exc}"])
+    for directory in (data_dir, run_dir):  # the store, keys, pid files
+        why = cannot_write(directory)
+        if why:
+            refuse([f"cannot use the data directory {data_dir}: cannot make files in {directory}: {why}"])
     running = supervise.live_processes(run_dir)
     if running:
         listed = ", ".join(f"{name} (pid {pid})" for name, pid in running.items())
@@ -212,16 +215,24 @@ def up(ctx, data, port_base, gate_port, http_port, workers, gates, store, open_r
         log.info("region stopped")
     if failure:
         log.error("region not started: %s", failure)
-        click.echo(f"simzmq up: {failure}; region stopped", err=True)
+        hint = ""
+        if "Address already in use" in str(failure):
+            hint = (" (another program holds that port, `ss -ltnp` shows which; `--port-base` moves every port "
+                    "of the region, docs/running.md)")
+        click.echo(f"simzmq up: {failure}; region stopped{hint}", err=True)
         sys.exit(failure.exit_code)
 
 
-def check_writable(directory: Path) -> None:
-    """OSError unless a file can be made in `directory` (os.access would say
-    yes to root on a read-only file system)."""
+def cannot_write(directory: Path) -> str | None:
+    """None if a file can be made in `directory`, else why not (tried, as
+    os.access would say yes to root on a read-only file system)."""
     probe = directory / f".simzmq-write-check-{os.getpid()}"
-    probe.write_bytes(b"")
-    probe.unlink()
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def command_name() -> str:

@@ -118,7 +118,8 @@ def test_a_taken_port_stops_the_region_with_one_line(tmp_path):
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
     assert last == (f"simzmq up: broker-primary could not start: cannot listen on frontend 127.0.0.1:{base + 21}: "
-                    "Address already in use; region stopped"), out.stderr[-3000:]
+                    "Address already in use; region stopped (another program holds that port, `ss -ltnp` shows "
+                    "which; `--port-base` moves every port of the region, docs/running.md)"), out.stderr[-3000:]
     assert BANNER not in out.stderr
     assert list((tmp_path / "data" / "run").glob("*.pid")) == []
     pids = started_pids(out.stderr)
@@ -374,3 +375,12 @@ def test_the_descriptor_limit_is_raised_at_start_and_a_max_connections_that_cann
     listening = [line for line in text.splitlines() if "listening: clients" in line]
     assert len(listening) == 2 and all(f"up to {cap} connections (what {hard} file descriptors allow)" in line
                                        for line in listening), listening
+
+
+def test_a_data_directory_it_cannot_use_is_refused_in_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    data = tmp_path / "file" / "data"
+    out = simzmq("up", "--data", str(data))
+    assert out.returncode == 2
+    assert out.stderr.strip() == (f"simzmq: cannot use the data directory {data}: cannot make {data / 'run'}: "
+                                  "Not a directory"), out.stderr
