@@ -158,7 +158,10 @@ class ChatSession:
                 group = new_group_id()
                 info = await self.client.group_create(group, args[0], args[1:])
                 self.out(f"created {group} ({info.title}) with {', '.join(info.members)}")
-                await self._open(group)
+                # Opened without replaying it: its one message, the creation,
+                # prints as it arrives.
+                self.peer = group
+                self.out(f"talking to {group}")
             elif action in ("add", "leave") and (args or action == "leave"):
                 if self.peer is None or not is_group_id(self.peer):
                     self.out("open a group first: /to #GROUP")

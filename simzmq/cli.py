@@ -219,7 +219,12 @@ def up(ctx, data, port_base, gate_port, http_port, workers, gates, store, open_r
         if "Address already in use" in str(failure):
             hint = (" (another program holds that port, `ss -ltnp` shows which; `--port-base` moves every port "
                     "of the region, docs/running.md)")
-        click.echo(f"simzmq up: {failure}; region stopped{hint}", err=True)
+        try:
+            click.echo(f"simzmq up: {failure}; region stopped{hint}", err=True)
+        except OSError:
+            # The terminal went away (it was closed: SIGHUP); the exit status
+            # still tells. Exiting must not fail flushing the line again.
+            sys.stderr = open(os.devnull, "w")
         sys.exit(failure.exit_code)
 
 

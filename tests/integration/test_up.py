@@ -7,8 +7,10 @@ no process behind; a killed gate comes back at once."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
+import pty
 import random
 import re
 import resource
@@ -16,6 +18,8 @@ import signal
 import socket
 import subprocess
 import sys
+import termios
+import time
 import urllib.request
 from pathlib import Path
 
@@ -302,16 +306,21 @@ def test_a_killed_gate_is_restarted_at_once_and_serves_again(tmp_path):
                          region.read_log())
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
-def test_a_stop_before_the_region_is_up_says_so_and_fails(tmp_path, sig):
-    # The store is a "Postgres" that accepts the connection and never answers:
-    # im-1 stays starting, so the region cannot come up before the signal.
+def mute_postgres() -> tuple[socket.socket, str]:
+    """A "Postgres" that accepts connections and never answers, and its URL:
+    an IM worker using it stays starting, so a region cannot come up."""
     mute = socket.socket()
     mute.bind(("127.0.0.1", 0))
     mute.listen()
+    return mute, f"postgresql://u@127.0.0.1:{mute.getsockname()[1]}/db"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_before_the_region_is_up_says_so_and_fails(tmp_path, sig):
+    mute, store = mute_postgres()
     base = free_port_base()
     data = tmp_path / "data"
-    up = Up(data, "--port-base", str(base), "--store", f"postgresql://u@127.0.0.1:{mute.getsockname()[1]}/db")
+    up = Up(data, "--port-base", str(base), "--store", store)
     try:
         wait_for(lambda: "started im-1" in up.text() or up.proc.poll() is not None, 120.0)
         up.proc.send_signal(sig)
@@ -384,3 +393,30 @@ def test_a_data_directory_it_cannot_use_is_refused_in_one_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip() == (f"simzmq: cannot use the data directory {data}: cannot make {data / 'run'}: "
                                   "Not a directory"), out.stderr
+
+
+def test_a_terminal_closed_before_the_region_is_up_stops_it_with_129(tmp_path):
+    """`up` in a terminal window that is closed: the kernel's SIGHUP, and no
+    terminal left to write to."""
+    mute, store = mute_postgres()
+    master, slave = pty.openpty()
+
+    def in_the_terminal():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    proc = subprocess.Popen([sys.executable, "-m", "simzmq", "up", "--data", str(tmp_path / "data"),
+                             "--port-base", str(free_port_base()), "--store", store],
+                            stdin=slave, stdout=slave, stderr=slave, cwd=str(ROOT), env=clean_env(),
+                            preexec_fn=in_the_terminal)
+    os.close(slave)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 120
+        while b"started im-1" not in seen and time.monotonic() < deadline:
+            seen += os.read(master, 65536)
+    finally:
+        os.close(master)  # the window closes
+        mute.close()
+    assert proc.wait(60) == 128 + signal.SIGHUP
+    assert list((tmp_path / "data" / "run").glob("*.pid")) == []
+    assert not any(is_simzmq_process(pid) for pid in started_pids(seen.decode(errors="replace")))
