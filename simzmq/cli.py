@@ -658,9 +658,25 @@ def client_gate(ctx, data, host, port, http_port, gate_key):
     from simzmq.chat import find_gate
     cfg = load_config(ctx, {"region": {"data": str(Path(data).resolve()) if data else None}})
     try:
-        return cfg, find_gate(cfg, host, port, http_port, gate_key)
+        gate = find_gate(cfg, host, port, http_port, gate_key)
     except keys_mod.KeyFileError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(str(exc) + no_region_hint(cfg)) from None
+    # Before the password is asked for, which would be typed for nothing.
+    try:
+        socket.create_connection((gate.host, gate.port), timeout=10).close()
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach the gate at {gate.host}:{gate.port}: {exc.strerror or exc}"
+                                   + no_region_hint(cfg)) from None
+    return cfg, gate
+
+
+def no_region_hint(cfg: config_mod.Config) -> str:
+    """What to add to a client's failure when no region runs from its data directory."""
+    from simzmq.supervise import live_processes
+    run_dir = cfg.data_dir / "run"
+    if run_dir.is_dir() and live_processes(run_dir):
+        return ""
+    return f" (no region is running from {cfg.data_dir}: `{command_name()} up --data {cfg.data_dir}` starts one)"
 
 
 def client_password(user_id: str, confirm: bool = False) -> str:

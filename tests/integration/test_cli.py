@@ -18,7 +18,7 @@ import pytest
 from simzmq.client import Connection, RequestError
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode
-from tests.region import ROOT, Region
+from tests.region import ROOT, Region, free_ports
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -168,3 +168,17 @@ def test_two_people_chat_with_read_receipts(tmp_path):
             alice.quit()
             bob.quit()
         assert alice.proc.returncode == 0 and bob.proc.returncode == 0
+
+
+def test_chat_and_history_without_a_region_say_so_before_asking_for_a_password(tmp_path):
+    data = tmp_path / "data"
+    assert simzmq("keys", "--data", str(data)).returncode == 0  # a region ran here once
+    port = free_ports(1)[0]  # nothing listens on it
+    for args in (["chat", "--user", "ann"], ["history", "--user", "ann", "bob"]):
+        out = simzmq(*args, "--data", str(data), "--port", str(port), input_text="")
+        assert out.returncode == 1
+        line = out.stderr.strip()
+        assert line.startswith(f"Error: cannot reach the gate at 127.0.0.1:{port}: Connection refused (no region "
+                               f"is running from {data}: `"), line
+        assert line.endswith(f"simzmq up --data {data}` starts one)") and "\n" not in line, line
+        assert "password" not in (out.stdout + out.stderr).lower()
