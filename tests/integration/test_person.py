@@ -187,13 +187,13 @@ def test_chat_says_why_it_cannot_start_and_exits_non_zero(tmp_path):
             assert "Traceback" not in empty.stderr + empty.stdout
         (nowhere,) = free_ports(1)
         gone = simzmq("chat", "--data", data, "--user", "alice", "--port", str(nowhere), input_text="right\n")
-        assert gone.returncode == 1 and f"cannot reach the gate at 127.0.0.1:{nowhere}" in gone.stdout
+        assert gone.returncode == 1 and f"cannot reach the gate at 127.0.0.1:{nowhere}" in gone.stderr
         # carol was never created.
         history = simzmq("history", "--data", data, "--user", "carol", "alice", input_text="x\n")
         assert history.returncode != 0 and "auth_failed" in history.stderr
     # A region that is not running: the command says so, once.
     down = simzmq("chat", "--data", data, "--user", "alice", input_text="right\n")
-    assert down.returncode == 1 and "cannot reach the gate" in down.stdout
+    assert down.returncode == 1 and "cannot reach the gate" in down.stderr and "no region is running" in down.stderr
     assert "Traceback" not in down.stdout + down.stderr
 
 
