@@ -331,12 +331,12 @@ class StartFailed(Exception):
         self.exit_code = exit_code
 
 
-def stopped_before_up(signum: int, starting: list[str]) -> StartFailed:
-    """A stop signal before the region was up: the shell's 128 + signal number
-    (130 for Ctrl-C), as for any command a signal ended."""
-    what = ", ".join(starting) if starting else "none"
-    return StartFailed(f"stopped by {signal.Signals(signum).name} before the region was up "
-                       f"(still starting: {what})", 128 + signum)
+def stopped_before_up(signum: int, starting: list[str] | None) -> StartFailed:
+    """A stop signal before the region was up (`starting`: the processes not
+    ready yet; None: none was started): the shell's 128 + signal number (130
+    for Ctrl-C), as for any command a signal ended."""
+    what = "nothing was started yet" if starting is None else "still starting: " + ", ".join(starting)
+    return StartFailed(f"stopped by {signal.Signals(signum).name} before the region was up ({what})", 128 + signum)
 
 
 class Supervisor:
@@ -356,6 +356,8 @@ class Supervisor:
         """Start every child and wait until the region is ready. StartFailed if
         a child could not start, the region was not ready in time, or a stop
         signal came first."""
+        if self.stopping:
+            raise stopped_before_up(self.stopping[0], None)
         brokers = [c for c in self.children if c.name.startswith("broker-")]
         for child in brokers:
             child.start()

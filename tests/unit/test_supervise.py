@@ -115,3 +115,17 @@ def gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_a_stop_signal_before_the_start_starts_nothing_and_exits_with_128_plus_the_signal(tmp_path):
+    import signal
+    child = Child("im-1", [sys.executable, "-c", "pass"], {}, tmp_path)
+    region = supervise.Supervisor([child], probe_factory=lambda: pytest.fail("no probe before a start"))
+    region.on_signal(signal.SIGINT, None)
+    with pytest.raises(supervise.StartFailed) as failed:
+        region.start()
+    assert str(failed.value) == "stopped by SIGINT before the region was up (nothing was started yet)"
+    assert failed.value.exit_code == 130 and child.proc is None
+    assert supervise.stopped_before_up(signal.SIGTERM, ["im-1", "gate-1"]).args == (
+        "stopped by SIGTERM before the region was up (still starting: im-1, gate-1)",)
+    assert supervise.stopped_before_up(signal.SIGHUP, []).exit_code == 129
