@@ -146,7 +146,8 @@ def up(ctx, data, port_base, gate_port, http_port, workers, gates, store, open_r
     Prints "region up" once a broker is active with every worker and every
     gate answers; a process that cannot start stops the region, with one line
     saying which and why (exit 1). SIGTERM, SIGINT (Ctrl-C) and SIGHUP stop
-    the region: gates, then workers, then brokers."""
+    the region: gates, then workers, then brokers (exit 0; before the region
+    was up, one line saying so and 128 + the signal's number, 130 for Ctrl-C)."""
     from simzmq import supervise
     setup_logging()
     overrides = {"region": {"data": str(Path(data).resolve()) if data else None, "port_base": port_base,
