@@ -112,6 +112,10 @@ class Region:
         if store is None and regions_on_postgres():
             store = region_store()
         self.store = store
+        if store:
+            # What `up --store` says, for the commands a test runs with this
+            # environment too (`simzmq push dead`): they open the same store.
+            env["SIMZMQ_IM_STORE"] = store
         self.extra_env = dict(extra_env or {})
         self.env = env
         self.argv = [sys.executable, "-m", "simzmq", "up", "--data", str(self.data_dir),
