@@ -1,8 +1,8 @@
 """Presence across IM workers on one store: two workers apply, at the same
-moment, reports of two gates about the same user (commit_batch, the
-worker's path, each on its own store connection). Each change of the
-user's state is published exactly once, by one of them; none is missed
-and none repeated. On SQLite the write transactions take turns anyway; on
+moment, reports of two gates about the same users (commit_batch, the
+worker's path, each on its own store connection). Each change of a
+user's state is published exactly once, by one of them; none is missed,
+none repeated, and the two never deadlock. On SQLite the write transactions take turns anyway; on
 Postgres the store locks the user's presence (lock_presence) for that."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from simzmq.im import commit_batch
+from simzmq.im import BUSY_BATCHES, commit_batch
 from simzmq.presence import NONE, OFFLINE, ONLINE
 from simzmq.service import IMService, Request
 from simzmq.store import open_store
@@ -68,6 +68,7 @@ def at_once(workers, batches, now_ms: int) -> list[tuple[str, int]]:
         except BaseException as exc:  # the test thread reports it
             results[i] = exc
 
+    busy_before = BUSY_BATCHES._value.get()
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(workers))]
     for t in threads:
         t.start()
@@ -78,6 +79,8 @@ def at_once(workers, batches, now_ms: int) -> list[tuple[str, int]]:
         if isinstance(result, BaseException):
             raise result
         found += notices(result)
+    # They waited for each other, never in a cycle (no batch ran again).
+    assert BUSY_BATCHES._value.get() == busy_before
     return sorted(found)
 
 
