@@ -84,50 +84,48 @@ def at_once(workers, batches, now_ms: int) -> list[tuple[str, int]]:
     return sorted(found)
 
 
-@pytest.mark.timeout(240)
-def test_reports_of_two_gates_about_the_same_users_at_once_notify_each_change_once(store_url):
-    workers = [(store, IMService(store, 60_000, 1 << 20)) for store in (open_store(store_url) for _ in range(2))]
+@pytest.fixture
+def workers(store_url):
+    """Two workers' (store connection, IMService) on one store holding USERS."""
+    pairs = [(store, IMService(store, 60_000, 1 << 20)) for store in (open_store(store_url) for _ in range(2))]
     try:
-        with workers[0][0].transaction():
+        with pairs[0][0].transaction():
             for user in USERS:
-                workers[0][0].create_user(user, "hash", T0)
-        a, b = Gate("gate-a"), Gate("gate-b")
-        now = T0
-        for _ in range(ROUNDS):
-            # Both gates' first sessions of the users at once: online, once.
-            now += 1
-            came = {u: ONLINE for u in USERS}
-            assert at_once(workers, [[a.report(came)], [b.report(came)]], now) == [(u, ONLINE) for u in USERS]
-            # Both gates' last sessions end at once: offline, once.
-            now += 1
-            went = {u: NONE for u in USERS}
-            assert at_once(workers, [[a.report(went)], [b.report(went)]], now) == [(u, OFFLINE) for u in USERS]
+                pairs[0][0].create_user(user, "hash", T0)
+        yield pairs
     finally:
-        for store, _ in workers:
+        for store, _ in pairs:
             store.close()
 
 
 @pytest.mark.timeout(240)
-def test_two_workers_dropping_the_same_lapsed_gate_notify_its_users_once(store_url):
-    workers = [(store, IMService(store, 60_000, 1 << 20)) for store in (open_store(store_url) for _ in range(2))]
-    try:
-        with workers[0][0].transaction():
-            for user in USERS:
-                workers[0][0].create_user(user, "hash", T0)
-        dead, a, b = Gate("gate-dead"), Gate("gate-a"), Gate("gate-b")
-        now = T0
-        for _ in range(ROUNDS // 2):
-            # A gate with the users online dies (its lease is 1 ms); the next
-            # reports of the two live gates, at once, each find it lapsed.
-            now += 10
-            assert notices(commit_batch(workers[0][0], workers[0][1],
-                                        [dead.report({u: ONLINE for u in USERS}, ttl_ms=1)], now)[0]) \
-                == [(u, ONLINE) for u in USERS]
-            now += 10
-            assert at_once(workers, [[a.report({})], [b.report({})]], now) == [(u, OFFLINE) for u in USERS]
-    finally:
-        for store, _ in workers:
-            store.close()
+def test_reports_of_two_gates_about_the_same_users_at_once_notify_each_change_once(workers):
+    a, b = Gate("gate-a"), Gate("gate-b")
+    now = T0
+    for _ in range(ROUNDS):
+        # Both gates' first sessions of the users at once: online, once.
+        now += 1
+        came = {u: ONLINE for u in USERS}
+        assert at_once(workers, [[a.report(came)], [b.report(came)]], now) == [(u, ONLINE) for u in USERS]
+        # Both gates' last sessions end at once: offline, once.
+        now += 1
+        went = {u: NONE for u in USERS}
+        assert at_once(workers, [[a.report(went)], [b.report(went)]], now) == [(u, OFFLINE) for u in USERS]
+
+
+@pytest.mark.timeout(240)
+def test_two_workers_dropping_the_same_lapsed_gate_notify_its_users_once(workers):
+    (store, service), _ = workers
+    dead, a, b = Gate("gate-dead"), Gate("gate-a"), Gate("gate-b")
+    now = T0
+    for _ in range(ROUNDS // 2):
+        # A gate with the users online dies (its lease is 1 ms); the next
+        # reports of the two live gates, at once, each find it lapsed.
+        now += 10
+        came = commit_batch(store, service, [dead.report({u: ONLINE for u in USERS}, ttl_ms=1)], now)[0]
+        assert notices(came) == [(u, ONLINE) for u in USERS]
+        now += 10
+        assert at_once(workers, [[a.report({})], [b.report({})]], now) == [(u, OFFLINE) for u in USERS]
 
 
 def test_dropping_lapsed_gates_spares_one_renewed_meanwhile(store_url):
