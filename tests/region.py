@@ -2,8 +2,9 @@
 
 SIMZMQ_TEST_WORKERS and SIMZMQ_TEST_GATES raise the number of IM workers and
 gates of every region a test starts to at least that many (a test asking for
-more keeps its own): bin/test's Postgres pass runs the flows and the chaos
-tests on `simzmq up --store postgresql://… --workers 3 --gates 2` that way.
+more keeps its own): bin/test's Postgres pass runs the integration modules
+that use the store on `simzmq up --store postgresql://… --workers 3
+--gates 2` that way.
 """
 
 from __future__ import annotations
