@@ -434,10 +434,14 @@ class IMService(GroupService):
         changes = pr.local_changes(store.gate_presence(gate), states, complete)
         expired = [g for g in store.expired_presence_gates(now_ms) if g != gate]
         affected = sorted(set(changes).union(*(store.gate_presence(g) for g in expired)))
+        # From here to the commit no other worker changes these users'
+        # states, so before and after are the states the watchers were told
+        # and will be told: each change is published by one worker, once.
+        store.lock_presence(affected)
         # Before: as the watchers were last told, the expired gates included
         # (every gate whose lease ran out is among them, so: every gate).
         before = self._states(affected, None)
-        store.drop_presence_gates(expired)
+        store.drop_presence_gates(expired, expired_at=now_ms)
         if report["op"] == "bye":
             store.drop_presence_gates([gate])
         else:

@@ -2,8 +2,9 @@
 
 SIMZMQ_TEST_WORKERS and SIMZMQ_TEST_GATES raise the number of IM workers and
 gates of every region a test starts to at least that many (a test asking for
-more keeps its own): bin/test's Postgres pass runs the flows and the chaos
-tests on `simzmq up --store postgresql://… --workers 3 --gates 2` that way.
+more keeps its own): bin/test's Postgres pass runs the integration modules
+that use the store on `simzmq up --store postgresql://… --workers 3
+--gates 2` that way.
 """
 
 from __future__ import annotations
@@ -112,6 +113,10 @@ class Region:
         if store is None and regions_on_postgres():
             store = region_store()
         self.store = store
+        if store:
+            # What `up --store` says, for the commands a test runs with this
+            # environment too (`simzmq push dead`): they open the same store.
+            env["SIMZMQ_IM_STORE"] = store
         self.extra_env = dict(extra_env or {})
         self.env = env
         self.argv = [sys.executable, "-m", "simzmq", "up", "--data", str(self.data_dir),

@@ -347,8 +347,16 @@ class Store:
     def expired_presence_gates(self, now_ms: int) -> list[str]:
         raise NotImplementedError
 
-    def drop_presence_gates(self, gates: Sequence[str]) -> set[str]:
-        """Forget these gates and their states; returns the users they had."""
+    def drop_presence_gates(self, gates: Sequence[str], expired_at: int | None = None) -> set[str]:
+        """Forget these gates and their states; returns the users they had.
+        With `expired_at`, only those whose lease ran out by then (one that
+        another worker renewed meanwhile stays)."""
+        raise NotImplementedError
+
+    def lock_presence(self, users: Sequence[str]) -> None:
+        """Until the transaction ends, hold back every other transaction that
+        locks any of `users` here: the presence changes of one user are then
+        computed and written one transaction at a time."""
         raise NotImplementedError
 
     def last_seen(self, users: Iterable[str]) -> dict[str, int]:

@@ -26,6 +26,7 @@ requests it cannot place Error{unavailable}.
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, Iterator, Sequence
@@ -38,6 +39,15 @@ from .sql import FROZEN_CONVS_SCHEMA, GROUPS_SCHEMA, PRESENCE_SCHEMA, SQLStore
 
 # Taken while migrating, so workers starting together migrate once.
 MIGRATION_LOCK_KEY = 0x73696D7A6D71  # "simzmq"
+
+
+def presence_lock_key(user: str) -> int:
+    """The advisory lock key (a signed 64-bit int) of a user's presence, the
+    same in every worker; two users rarely share one (they then wait for
+    each other, nothing worse)."""
+    digest = hashlib.blake2b(b"presence\0" + user.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
 
 _SCHEMA_V1 = """
 CREATE TABLE users (
@@ -278,6 +288,18 @@ class PostgresStore(SQLStore):
                 cur.executemany(_formatted(sql), rows)
         except _BUSY_ERRORS as exc:
             raise StoreBusy(str(exc)) from exc
+
+    # presence (the rest is in SQLStore)
+
+    def lock_presence(self, users: Sequence[str]) -> None:
+        # A transaction-scoped advisory lock per user, apart from the row
+        # locks (a user without presence rows has none to lock, and Sends
+        # do not wait for it), taken in key order so that two transactions
+        # locking some of the same users never wait for each other in a
+        # cycle.
+        keys = sorted({presence_lock_key(user) for user in users})
+        if keys:
+            self._executemany("SELECT pg_advisory_xact_lock(?)", [(k,) for k in keys])
 
     # inbox (the rest is in SQLStore)
 

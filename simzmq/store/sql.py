@@ -578,12 +578,16 @@ class SQLStore(Store):
         return [g for (g,) in self._execute(
             "SELECT gate FROM presence_gates WHERE expires_ms <= ? ORDER BY gate", (now_ms,)).fetchall()]
 
-    def drop_presence_gates(self, gates: Sequence[str]) -> set[str]:
+    def drop_presence_gates(self, gates: Sequence[str], expired_at: int | None = None) -> set[str]:
         users: set[str] = set()
+        lapsed = "" if expired_at is None else " AND expires_ms <= ?"
         for gate in gates:
+            dropped = self._execute("DELETE FROM presence_gates WHERE gate = ?" + lapsed,
+                                    (gate,) if expired_at is None else (gate, expired_at)).rowcount
+            if expired_at is not None and not dropped:
+                continue  # renewed (or dropped) by another worker meanwhile
             users.update(self.gate_presence(gate))
             self._execute("DELETE FROM presence WHERE gate = ?", (gate,))
-            self._execute("DELETE FROM presence_gates WHERE gate = ?", (gate,))
         return users
 
     def last_seen(self, users: Iterable[str]) -> dict[str, int]:

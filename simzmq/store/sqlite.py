@@ -29,7 +29,7 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import sqlite_utils
 
@@ -315,6 +315,11 @@ class SQLiteStore(SQLStore):
 
     def describe(self) -> str:
         return f"sqlite {self.path} (WAL, synchronous={self.synchronous})"
+
+    # presence (the rest is in SQLStore)
+
+    def lock_presence(self, users: Sequence[str]) -> None:
+        pass  # BEGIN IMMEDIATE: one write transaction at a time holds the whole database
 
     # inbox (the rest is in SQLStore)
 
