@@ -9,7 +9,12 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from simzmq.gate_fanout import READS_THINNED
 from simzmq.readthin import ReadThinner
+from simzmq.wire import messages as m
+from simzmq.wire.codec import BIN
+from tests.unit.test_fuzz_gate import make_gate
+from tests.unit.test_gate_session import logged_in
 
 KEY = ("bob", "#g1", "ann")
 
@@ -172,3 +177,55 @@ def test_whatever_comes_each_key_gets_its_latest_in_order_at_most_once_a_second(
         assert all(b[0] >= a[0] + 1.0 for a, b in zip(mine, mine[1:]))
     # Every notice either went or was counted thinned.
     assert len(sent) + thinned == len(timeline)
+
+
+# -- the gate's shell (gate_fanout): a fake loop and clock, real sessions ------------------
+
+def read_notices(c):
+    c.read()
+    return [x[1] for x in c.received if isinstance(x[1], m.ReadNotice)]
+
+
+def test_the_gate_thins_group_notices_to_members_and_not_to_the_readers_sessions():
+    gate, loop = make_gate()
+    ann1 = logged_in(gate, 1, user="ann", device="phone")
+    ann2 = logged_in(gate, 2, user="ann", device="laptop")
+    bob = logged_in(gate, 3, user="bob")
+    before = READS_THINNED._value.get()
+
+    def read(msg_id, peer="#crew"):
+        payload = BIN.encode(m.ReadNotice(reader="ann", peer=peer, msg_id=msg_id, ts_ms=msg_id), 0)
+        gate.fanout.on_notification(b"bob\0", b"", payload)
+        gate.fanout.on_notification(b"ann\0", ann1.conn.session, payload)
+
+    for msg_id in range(10, 15):  # a burst within the second
+        read(msg_id)
+        loop.advance(0.1)
+    assert [n.msg_id for n in read_notices(bob)] == [10]
+    assert [n.msg_id for n in read_notices(ann2)] == [10, 11, 12, 13, 14]  # the reader's own: all
+    assert read_notices(ann1) == []
+    loop.advance(0.5)  # the second ends: the latest goes
+    assert [n.msg_id for n in read_notices(bob)] == [10, 14]
+    assert READS_THINNED._value.get() - before == 3
+    read(13)  # below one pushed: never
+    read(20, peer="ann")  # one-to-one: at once, never held
+    assert [n.msg_id for n in read_notices(bob)] == [10, 14, 20]
+    loop.advance(5.0)
+    assert [n.msg_id for n in read_notices(bob)] == [10, 14, 20]
+    # Idle: nothing tracked, no timer left.
+    assert len(gate.fanout.read_thinner) == 0 and gate.fanout._read_timer is None
+    read(21)  # the first of a new burst: at once
+    assert [n.msg_id for n in read_notices(bob)][-1] == 21
+
+
+def test_a_held_notice_for_a_member_who_left_goes_nowhere():
+    gate, loop = make_gate()
+    bob = logged_in(gate, 3, user="bob")
+    for msg_id in (1, 2):
+        payload = BIN.encode(m.ReadNotice(reader="ann", peer="#crew", msg_id=msg_id, ts_ms=1), 0)
+        gate.fanout.on_notification(b"bob\0", b"", payload)
+    gate.fanout.session_ended(bob.conn)
+    loop.advance(2.0)
+    loop.advance(2.0)
+    assert [n.msg_id for n in read_notices(bob)] == [1]
+    assert len(gate.fanout.read_thinner) == 0
