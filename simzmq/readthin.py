@@ -12,7 +12,8 @@ group, reader), the member being the user whose sessions it is for, and
   keeping only the latest (highest msg_id), which goes when the interval
   ends (`due`), so the latest always arrives, at most `interval_s` late;
 * never sends a msg_id at or below one already sent or held for the key
-  (read marks only rise; a lower one after a higher one is old news);
+  while it tracks the key (read marks only rise; a lower one after a higher
+  one is old news);
 * forgets a key once an interval has passed with nothing held, so what it
   tracks is bounded by the notices sent in the last interval.
 
@@ -29,7 +30,7 @@ from collections.abc import Hashable
 READ_NOTICE_INTERVAL_S = 1.0
 
 
-class _Key:
+class _KeyState:
     __slots__ = ("sent_at", "sent_id", "held_id", "held")
 
     def __init__(self, sent_at: float, sent_id: int):
@@ -47,7 +48,7 @@ class ReadThinner:
         self.interval_s = interval_s
         # In the order their last notice went (so in the order their intervals
         # end): due() looks only at the front.
-        self.keys: OrderedDict[Hashable, _Key] = OrderedDict()
+        self.keys: OrderedDict[Hashable, _KeyState] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -58,7 +59,7 @@ class ReadThinner:
         (0 or 1: this one, being old news, or a held one it replaces)."""
         state = self.keys.get(key)
         if state is None:
-            self.keys[key] = _Key(now, msg_id)
+            self.keys[key] = _KeyState(now, msg_id)
             return notice, 0
         if msg_id <= max(state.sent_id, state.held_id):
             return None, 1
@@ -92,7 +93,7 @@ class ReadThinner:
             return state.sent_at + self.interval_s
         return None
 
-    def _sent(self, key, state: _Key, msg_id: int, now: float) -> None:
+    def _sent(self, key, state: _KeyState, msg_id: int, now: float) -> None:
         state.sent_at, state.sent_id = now, msg_id
         state.held_id, state.held = 0, None
         self.keys.move_to_end(key)
