@@ -13,6 +13,14 @@ watching a user that may see it, asks the workers again for the states a
 connection watches when notices may have been lost (a resync) or a watched
 user has just made the watcher its contact (its first one-to-one message
 to it passes here), and passes TypingNotice to the user's sessions.
+
+Group read receipts (protocol section 7, "Reading"): a member is sent at
+most one ReadNotice per reader and group a second, the latest
+(simzmq/readthin.py decides; a timer sends what it held when the second
+ends). The reader's own other sessions get every one of its notices: they
+are at most max_sessions_per_user, not members x reads, and they show the
+reader's own unread counts, which should follow its reading at once.
+One-to-one ReadNotices are not thinned either.
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ import logging
 from prometheus_client import Counter, Gauge
 
 from simzmq import presence as pr
+from simzmq.groups import is_group
 from simzmq.pushlog import PushLog
+from simzmq.readthin import ReadThinner
 from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN, bin_newmsg_seq
 from simzmq.wire.errors import ProtocolError
@@ -37,6 +47,9 @@ CATCHUPS = Counter("simzmq_gate_catchups_total", "Catch-ups of an online user fr
 # What the bus may push to a client.
 PUSHED = frozenset((m.NewMsg.TYPE, m.ReadNotice.TYPE, m.TypingNotice.TYPE))
 HOLES = Counter("simzmq_gate_push_holes_total", "Lost pushes noticed by a hole in a user's seqs")
+READS_THINNED = Counter("simzmq_gate_read_notices_thinned_total",
+                        "Group ReadNotices not pushed to a member: a later one of the same reader in the same "
+                        "group went instead (at most one a second), or it was below one already pushed")
 
 
 class Fanout:
@@ -48,6 +61,8 @@ class Fanout:
         # Logins under way per user: they count towards max_sessions_per_user.
         self.logins_pending: dict[str, int] = {}
         self._hole_timer = None
+        self.read_thinner = ReadThinner()
+        self._read_timer = None
 
     def count(self) -> int:
         return sum(len(s) for s in self.sessions.values())
@@ -209,6 +224,8 @@ class Fanout:
             self.gate.log_throttled("backend", "not pushing a notification of type %d to %s", mtype, user,
                                     level=logging.WARNING)
             return
+        if mtype == m.ReadNotice.TYPE and not self._read_notice_goes_now(user, payload):
+            return
         if mtype == m.NewMsg.TYPE:
             try:
                 seq = bin_newmsg_seq(payload)  # read at its offset: bin clients get the payload as it is
@@ -220,6 +237,41 @@ class Fanout:
         decoded = self._push_all(list(mine.values()), payload, mtype, origin)
         if mtype == m.NewMsg.TYPE and self.gate.presence.watching:
             self._became_contact(user, decoded)
+
+    def _read_notice_goes_now(self, user: str, payload: bytes) -> bool:
+        """Whether a ReadNotice for `user` goes to its sessions now; a group
+        one to a member other than its reader may be held for a while
+        (flush_reads sends it) or dropped for a later one."""
+        try:
+            _, notice = BIN.decode(payload)
+        except ProtocolError as exc:
+            self._undecodable(user, exc)
+            return False
+        if not is_group(notice.peer) or notice.reader == user:
+            return True
+        now = self.gate.now()
+        goes, thinned = self.read_thinner.offer((user, notice.peer, notice.reader), notice.msg_id, payload, now)
+        READS_THINNED.inc(thinned)
+        if self._read_timer is None:
+            self._arm_read_timer(now)
+        return goes is not None
+
+    def flush_reads(self) -> None:
+        """Send the group ReadNotices held whose second has ended."""
+        self._read_timer = None
+        now = self.gate.now()
+        for (user, _, _), payload in self.read_thinner.due(now):
+            mine = self.sessions.get(user)
+            if mine:
+                self._push_all(list(mine.values()), payload, m.ReadNotice.TYPE, b"")
+        self._arm_read_timer(now)
+
+    def _arm_read_timer(self, now: float) -> None:
+        # One timer, at the earliest moment something held may go or a key
+        # be forgotten; it runs while the thinner tracks anything.
+        due = self.read_thinner.next_due()
+        if due is not None:
+            self._read_timer = self.gate.call_later(max(0.0, due - now), self.flush_reads)
 
     @staticmethod
     def _push_all(conns, payload: bytes, mtype: int, origin: bytes):
@@ -304,5 +356,6 @@ class Fanout:
         self._hole_timer = self.gate.call_later(limit / 2, self.check_holes)
 
     def stop(self) -> None:
-        if self._hole_timer is not None:
-            self._hole_timer.cancel()
+        for timer in (self._hole_timer, self._read_timer):
+            if timer is not None:
+                timer.cancel()
