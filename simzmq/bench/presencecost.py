@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 import click
 
 from simzmq.bench.calibrate import calibrate, format_calibration
+from simzmq.presence import ONLINE
 from simzmq.push.presence import PresenceReporter
 from simzmq.service import IMService, token_hash
 from simzmq.store import POSTGRES_SCHEMES, open_store
@@ -45,7 +46,6 @@ from simzmq.wire.codec import BIN
 T0 = 1_700_000_000_000
 TTL_MS = 10**9
 TOKEN = b"t" * 32
-ONLINE = 2
 
 
 class Gate:
