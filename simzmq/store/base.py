@@ -321,7 +321,8 @@ class Store:
 
     def written_to(self, actor: str, users: Iterable[str]) -> set[str]:
         """Those of `users` who have sent `actor` a one-to-one message (whose
-        contacts, section 7, hold `actor`)."""
+        contacts, section 7, hold `actor`). One query however many users: a
+        Watch asks of up to 256 at once."""
         raise NotImplementedError
 
     # presence (section 7, simzmq/presence.py)

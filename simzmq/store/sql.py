@@ -207,6 +207,18 @@ def _find_sends_sql(count: int) -> str:
 
 
 @lru_cache(maxsize=None)
+def _written_to_sql(count: int) -> str:
+    # One statement for all the ids; for each, one probe of the (sender,
+    # recipient, msg_id) index that stops at the first row. The padding's
+    # repeats come back more than once.
+    values = ", ".join(["(?)"] * count)
+    return (
+        f"SELECT k.column1 FROM (VALUES {values}) AS k"
+        " WHERE EXISTS (SELECT 1 FROM messages m WHERE m.sender = k.column1 AND m.recipient = ?)"
+    )
+
+
+@lru_cache(maxsize=None)
 def _user_seqs_sql(count: int, lock_rows: str) -> str:
     return f"SELECT id, max_seq FROM users WHERE id IN ({', '.join(['?'] * count)}){lock_rows}"
 
@@ -642,14 +654,11 @@ class SQLStore(Store):
         return dict(rows)
 
     def written_to(self, actor: str, users: Iterable[str]) -> set[str]:
-        found = set()
-        for user in set(users):
-            # One range of the (sender, recipient, msg_id) index each.
-            if self._execute(
-                "SELECT 1 FROM messages WHERE sender = ? AND recipient = ? LIMIT 1", (user, actor)
-            ).fetchone():
-                found.add(user)
-        return found
+        users = sorted(set(users))
+        if not users:
+            return set()
+        users = _padded(users)
+        return {u for (u,) in self._execute(_written_to_sql(len(users)), [*users, actor]).fetchall()}
 
     def find_group_op(self, actor: str, cmid: bytes) -> str | None:
         row = self._execute(

@@ -213,3 +213,17 @@ def test_figures_of_a_group_run_per_member_copy():
     figs = figures(report)
     assert figs["delivered member copies/s"] == 500.0 and figs["region CPU µs/member copy"] == 1900.0
     assert figs["send→last member p50 ms (windowed)"] == 4.0 and figs["send→last member p99 ms (windowed)"] == 8.0
+
+
+# presencecost: the worker's CPU per presence report and per token Login
+
+from simzmq.bench.presencecost import measure  # noqa: E402
+
+
+@pytest.mark.parametrize("online", [0, 3])
+def test_presencecost_measures_each_kind_of_request(tmp_path, online):
+    # measure() checks each request did what its kind stands for (a report
+    # that changes nothing, one that changes a state, a successful Login).
+    figures = measure(f"sqlite:///{tmp_path}/im.db", online, reps=4)
+    assert list(figures) == ["report, no change", "report, state change", "token login"]
+    assert all(isinstance(us, float) for us in figures.values())

@@ -848,6 +848,59 @@ def test_a_rolled_back_removal_leaves_the_conv_live(store):
     assert _group_conv(store, "bob").peer_read == sent.msg_id
 
 
+# contacts (section 7): who has written to whom, as a Watch answer asks it
+
+def _count_statements(store) -> list[int]:
+    """From now on, [n]: the statements `store` has run (both back ends run
+    each through _execute or _executemany)."""
+    count = [0]
+    for name in ("_execute", "_executemany"):
+        def counted(*args, _real=getattr(store, name)):
+            count[0] += 1
+            return _real(*args)
+        setattr(store, name, counted)
+    return count
+
+
+def test_written_to_answers_a_whole_watch_in_one_query(store):
+    names = [f"u{i:03d}" for i in range(300)]
+    users(store, "ann", *names)
+    writers = set(names[::3])  # have written to ann: ann's contacts
+    with store.transaction():
+        for user in sorted(writers):
+            store.append_message(user, "ann", b"to-ann", 0, b"hi", T0)
+        store.append_message("ann", names[1], b"from-ann", 0, b"hi", T0)  # the other way: no contact of ann
+    service = _make_group(store, "ann", [names[0], names[2]])  # names[2] writes to ann here too
+    writers.add(names[2])
+    _handle(store, service, names[0], m.Send(to=GROUP, cmid=b"g1", kind=0, body=b"to the group"))
+    _handle(store, service, "ann", m.Send(to=GROUP, cmid=b"g2", kind=0, body=b"to the group"))
+    count = _count_statements(store)
+
+    assert store.written_to("ann", []) == set() and count == [0]
+    assert store.written_to("ann", [names[0]]) == {names[0]} and count == [1]
+    assert store.written_to("ann", [names[1]]) == set()  # ann wrote to it, not it to ann
+    assert store.written_to(names[1], ["ann"]) == {"ann"}
+    assert store.written_to("ann", ["nobody", "", "U000", names[0] + " "]) == set()
+    # A group is nobody's contact, whoever wrote in it.
+    assert store.written_to("ann", [GROUP]) == set() and store.written_to(names[0], [GROUP, "ann"]) == set()
+    assert store.written_to("ann", [names[3], names[3], "nobody", names[3], names[4], "nobody"]) == {names[3]}
+    # Self: only once one has written to oneself.
+    assert store.written_to("ann", ["ann"]) == set()
+    with store.transaction():
+        store.append_message("ann", "ann", b"note", 0, b"to self", T0)
+    assert store.written_to("ann", ["ann", names[6]]) == {"ann", names[6]}
+
+    # A Watch's most: 256 ids, of every kind, each in one statement.
+    watched = names[:250] + ["ann", GROUP, "nobody", "ghost", "#other", "u999"]
+    assert len(set(watched)) == 256
+    before = count[0]
+    assert store.written_to("ann", watched) == (writers | {"ann"}) & set(watched)
+    assert count[0] == before + 1
+    before = count[0]
+    assert store.written_to("ann", (names[250:] + names[:6]) * 4) == writers & set(names[250:] + names[:6])
+    assert count[0] == before + 1
+
+
 def _group_writer(url, sender, body_prefix, peer):
     s = open_store(url)
     service = _group_service(s)
