@@ -431,7 +431,9 @@ class IMService(GroupService):
         store = self.store
         if not store.renew_presence_gate(gate, report["n"], now_ms + ttl_ms):
             return Outcome(m.Ok())  # a late copy: a later report was applied
-        changes = pr.local_changes(store.gate_presence(gate), states, complete)
+        # A snapshot is compared with all the gate's rows, any other report
+        # only with the rows of the users it names.
+        changes = pr.local_changes(store.gate_presence(gate, None if complete else states), states, complete)
         expired = [g for g in store.expired_presence_gates(now_ms) if g != gate]
         affected = sorted(set(changes).union(*(store.gate_presence(g) for g in expired)))
         # From here to the commit no other worker changes these users'

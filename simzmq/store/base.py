@@ -332,8 +332,10 @@ class Store:
         at `now_ms` (None: on every gate stored; absent: on none)."""
         raise NotImplementedError
 
-    def gate_presence(self, gate: str) -> dict[str, int]:
-        """The local states stored for `gate`, by user."""
+    def gate_presence(self, gate: str, users: Iterable[str] | None = None) -> dict[str, int]:
+        """The local states stored for `gate`, by user: of all its users, or
+        only of `users` (a report about some users reads only their rows,
+        not everyone online on the gate)."""
         raise NotImplementedError
 
     def renew_presence_gate(self, gate: str, n: int, expires_ms: int) -> bool:

@@ -560,8 +560,15 @@ class SQLStore(Store):
             found.setdefault(user, []).append(state)
         return found
 
-    def gate_presence(self, gate: str) -> dict[str, int]:
-        return dict(self._execute("SELECT user_id, state FROM presence WHERE gate = ?", (gate,)).fetchall())
+    def gate_presence(self, gate: str, users: Iterable[str] | None = None) -> dict[str, int]:
+        if users is None:
+            return dict(self._execute("SELECT user_id, state FROM presence WHERE gate = ?", (gate,)).fetchall())
+        users = sorted(set(users))
+        if not users:
+            return {}
+        users = _padded(users)
+        return dict(self._execute("SELECT user_id, state FROM presence WHERE gate = ? AND user_id IN "
+                                  + _in_list(len(users)), [gate, *users]).fetchall())
 
     def renew_presence_gate(self, gate: str, n: int, expires_ms: int) -> bool:
         row = self._execute(f"SELECT n FROM presence_gates WHERE gate = ?{self._FOR_UPDATE}", (gate,)).fetchone()
