@@ -22,8 +22,13 @@ process around it is a thin socket shell):
   reaches B once and is never sent on from B, so no loop forms, whatever the
   number of regions (each federation process subscribes to every peer).
 * Each frame once: both brokers of a peer pair forward every notification
-  (its workers publish to both), so the same bytes arrive twice; a bounded
-  memory of recent frames drops the second copy.
+  (its workers publish to both), so the same bytes arrive twice, once
+  through each link to the pair. A short memory of recent frames
+  (RecentFrames: a few seconds, bounded in size) drops the copy. The same
+  bytes may also be published again, legitimately (a second TypingNotice
+  start carries no time): one broker never forwards a publication twice, so
+  the same bytes again through the *same* link are a new frame and cross,
+  however soon; only what the other link brings beyond that is a copy.
 
 Loss: a link that drops and returns loses what was published meanwhile. Each
 link's stamps are checked as a gate does (a seq jump or a new epoch), and a
@@ -63,7 +68,12 @@ RESYNC = FEDERATION_RESYNC  # the gates act on it (simzmq/linkcore.py)
 # subscription travels to the peer meanwhile, so nothing published after the
 # resync is missed.
 SETTLE_S = 1.0
-# Frames remembered to drop the second copy (from the other broker of a pair).
+# How long a frame is remembered to drop its copy from the other broker of
+# the pair: the two brokers' forwarding delays differ by far less (a copy
+# later than this crosses twice; the gates push each inbox seq once). A
+# frame published again is told apart by its link, not by this window.
+WINDOW_S = 10.0
+# At most this many frames remembered (the oldest forgotten first).
 REMEMBER = 65536
 
 
@@ -88,18 +98,62 @@ class Link(NamedTuple):
     endpoint: str  # one of its brokers' notify-out
 
 
+class _Recent:
+    __slots__ = ("until", "crossed", "arrived")
+
+    def __init__(self, until: float, link: int) -> None:
+        self.until = until          # forgotten after this
+        self.crossed = 1            # times these bytes crossed (publications seen)
+        self.arrived = {link: 1}    # link -> times these bytes came through it
+
+
+class RecentFrames:
+    """Which frames the peers brought lately, to tell the copy of one from
+    the other broker of a pair from the same bytes published again. Each
+    broker forwards each publication once, so the number of publications
+    is the most times any one link of the pair brought the bytes; a frame
+    crosses when its link brings it more often than that. Pure: time in."""
+
+    def __init__(self, window_s: float, bound: int) -> None:
+        self.window_s = window_s
+        self.bound = bound
+        self.frames: OrderedDict[bytes, _Recent] = OrderedDict()  # soonest forgotten first
+
+    def first_time(self, key: bytes, link: int, now: float) -> bool:
+        """Whether the frame `key` (its peer region's, see FederationCore)
+        that `link` brought at `now` is a new one, not a copy."""
+        frames = self.frames
+        while frames and next(iter(frames.values())).until <= now:
+            frames.popitem(last=False)
+        recent = frames.get(key)
+        if recent is None:
+            frames[key] = _Recent(now + self.window_s, link)
+            if len(frames) > self.bound:
+                frames.popitem(last=False)
+            return True
+        arrived = recent.arrived[link] = recent.arrived.get(link, 0) + 1
+        if arrived <= recent.crossed:
+            return False
+        recent.crossed = arrived
+        recent.until = now + self.window_s
+        frames.move_to_end(key)
+        return True
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
 class FederationCore:
     """What to publish locally for what arrives from the peers. Pure: frames
     and the time in, messages ``[topic, packed]`` out."""
 
     def __init__(self, region: str, links: list[Link], settle_s: float = SETTLE_S,
-                 remember: int = REMEMBER) -> None:
+                 window_s: float = WINDOW_S, remember: int = REMEMBER) -> None:
         self.region = region.encode()
         self.links = links
         self.settle_s = settle_s
-        self.remember = remember
         self.stamps: list[dict[bytes, tuple[bytes, int]]] = [{} for _ in links]
-        self.seen: OrderedDict[bytes, None] = OrderedDict()
+        self.recent = RecentFrames(window_s, remember)
         self.resync_due: dict[int, float] = {}  # link -> when to ask for a resync
         self.forwarded = 0
         self.duplicates = 0
@@ -129,15 +183,14 @@ class FederationCore:
         if any(is_control(user) for user, _, _ in entries):
             self.looped += 1  # crossed once already (or a control entry): never again
             return []
-        digest = hashlib.blake2b(topic + packed, digest_size=16).digest()
-        if digest in self.seen:
+        origin = self.links[link].region.encode()
+        # The peer region in the key: the same bytes from another region are
+        # not a copy.
+        digest = hashlib.blake2b(origin + b"\0" + topic + packed, digest_size=16).digest()
+        if not self.recent.first_time(digest, link, now):
             self.duplicates += 1
             return []
-        self.seen[digest] = None
-        if len(self.seen) > self.remember:
-            self.seen.popitem(last=False)
         self.forwarded += 1
-        origin = self.links[link].region.encode()
         return [[topic, packed + pack_notices([(b"", FORWARDED, origin)])]]
 
     def tick(self, now: float) -> list[list[bytes]]:
@@ -155,6 +208,10 @@ class FederationCore:
 
     def next_due(self) -> float | None:
         return min(self.resync_due.values(), default=None)
+
+    def remembered(self) -> int:
+        """Frames remembered now (to drop their copies)."""
+        return len(self.recent)
 
 
 def parse_peers(peers) -> list[Link]:

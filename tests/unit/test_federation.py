@@ -60,7 +60,7 @@ def test_memory_of_frames_is_bounded():
     c = core()
     for i in range(10):
         assert c.on_notification(0, frames(b"ann", b"n%d" % i, seq=i + 1), 0.0)
-    assert len(c.seen) == 4
+    assert c.remembered() == 4
     # The oldest is forgotten: a late copy of it would cross again (the
     # gates push each inbox seq once, so this costs a dropped push at most).
     assert c.on_notification(1, frames(b"ann", b"n0", epoch=EPOCH_B), 0.0)
