@@ -15,6 +15,7 @@ import pytest
 from simzmq import keys as keys_mod
 from simzmq.client import Client
 from simzmq.federation import exchange_keys
+from simzmq.limits import LimitsConfig
 from simzmq.wire import messages as m
 from tests.chaos import active_broker
 from tests.region import Region, until_available
@@ -146,6 +147,32 @@ def test_presence_and_typing_cross_regions(regions):
         notice = await next_of(cat, lambda e: type(e) is m.PresenceNotice and e.state.user == dan.user)
         assert notice.state.state == m.PresenceState.OFFLINE and notice.state.last_seen_ms > 0
         await cat.close()
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_typing_again_crosses_regions_each_time(regions):
+    """start, stop, start: the second start is the same bytes as the first
+    (a TypingNotice carries no time), and still crosses."""
+    a, b = regions
+    tag = os.getpid()
+    # The gate passes on one notice per sender and peer a typing_peer_interval_s.
+    interval = LimitsConfig().typing_peer_interval_s
+
+    async def main():
+        eve = await login(a, f"eve-{tag}")
+        fay = await login(b, f"fay-{tag}")
+        await fay.send(eve.user, b"hi")
+        await eve.send(fay.user, b"hi")
+        for typing in (True, False, True):
+            await asyncio.sleep(interval + 0.1)
+            await eve.typing(fay.user, typing)
+            while True:
+                event = await asyncio.wait_for(fay.events.get(), 60)
+                if type(event) is m.TypingNotice:
+                    break
+            assert event == m.TypingNotice(user=eve.user, peer=fay.user, typing=typing)
+        for c in (eve, fay):
+            await c.close()
     asyncio.run(asyncio.wait_for(main(), 120))
 
 
