@@ -12,7 +12,9 @@ change of a user's local state, pushes PresenceNotice to the connections
 watching a user that may see it, asks the workers again for the states a
 connection watches when notices may have been lost (a resync) or a watched
 user has just made the watcher its contact (its first one-to-one message
-to it passes here), and passes TypingNotice to the user's sessions.
+to it passes here), and passes TypingNotice to the user's sessions. The
+states asked again on a resync go a few requests at a time
+(simzmq/watchresync.py): after a failover every watching connection asks.
 
 Group read receipts (protocol section 7, "Reading"): a member is sent at
 most one ReadNotice per reader and group a second, the latest
@@ -33,10 +35,13 @@ from simzmq import presence as pr
 from simzmq.groups import is_group
 from simzmq.pushlog import PushLog
 from simzmq.readthin import ReadThinner
+from simzmq.watchresync import WatchResync
 from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN, bin_newmsg_seq
 from simzmq.wire.errors import ProtocolError
 from simzmq.wire.messages import KickCode
+
+log = logging.getLogger("simzmq.gate")
 
 SESSIONS = Gauge("simzmq_gate_sessions", "Logged-in client connections")
 PRESENCE_QUERIES = Counter("simzmq_gate_presence_queries_total",
@@ -63,6 +68,7 @@ class Fanout:
         self._hole_timer = None
         self.read_thinner = ReadThinner()
         self._read_timer = None
+        self.watch_resync = WatchResync()
 
     def count(self) -> int:
         return sum(len(s) for s in self.sessions.values())
@@ -151,25 +157,60 @@ class Fanout:
     def ask_presence(self, conn, users: list[str], why: str) -> None:
         """Ask the workers for the states of `users` as `conn` may see them,
         and push each to it as a PresenceNotice."""
-        PRESENCE_QUERIES.labels(why).inc()
         per_request = self.gate.presence.max_per_request
+        for start in range(0, len(users), per_request):
+            self._ask_watch(conn, users[start:start + per_request], why)
+
+    def _ask_watch(self, conn, users: list[str], why: str, then=None) -> None:
+        """One Watch request for `users` (at most max_per_request) of
+        `conn`; `then()` runs once it is answered or timed out."""
+        PRESENCE_QUERIES.labels(why).inc()
 
         def answered(reply_payload):
-            if reply_payload is None:
-                return
             try:
-                _, reply = BIN.decode(reply_payload)
-            except ProtocolError as exc:
-                self._undecodable(conn.user, exc)
-                return
-            if not isinstance(reply, m.PresenceList):
-                return  # unavailable: a later resync or Watch asks again
-            for state in self.presence_answered(conn, reply.states):
-                notice = m.PresenceNotice(state=state)
-                conn.push(BIN.encode(notice, 0), m.PresenceNotice.TYPE, lambda n=notice: n)
-        for start in range(0, len(users), per_request):
-            self.gate.backend.request(conn.user.encode(), conn.session,
-                                      BIN.encode(m.Watch(users=users[start:start + per_request]), 0), answered)
+                self._push_presence(conn, reply_payload)
+            finally:
+                if then is not None:
+                    then()
+        self.gate.backend.request(conn.user.encode(), conn.session, BIN.encode(m.Watch(users=users), 0), answered)
+
+    def _push_presence(self, conn, reply_payload) -> None:
+        if reply_payload is None:
+            return
+        try:
+            _, reply = BIN.decode(reply_payload)
+        except ProtocolError as exc:
+            self._undecodable(conn.user, exc)
+            return
+        if not isinstance(reply, m.PresenceList):
+            return  # unavailable: a later resync or Watch asks again
+        for state in self.presence_answered(conn, reply.states):
+            notice = m.PresenceNotice(state=state)
+            conn.push(BIN.encode(notice, 0), m.PresenceNotice.TYPE, lambda n=notice: n)
+
+    def _resync_watches(self, watchers: dict) -> None:
+        """Ask again for the states `watchers` (conn -> users) watch, paced."""
+        pacer = self.watch_resync
+        started = False
+        for conn, users in watchers.items():
+            started |= pacer.add(conn, users)
+        if started:
+            log.info("presence resync: asking again for what %d connections watch, at most %d requests in flight",
+                     pacer.connections, pacer.max_in_flight)
+        self._next_watches()
+
+    def _next_watches(self) -> None:
+        pacer = self.watch_resync
+        presence = self.gate.presence
+        for conn, users in pacer.take(presence.max_per_request, lambda conn: presence.watching.get(conn, {})):
+            self._ask_watch(conn, users, "resync", self._watch_answered)
+        if pacer.finished():
+            log.info("presence resync done: %d Watch requests for %d connections, %d connections closed meanwhile",
+                     pacer.requests, pacer.connections, pacer.skipped)
+
+    def _watch_answered(self) -> None:
+        self.watch_resync.done()
+        self._next_watches()
 
     def _became_contact(self, user: str, decoded) -> None:
         """`user` got a NewMsg: if it is a one-to-one message from someone a
@@ -299,8 +340,7 @@ class Fanout:
         for u in ([user] if user is not None else list(self.sessions)):
             if u in self.sessions:
                 self._catch_up(u)
-        for conn, users in self.gate.presence.watchers_of(None if user is None else [user]).items():
-            self.ask_presence(conn, users, "resync")
+        self._resync_watches(self.gate.presence.watchers_of(None if user is None else [user]))
 
     def _catch_up(self, user: str) -> None:
         if user in self.catching_up:
