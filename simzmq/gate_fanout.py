@@ -45,7 +45,8 @@ log = logging.getLogger("simzmq.gate")
 
 SESSIONS = Gauge("simzmq_gate_sessions", "Logged-in client connections")
 PRESENCE_QUERIES = Counter("simzmq_gate_presence_queries_total",
-                           "Presence states asked again of the workers for a watching connection, by why",
+                           "Watch requests the gate sent itself to ask the workers again for states a connection "
+                           "watches, by why",
                            ["why"])
 WATCHED = Gauge("simzmq_gate_watched_users", "Users watched by at least one connection on this gate")
 CATCHUPS = Counter("simzmq_gate_catchups_total", "Catch-ups of an online user from the store")
