@@ -24,7 +24,7 @@ process around it is a thin socket shell):
 * Each frame once: both brokers of a peer pair forward every notification
   (its workers publish to both), so the same bytes arrive twice, once
   through each link to the pair. A short memory of recent frames
-  (RecentFrames: a few seconds, bounded in size) drops the copy. The same
+  (RecentFrames: ten seconds, bounded in size) drops the copy. The same
   bytes may also be published again, legitimately (a second TypingNotice
   start carries no time): one broker never forwards a publication twice, so
   the same bytes again through the *same* link are a new frame and cross,
