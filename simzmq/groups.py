@@ -2,12 +2,15 @@
 and who hears of it. Part of the IM service (simzmq/service.py), pure like it:
 no sockets, no clock, every method inside the caller's transaction.
 
-Order: every request that touches a group takes the group's row first
-(lock_group; in Postgres a row lock until commit), then the user rows of
-the inboxes it writes (user_seqs, in id order), and only then draws msg_ids.
-So one group's messages and events are numbered one at a time, and every
-member's inbox holds them in msg_id order: all members see the same
-interleaving.
+Order: every transaction locks group rows before user rows, each in id
+order (in Postgres row locks until commit; store/postgres.py). A batch takes
+all of them first (service.py, _SendBatch.lock_rows: its groups, then its
+users with those groups' members and the users its group changes name), so
+a handler's own lock_group and user_seqs find them held; a request handled
+alone takes its group's row (lock_group), then the user rows of the inboxes
+it writes (user_seqs). Only then are msg_ids drawn. So one group's messages
+and events are numbered one at a time, and every member's inbox holds them
+in msg_id order: all members see the same interleaving.
 
 A non-member learns nothing: to it, a group that exists answers exactly as
 one that does not (NOT_A_GROUP below).

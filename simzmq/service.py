@@ -104,6 +104,29 @@ def users_touched(key: str, msg) -> frozenset | None:
     return None
 
 
+def group_of(msg) -> str | None:
+    """The group whose row `msg` locks, if any."""
+    kind = type(msg)
+    if kind is m.Send:
+        return msg.to if is_group(msg.to) else None
+    if kind is m.Read:
+        return msg.peer if is_group(msg.peer) else None
+    if kind in (m.GroupCreate, m.GroupAdd, m.GroupRemove, m.GroupTitle, m.GroupGet):
+        return msg.group
+    return None
+
+
+def group_users(key: str, msg) -> Sequence[str]:
+    """The users a group change from `key` names, whose rows it locks
+    besides its group's members."""
+    kind = type(msg)
+    if kind is m.GroupCreate:
+        return [key, *msg.members]
+    if kind in (m.GroupAdd, m.GroupRemove):
+        return msg.users
+    return ()
+
+
 def _step(indices, fn, *args):
     """Run one store step of a batch; its failure names the requests it served."""
     try:
@@ -121,17 +144,24 @@ class _SendBatch:
         self.sent: dict[tuple[str, bytes], SentRecord | None] = {}  # None: looked up, not stored
         self.seqs: dict[str, int] = {}  # max_seq of the existing users looked up
 
-    def lock_users(self, requests: Sequence[Request]) -> None:
-        """Read (and, on Postgres, lock) the seq row of every user the batch
-        will write, all at once and in id order, before anything else: two
-        workers' batches then wait for each other instead of deadlocking,
-        and a cmid retried through another worker is looked up only once the
-        batch that stored it has committed (store/postgres.py)."""
+    def lock_rows(self, requests: Sequence[Request]) -> None:
+        """Lock (on Postgres) the rows the batch will write, before anything
+        else and in the one order of every transaction (store/postgres.py):
+        the rows of the groups it touches, then the seq rows of every user it
+        will write, those groups' members included, each set at once and in
+        id order. Two workers' batches then wait for each other instead of
+        deadlocking, and a cmid retried through another worker is looked up
+        only once the batch that stored it has committed."""
+        everyone = range(len(requests))
         users = set()
         for req in requests:
-            users.update(users_touched(req.key, req.msg) or ())
+            users.update(users_touched(req.key, req.msg) or (), group_users(req.key, req.msg))
+        groups = {group for req in requests if (group := group_of(req.msg))}
+        if groups:
+            for group in _step(everyone, self.store.lock_groups, groups):
+                users.update(mb.user for mb in _step(everyone, self.store.group_members, group) if mb.active)
         if users:
-            self.seqs.update(_step(range(len(requests)), self.store.user_seqs, sorted(users)))
+            self.seqs.update(_step(everyone, self.store.user_seqs, sorted(users)))
 
     def look_up(self, run: list[int], keys: list[tuple[str, bytes]], users: set[str]) -> None:
         new_keys = [k for k in set(keys) if k not in self.sent]
@@ -180,7 +210,7 @@ class IMService(GroupService):
         Raises StepFailed when a store step raises."""
         outcomes: list = [None] * len(requests)
         batch = _SendBatch(self.store)
-        batch.lock_users(requests)
+        batch.lock_rows(requests)
         run: list[int] = []
         run_users: set[str] = set()
         for i, req in enumerate(requests):

@@ -297,10 +297,15 @@ class Store:
 
     # groups (section 7)
 
+    def lock_groups(self, groups: Iterable[str]) -> dict[str, GroupRow]:
+        """The rows of those of `groups` that exist, locked (Postgres) until
+        the transaction ends, in id order. Taken before any user row (the one
+        lock order, store/postgres.py), so group changes and group messages of
+        one group are serialized and numbered in one order."""
+        raise NotImplementedError
+
     def lock_group(self, group: str) -> GroupRow | None:
-        """The group's row, locked (Postgres) until the transaction ends:
-        taken before any user row, so group changes and group messages of one
-        group are serialized and numbered in one order."""
+        """lock_groups of one group: its row, or None."""
         raise NotImplementedError
 
     def group_members(self, group: str) -> list[GroupMember]:

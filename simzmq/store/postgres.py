@@ -4,15 +4,18 @@
 survives a power loss of the database server; group commit keeps that to one
 flush per batch.
 
-Ordering: several workers may write at once. A batch first locks the user
-rows of every user it will touch (IMService.handle_batch: the senders and
-recipients of its Sends, readers and peers of its Reads, the users of its
-Syncs and Logins) in one statement, user_seqs: SELECT ... ORDER BY id FOR
-UPDATE, so every batch takes its locks in the same order, before it writes
-anything else, and only then draws msg_ids: within every inbox seq order and
-msg_id order agree, two workers' batches wait for each other instead of
-deadlocking, and a cmid retried through another worker (after a failover)
-is looked up only once the batch that stored it has committed.
+Ordering: several workers may write at once. Every transaction locks rows
+in one order: group rows, then user rows, each in id order. A batch takes
+them all before it writes anything else (IMService.handle_batch,
+_SendBatch.lock_rows), in two statements, SELECT ... ORDER BY id FOR UPDATE:
+lock_groups, the rows of the groups its group requests and group Sends and
+Reads touch, then user_seqs, the rows of every user it will touch (the
+senders and recipients of its Sends, readers and peers of its Reads, the
+users of its Syncs and Logins, the members of those groups and the users its
+group changes name). Only then does it draw msg_ids: within every inbox seq
+order and msg_id order agree, two workers' batches wait for each other
+instead of deadlocking, and a cmid retried through another worker (after a
+failover) is looked up only once the batch that stored it has committed.
 
 Round trips: each step of a batch is one (the user rows, the cmid lookup,
 the msg_ids, and each executemany, which psycopg pipelines).

@@ -233,15 +233,15 @@ class SQLStore(Store):
     # The LIMIT parameter that means no limit: SQLite takes a negative one and
     # refuses NULL, Postgres the other way round.
     _NO_LIMIT: int | None
-    # What user_seqs appends to lock the rows it reads ("" where the write
-    # transaction is exclusive anyway).
+    # What user_seqs and lock_groups append to lock the rows they read, in id
+    # order ("" where the write transaction is exclusive anyway).
     _LOCK_ROWS: str
     # What the push claim appends to its choice of users so that two claims
     # at once take different ones ("" where the write transaction is
     # exclusive anyway).
     _SKIP_LOCKED: str
 
-    # What lock_group appends to lock the row it reads.
+    # What a read of one row appends to lock it.
     _FOR_UPDATE: str
 
     @staticmethod
@@ -621,11 +621,19 @@ class SQLStore(Store):
 
     # groups (section 7)
 
+    def lock_groups(self, groups: Iterable[str]) -> dict[str, GroupRow]:
+        groups = sorted(set(groups))
+        if not groups:
+            return {}
+        groups = _padded(groups)
+        rows = self._execute(
+            "SELECT id, title, owner, creator, version, joins FROM groups WHERE id IN " + _in_list(len(groups))
+            + self._LOCK_ROWS, groups,
+        ).fetchall()
+        return {row[0]: GroupRow(*row) for row in rows}
+
     def lock_group(self, group: str) -> GroupRow | None:
-        row = self._execute(
-            f"SELECT id, title, owner, creator, version, joins FROM groups WHERE id = ?{self._FOR_UPDATE}", (group,)
-        ).fetchone()
-        return GroupRow(*row) if row else None
+        return self.lock_groups([group]).get(group)
 
     def group_members(self, group: str) -> list[GroupMember]:
         rows = self._execute(
