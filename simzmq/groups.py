@@ -68,11 +68,13 @@ def change_digest(msg) -> str:
 
 
 class Group:
-    """A locked group as the request found it, and the changes it makes."""
+    """A locked group as the request found it (or a new one, not `stored`
+    yet), and the changes it makes."""
 
-    def __init__(self, row: GroupRow, members: list[GroupMember]):
+    def __init__(self, row: GroupRow, members: list[GroupMember], stored: bool = True):
         self.row = row
         self.members = {mb.user: mb for mb in members}
+        self.stored = stored
 
     @property
     def active(self) -> list[str]:
@@ -94,7 +96,10 @@ class GroupService:
 
     def _load_group(self, group: str, member: str) -> Group:
         """The group, locked, if `member` is in it; else refused as unknown."""
-        row = self.store.lock_group(group)
+        return self._as_member(group, self.store.lock_group(group), member)
+
+    def _as_member(self, group: str, row: GroupRow | None, member: str) -> Group:
+        """The locked group of `row` if `member` is in it; else refused as unknown."""
         if row is None:
             raise not_a_group(group)
         found = Group(row, self.store.group_members(group))
@@ -148,7 +153,8 @@ class GroupService:
                                                          cmid=b"", body=body))))
             entries.append(GroupEntry(msg_id, actor, group.row.id, GROUP_EVENT_KIND, now_ms, b"", body, mine, False))
         group.row = group.row._replace(version=version)
-        store.save_group(group.row, now_ms)
+        store.save_group(group.row, now_ms, new=not group.stored)
+        group.stored = True
         store.save_members(group.row.id, list(group.members.values()))
         store.add_group_entries(entries)
         return notices, msg_ids
@@ -173,7 +179,7 @@ class GroupService:
         members = ordered_unique([actor, *msg.members])
         self._check_users_exist(members)
         self._check_may_join(actor, None, members, len(members))
-        group = Group(GroupRow(msg.group, msg.title, actor, actor, 0, 0), [])
+        group = Group(GroupRow(msg.group, msg.title, actor, actor, 0, 0), [], stored=False)
         self._join(group, members)
         notices, (msg_id,) = self._write_events(
             group, [(GroupOp.CREATED, actor, members, msg.title, members)], now_ms)
@@ -195,11 +201,14 @@ class GroupService:
 
     def _target(self, actor: str, msg) -> Group | None:
         """The group a change applies to, locked; None for a retry of a
-        recorded change (looked up first: a retry after the actor's removal
-        still gets its first answer)."""
+        recorded change. The group is locked before the cmid lookup, so a
+        retry racing its first attempt on another worker waits for it and
+        finds it; the lookup comes before the membership check, so a retry
+        after the actor's removal still gets its first answer."""
+        row = self.store.lock_group(msg.group)
         if self._repeat(actor, msg):
             return None
-        return self._load_group(msg.group, actor)
+        return self._as_member(msg.group, row, actor)
 
     def _unchanged(self, actor: str, msg):
         """A change that changes nothing: Ok, no event, no new version; its
@@ -275,16 +284,18 @@ class GroupService:
         return m.Ok(), notices
 
     def group_send(self, sender: str, msg: m.Send, now_ms: int):
-        """A Send to a group: the cmid lookup first (a retry after removal
-        still gets its first SendOk), then the membership check, then one
-        copy in every member's inbox."""
+        """A Send to a group: the group's lock, the cmid lookup (a retry
+        waits for its first attempt, and after removal still gets its first
+        SendOk), then the membership check, then one copy in every member's
+        inbox."""
         store = self.store
+        row = store.lock_group(msg.to)
         earlier = store.find_send(sender, msg.cmid)
         if earlier is not None:
             if (earlier.to, earlier.kind, bytes(earlier.body)) != (msg.to, msg.kind, bytes(msg.body)):
                 raise Refused(ErrorCode.BAD_REQUEST, "cmid already used for a different message")
             return m.SendOk(msg_id=earlier.msg_id, seq=earlier.sender_seq, ts_ms=earlier.ts_ms), []
-        group = self._load_group(msg.to, sender)
+        group = self._as_member(msg.to, row, sender)
         members = group.active
         seqs = store.user_seqs(members)
         (msg_id,) = store.new_msg_ids(1)

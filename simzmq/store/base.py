@@ -312,8 +312,10 @@ class Store:
         """Everyone who ever joined, in join order (the latest join)."""
         raise NotImplementedError
 
-    def save_group(self, row: GroupRow, now_ms: int) -> None:
-        """Create or update the group's row."""
+    def save_group(self, row: GroupRow, now_ms: int, new: bool) -> None:
+        """Update the group's row, or create it (`new`): a create never
+        overwrites a group another transaction made meanwhile (on Postgres
+        it raises StoreBusy, and the batch, run again, finds that group)."""
         raise NotImplementedError
 
     def save_members(self, group: str, members: Sequence[GroupMember]) -> None:

@@ -641,13 +641,14 @@ class SQLStore(Store):
         ).fetchall()
         return [GroupMember(r[0], r[1], bool(r[2])) for r in rows]
 
-    def save_group(self, row: GroupRow, now_ms: int) -> None:
-        self._execute(
-            "INSERT INTO groups (id, title, owner, creator, version, joins, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (id) DO UPDATE SET title = excluded.title, owner = excluded.owner,"
-            " version = excluded.version, joins = excluded.joins",
-            (*row, now_ms),
-        )
+    def save_group(self, row: GroupRow, now_ms: int, new: bool) -> None:
+        if new:
+            self._execute(
+                "INSERT INTO groups (id, title, owner, creator, version, joins, created_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)", (*row, now_ms))
+        else:
+            self._execute("UPDATE groups SET title = ?, owner = ?, version = ?, joins = ? WHERE id = ?",
+                          (row.title, row.owner, row.version, row.joins, row.id))
 
     def save_members(self, group: str, members: Sequence[GroupMember]) -> None:
         self._executemany(

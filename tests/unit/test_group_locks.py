@@ -12,8 +12,9 @@ import pytest
 
 from simzmq.im import BUSY_BATCHES, commit_batch
 from simzmq.service import IMService, RegisterWork, Request
-from simzmq.store import open_store
+from simzmq.store import StoreBusy, open_store
 from simzmq.wire import messages as m
+from simzmq.wire.messages import ErrorCode
 
 T0 = 1_764_000_000_000
 TTL_MS = 7 * 24 * 3600 * 1000
@@ -113,5 +114,82 @@ def test_a_batch_of_sends_and_a_group_change_lock_in_one_order(url):
     assert [type(o.reply) for o in sends.join()] == [m.SendOk, m.SendOk]
     assert BUSY_BATCHES._value.get() == busy_before
     assert deadlocks(url) == deadlocks_before
+    for worker in (one, two):
+        worker.store.close()
+
+
+class Alone(InThread):
+    """A request handled alone (IMService.handle) in a worker's own transaction."""
+
+    def __init__(self, worker: Worker, key, msg):
+        super().__init__(worker, [Request(key, ORIGIN, msg)])
+
+    def _run(self, worker, requests):
+        (req,) = requests
+        try:
+            with worker.store.transaction():
+                self.outcomes = worker.service.handle(req.key, req.origin, req.msg, T0)
+        except BaseException as exc:  # the test reports it
+            self.error = exc
+
+
+@pytest.mark.parametrize("msg", [
+    m.GroupAdd(group=G, users=["dave"], cmid=b"add"),
+    m.GroupRemove(group=G, users=["bob"], cmid=b"rm"),
+    m.GroupTitle(group=G, title="New", cmid=b"title"),
+    m.Send(to=G, cmid=b"msg", kind=0, body=b"hello all"),
+])
+def test_a_group_request_retried_while_its_first_attempt_is_open_gets_the_first_answer(url, msg):
+    """The retry (same cmid) through another worker waits for the first
+    attempt's commit, then finds it: the same answer, nothing stored twice."""
+    one, two = Worker(url), Worker(url)
+    with one.store.transaction():
+        first = one.service.handle("alice", ORIGIN, msg, T0)
+        retry = Alone(two, "alice", msg)
+        wait_for_lock_waiters(url, 1, [retry])
+    assert retry.join().reply == first.reply
+    info = one.one("alice", m.GroupGet(group=G)).reply
+    assert info.version == (1 if type(msg) is m.Send else 2)
+    msgs, _ = one.store.sync("carol", 0, 100, 1 << 20)
+    assert len([x for x in msgs if x.to == G]) == 2  # the group's creation, then the change or message once
+    for worker in (one, two):
+        worker.store.close()
+
+
+def test_two_users_creating_one_new_group_at_once_make_one_group(url):
+    """Two creates of the same new id on two workers, with no user in
+    common: the later one finds the group made and gets Error{exists}."""
+    one, two = Worker(url), Worker(url)
+    with one.store.transaction():
+        first = one.service.handle("bob", ORIGIN, m.GroupCreate(group="#new", title="Bob's", members=[]), T0)
+        second = InThread(two, [Request("carol", ORIGIN, m.GroupCreate(group="#new", title="Carol's", members=[]))])
+        wait_for_lock_waiters(url, 1, [second])
+    assert first.reply.owner == "bob"
+    assert second.join()[0].reply.code == ErrorCode.EXISTS
+    assert one.one("bob", m.GroupGet(group="#new")).reply == m.GroupInfo(
+        group="#new", title="Bob's", owner="bob", members=["bob"], version=1)
+    for worker in (one, two):
+        worker.store.close()
+
+
+def test_a_unique_violation_of_an_idempotency_key_is_busy(url):
+    """Two transactions recording the same (actor, cmid): the later one is
+    told to run again (StoreBusy), as for a deadlock, not an internal error."""
+    one, two = Worker(url), Worker(url)
+    with one.store.transaction():
+        one.store.record_group_op("alice", b"k", "digest")
+        result = {}
+
+        def record():
+            try:
+                with two.store.transaction():
+                    two.store.record_group_op("alice", b"k", "digest")
+            except BaseException as exc:
+                result["error"] = exc
+        thread = threading.Thread(target=record)
+        thread.start()
+        wait_for_lock_waiters(url, 1)
+    thread.join(WAIT_S)
+    assert type(result.get("error")) is StoreBusy
     for worker in (one, two):
         worker.store.close()
