@@ -67,6 +67,13 @@ def change_digest(msg) -> str:
     return hashlib.sha256(repr((type(msg).__name__, msg.group, users, getattr(msg, "title", ""))).encode()).hexdigest()
 
 
+def _message_copies(sender: str, msg: m.Send, msg_id: int, ts_ms: int, seqs: dict[str, int]) -> list:
+    """The NewMsg of each copy (by user: its inbox seq) of a group message."""
+    return [(user, m.NewMsg(msg=m.Msg(msg_id=msg_id, seq=seq, sender=sender, to=msg.to, kind=msg.kind,
+                                      ts_ms=ts_ms, cmid=msg.cmid, body=msg.body)))
+            for user, seq in seqs.items()]
+
+
 class Group:
     """A locked group as the request found it (or a new one, not `stored`
     yet), and the changes it makes."""
@@ -294,16 +301,18 @@ class GroupService:
         if earlier is not None:
             if (earlier.to, earlier.kind, bytes(earlier.body)) != (msg.to, msg.kind, bytes(msg.body)):
                 raise Refused(ErrorCode.BAD_REQUEST, "cmid already used for a different message")
-            return m.SendOk(msg_id=earlier.msg_id, seq=earlier.sender_seq, ts_ms=earlier.ts_ms), []
+            # Published again, as a one-to-one retry is (its first attempt
+            # may have died between its commit and its publish; gates push
+            # each inbox seq once): every copy stored, whoever left since.
+            copies = store.group_copies(msg.to, earlier.msg_id)
+            return (m.SendOk(msg_id=earlier.msg_id, seq=earlier.sender_seq, ts_ms=earlier.ts_ms),
+                    _message_copies(sender, msg, earlier.msg_id, earlier.ts_ms, copies))
         group = self._as_member(msg.to, row, sender)
         members = group.active
         seqs = store.user_seqs(members)
         (msg_id,) = store.new_msg_ids(1)
-        mine, notices = {}, []
-        for user in members:
-            mine[user] = seqs[user] + 1
-            notices.append((user, m.NewMsg(msg=m.Msg(msg_id=msg_id, seq=mine[user], sender=sender, to=msg.to,
-                                                     kind=msg.kind, ts_ms=now_ms, cmid=msg.cmid, body=msg.body))))
+        mine = {user: seqs[user] + 1 for user in members}
+        notices = _message_copies(sender, msg, msg_id, now_ms, mine)
         store.add_group_entries([GroupEntry(msg_id, sender, msg.to, msg.kind, now_ms, bytes(msg.cmid),
                                             bytes(msg.body), mine, True)])
         # Members offline when it is due hear of it by push; the sender never.

@@ -326,6 +326,11 @@ class Store:
         """How many groups each of `users` is in now (absent: none)."""
         raise NotImplementedError
 
+    def group_copies(self, group: str, msg_id: int) -> dict[str, int]:
+        """The inbox seq of each copy of the group message `msg_id`, by the
+        user (a member then, maybe not now) whose inbox holds it."""
+        raise NotImplementedError
+
     def written_to(self, actor: str, users: Iterable[str]) -> set[str]:
         """Those of `users` who have sent `actor` a one-to-one message (whose
         contacts, section 7, hold `actor`). One query however many users: a

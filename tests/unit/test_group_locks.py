@@ -147,7 +147,10 @@ def test_a_group_request_retried_while_its_first_attempt_is_open_gets_the_first_
         first = one.service.handle("alice", ORIGIN, msg, T0)
         retry = Alone(two, "alice", msg)
         wait_for_lock_waiters(url, 1, [retry])
-    assert retry.join().reply == first.reply
+    again = retry.join()
+    assert again.reply == first.reply
+    if type(msg) is m.Send:
+        assert len(first.notices) == 3 and sorted(again.notices) == sorted(first.notices)  # published again
     info = one.one("alice", m.GroupGet(group=G)).reply
     assert info.version == (1 if type(msg) is m.Send else 2)
     msgs, _ = one.store.sync("carol", 0, 100, 1 << 20)

@@ -144,6 +144,26 @@ def test_send_retry_after_removal_gets_its_first_sendok(svc):
     assert code(send(svc, "bob", G, b"changed", cmid=b"same")) == ErrorCode.BAD_REQUEST
 
 
+def test_a_retried_group_message_is_published_again_like_a_one_to_one_one(svc):
+    """Its first attempt may have died between its commit and its publish:
+    the retry publishes every copy again (gates push each inbox seq once),
+    to everyone who got one, whoever has left since."""
+    create(svc)
+    first = send(svc, "bob", G, b"x", cmid=b"same")
+    assert len(first.notices) == 3
+    again = send(svc, "bob", G, b"x", cmid=b"same")
+    assert again.reply == first.reply
+    assert sorted(again.notices) == sorted(first.notices)
+    call(svc, "alice", m.GroupRemove(group=G, users=["carol"], cmid=b"r1"))
+    call(svc, "alice", m.GroupAdd(group=G, users=["dave"], cmid=b"a1"))
+    send(svc, "alice", G, b"later")
+    # From another session of bob's: his copy goes to every session but that one.
+    later = send(svc, "bob", G, b"x", cmid=b"same", origin=b"p" * 16)
+    assert later.reply == first.reply
+    assert sorted(later.notices) == sorted(n._replace(origin=b"p" * 16) if n.user == "bob" else n
+                                           for n in first.notices)
+
+
 def test_changes_are_idempotent_on_their_cmid(svc):
     create(svc)
     add = m.GroupAdd(group=G, users=["dave"], cmid=b"a1")
