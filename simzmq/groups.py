@@ -274,9 +274,11 @@ class GroupService:
             group.row = group.row._replace(owner=new_owner)
             if new_owner:
                 events.append((GroupOp.OWNER_CHANGED, actor, [new_owner], "", remaining))
-        notices, _ = self._changed(actor, msg, group, events, now_ms)
-        # Their Conv with the group stays as it is now (section 7).
+        # Their Conv with the group stays as it was at their removal (section
+        # 7): frozen before it is saved, so each one's peer_read counts the
+        # others leaving with it, members until now.
         self.store.freeze_group_convs(group.row.id, leaving)
+        notices, _ = self._changed(actor, msg, group, events, now_ms)
         return m.Ok(), notices
 
     def group_title(self, actor: str, msg: m.GroupTitle, now_ms: int):

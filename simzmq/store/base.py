@@ -400,9 +400,10 @@ class Store:
         raise NotImplementedError
 
     def freeze_group_convs(self, group: str, users: Iterable[str]) -> None:
-        """Keep the Conv with the group of `users`, who have just left it or
-        been removed (their member rows saved inactive), as it is now: its
-        peer_read stays the lowest mark of the members left (section 7)."""
+        """Keep the Conv with the group of `users`, who are leaving it or
+        being removed (their member rows not yet saved inactive), as it is
+        now: its peer_read stays the lowest mark of the other members of this
+        moment, those leaving with it included (section 7)."""
         raise NotImplementedError
 
     # conversations

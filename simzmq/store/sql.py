@@ -161,7 +161,8 @@ PRESENCE_SCHEMA = (
 # A group conversation's peer_read, for the conversation row `c` (a user's
 # with a group): the lowest read mark of the group's other current members,
 # 0 with none. The one way it is computed: live for a member, and once, in
-# the transaction of its removal, for a former member (frozen_peer_read).
+# the transaction of its removal (before it), for a former member
+# (frozen_peer_read).
 _GROUP_PEER_READ = (
     "SELECT COALESCE(MIN(o.read_mark), 0) FROM group_members g"
     " JOIN conversations o ON o.user_id = g.user_id AND o.peer = g.group_id"

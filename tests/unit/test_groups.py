@@ -289,6 +289,20 @@ def test_a_former_members_conv_stays_as_it_was_at_its_removal(svc):
     assert group_conv(svc, "bob") == bob_at_leaving
 
 
+def test_members_removed_together_keep_their_convs_as_at_the_removal(svc):
+    """Each one's peer_read counts the others removed with it: they were
+    members until that moment."""
+    create(svc, members=("bob", "carol", "dave"))
+    one = send(svc, "alice", G, b"one").reply
+    two = send(svc, "alice", G, b"two").reply
+    for user, mark in (("alice", two), ("bob", two), ("carol", one), ("dave", two)):
+        call(svc, user, m.Read(peer=G, msg_id=mark.msg_id))
+    before = {user: group_conv(svc, user).peer_read for user in ("bob", "carol")}
+    assert before == {"bob": one.msg_id, "carol": two.msg_id}
+    assert call(svc, "alice", m.GroupRemove(group=G, users=["bob", "carol"], cmid=b"r")).reply == m.Ok()
+    assert {user: group_conv(svc, user).peer_read for user in ("bob", "carol")} == before
+
+
 def test_a_batch_mixing_group_and_one_to_one_sends_keeps_inboxes_gapless(svc):
     create(svc)
     reqs = [Request("bob", b"o" * 16, m.Send(to="alice", cmid=b"b1", kind=0, body=b"1")),
