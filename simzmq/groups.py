@@ -26,10 +26,6 @@ from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN
 from simzmq.wire.messages import GROUP_EVENT_KIND, ErrorCode, GroupOp
 
-# protocol.md section 7: a user is in at most this many groups.
-MAX_GROUPS_PER_USER = 1000
-
-
 class Refused(Exception):
     """A request that gets an Error and changes nothing (every handler of
     the IM service raises it; service.py imports it from here)."""
@@ -98,6 +94,7 @@ class GroupService:
 
     store: Store
     max_group_members: int
+    max_groups_per_user: int
     # IMService.queue_pushes: writes the push jobs of a new message's copies.
     queue_pushes: Callable[[int, Sequence[tuple[int, str, int]]], None]
 
@@ -133,7 +130,7 @@ class GroupService:
             raise Refused(ErrorCode.FORBIDDEN, "a user may be put in only by its contacts")
         joined = self.store.groups_joined(newcomers)
         for user in newcomers:
-            if joined.get(user, 0) >= MAX_GROUPS_PER_USER:
+            if joined.get(user, 0) >= self.max_groups_per_user:
                 raise Refused(ErrorCode.TOO_LARGE, f"{user} is in too many groups")
 
     def _write_events(self, group: Group, events: Sequence[tuple[GroupOp, str, list, str, list]],

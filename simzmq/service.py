@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 from simzmq import presence as pr
 from simzmq.groups import GroupService, Refused, is_group
+from simzmq.limits import LimitsConfig
 from simzmq.push.policy import BadReport, parse_report
 from simzmq.store.base import NewMessage, PushJobRow, SentRecord, Store, clamp_history_limit, clamp_sync_limit
 from simzmq.wire import messages as m
@@ -176,9 +177,11 @@ class _SendBatch:
 
 class IMService(GroupService):
     def __init__(self, store: Store, token_ttl_ms: int, max_frame: int, max_group_members: int = MAX_GROUP_MEMBERS,
-                 push_delay_ms: int | None = None):
+                 push_delay_ms: int | None = None,
+                 max_groups_per_user: int = LimitsConfig.max_groups_per_user):
         self.store = store
         self.max_group_members = max_group_members
+        self.max_groups_per_user = max_groups_per_user
         self.token_ttl_ms = token_ttl_ms
         self.max_items_bytes = max_frame - FRAME_OVERHEAD
         # With the push service on: each new message to someone else queues a

@@ -236,6 +236,22 @@ def test_member_limit(svc):
     assert code(create(svc, group="#big", members=("bob", "carol", "dave", "erin"))) == ErrorCode.TOO_LARGE
 
 
+def test_groups_per_user_limit(svc):
+    """max_groups_per_user (protocol default 1,000) is a setting; past it,
+    Error{too_large} and nothing changes."""
+    svc.max_groups_per_user = 2
+    create(svc, group="#one", members=("bob",))
+    create(svc, group="#two", members=("carol",))
+    out = create(svc, group="#three", members=())
+    assert code(out) == ErrorCode.TOO_LARGE and "alice is in too many groups" in out.reply.reason
+    assert code(call(svc, "alice", m.GroupGet(group="#three"))) == ErrorCode.NO_SUCH_USER
+    # Nor may a user in as many be put in one more.
+    create(svc, actor="bob", group="#bobs", members=())
+    call(svc, "carol", m.GroupRemove(group="#two", users=["carol"], cmid=b"l"))
+    assert code(call(svc, "alice", m.GroupAdd(group="#two", users=["bob"], cmid=b"a"))) == ErrorCode.TOO_LARGE
+    assert call(svc, "alice", m.GroupGet(group="#two")).reply.members == ["alice"]
+
+
 def test_reads_and_conversations(svc):
     create(svc)
     one = send(svc, "bob", G, b"one").reply
