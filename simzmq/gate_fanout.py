@@ -30,13 +30,13 @@ import logging
 from prometheus_client import Counter, Gauge
 
 from simzmq import presence as pr
-from simzmq.groups import is_group
 from simzmq.pushlog import PushLog
 from simzmq.readthin import ReadThinner
 from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN, bin_newmsg_seq
 from simzmq.wire.errors import ProtocolError
 from simzmq.wire.messages import KickCode
+from simzmq.wire.rules import is_group
 
 SESSIONS = Gauge("simzmq_gate_sessions", "Logged-in client connections")
 PRESENCE_QUERIES = Counter("simzmq_gate_presence_queries_total",

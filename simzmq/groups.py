@@ -41,17 +41,6 @@ def not_a_group(group: str) -> Refused:
     return Refused(ErrorCode.NO_SUCH_USER, f"no such user or group: {group}")
 
 
-def is_group(peer: str) -> bool:
-    return peer.startswith("#")
-
-
-def is_group_event(msg: m.Msg) -> bool:
-    """Group events are pushed to online sessions only, never as an offline
-    push (section 7): _write_events queues no push job; group messages
-    (group_send) queue them like one-to-one ones."""
-    return msg.kind == GROUP_EVENT_KIND
-
-
 def ordered_unique(users: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(users))
 

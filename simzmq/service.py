@@ -23,13 +23,13 @@ from collections.abc import Container, Sequence
 from typing import NamedTuple
 
 from simzmq import presence as pr
-from simzmq.groups import GroupService, Refused, is_group
+from simzmq.groups import GroupService, Refused
 from simzmq.limits import LimitsConfig
 from simzmq.push.policy import BadReport, parse_report
 from simzmq.store.base import NewMessage, PushJobRow, SentRecord, Store, clamp_history_limit, clamp_sync_limit
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode
-from simzmq.wire.rules import MAX_GROUP_MEMBERS
+from simzmq.wire.rules import MAX_GROUP_MEMBERS, is_group
 
 TOKEN_BYTES = 32
 # Room a Batch or ConvList needs besides its items: type, ref, list count,
@@ -297,7 +297,8 @@ class IMService(GroupService):
         current transaction; nothing while the push service is off. Callers
         pass the copies of the recipients to wake: a one-to-one message's
         recipient, a group message's members but its sender, never a group
-        event's (simzmq.groups.is_group_event: events wake no phone)."""
+        event's (GroupService._write_events queues none: events wake no
+        phone)."""
         if self.push_delay_ms is None or not copies:
             return
         due = now_ms + self.push_delay_ms

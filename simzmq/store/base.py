@@ -362,10 +362,10 @@ class Store:
     def expired_presence_gates(self, now_ms: int) -> list[str]:
         raise NotImplementedError
 
-    def drop_presence_gates(self, gates: Sequence[str], expired_at: int | None = None) -> set[str]:
-        """Forget these gates and their states; returns the users they had.
-        With `expired_at`, only those whose lease ran out by then (one that
-        another worker renewed meanwhile stays)."""
+    def drop_presence_gates(self, gates: Sequence[str], expired_at: int | None = None) -> None:
+        """Forget these gates and their states. With `expired_at`, only
+        those whose lease ran out by then (one that another worker renewed
+        meanwhile stays)."""
         raise NotImplementedError
 
     def lock_presence(self, users: Sequence[str]) -> None:

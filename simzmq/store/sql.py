@@ -22,6 +22,7 @@ from functools import lru_cache
 from typing import Any
 
 from simzmq.wire.messages import GROUP_EVENT_KIND
+from simzmq.wire.rules import is_group
 
 from .base import (
     ID_CEILING,
@@ -185,10 +186,6 @@ _GROUP_UNREAD = (
     "SELECT count(*) FROM messages WHERE recipient = ? AND substr(recipient, 1, 1) = '#'"
     " AND msg_id > ? AND msg_id <= ? AND sender <> ? AND kind <> ?"
 )
-
-
-def is_group(peer: str) -> bool:
-    return peer.startswith("#")
 
 
 def _padded(keys: list) -> list:
@@ -598,17 +595,14 @@ class SQLStore(Store):
         return [g for (g,) in self._execute(
             "SELECT gate FROM presence_gates WHERE expires_ms <= ? ORDER BY gate", (now_ms,)).fetchall()]
 
-    def drop_presence_gates(self, gates: Sequence[str], expired_at: int | None = None) -> set[str]:
-        users: set[str] = set()
+    def drop_presence_gates(self, gates: Sequence[str], expired_at: int | None = None) -> None:
         lapsed = "" if expired_at is None else " AND expires_ms <= ?"
         for gate in gates:
             dropped = self._execute("DELETE FROM presence_gates WHERE gate = ?" + lapsed,
                                     (gate,) if expired_at is None else (gate, expired_at)).rowcount
             if expired_at is not None and not dropped:
                 continue  # renewed (or dropped) by another worker meanwhile
-            users.update(self.gate_presence(gate))
             self._execute("DELETE FROM presence WHERE gate = ?", (gate,))
-        return users
 
     def last_seen(self, users: Iterable[str]) -> dict[str, int]:
         users = _padded(sorted(set(users))) if users else []

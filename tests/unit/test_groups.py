@@ -7,7 +7,6 @@ import dataclasses
 
 import pytest
 
-from simzmq.groups import is_group_event
 from simzmq.service import IMService, RegisterWork, Request
 from simzmq.store import open_store
 from simzmq.wire import messages as m
@@ -77,7 +76,7 @@ def test_create_answers_info_and_writes_the_created_event_to_every_member(svc):
                                                   users=["alice", "bob", "carol"], title="Team", version=1)]
     # Pushed to every session, the creator's own connection included.
     assert sorted((n.user, n.origin) for n in out.notices) == [("alice", b""), ("bob", b""), ("carol", b"")]
-    assert all(is_group_event(n.msg.msg) for n in out.notices)
+    assert all(n.msg.msg.kind == GROUP_EVENT_KIND for n in out.notices)
     assert events(svc, "dave") == []
 
 
@@ -131,7 +130,7 @@ def test_group_messages_reach_every_member_in_one_order(svc):
     bob_copy = [e for e in inbox(svc, "bob") if e.body == b"one"][0]
     assert first.reply.seq == bob_copy.seq
     assert {(n.user, n.origin) for n in first.notices} == {("alice", b""), ("bob", b"o" * 16), ("carol", b"")}
-    assert not any(is_group_event(n.msg.msg) for n in first.notices)
+    assert not any(n.msg.msg.kind == GROUP_EVENT_KIND for n in first.notices)
 
 
 def test_send_retry_after_removal_gets_its_first_sendok(svc):
