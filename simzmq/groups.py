@@ -5,7 +5,8 @@ no sockets, no clock, every method inside the caller's transaction.
 Order: every transaction locks group rows before user rows, each in id
 order (in Postgres row locks until commit; store/postgres.py). A batch takes
 all of them first (service.py, _SendBatch.lock_rows: its groups, then its
-users with those groups' members and the users its group changes name), so
+users with the members of the groups it writes to and the users its group
+changes name), so
 a handler's own lock_group and user_seqs find them held; a request handled
 alone takes its group's row (lock_group), then the user rows of the inboxes
 it writes (user_seqs). Only then are msg_ids drawn. So one group's messages

@@ -105,15 +105,18 @@ def users_touched(key: str, msg) -> frozenset | None:
     return None
 
 
-def group_of(msg) -> str | None:
-    """The group whose row `msg` locks, if any."""
+def group_of(msg) -> tuple[str, bool] | None:
+    """The group whose row `msg` locks, if any, and whether it writes to
+    the members' inboxes (and so locks their user rows too)."""
     kind = type(msg)
     if kind is m.Send:
-        return msg.to if is_group(msg.to) else None
+        return (msg.to, True) if is_group(msg.to) else None
     if kind is m.Read:
-        return msg.peer if is_group(msg.peer) else None
-    if kind in (m.GroupCreate, m.GroupAdd, m.GroupRemove, m.GroupTitle, m.GroupGet):
-        return msg.group
+        return (msg.peer, False) if is_group(msg.peer) else None
+    if kind in (m.GroupCreate, m.GroupAdd, m.GroupRemove, m.GroupTitle):
+        return msg.group, True
+    if kind is m.GroupGet:
+        return msg.group, False
     return None
 
 
@@ -149,18 +152,22 @@ class _SendBatch:
         """Lock (on Postgres) the rows the batch will write, before anything
         else and in the one order of every transaction (store/postgres.py):
         the rows of the groups it touches, then the seq rows of every user it
-        will write, those groups' members included, each set at once and in
-        id order. Two workers' batches then wait for each other instead of
+        will write (the members of the groups it writes to included), each
+        set at once and in id order. Two workers' batches then wait for each other instead of
         deadlocking, and a cmid retried through another worker is looked up
         only once the batch that stored it has committed."""
         everyone = range(len(requests))
         users = set()
         for req in requests:
             users.update(users_touched(req.key, req.msg) or (), group_users(req.key, req.msg))
-        groups = {group for req in requests if (group := group_of(req.msg))}
+        groups: dict[str, bool] = {}  # group -> whether its members' rows are locked too
+        for req in requests:
+            if found := group_of(req.msg):
+                groups[found[0]] = groups.get(found[0], False) or found[1]
         if groups:
             for group in _step(everyone, self.store.lock_groups, groups):
-                users.update(mb.user for mb in _step(everyone, self.store.group_members, group) if mb.active)
+                if groups[group]:
+                    users.update(mb.user for mb in _step(everyone, self.store.group_members, group) if mb.active)
         if users:
             self.seqs.update(_step(everyone, self.store.user_seqs, sorted(users)))
 

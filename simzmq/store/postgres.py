@@ -11,8 +11,8 @@ _SendBatch.lock_rows), in two statements, SELECT ... ORDER BY id FOR UPDATE:
 lock_groups, the rows of the groups its group requests and group Sends and
 Reads touch, then user_seqs, the rows of every user it will touch (the
 senders and recipients of its Sends, readers and peers of its Reads, the
-users of its Syncs and Logins, the members of those groups and the users its
-group changes name). Only then does it draw msg_ids: within every inbox seq
+users of its Syncs and Logins, the members of the groups it writes to and
+the users its group changes name). Only then does it draw msg_ids: within every inbox seq
 order and msg_id order agree, two workers' batches wait for each other
 instead of deadlocking, and a cmid retried through another worker (after a
 failover) is looked up only once the batch that stored it has committed.
