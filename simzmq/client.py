@@ -33,6 +33,7 @@ from simzmq.wire.errors import HandshakeError, ProtocolError
 from simzmq.wire.frames import FrameDecoder, encode_frame
 from simzmq.wire.handshake import MAX_HANDSHAKE_FRAME, ClientHandshake
 from simzmq.wire.messages import GROUP_EVENT_KIND, ErrorCode, KickCode, PresenceState
+from simzmq.wire.rules import is_group as is_group_id  # the client library's name for it
 
 log = logging.getLogger("simzmq.client")
 
@@ -79,10 +80,6 @@ class RequestError(Exception):
 def load_gate_key(data_dir) -> bytes:
     """The gate's public key from ``DATA/keys/gate.pub`` (64 hex characters)."""
     return load_gate_public(Path(data_dir))
-
-
-def is_group_id(peer: str) -> bool:
-    return peer.startswith("#")
 
 
 def new_group_id() -> str:

@@ -32,7 +32,6 @@ import logging
 from prometheus_client import Counter, Gauge
 
 from simzmq import presence as pr
-from simzmq.groups import is_group
 from simzmq.pushlog import PushLog
 from simzmq.readthin import ReadThinner
 from simzmq.watchresync import WatchResync
@@ -40,6 +39,7 @@ from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN, bin_newmsg_seq
 from simzmq.wire.errors import ProtocolError
 from simzmq.wire.messages import KickCode
+from simzmq.wire.rules import is_group
 
 log = logging.getLogger("simzmq.gate")
 

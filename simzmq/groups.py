@@ -2,12 +2,16 @@
 and who hears of it. Part of the IM service (simzmq/service.py), pure like it:
 no sockets, no clock, every method inside the caller's transaction.
 
-Order: every request that touches a group takes the group's row first
-(lock_group; in Postgres a row lock until commit), then the user rows of
-the inboxes it writes (user_seqs, in id order), and only then draws msg_ids.
-So one group's messages and events are numbered one at a time, and every
-member's inbox holds them in msg_id order: all members see the same
-interleaving.
+Order: every transaction locks group rows before user rows, each in id
+order (in Postgres row locks until commit; store/postgres.py). A batch takes
+all of them first (service.py, _SendBatch.lock_rows: its groups, then its
+users with the members of the groups it writes to and the users its group
+changes name), so
+a handler's own lock_group and user_seqs find them held; a request handled
+alone takes its group's row (lock_group), then the user rows of the inboxes
+it writes (user_seqs). Only then are msg_ids drawn. So one group's messages
+and events are numbered one at a time, and every member's inbox holds them
+in msg_id order: all members see the same interleaving.
 
 A non-member learns nothing: to it, a group that exists answers exactly as
 one that does not (NOT_A_GROUP below).
@@ -22,10 +26,6 @@ from simzmq.store.base import GroupEntry, GroupMember, GroupRow, Store
 from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN
 from simzmq.wire.messages import GROUP_EVENT_KIND, ErrorCode, GroupOp
-
-# protocol.md section 7: a user is in at most this many groups.
-MAX_GROUPS_PER_USER = 1000
-
 
 class Refused(Exception):
     """A request that gets an Error and changes nothing (every handler of
@@ -42,17 +42,6 @@ def not_a_group(group: str) -> Refused:
     return Refused(ErrorCode.NO_SUCH_USER, f"no such user or group: {group}")
 
 
-def is_group(peer: str) -> bool:
-    return peer.startswith("#")
-
-
-def is_group_event(msg: m.Msg) -> bool:
-    """Group events are pushed to online sessions only, never as an offline
-    push (section 7): _write_events queues no push job; group messages
-    (group_send) queue them like one-to-one ones."""
-    return msg.kind == GROUP_EVENT_KIND
-
-
 def ordered_unique(users: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(users))
 
@@ -64,12 +53,21 @@ def change_digest(msg) -> str:
     return hashlib.sha256(repr((type(msg).__name__, msg.group, users, getattr(msg, "title", ""))).encode()).hexdigest()
 
 
-class Group:
-    """A locked group as the request found it, and the changes it makes."""
+def _message_copies(sender: str, msg: m.Send, msg_id: int, ts_ms: int, seqs: dict[str, int]) -> list:
+    """The NewMsg of each copy (by user: its inbox seq) of a group message."""
+    return [(user, m.NewMsg(msg=m.Msg(msg_id=msg_id, seq=seq, sender=sender, to=msg.to, kind=msg.kind,
+                                      ts_ms=ts_ms, cmid=msg.cmid, body=msg.body)))
+            for user, seq in seqs.items()]
 
-    def __init__(self, row: GroupRow, members: list[GroupMember]):
+
+class Group:
+    """A locked group as the request found it (or a new one, not `stored`
+    yet), and the changes it makes."""
+
+    def __init__(self, row: GroupRow, members: list[GroupMember], stored: bool = True):
         self.row = row
         self.members = {mb.user: mb for mb in members}
+        self.stored = stored
 
     @property
     def active(self) -> list[str]:
@@ -86,12 +84,16 @@ class GroupService:
 
     store: Store
     max_group_members: int
+    max_groups_per_user: int
     # IMService.queue_pushes: writes the push jobs of a new message's copies.
     queue_pushes: Callable[[int, Sequence[tuple[int, str, int]]], None]
 
     def _load_group(self, group: str, member: str) -> Group:
         """The group, locked, if `member` is in it; else refused as unknown."""
-        row = self.store.lock_group(group)
+        return self._as_member(group, self.store.lock_group(group), member)
+
+    def _as_member(self, group: str, row: GroupRow | None, member: str) -> Group:
+        """The locked group of `row` if `member` is in it; else refused as unknown."""
         if row is None:
             raise not_a_group(group)
         found = Group(row, self.store.group_members(group))
@@ -118,7 +120,7 @@ class GroupService:
             raise Refused(ErrorCode.FORBIDDEN, "a user may be put in only by its contacts")
         joined = self.store.groups_joined(newcomers)
         for user in newcomers:
-            if joined.get(user, 0) >= MAX_GROUPS_PER_USER:
+            if joined.get(user, 0) >= self.max_groups_per_user:
                 raise Refused(ErrorCode.TOO_LARGE, f"{user} is in too many groups")
 
     def _write_events(self, group: Group, events: Sequence[tuple[GroupOp, str, list, str, list]],
@@ -145,7 +147,8 @@ class GroupService:
                                                          cmid=b"", body=body))))
             entries.append(GroupEntry(msg_id, actor, group.row.id, GROUP_EVENT_KIND, now_ms, b"", body, mine, False))
         group.row = group.row._replace(version=version)
-        store.save_group(group.row, now_ms)
+        store.save_group(group.row, now_ms, new=not group.stored)
+        group.stored = True
         store.save_members(group.row.id, list(group.members.values()))
         store.add_group_entries(entries)
         return notices, msg_ids
@@ -170,7 +173,7 @@ class GroupService:
         members = ordered_unique([actor, *msg.members])
         self._check_users_exist(members)
         self._check_may_join(actor, None, members, len(members))
-        group = Group(GroupRow(msg.group, msg.title, actor, actor, 0, 0), [])
+        group = Group(GroupRow(msg.group, msg.title, actor, actor, 0, 0), [], stored=False)
         self._join(group, members)
         notices, (msg_id,) = self._write_events(
             group, [(GroupOp.CREATED, actor, members, msg.title, members)], now_ms)
@@ -192,11 +195,14 @@ class GroupService:
 
     def _target(self, actor: str, msg) -> Group | None:
         """The group a change applies to, locked; None for a retry of a
-        recorded change (looked up first: a retry after the actor's removal
-        still gets its first answer)."""
+        recorded change. The group is locked before the cmid lookup, so a
+        retry racing its first attempt on another worker waits for it and
+        finds it; the lookup comes before the membership check, so a retry
+        after the actor's removal still gets its first answer."""
+        row = self.store.lock_group(msg.group)
         if self._repeat(actor, msg):
             return None
-        return self._load_group(msg.group, actor)
+        return self._as_member(msg.group, row, actor)
 
     def _unchanged(self, actor: str, msg):
         """A change that changes nothing: Ok, no event, no new version; its
@@ -255,9 +261,11 @@ class GroupService:
             group.row = group.row._replace(owner=new_owner)
             if new_owner:
                 events.append((GroupOp.OWNER_CHANGED, actor, [new_owner], "", remaining))
-        notices, _ = self._changed(actor, msg, group, events, now_ms)
-        # Their Conv with the group stays as it is now (section 7).
+        # Their Conv with the group stays as it was at their removal (section
+        # 7): frozen before it is saved, so each one's peer_read counts the
+        # others leaving with it, members until now.
         self.store.freeze_group_convs(group.row.id, leaving)
+        notices, _ = self._changed(actor, msg, group, events, now_ms)
         return m.Ok(), notices
 
     def group_title(self, actor: str, msg: m.GroupTitle, now_ms: int):
@@ -272,24 +280,28 @@ class GroupService:
         return m.Ok(), notices
 
     def group_send(self, sender: str, msg: m.Send, now_ms: int):
-        """A Send to a group: the cmid lookup first (a retry after removal
-        still gets its first SendOk), then the membership check, then one
-        copy in every member's inbox."""
+        """A Send to a group: the group's lock, the cmid lookup (a retry
+        waits for its first attempt, and after removal still gets its first
+        SendOk), then the membership check, then one copy in every member's
+        inbox."""
         store = self.store
+        row = store.lock_group(msg.to)
         earlier = store.find_send(sender, msg.cmid)
         if earlier is not None:
             if (earlier.to, earlier.kind, bytes(earlier.body)) != (msg.to, msg.kind, bytes(msg.body)):
                 raise Refused(ErrorCode.BAD_REQUEST, "cmid already used for a different message")
-            return m.SendOk(msg_id=earlier.msg_id, seq=earlier.sender_seq, ts_ms=earlier.ts_ms), []
-        group = self._load_group(msg.to, sender)
+            # Published again, as a one-to-one retry is (its first attempt
+            # may have died between its commit and its publish; gates push
+            # each inbox seq once): every copy stored, whoever left since.
+            copies = store.group_copies(msg.to, earlier.msg_id)
+            return (m.SendOk(msg_id=earlier.msg_id, seq=earlier.sender_seq, ts_ms=earlier.ts_ms),
+                    _message_copies(sender, msg, earlier.msg_id, earlier.ts_ms, copies))
+        group = self._as_member(msg.to, row, sender)
         members = group.active
         seqs = store.user_seqs(members)
         (msg_id,) = store.new_msg_ids(1)
-        mine, notices = {}, []
-        for user in members:
-            mine[user] = seqs[user] + 1
-            notices.append((user, m.NewMsg(msg=m.Msg(msg_id=msg_id, seq=mine[user], sender=sender, to=msg.to,
-                                                     kind=msg.kind, ts_ms=now_ms, cmid=msg.cmid, body=msg.body))))
+        mine = {user: seqs[user] + 1 for user in members}
+        notices = _message_copies(sender, msg, msg_id, now_ms, mine)
         store.add_group_entries([GroupEntry(msg_id, sender, msg.to, msg.kind, now_ms, bytes(msg.cmid),
                                             bytes(msg.body), mine, True)])
         # Members offline when it is due hear of it by push; the sender never.

@@ -214,6 +214,7 @@ class IMWorker:
         self.im_cfg = cfg.im
         self.max_frame = cfg.gate.max_frame
         self.max_group_members = cfg.gate.max_group_members
+        self.max_groups_per_user = cfg.gate.limits.max_groups_per_user
         self.backends = [b.primary.backend, b.backup.backend]
         self.notify_ins = [b.primary.notify_in, b.backup.notify_in]
         self.heartbeat_s = b.heartbeat_ms / 1000
@@ -238,7 +239,7 @@ class IMWorker:
     def run(self) -> None:
         store = open_store(self.store_url, synchronous=self.sqlite_synchronous)
         service = IMService(store, self.im_cfg.token_ttl_s * 1000, self.max_frame, self.max_group_members,
-                            self.push_delay_ms)
+                            self.push_delay_ms, self.max_groups_per_user)
         ctx = zmq.Context.instance()
         # One identity with every broker, so each routes the same users here.
         identity = os.urandom(8)

@@ -375,6 +375,9 @@ class LimitsConfig:
     typing_peer_interval_s: float = 1.0
     typing_per_s: float = 5.0
     typing_burst: int = 10
+    # Checked by the IM workers, which read it from here too (protocol.md
+    # section 7: a user is in at most max_groups_per_user groups).
+    max_groups_per_user: int = 1000
 
     @classmethod
     def from_mapping(cls, values: Mapping | None) -> "LimitsConfig":
@@ -409,6 +412,8 @@ class LimitsConfig:
         if cfg.watch_per_connection > MAX_WATCH_CONNECTION:
             raise ValueError(f"gate.limits.watch_per_connection must be at most {MAX_WATCH_CONNECTION} (protocol "
                              "section 7)")
+        if cfg.max_groups_per_user < 1:
+            raise ValueError("gate.limits.max_groups_per_user must be at least 1")
         if cfg.abuse_ban_s and cfg.abuse_ban_max_s < cfg.abuse_ban_s:
             raise ValueError("gate.limits.abuse_ban_max_s must be at least abuse_ban_s "
                              "(abuse_ban_s = 0 turns bans off)")

@@ -23,12 +23,13 @@ from collections.abc import Container, Sequence
 from typing import NamedTuple
 
 from simzmq import presence as pr
-from simzmq.groups import GroupService, Refused, is_group
+from simzmq.groups import GroupService, Refused
+from simzmq.limits import LimitsConfig
 from simzmq.push.policy import BadReport, parse_report
 from simzmq.store.base import NewMessage, PushJobRow, SentRecord, Store, clamp_history_limit, clamp_sync_limit
 from simzmq.wire import messages as m
 from simzmq.wire.messages import ErrorCode
-from simzmq.wire.rules import MAX_GROUP_MEMBERS
+from simzmq.wire.rules import MAX_GROUP_MEMBERS, is_group
 
 TOKEN_BYTES = 32
 # Room a Batch or ConvList needs besides its items: type, ref, list count,
@@ -104,6 +105,32 @@ def users_touched(key: str, msg) -> frozenset | None:
     return None
 
 
+def group_of(msg) -> tuple[str, bool] | None:
+    """The group whose row `msg` locks, if any, and whether it writes to
+    the members' inboxes (and so locks their user rows too)."""
+    kind = type(msg)
+    if kind is m.Send:
+        return (msg.to, True) if is_group(msg.to) else None
+    if kind is m.Read:
+        return (msg.peer, False) if is_group(msg.peer) else None
+    if kind in (m.GroupCreate, m.GroupAdd, m.GroupRemove, m.GroupTitle):
+        return msg.group, True
+    if kind is m.GroupGet:
+        return msg.group, False
+    return None
+
+
+def group_users(key: str, msg) -> Sequence[str]:
+    """The users a group change from `key` names, whose rows it locks
+    besides its group's members."""
+    kind = type(msg)
+    if kind is m.GroupCreate:
+        return [key, *msg.members]
+    if kind in (m.GroupAdd, m.GroupRemove):
+        return msg.users
+    return ()
+
+
 def _step(indices, fn, *args):
     """Run one store step of a batch; its failure names the requests it served."""
     try:
@@ -121,17 +148,28 @@ class _SendBatch:
         self.sent: dict[tuple[str, bytes], SentRecord | None] = {}  # None: looked up, not stored
         self.seqs: dict[str, int] = {}  # max_seq of the existing users looked up
 
-    def lock_users(self, requests: Sequence[Request]) -> None:
-        """Read (and, on Postgres, lock) the seq row of every user the batch
-        will write, all at once and in id order, before anything else: two
-        workers' batches then wait for each other instead of deadlocking,
-        and a cmid retried through another worker is looked up only once the
-        batch that stored it has committed (store/postgres.py)."""
+    def lock_rows(self, requests: Sequence[Request]) -> None:
+        """Lock (on Postgres) the rows the batch will write, before anything
+        else and in the one order of every transaction (store/postgres.py):
+        the rows of the groups it touches, then the seq rows of every user it
+        will write (the members of the groups it writes to included), each
+        set at once and in id order. Two workers' batches then wait for each other instead of
+        deadlocking, and a cmid retried through another worker is looked up
+        only once the batch that stored it has committed."""
+        everyone = range(len(requests))
         users = set()
         for req in requests:
-            users.update(users_touched(req.key, req.msg) or ())
+            users.update(users_touched(req.key, req.msg) or (), group_users(req.key, req.msg))
+        groups: dict[str, bool] = {}  # group -> whether its members' rows are locked too
+        for req in requests:
+            if found := group_of(req.msg):
+                groups[found[0]] = groups.get(found[0], False) or found[1]
+        if groups:
+            for group in _step(everyone, self.store.lock_groups, groups):
+                if groups[group]:
+                    users.update(mb.user for mb in _step(everyone, self.store.group_members, group) if mb.active)
         if users:
-            self.seqs.update(_step(range(len(requests)), self.store.user_seqs, sorted(users)))
+            self.seqs.update(_step(everyone, self.store.user_seqs, sorted(users)))
 
     def look_up(self, run: list[int], keys: list[tuple[str, bytes]], users: set[str]) -> None:
         new_keys = [k for k in set(keys) if k not in self.sent]
@@ -146,9 +184,11 @@ class _SendBatch:
 
 class IMService(GroupService):
     def __init__(self, store: Store, token_ttl_ms: int, max_frame: int, max_group_members: int = MAX_GROUP_MEMBERS,
-                 push_delay_ms: int | None = None):
+                 push_delay_ms: int | None = None,
+                 max_groups_per_user: int = LimitsConfig.max_groups_per_user):
         self.store = store
         self.max_group_members = max_group_members
+        self.max_groups_per_user = max_groups_per_user
         self.token_ttl_ms = token_ttl_ms
         self.max_items_bytes = max_frame - FRAME_OVERHEAD
         # With the push service on: each new message to someone else queues a
@@ -180,7 +220,7 @@ class IMService(GroupService):
         Raises StepFailed when a store step raises."""
         outcomes: list = [None] * len(requests)
         batch = _SendBatch(self.store)
-        batch.lock_users(requests)
+        batch.lock_rows(requests)
         run: list[int] = []
         run_users: set[str] = set()
         for i, req in enumerate(requests):
@@ -264,7 +304,8 @@ class IMService(GroupService):
         current transaction; nothing while the push service is off. Callers
         pass the copies of the recipients to wake: a one-to-one message's
         recipient, a group message's members but its sender, never a group
-        event's (simzmq.groups.is_group_event: events wake no phone)."""
+        event's (GroupService._write_events queues none: events wake no
+        phone)."""
         if self.push_delay_ms is None or not copies:
             return
         due = now_ms + self.push_delay_ms

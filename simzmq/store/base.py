@@ -297,18 +297,25 @@ class Store:
 
     # groups (section 7)
 
+    def lock_groups(self, groups: Iterable[str]) -> dict[str, GroupRow]:
+        """The rows of those of `groups` that exist, locked (Postgres) until
+        the transaction ends, in id order. Taken before any user row (the one
+        lock order, store/postgres.py), so group changes and group messages of
+        one group are serialized and numbered in one order."""
+        raise NotImplementedError
+
     def lock_group(self, group: str) -> GroupRow | None:
-        """The group's row, locked (Postgres) until the transaction ends:
-        taken before any user row, so group changes and group messages of one
-        group are serialized and numbered in one order."""
+        """lock_groups of one group: its row, or None."""
         raise NotImplementedError
 
     def group_members(self, group: str) -> list[GroupMember]:
         """Everyone who ever joined, in join order (the latest join)."""
         raise NotImplementedError
 
-    def save_group(self, row: GroupRow, now_ms: int) -> None:
-        """Create or update the group's row."""
+    def save_group(self, row: GroupRow, now_ms: int, new: bool) -> None:
+        """Update the group's row, or create it (`new`): a create never
+        overwrites a group another transaction made meanwhile (on Postgres
+        it raises StoreBusy, and the batch, run again, finds that group)."""
         raise NotImplementedError
 
     def save_members(self, group: str, members: Sequence[GroupMember]) -> None:
@@ -317,6 +324,11 @@ class Store:
 
     def groups_joined(self, users: Iterable[str]) -> dict[str, int]:
         """How many groups each of `users` is in now (absent: none)."""
+        raise NotImplementedError
+
+    def group_copies(self, group: str, msg_id: int) -> dict[str, int]:
+        """The inbox seq of each copy of the group message `msg_id`, by the
+        user (a member then, maybe not now) whose inbox holds it."""
         raise NotImplementedError
 
     def written_to(self, actor: str, users: Iterable[str]) -> set[str]:
@@ -350,10 +362,10 @@ class Store:
     def expired_presence_gates(self, now_ms: int) -> list[str]:
         raise NotImplementedError
 
-    def drop_presence_gates(self, gates: Sequence[str], expired_at: int | None = None) -> set[str]:
-        """Forget these gates and their states; returns the users they had.
-        With `expired_at`, only those whose lease ran out by then (one that
-        another worker renewed meanwhile stays)."""
+    def drop_presence_gates(self, gates: Sequence[str], expired_at: int | None = None) -> None:
+        """Forget these gates and their states. With `expired_at`, only
+        those whose lease ran out by then (one that another worker renewed
+        meanwhile stays)."""
         raise NotImplementedError
 
     def lock_presence(self, users: Sequence[str]) -> None:
@@ -388,9 +400,10 @@ class Store:
         raise NotImplementedError
 
     def freeze_group_convs(self, group: str, users: Iterable[str]) -> None:
-        """Keep the Conv with the group of `users`, who have just left it or
-        been removed (their member rows saved inactive), as it is now: its
-        peer_read stays the lowest mark of the members left (section 7)."""
+        """Keep the Conv with the group of `users`, who are leaving it or
+        being removed (their member rows not yet saved inactive), as it is
+        now: its peer_read stays the lowest mark of the other members of this
+        moment, those leaving with it included (section 7)."""
         raise NotImplementedError
 
     # conversations

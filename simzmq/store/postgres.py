@@ -4,22 +4,26 @@
 survives a power loss of the database server; group commit keeps that to one
 flush per batch.
 
-Ordering: several workers may write at once. A batch first locks the user
-rows of every user it will touch (IMService.handle_batch: the senders and
-recipients of its Sends, readers and peers of its Reads, the users of its
-Syncs and Logins) in one statement, user_seqs: SELECT ... ORDER BY id FOR
-UPDATE, so every batch takes its locks in the same order, before it writes
-anything else, and only then draws msg_ids: within every inbox seq order and
-msg_id order agree, two workers' batches wait for each other instead of
-deadlocking, and a cmid retried through another worker (after a failover)
-is looked up only once the batch that stored it has committed.
+Ordering: several workers may write at once. Every transaction locks rows
+in one order: group rows, then user rows, each in id order. A batch takes
+them all before it writes anything else (IMService.handle_batch,
+_SendBatch.lock_rows), in two statements, SELECT ... ORDER BY id FOR UPDATE:
+lock_groups, the rows of the groups its group requests and group Sends and
+Reads touch, then user_seqs, the rows of every user it will touch (the
+senders and recipients of its Sends, readers and peers of its Reads, the
+users of its Syncs and Logins, the members of the groups it writes to and
+the users its group changes name). Only then does it draw msg_ids: within every inbox seq
+order and msg_id order agree, two workers' batches wait for each other
+instead of deadlocking, and a cmid retried through another worker (after a
+failover) is looked up only once the batch that stored it has committed.
 
 Round trips: each step of a batch is one (the user rows, the cmid lookup,
 the msg_ids, and each executemany, which psycopg pipelines).
 
 A deadlock or serialization failure that still happens (a Register racing
-another for the same new id, an operator's own transaction) surfaces as
-StoreBusy; the worker runs the same batch again whole (im.commit_batch,
+another for the same new id, an operator's own transaction), and a unique
+violation of a key two transactions raced to insert (_RACED_KEYS), surface
+as StoreBusy; the worker runs the same batch again whole (im.commit_batch,
 simzmq_im_busy_retries_total), and only after several tries gives the
 requests it cannot place Error{unavailable}.
 """
@@ -215,6 +219,18 @@ _BUSY_ERRORS = (
     pg_errors.QueryCanceled,
 )
 
+# Unique keys two transactions may both insert, each having looked first and
+# found nothing (the other's row not yet committed): the idempotency keys of
+# Sends and group changes, and a new group's id. The later insert is a
+# transient conflict too: run again, its lookup finds the earlier one's row
+# (a retry gets the first attempt's answer, a create finds the group).
+_RACED_KEYS = frozenset({"messages_sender_cmid", "group_ops_pkey", "groups_pkey"})
+
+
+def _is_busy(exc: psycopg.Error) -> bool:
+    return isinstance(exc, _BUSY_ERRORS) or (
+        isinstance(exc, pg_errors.UniqueViolation) and exc.diag.constraint_name in _RACED_KEYS)
+
 
 @lru_cache(maxsize=None)
 def _formatted(sql: str) -> str:
@@ -265,8 +281,10 @@ class PostgresStore(SQLStore):
         try:
             with self.conn.transaction():
                 yield
-        except _BUSY_ERRORS as exc:
-            raise StoreBusy(str(exc)) from exc
+        except psycopg.Error as exc:
+            if _is_busy(exc):
+                raise StoreBusy(str(exc)) from exc
+            raise
 
     def close(self) -> None:
         self.conn.close()
@@ -279,15 +297,19 @@ class PostgresStore(SQLStore):
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor:
         try:
             return self.conn.execute(_formatted(sql), params)
-        except _BUSY_ERRORS as exc:
-            raise StoreBusy(str(exc)) from exc
+        except psycopg.Error as exc:
+            if _is_busy(exc):
+                raise StoreBusy(str(exc)) from exc
+            raise
 
     def _executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         try:
             with self.conn.cursor() as cur:
                 cur.executemany(_formatted(sql), rows)
-        except _BUSY_ERRORS as exc:
-            raise StoreBusy(str(exc)) from exc
+        except psycopg.Error as exc:
+            if _is_busy(exc):
+                raise StoreBusy(str(exc)) from exc
+            raise
 
     # presence (the rest is in SQLStore)
 

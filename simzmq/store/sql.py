@@ -22,6 +22,7 @@ from functools import lru_cache
 from typing import Any
 
 from simzmq.wire.messages import GROUP_EVENT_KIND
+from simzmq.wire.rules import is_group
 
 from .base import (
     ID_CEILING,
@@ -161,7 +162,8 @@ PRESENCE_SCHEMA = (
 # A group conversation's peer_read, for the conversation row `c` (a user's
 # with a group): the lowest read mark of the group's other current members,
 # 0 with none. The one way it is computed: live for a member, and once, in
-# the transaction of its removal, for a former member (frozen_peer_read).
+# the transaction of its removal (before it), for a former member
+# (frozen_peer_read).
 _GROUP_PEER_READ = (
     "SELECT COALESCE(MIN(o.read_mark), 0) FROM group_members g"
     " JOIN conversations o ON o.user_id = g.user_id AND o.peer = g.group_id"
@@ -184,10 +186,6 @@ _GROUP_UNREAD = (
     "SELECT count(*) FROM messages WHERE recipient = ? AND substr(recipient, 1, 1) = '#'"
     " AND msg_id > ? AND msg_id <= ? AND sender <> ? AND kind <> ?"
 )
-
-
-def is_group(peer: str) -> bool:
-    return peer.startswith("#")
 
 
 def _padded(keys: list) -> list:
@@ -233,15 +231,15 @@ class SQLStore(Store):
     # The LIMIT parameter that means no limit: SQLite takes a negative one and
     # refuses NULL, Postgres the other way round.
     _NO_LIMIT: int | None
-    # What user_seqs appends to lock the rows it reads ("" where the write
-    # transaction is exclusive anyway).
+    # What user_seqs and lock_groups append to lock the rows they read, in id
+    # order ("" where the write transaction is exclusive anyway).
     _LOCK_ROWS: str
     # What the push claim appends to its choice of users so that two claims
     # at once take different ones ("" where the write transaction is
     # exclusive anyway).
     _SKIP_LOCKED: str
 
-    # What lock_group appends to lock the row it reads.
+    # What a read of one row appends to lock it.
     _FOR_UPDATE: str
 
     @staticmethod
@@ -597,17 +595,14 @@ class SQLStore(Store):
         return [g for (g,) in self._execute(
             "SELECT gate FROM presence_gates WHERE expires_ms <= ? ORDER BY gate", (now_ms,)).fetchall()]
 
-    def drop_presence_gates(self, gates: Sequence[str], expired_at: int | None = None) -> set[str]:
-        users: set[str] = set()
+    def drop_presence_gates(self, gates: Sequence[str], expired_at: int | None = None) -> None:
         lapsed = "" if expired_at is None else " AND expires_ms <= ?"
         for gate in gates:
             dropped = self._execute("DELETE FROM presence_gates WHERE gate = ?" + lapsed,
                                     (gate,) if expired_at is None else (gate, expired_at)).rowcount
             if expired_at is not None and not dropped:
                 continue  # renewed (or dropped) by another worker meanwhile
-            users.update(self.gate_presence(gate))
             self._execute("DELETE FROM presence WHERE gate = ?", (gate,))
-        return users
 
     def last_seen(self, users: Iterable[str]) -> dict[str, int]:
         users = _padded(sorted(set(users))) if users else []
@@ -621,11 +616,19 @@ class SQLStore(Store):
 
     # groups (section 7)
 
+    def lock_groups(self, groups: Iterable[str]) -> dict[str, GroupRow]:
+        groups = sorted(set(groups))
+        if not groups:
+            return {}
+        groups = _padded(groups)
+        rows = self._execute(
+            "SELECT id, title, owner, creator, version, joins FROM groups WHERE id IN " + _in_list(len(groups))
+            + self._LOCK_ROWS, groups,
+        ).fetchall()
+        return {row[0]: GroupRow(*row) for row in rows}
+
     def lock_group(self, group: str) -> GroupRow | None:
-        row = self._execute(
-            f"SELECT id, title, owner, creator, version, joins FROM groups WHERE id = ?{self._FOR_UPDATE}", (group,)
-        ).fetchone()
-        return GroupRow(*row) if row else None
+        return self.lock_groups([group]).get(group)
 
     def group_members(self, group: str) -> list[GroupMember]:
         rows = self._execute(
@@ -633,13 +636,14 @@ class SQLStore(Store):
         ).fetchall()
         return [GroupMember(r[0], r[1], bool(r[2])) for r in rows]
 
-    def save_group(self, row: GroupRow, now_ms: int) -> None:
-        self._execute(
-            "INSERT INTO groups (id, title, owner, creator, version, joins, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (id) DO UPDATE SET title = excluded.title, owner = excluded.owner,"
-            " version = excluded.version, joins = excluded.joins",
-            (*row, now_ms),
-        )
+    def save_group(self, row: GroupRow, now_ms: int, new: bool) -> None:
+        if new:
+            self._execute(
+                "INSERT INTO groups (id, title, owner, creator, version, joins, created_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)", (*row, now_ms))
+        else:
+            self._execute("UPDATE groups SET title = ?, owner = ?, version = ?, joins = ? WHERE id = ?",
+                          (row.title, row.owner, row.version, row.joins, row.id))
 
     def save_members(self, group: str, members: Sequence[GroupMember]) -> None:
         self._executemany(
@@ -701,6 +705,16 @@ class SQLStore(Store):
             "UPDATE users SET max_seq = ? WHERE id = ?", [(tops[user], user) for user in sorted(tops)]
         )
         self._executemany(_UPSERT_CONVERSATIONS, [(*pair, last, unread) for pair, (last, unread) in convs.items()])
+
+    def group_copies(self, group: str, msg_id: int) -> dict[str, int]:
+        # In every inbox seq order and msg_id order agree: a user's copy, if
+        # any, is the newest entry at or below msg_id, found by a scan back
+        # from the inbox's end (short for a recent message).
+        return dict(self._execute(
+            "SELECT g.user_id, i.seq FROM group_members g JOIN inbox i ON i.user_id = g.user_id AND i.seq = ("
+            "SELECT j.seq FROM inbox j WHERE j.user_id = g.user_id AND j.msg_id <= ? ORDER BY j.seq DESC LIMIT 1)"
+            " WHERE g.group_id = ? AND i.msg_id = ? ORDER BY g.joined",
+            (msg_id, group, msg_id)).fetchall())
 
     def start_group_marks(self, group: str, users: Iterable[str], msg_id: int) -> None:
         self._executemany(

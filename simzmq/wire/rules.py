@@ -73,6 +73,13 @@ def is_valid_group_id(s: object) -> bool:
     return isinstance(s, str) and _GROUP_ID.fullmatch(s) is not None
 
 
+def is_group(peer: str) -> bool:
+    """Whether a peer (a Send's `to`, a Read's or Conv's `peer`) is a group:
+    group ids start with ``#``, user ids never do. The one test of it, for
+    the server and the client alike."""
+    return peer.startswith("#")
+
+
 def _bad(reason: str, ref: int) -> ProtocolError:
     return ProtocolError(ErrorCode.BAD_REQUEST, reason, ref)
 

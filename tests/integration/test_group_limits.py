@@ -3,7 +3,7 @@ region (docs/security.md, "Groups"): strangers are refused and nothing
 changes; group Sends and changes over the group_writes limit get
 rate_limited and store nothing; far over it the connection is kicked for
 abuse; the other members, and the flooder's one-to-one Sends, are served
-throughout."""
+throughout. A user in max_groups_per_user groups is put in no more."""
 
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ from tests.region import parse_metrics, region_fixture
 pytestmark = pytest.mark.timeout(120)
 
 BURST = 5
+MAX_GROUPS = 2
 region = region_fixture("grouplimits", extra_env={"SIMZMQ_GATE_LIMITS_GROUP_WRITES_PER_S": "0.01",
                                                   "SIMZMQ_GATE_LIMITS_GROUP_WRITES_BURST": str(BURST),
-                                                  "SIMZMQ_GATE_LIMITS_ABUSE_FACTOR": "2"})
+                                                  "SIMZMQ_GATE_LIMITS_ABUSE_FACTOR": "2",
+                                                  "SIMZMQ_GATE_LIMITS_MAX_GROUPS_PER_USER": str(MAX_GROUPS)})
 
 
 def run(coro):
@@ -113,3 +115,33 @@ def test_strangers_are_refused_and_a_group_flood_is_limited_then_kicked(region):
     assert delta('simzmq_gate_kicks_total{reason="abuse"}') == 1
     # create, the refused add, BURST - 2 flood Sends, bob's group Send
     assert delta("simzmq_gate_group_writes_total") == 2 + (BURST - 2) + 1
+
+
+def test_a_user_in_max_groups_per_user_groups_is_put_in_no_more(region):
+    tag = str(os.getpid())
+
+    async def main():
+        dave = await user(region, "gld" + tag)
+        erin = await user(region, "gle" + tag)
+        await erin.send(dave.user, b"hi dave")  # dave is erin's contact
+        full = [new_group_id() for _ in range(MAX_GROUPS)]
+        for group in full:
+            await dave.group_create(group, "mine", [])
+        more = new_group_id()
+        with pytest.raises(RequestError) as refused:
+            await dave.group_create(more, "one more", [erin.user])
+        assert refused.value.code == ErrorCode.TOO_LARGE
+        with pytest.raises(RequestError) as unknown:
+            await erin.group_get(more)
+        assert unknown.value.code == ErrorCode.NO_SUCH_USER
+        # Erin, in none, may create one; dave may not be put in it.
+        await erin.group_create(more, "erin's", [])
+        await dave.send(erin.user, b"hi erin")
+        with pytest.raises(RequestError) as refused:
+            await erin.group_add(more, [dave.user])
+        assert refused.value.code == ErrorCode.TOO_LARGE
+        assert (await erin.group_get(more)).members == [erin.user]
+        for c in (dave, erin):
+            await c.close()
+
+    run(main())

@@ -7,7 +7,6 @@ import dataclasses
 
 import pytest
 
-from simzmq.groups import is_group_event
 from simzmq.service import IMService, RegisterWork, Request
 from simzmq.store import open_store
 from simzmq.wire import messages as m
@@ -77,7 +76,7 @@ def test_create_answers_info_and_writes_the_created_event_to_every_member(svc):
                                                   users=["alice", "bob", "carol"], title="Team", version=1)]
     # Pushed to every session, the creator's own connection included.
     assert sorted((n.user, n.origin) for n in out.notices) == [("alice", b""), ("bob", b""), ("carol", b"")]
-    assert all(is_group_event(n.msg.msg) for n in out.notices)
+    assert all(n.msg.msg.kind == GROUP_EVENT_KIND for n in out.notices)
     assert events(svc, "dave") == []
 
 
@@ -131,7 +130,7 @@ def test_group_messages_reach_every_member_in_one_order(svc):
     bob_copy = [e for e in inbox(svc, "bob") if e.body == b"one"][0]
     assert first.reply.seq == bob_copy.seq
     assert {(n.user, n.origin) for n in first.notices} == {("alice", b""), ("bob", b"o" * 16), ("carol", b"")}
-    assert not any(is_group_event(n.msg.msg) for n in first.notices)
+    assert not any(n.msg.msg.kind == GROUP_EVENT_KIND for n in first.notices)
 
 
 def test_send_retry_after_removal_gets_its_first_sendok(svc):
@@ -142,6 +141,26 @@ def test_send_retry_after_removal_gets_its_first_sendok(svc):
     assert again.reply == first.reply
     assert code(send(svc, "bob", G, b"x", cmid=b"other")) == ErrorCode.NO_SUCH_USER
     assert code(send(svc, "bob", G, b"changed", cmid=b"same")) == ErrorCode.BAD_REQUEST
+
+
+def test_a_retried_group_message_is_published_again_like_a_one_to_one_one(svc):
+    """Its first attempt may have died between its commit and its publish:
+    the retry publishes every copy again (gates push each inbox seq once),
+    to everyone who got one, whoever has left since."""
+    create(svc)
+    first = send(svc, "bob", G, b"x", cmid=b"same")
+    assert len(first.notices) == 3
+    again = send(svc, "bob", G, b"x", cmid=b"same")
+    assert again.reply == first.reply
+    assert sorted(again.notices) == sorted(first.notices)
+    call(svc, "alice", m.GroupRemove(group=G, users=["carol"], cmid=b"r1"))
+    call(svc, "alice", m.GroupAdd(group=G, users=["dave"], cmid=b"a1"))
+    send(svc, "alice", G, b"later")
+    # From another session of bob's: his copy goes to every session but that one.
+    later = send(svc, "bob", G, b"x", cmid=b"same", origin=b"p" * 16)
+    assert later.reply == first.reply
+    assert sorted(later.notices) == sorted(n._replace(origin=b"p" * 16) if n.user == "bob" else n
+                                           for n in first.notices)
 
 
 def test_changes_are_idempotent_on_their_cmid(svc):
@@ -216,6 +235,22 @@ def test_member_limit(svc):
     assert code(create(svc, group="#big", members=("bob", "carol", "dave", "erin"))) == ErrorCode.TOO_LARGE
 
 
+def test_groups_per_user_limit(svc):
+    """max_groups_per_user (protocol default 1,000) is a setting; past it,
+    Error{too_large} and nothing changes."""
+    svc.max_groups_per_user = 2
+    create(svc, group="#one", members=("bob",))
+    create(svc, group="#two", members=("carol",))
+    out = create(svc, group="#three", members=())
+    assert code(out) == ErrorCode.TOO_LARGE and "alice is in too many groups" in out.reply.reason
+    assert code(call(svc, "alice", m.GroupGet(group="#three"))) == ErrorCode.NO_SUCH_USER
+    # Nor may a user in as many be put in one more.
+    create(svc, actor="bob", group="#bobs", members=())
+    call(svc, "carol", m.GroupRemove(group="#two", users=["carol"], cmid=b"l"))
+    assert code(call(svc, "alice", m.GroupAdd(group="#two", users=["bob"], cmid=b"a"))) == ErrorCode.TOO_LARGE
+    assert call(svc, "alice", m.GroupGet(group="#two")).reply.members == ["alice"]
+
+
 def test_reads_and_conversations(svc):
     create(svc)
     one = send(svc, "bob", G, b"one").reply
@@ -267,6 +302,20 @@ def test_a_former_members_conv_stays_as_it_was_at_its_removal(svc):
     call(svc, "alice", m.Read(peer=G, msg_id=four.msg_id))
     assert group_conv(svc, "carol").peer_read == four.msg_id
     assert group_conv(svc, "bob") == bob_at_leaving
+
+
+def test_members_removed_together_keep_their_convs_as_at_the_removal(svc):
+    """Each one's peer_read counts the others removed with it: they were
+    members until that moment."""
+    create(svc, members=("bob", "carol", "dave"))
+    one = send(svc, "alice", G, b"one").reply
+    two = send(svc, "alice", G, b"two").reply
+    for user, mark in (("alice", two), ("bob", two), ("carol", one), ("dave", two)):
+        call(svc, user, m.Read(peer=G, msg_id=mark.msg_id))
+    before = {user: group_conv(svc, user).peer_read for user in ("bob", "carol")}
+    assert before == {"bob": one.msg_id, "carol": two.msg_id}
+    assert call(svc, "alice", m.GroupRemove(group=G, users=["bob", "carol"], cmid=b"r")).reply == m.Ok()
+    assert {user: group_conv(svc, user).peer_read for user in ("bob", "carol")} == before
 
 
 def test_a_batch_mixing_group_and_one_to_one_sends_keeps_inboxes_gapless(svc):

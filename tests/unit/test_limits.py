@@ -490,3 +490,10 @@ def test_a_ban_ceiling_below_the_ban_is_refused_at_start():
     with pytest.raises(ValueError, match="abuse_ban_max_s"):
         LimitsConfig.from_mapping({"abuse_ban_s": 10.0, "abuse_ban_max_s": 0.0})
     assert LimitsConfig.from_mapping({"abuse_ban_s": 0.0, "abuse_ban_max_s": 0.0}).abuse_ban_s == 0
+
+
+def test_max_groups_per_user_is_a_setting_of_at_least_one():
+    assert LimitsConfig().max_groups_per_user == 1000  # protocol.md section 7's default
+    assert LimitsConfig.from_mapping({"max_groups_per_user": 3}).max_groups_per_user == 3
+    with pytest.raises(ValueError, match="max_groups_per_user"):
+        LimitsConfig.from_mapping({"max_groups_per_user": 0})

@@ -141,13 +141,13 @@ def test_dropping_lapsed_gates_spares_one_renewed_meanwhile(store_url):
         with store.transaction():
             assert store.renew_presence_gate("g1", 2, T0 + 100)
         with store.transaction():
-            assert store.drop_presence_gates(["g1", "g2"], expired_at=T0 + 10) == {"bob"}
+            store.drop_presence_gates(["g1", "g2"], expired_at=T0 + 10)
         assert store.gate_presence("g1") == {"ann": ONLINE}
         assert store.gate_presence("g2") == {}
         assert store.expired_presence_gates(T0 + 10) == []
         # Without expired_at (a gate's "bye"): dropped whatever its lease.
         with store.transaction():
-            assert store.drop_presence_gates(["g1"]) == {"ann"}
+            store.drop_presence_gates(["g1"])
         assert store.presence_of(["ann"], None) == {}
     finally:
         store.close()

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from simzmq.wire import messages as M
 from simzmq.wire.codec import CODECS
 from simzmq.wire.errors import ProtocolError
-from simzmq.wire.rules import is_valid_group_id, is_valid_user_id, validate_request
+from simzmq.wire.rules import is_group, is_valid_group_id, is_valid_user_id, validate_request
 from tests.strategies import SECTION_7_CLASSES, VALID_1_1_REQUEST, instances
 
 MAX_BODY = 1000
@@ -231,3 +231,11 @@ def test_1_1_gate_messages_are_not_requests(cls):
 @given(instances(M.GroupCreate))
 def test_any_group_create_only_raises_protocol_errors(msg):
     assert code_of(msg, **V11) in (None, BAD, TOO_LARGE)
+
+
+def test_is_group_is_the_one_test_of_a_peer_everywhere():
+    from simzmq import client, gate_fanout, service
+    from simzmq.store import sql
+    assert is_group("#team") and not is_group("alice")
+    assert all(is_valid_user_id(u) and not is_group(u) for u in ("a", "a.b-c_1"))
+    assert client.is_group_id is service.is_group is sql.is_group is gate_fanout.is_group is is_group
