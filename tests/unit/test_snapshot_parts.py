@@ -200,13 +200,15 @@ def test_states_outside_the_range_are_refused_by_the_worker():
 
 # -- the IM workers' side, over both stores -------------------------------------------------------
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "postgres-icu"])
 def service(request, tmp_path):
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path}/im.db"
     else:
         url = request.getfixturevalue("pg_cluster").create_database()
     store = open_store(url)
+    if request.param == "postgres-icu":
+        natural_language_order(url)
     try:
         with store.transaction():
             for user in USERS:
@@ -214,6 +216,20 @@ def service(request, tmp_path):
         yield IMService(store, LEASE_MS, 1 << 20)
     finally:
         store.close()
+
+
+def natural_language_order(url: str) -> None:
+    """Make the presence table's user ids sort as in a database created with
+    a natural-language collation (ICU's root: "ab" before "Zed"), which a
+    store's byte-order range must not depend on."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_collation WHERE collname = 'und-x-icu'").fetchone():
+            pytest.skip("this PostgreSQL has no ICU collations")
+        conn.execute('ALTER TABLE presence ALTER COLUMN user_id TYPE text COLLATE "und-x-icu"')
+        # ...an order other than the bytes' (where "Zed" < "ab").
+        assert conn.execute('SELECT \'ab\' < \'Zed\' COLLATE "und-x-icu"').fetchone() == (True,)
 
 
 # Names whose order differs between byte order and natural-language collations
@@ -257,6 +273,11 @@ def test_no_presence_notice_or_last_seen_change_for_users_of_later_parts(service
     assert service.store.last_seen(USERS) == {u: now if u == left else 0 for u in USERS}
     now += 1000
     assert handle(service, gate.snapshot([u for u in USERS if u != left]), now) == [{}] * 4
+    # "Zed" is in the first part's span in byte order ("Z" < "a"), past it
+    # in a natural-language one: the store reads the span in byte order.
+    now += 1000
+    found = handle(service, gate.snapshot([u for u in USERS if u not in (left, "Zed")]), now)
+    assert found == [{"Zed": OFFLINE}, {}, {}, {}]
 
 
 def test_a_bad_part_is_refused_and_changes_nothing(service):
