@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from simzmq.push.policy import SNAPSHOT_OPS, Span, outside, report_span
 from simzmq.wire.messages import PresenceState
 
 UNKNOWN, OFFLINE, ONLINE, AWAY = (int(s) for s in PresenceState)
@@ -51,13 +52,14 @@ def shown_last_seen(state: int, stored_ms: int, now_ms: int) -> int:
     return now_ms if seen(state) else stored_ms
 
 
-def local_changes(current: Mapping[str, int], reported: Mapping[str, int], complete: bool) -> dict[str, int]:
+def local_changes(current: Mapping[str, int], reported: Mapping[str, int], covered: Span | None) -> dict[str, int]:
     """The rows of one gate to change so the store holds what it reported:
-    user -> new local state (NONE: the row goes). `complete`: `reported` is
-    all of the gate's users (a snapshot), so users not in it have none."""
+    user -> new local state (NONE: the row goes). `covered`: the names
+    `reported` is complete for (a snapshot part's span), so the gate's users
+    there but not in it have none; None: only the users in it changed."""
     changes = {u: s for u, s in reported.items() if current.get(u, NONE) != s}
-    if complete:
-        changes.update({u: NONE for u in current if u not in reported})
+    if covered is not None:
+        changes.update({u: NONE for u in current if u not in reported and covered.covers(u)})
     return changes
 
 
@@ -249,25 +251,31 @@ def _state_value(value) -> int:
     return value
 
 
-def local_report(report: Mapping) -> tuple[dict[str, int], bool, int]:
+def local_report(report: Mapping) -> tuple[dict[str, int], Span | None, int]:
     """What a gate's report (one that push.policy.parse_report accepted)
-    says of its users' local states: (user -> state, whether that is all of
-    the gate's users, the lease in ms). A "bye" says the gate has none."""
+    says of its users' local states: (user -> state, the names that is
+    complete for (report_span: a snapshot part's range, every name for
+    "bye", which says the gate has none; None: only those users), the
+    lease in ms)."""
     ttl = report.get("ttl_ms")
     if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
         raise BadLocalReport("a presence report without its ttl_ms")
     op = report["op"]
+    covered = report_span(report)
     if op == "bye":
-        return {}, True, ttl
-    if op in ("snapshot", "snapshot+"):
+        return {}, covered, ttl
+    if op in SNAPSHOT_OPS:
         states = report.get("states")
         if not isinstance(states, dict):
             raise BadLocalReport("a snapshot without states")
-        return {u: _state_value(s) for u, s in states.items()}, op == "snapshot", ttl
+        stray = outside(covered, states)
+        if stray:
+            raise BadLocalReport(f"a snapshot part with states outside its range: {stray[:3]!r}")
+        return {u: _state_value(s) for u, s in states.items()}, covered, ttl
     user = report.get("user")
     if not isinstance(user, str):
         raise BadLocalReport(f"a {op} report without its user")
-    return {user: _state_value(report.get("state"))}, False, ttl
+    return {user: _state_value(report.get("state"))}, covered, ttl
 
 
 def changed_users(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, tuple[int, int]]:

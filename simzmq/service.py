@@ -465,16 +465,18 @@ class IMService(GroupService):
         each user's topic) of every user whose state this changed."""
         try:
             report = parse_report(bytes(msg.report))
-            states, complete, ttl_ms = pr.local_report(report)
+            states, covered, ttl_ms = pr.local_report(report)
         except (BadReport, pr.BadLocalReport) as exc:
             raise Refused(ErrorCode.BAD_REQUEST, f"bad presence report: {exc}") from None
         gate = report["gate"]
         store = self.store
         if not store.renew_presence_gate(gate, report["n"], now_ms + ttl_ms):
             return Outcome(m.Ok())  # a late copy: a later report was applied
-        # A snapshot is compared with all the gate's rows, any other report
-        # only with the rows of the users it names.
-        changes = pr.local_changes(store.gate_presence(gate, None if complete else states), states, complete)
+        # A snapshot part is compared with the gate's rows in its span, any
+        # other report only with the rows of the users it names.
+        current = (store.gate_presence(gate, states) if covered is None
+                   else store.gate_presence(gate, low=covered.low, high=covered.high))
+        changes = pr.local_changes(current, states, covered)
         expired = [g for g in store.expired_presence_gates(now_ms) if g != gate]
         affected = sorted(set(changes).union(*(store.gate_presence(g) for g in expired)))
         # From here to the commit no other worker changes these users'

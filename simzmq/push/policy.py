@@ -165,9 +165,52 @@ def delivery_id(call: Call) -> str:
 #         sessions; a big gate's continues in "snapshot+" parts), "bye"
 #         (the gate stops), "state" (a session's SetPresence changed the
 #         user's local state; the push service has nothing to do with it).
+#   from, to: a snapshot part's range of user names (below, Span): the part
+#         is complete within it, so a user of the gate in the range but not
+#         in the part is gone, and users outside it are left as they are
+#         (they belong to another part). The gate sorts its users and cuts
+#         them into parts; each part's `to` is the next one's `from`, the
+#         first has no `from`, the last no `to`, so the parts cover every
+#         name once and a snapshot in one part covers all. A "snapshot+"
+#         with neither (from gates before ranges) covers only its users.
 #   state, states, ttl_ms: the local states of the users reported and how
 #         long they hold (simzmq/presence.py; the IM workers keep them).
 OPS = ("start", "end", "snapshot", "snapshot+", "bye", "state")
+SNAPSHOT_OPS = ("snapshot", "snapshot+")
+
+
+@dataclass(frozen=True)
+class Span:
+    """The user names from `low` (included; None: from the lowest) up to
+    `high` (excluded; None: with no end). Names compare as Python strings
+    do, by code point, which is the byte order of their UTF-8: the order
+    the gate sorts them in and the stores compare them in."""
+    low: str | None = None
+    high: str | None = None
+
+    def covers(self, user: str) -> bool:
+        return (self.low is None or self.low <= user) and (self.high is None or user < self.high)
+
+
+EVERY_NAME = Span()
+
+
+def report_span(report: Mapping) -> Span | None:
+    """The names a report that parse_report accepted is complete for: what
+    it does not list there is gone from the gate. A snapshot part's range
+    (every name for a snapshot in one part), every name for "bye"; None for
+    a report that speaks only of the users it names."""
+    op = report["op"]
+    if op == "bye":
+        return EVERY_NAME
+    if op not in SNAPSHOT_OPS or (op == "snapshot+" and report.get("from") is None and report.get("to") is None):
+        return None
+    return Span(report.get("from"), report.get("to"))
+
+
+def outside(span: Span | None, users) -> list[str]:
+    """Those of `users` that `span` (None: only they) does not cover."""
+    return [] if span is None else [u for u in users if not span.covers(u)]
 
 
 class BadReport(ValueError):
@@ -188,18 +231,30 @@ def parse_report(payload: bytes) -> dict:
     if op in ("start", "end") and not (isinstance(report.get("user"), str)
                                        and isinstance(report.get("session"), str)):
         raise BadReport(f"a {op} report without user and session")
-    if op in ("snapshot", "snapshot+"):
+    if op in SNAPSHOT_OPS:
         users = report.get("users")
         if not isinstance(users, dict) or not all(
                 isinstance(s, list) and all(isinstance(x, str) for x in s) for s in users.values()):
             raise BadReport("a snapshot without users")
+        low, high = report.get("from"), report.get("to")
+        for key, bound in (("from", low), ("to", high)):
+            if bound is not None and not isinstance(bound, str):
+                raise BadReport(f"a snapshot part whose {key} is not a user name: {bound!r}")
+        if low is not None and high is not None and low >= high:
+            raise BadReport(f"a snapshot part with an empty range: from {low!r} to {high!r}")
+        stray = outside(report_span(report), users)
+        if stray:
+            raise BadReport(f"a snapshot part with users outside its range: {stray[:3]!r}")
+    elif report.get("from") is not None or report.get("to") is not None:
+        raise BadReport(f"a {op} report with a range (only a snapshot part has one)")
     return report
 
 
 class Presence:
-    """Who is logged in where, from the gates' reports. A gate heard from
-    neither by report nor snapshot for `expire_s` is taken for dead: its
-    users are no longer online through it."""
+    """Who is logged in where, from the gates' reports. A snapshot part
+    sets the gate's users within its span (report_span), start and end
+    edit them. A gate heard from neither by report nor snapshot for
+    `expire_s` is taken for dead: its users are no longer online through it."""
 
     def __init__(self, expire_s: float, warm_s: float, now: float):
         self.expire_s = expire_s
@@ -223,10 +278,15 @@ class Presence:
             return
         users = self.gates.setdefault(gate, {})
         self.heard[gate] = now
-        if op == "snapshot":
-            self.gates[gate] = {u: set(s) for u, s in report["users"].items() if s}
-        elif op == "snapshot+":
-            users.update({u: set(s) for u, s in report["users"].items() if s})
+        if op in SNAPSHOT_OPS:
+            # Complete within its span only: the users of the gate's other
+            # parts stay online while this one is applied.
+            fresh = {u: set(s) for u, s in report["users"].items() if s}
+            span = report_span(report)
+            if span is not None:
+                for user in [u for u in users if u not in fresh and span.covers(u)]:
+                    del users[user]
+            users.update(fresh)
         elif op == "start":
             users.setdefault(report["user"], set()).add(report["session"])
         else:

@@ -344,10 +344,13 @@ class Store:
         at `now_ms` (None: on every gate stored; absent: on none)."""
         raise NotImplementedError
 
-    def gate_presence(self, gate: str, users: Iterable[str] | None = None) -> dict[str, int]:
+    def gate_presence(self, gate: str, users: Iterable[str] | None = None,
+                      low: str | None = None, high: str | None = None) -> dict[str, int]:
         """The local states stored for `gate`, by user: of all its users, or
         only of `users` (a report about some users reads only their rows,
-        not everyone online on the gate)."""
+        not everyone online on the gate), and only of names from `low`
+        (included) up to `high` (excluded) when given, compared by code
+        point (a snapshot part reads only the rows of its span)."""
         raise NotImplementedError
 
     def renew_presence_gate(self, gate: str, n: int, expires_ms: int) -> bool:

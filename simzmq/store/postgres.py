@@ -242,6 +242,7 @@ def _formatted(sql: str) -> str:
 class PostgresStore(SQLStore):
     _NO_LIMIT = None
     _FOR_UPDATE = " FOR UPDATE"
+    _BYTE_ORDER = ' COLLATE "C"'
     _LOCK_ROWS = " ORDER BY id FOR UPDATE"
     # Users whose oldest job another claim has locked are skipped, not waited for.
     _SKIP_LOCKED = " FOR UPDATE OF o SKIP LOCKED"

@@ -242,6 +242,11 @@ class SQLStore(Store):
     # What a read of one row appends to lock it.
     _FOR_UPDATE: str
 
+    # What a user id is followed by to compare in byte order (code point
+    # order, as Python sorts the names of a presence snapshot's parts),
+    # whatever the database's collation.
+    _BYTE_ORDER: str
+
     @staticmethod
     def _fill_batch(rows, limit: int, max_bytes: int) -> tuple[list[Msg], bool]:
         """Take rows (seq order, at most limit + 1 of them) into a Batch.
@@ -558,15 +563,20 @@ class SQLStore(Store):
             found.setdefault(user, []).append(state)
         return found
 
-    def gate_presence(self, gate: str, users: Iterable[str] | None = None) -> dict[str, int]:
-        if users is None:
-            return dict(self._execute("SELECT user_id, state FROM presence WHERE gate = ?", (gate,)).fetchall())
-        users = sorted(set(users))
-        if not users:
-            return {}
-        users = _padded(users)
-        return dict(self._execute("SELECT user_id, state FROM presence WHERE gate = ? AND user_id IN "
-                                  + _in_list(len(users)), [gate, *users]).fetchall())
+    def gate_presence(self, gate: str, users: Iterable[str] | None = None,
+                      low: str | None = None, high: str | None = None) -> dict[str, int]:
+        sql, args = "SELECT user_id, state FROM presence WHERE gate = ?", [gate]
+        if low is not None:
+            sql, args = sql + f" AND user_id{self._BYTE_ORDER} >= ?", [*args, low]
+        if high is not None:
+            sql, args = sql + f" AND user_id{self._BYTE_ORDER} < ?", [*args, high]
+        if users is not None:
+            users = sorted(set(users))
+            if not users:
+                return {}
+            users = _padded(users)
+            sql, args = sql + " AND user_id IN " + _in_list(len(users)), [*args, *users]
+        return dict(self._execute(sql, args).fetchall())
 
     def renew_presence_gate(self, gate: str, n: int, expires_ms: int) -> bool:
         row = self._execute(f"SELECT n FROM presence_gates WHERE gate = ?{self._FOR_UPDATE}", (gate,)).fetchone()

@@ -216,6 +216,7 @@ class Checkpointer:
 class SQLiteStore(SQLStore):
     _NO_LIMIT = -1
     _FOR_UPDATE = ""
+    _BYTE_ORDER = ""  # text compares with memcmp (BINARY) unless told otherwise
     _LOCK_ROWS = ""
     _SKIP_LOCKED = ""
 

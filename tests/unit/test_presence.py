@@ -10,6 +10,7 @@ import pytest
 
 from simzmq import presence as pr
 from simzmq.presence import AWAY, NONE, OFFLINE, ONLINE, UNKNOWN, GatePresence, TypingLimiter
+from simzmq.push.policy import Span
 from simzmq.service import IMService, RegisterWork
 from simzmq.store import open_store
 from simzmq.wire import messages as m
@@ -42,10 +43,12 @@ def test_last_seen_advances_only_while_online_or_away():
     assert [pr.shown_last_seen(s, 5, 9) for s in (OFFLINE, ONLINE, AWAY, UNKNOWN)] == [5, 9, 9, 5]
 
 
-def test_local_changes_of_a_partial_and_a_complete_report():
+def test_local_changes_of_a_partial_a_complete_and_a_spanning_report():
     current = {"a": ONLINE, "b": AWAY, "c": OFFLINE}
-    assert pr.local_changes(current, {"a": ONLINE, "b": ONLINE}, complete=False) == {"b": ONLINE}
-    assert pr.local_changes(current, {"a": ONLINE, "d": AWAY}, complete=True) == {"d": AWAY, "b": NONE, "c": NONE}
+    assert pr.local_changes(current, {"a": ONLINE, "b": ONLINE}, None) == {"b": ONLINE}
+    assert pr.local_changes(current, {"a": ONLINE, "d": AWAY}, Span()) == {"d": AWAY, "b": NONE, "c": NONE}
+    # Complete from "b" up to "c" only: "c" is not its to drop.
+    assert pr.local_changes(current, {"bb": AWAY}, Span("b", "c")) == {"bb": AWAY, "b": NONE}
 
 
 def test_report_timing_tells_watchers_within_the_idle_timeout():
