@@ -58,12 +58,21 @@ READS_THINNED = Counter("simzmq_gate_read_notices_thinned_total",
                         "group went instead (at most one a second), or it was below one already pushed")
 
 
+# Catch-ups from the store under way at once, per gate: after a failover the
+# gate catches up every online user, and tens of thousands of Catchup requests
+# at once would queue the clients' own requests behind them at the broker.
+CATCHUPS_IN_FLIGHT = 64
+
+
 class Fanout:
     def __init__(self, gate):
         self.gate = gate
         self.sessions: dict[str, dict[bytes, object]] = {}  # user -> session id -> ClientConnection
         self.pushlogs: dict[str, PushLog] = {}
         self.catching_up: dict[str, bool] = {}  # user -> go again when the one under way ends
+        # Catch-ups waiting for a place (at most CATCHUPS_IN_FLIGHT under way):
+        # after a failover every online user is caught up.
+        self.catchups_waiting: dict[str, None] = {}
         # Logins under way per user: they count towards max_sessions_per_user.
         self.logins_pending: dict[str, int] = {}
         self._hole_timer = None
@@ -347,6 +356,10 @@ class Fanout:
         if user in self.catching_up:
             self.catching_up[user] = True  # go again when the one under way ends
             return
+        if len(self.catching_up) >= CATCHUPS_IN_FLIGHT:
+            self.catchups_waiting[user] = None  # in turn, once a place is free
+            return
+        self.catchups_waiting.pop(user, None)
         self.catching_up[user] = False
         log_ = self.pushlogs[user]
         CATCHUPS.inc()
@@ -354,6 +367,12 @@ class Fanout:
 
         def done(reply_payload):
             again = self.catching_up.pop(user, False)
+            try:
+                answered(reply_payload, again)
+            finally:
+                self._next_catch_ups()
+
+        def answered(reply_payload, again):
             if user not in self.sessions:
                 return
             batch = None
@@ -382,6 +401,14 @@ class Fanout:
                 self._catch_up(user)
 
         gate.backend.request(user.encode(), b"", BIN.encode(m.Catchup(since=log_.watermark, limit=0), 0), done)
+
+    def _next_catch_ups(self) -> None:
+        """Start the waiting catch-ups there is room for (of users still here)."""
+        while self.catchups_waiting and len(self.catching_up) < CATCHUPS_IN_FLIGHT:
+            user = next(iter(self.catchups_waiting))
+            del self.catchups_waiting[user]
+            if user in self.sessions:
+                self._catch_up(user)
 
     def check_holes(self) -> None:
         """A hole in a user's pushes that stays open means a push was lost
