@@ -495,6 +495,8 @@ class IMService(GroupService):
             return Outcome(m.Ok())
         changed = pr.changed_users(before, self._states(affected, now_ms))
         unseen = [u for u, (old, new) in changed.items() if pr.seen(old) and not pr.seen(new)]
+        # Not in the users row (store.lock_presence): a batch holding that
+        # row may be waiting for the presence lock this transaction holds.
         store.set_last_seen(unseen, now_ms)
         last_seen = store.last_seen([u for u, (_, new) in changed.items() if not pr.seen(new)])
         return Outcome(m.Ok(), tuple(

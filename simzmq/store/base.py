@@ -374,14 +374,20 @@ class Store:
     def lock_presence(self, users: Sequence[str]) -> None:
         """Until the transaction ends, hold back every other transaction that
         locks any of `users` here: the presence changes of one user are then
-        computed and written one transaction at a time."""
+        computed and written one transaction at a time. A batch takes it
+        after the user rows it locks (lock_groups, user_seqs), so whoever
+        holds it must never wait for a user row: nothing written under it
+        (the presence rows, last_seen) lives in one."""
         raise NotImplementedError
 
     def last_seen(self, users: Iterable[str]) -> dict[str, int]:
-        """last_seen_ms of each of `users` that exists."""
+        """last_seen_ms of each of `users` that exists (0: never seen); the
+        ids of no user are left out."""
         raise NotImplementedError
 
     def set_last_seen(self, users: Iterable[str], ms: int) -> None:
+        """Set last_seen_ms of those of `users` that exist, whose presence
+        the transaction has locked (lock_presence); locks no user row."""
         raise NotImplementedError
 
     def find_group_op(self, actor: str, cmid: bytes) -> str | None:

@@ -39,7 +39,7 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from .base import StoreBusy, StoreError, clamp_id
-from .sql import FROZEN_CONVS_SCHEMA, GROUPS_SCHEMA, PRESENCE_SCHEMA, SQLStore
+from .sql import FROZEN_CONVS_SCHEMA, GROUPS_SCHEMA, LAST_SEEN_MOVE, PRESENCE_SCHEMA, SQLStore
 
 # Taken while migrating, so workers starting together migrate once.
 MIGRATION_LOCK_KEY = 0x73696D7A6D71  # "simzmq"
@@ -208,7 +208,13 @@ _SCHEMA_V5 = ";\n".join(PRESENCE_SCHEMA)
 # A former member's Conv with a group stays as at its removal (section 7).
 _SCHEMA_V6 = ";\n".join(FROZEN_CONVS_SCHEMA)
 
-MIGRATIONS = [_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6]
+# last_seen_ms leaves the users row for a table of its own (LAST_SEEN_MOVE).
+_SCHEMA_V7 = (
+    'CREATE TABLE last_seen (user_id text COLLATE "C" PRIMARY KEY, last_seen_ms bigint NOT NULL);\n'
+    + ";\n".join(LAST_SEEN_MOVE)
+)
+
+MIGRATIONS = [_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6, _SCHEMA_V7]
 
 # SQLSTATEs of transient conflicts: deadlock, serialization failure, lock
 # timeout, cancelled statement (statement_timeout).

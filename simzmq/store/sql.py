@@ -159,6 +159,17 @@ PRESENCE_SCHEMA = (
     "CREATE INDEX presence_gate ON presence (gate)",
 )
 
+# last_seen_ms moves out of the users row into a table of its own (each back
+# end creates it, keyed by user_id as its other per-user tables are, then
+# runs these): written only under the user's presence lock, so a presence
+# report never waits for a user row that a batch locked (Postgres: the
+# batch may then wait for that user's presence lock, and the two would
+# deadlock). No row: 0, never seen.
+LAST_SEEN_MOVE = (
+    "INSERT INTO last_seen (user_id, last_seen_ms) SELECT id, last_seen_ms FROM users WHERE last_seen_ms > 0",
+    "ALTER TABLE users DROP COLUMN last_seen_ms",
+)
+
 # A group conversation's peer_read, for the conversation row `c` (a user's
 # with a group): the lowest read mark of the group's other current members,
 # 0 with none. The one way it is computed: live for a member, and once, in
@@ -619,10 +630,15 @@ class SQLStore(Store):
         if not users:
             return {}
         return dict(self._execute(
-            "SELECT id, last_seen_ms FROM users WHERE id IN " + _in_list(len(users)), users).fetchall())
+            "SELECT u.id, COALESCE(s.last_seen_ms, 0) FROM users u LEFT JOIN last_seen s ON s.user_id = u.id"
+            " WHERE u.id IN " + _in_list(len(users)), users).fetchall())
 
     def set_last_seen(self, users: Iterable[str], ms: int) -> None:
-        self._executemany("UPDATE users SET last_seen_ms = ? WHERE id = ?", [(ms, u) for u in sorted(set(users))])
+        # Reads the users rows (to leave out ids of no user) without locking them.
+        self._executemany(
+            "INSERT INTO last_seen (user_id, last_seen_ms) SELECT id, ? FROM users WHERE id = ?"
+            " ON CONFLICT (user_id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms",
+            [(ms, u) for u in sorted(set(users))])
 
     # groups (section 7)
 

@@ -34,7 +34,7 @@ from typing import Iterator, Sequence
 import sqlite_utils
 
 from .base import StoreBusy, StoreError, clamp_id
-from .sql import FROZEN_CONVS_SCHEMA, GROUPS_SCHEMA, PRESENCE_SCHEMA, SQLStore
+from .sql import FROZEN_CONVS_SCHEMA, GROUPS_SCHEMA, LAST_SEEN_MOVE, PRESENCE_SCHEMA, SQLStore
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 # Long enough to ride out another worker's group commit (one fsync plus a
@@ -144,8 +144,15 @@ def _frozen_convs_v5(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
+def _last_seen_v6(db: sqlite_utils.Database) -> None:
+    # last_seen_ms leaves the users row for a table of its own (LAST_SEEN_MOVE).
+    db.execute("CREATE TABLE last_seen (user_id TEXT PRIMARY KEY, last_seen_ms INTEGER NOT NULL) WITHOUT ROWID")
+    for statement in LAST_SEEN_MOVE:
+        db.execute(statement)
+
+
 # PRAGMA user_version N means MIGRATIONS[:N] have run.
-MIGRATIONS = [_create_v1, _groups_v2, _push_v3, _presence_v4, _frozen_convs_v5]
+MIGRATIONS = [_create_v1, _groups_v2, _push_v3, _presence_v4, _frozen_convs_v5, _last_seen_v6]
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:

@@ -980,19 +980,21 @@ _GROUP_BEFORE_FROZEN_CONVS = (
 )
 
 
-def _write_schema_before_frozen_convs(store_url):
+def _write_schema_before(store_url, sqlite_step, postgres_step, statements):
+    """A store whose schema stops before the migration `sqlite_step` /
+    `postgres_step` (of its back end), holding the rows `statements` write."""
     if store_url.startswith("sqlite:"):
         import sqlite_utils
 
         from simzmq.store import sqlite as sqlite_store
 
-        step = sqlite_store.MIGRATIONS.index(sqlite_store._frozen_convs_v5)
+        step = sqlite_store.MIGRATIONS.index(sqlite_step)
         conn = sqlite3.connect("/" + store_url.split("sqlite:", 1)[1].lstrip("/"), isolation_level=None)
         try:
             for migration in sqlite_store.MIGRATIONS[:step]:
                 migration(sqlite_utils.Database(conn))
             conn.execute(f"PRAGMA user_version = {step}")
-            for statement in _GROUP_BEFORE_FROZEN_CONVS:
+            for statement in statements:
                 conn.execute(statement)
         finally:
             conn.close()
@@ -1001,18 +1003,21 @@ def _write_schema_before_frozen_convs(store_url):
 
     from simzmq.store import postgres as postgres_store
 
-    step = postgres_store.MIGRATIONS.index(postgres_store._SCHEMA_V6)
+    step = postgres_store.MIGRATIONS.index(postgres_step)
     with psycopg.connect(store_url, autocommit=True) as conn:
         for migration in postgres_store.MIGRATIONS[:step]:
             conn.execute(migration, prepare=False)
         conn.execute("CREATE TABLE schema_version (version integer NOT NULL)")
         conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (step,))
-        for statement in _GROUP_BEFORE_FROZEN_CONVS:
+        for statement in statements:
             conn.execute(statement)
 
 
 def test_the_frozen_convs_step_freezes_who_had_left_and_keeps_members_live(store_url):
-    _write_schema_before_frozen_convs(store_url)
+    from simzmq.store import postgres as postgres_store, sqlite as sqlite_store
+
+    _write_schema_before(store_url, sqlite_store._frozen_convs_v5, postgres_store._SCHEMA_V6,
+                         _GROUP_BEFORE_FROZEN_CONVS)
     s = open_store(store_url)
     try:
         conv = functools.partial(_group_conv, s)
@@ -1022,5 +1027,23 @@ def test_the_frozen_convs_step_freezes_who_had_left_and_keeps_members_live(store
             assert s.raise_read_mark("bob", GROUP, 10)
         assert conv("ann").peer_read == 10
         assert conv("cat") == Conv(GROUP, 9, 1, 5)
+    finally:
+        s.close()
+
+
+def test_the_last_seen_step_keeps_each_users_last_seen(store_url):
+    from simzmq.store import postgres as postgres_store, sqlite as sqlite_store
+
+    _write_schema_before(store_url, sqlite_store._last_seen_v6, postgres_store._SCHEMA_V7, (
+        "INSERT INTO users (id, pw_hash, created_ms, max_seq, delivered, last_seen_ms)"
+        " VALUES ('ann', 'h', 0, 0, 0, 5), ('bob', 'h', 0, 0, 0, 0)",))
+    s = open_store(store_url)
+    try:
+        assert s.last_seen(["ann", "bob", "cat"]) == {"ann": 5, "bob": 0}
+        with s.transaction():
+            s.set_last_seen(["bob", "cat"], 9)
+        assert s.last_seen(["ann", "bob", "cat"]) == {"ann": 5, "bob": 9}
+        users(s, "cat")
+        assert s.last_seen(["cat"]) == {"cat": 0}
     finally:
         s.close()
