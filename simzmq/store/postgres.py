@@ -31,6 +31,7 @@ requests it cannot place Error{unavailable}.
 from __future__ import annotations
 
 import hashlib
+import logging
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, Iterator, Sequence
@@ -40,6 +41,8 @@ from psycopg import errors as pg_errors
 
 from .base import StoreBusy, StoreError, clamp_id
 from .sql import FROZEN_CONVS_SCHEMA, GROUPS_SCHEMA, LAST_SEEN_MOVE, PRESENCE_SCHEMA, SQLStore
+
+log = logging.getLogger("simzmq.store")
 
 # Taken while migrating, so workers starting together migrate once.
 MIGRATION_LOCK_KEY = 0x73696D7A6D71  # "simzmq"
@@ -278,6 +281,8 @@ class PostgresStore(SQLStore):
             for step in range(version, len(MIGRATIONS)):
                 self.conn.execute(MIGRATIONS[step], prepare=False)
                 self.conn.execute("UPDATE schema_version SET version = %s", (step + 1,))
+        if version < len(MIGRATIONS):
+            log.info("store %s: schema version %d -> %d", self.describe(), version, len(MIGRATIONS))
 
     # transactions
 

@@ -279,6 +279,8 @@ class SQLiteStore(SQLStore):
                 MIGRATIONS[step](self.db)
                 self.conn.execute(f"PRAGMA user_version = {step + 1}")
             self.conn.execute("COMMIT")
+            if version < len(MIGRATIONS):
+                log.info("store %s: schema version %d -> %d", self.describe(), version, len(MIGRATIONS))
         except BaseException:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")

@@ -1031,13 +1031,18 @@ def test_the_frozen_convs_step_freezes_who_had_left_and_keeps_members_live(store
         s.close()
 
 
-def test_the_last_seen_step_keeps_each_users_last_seen(store_url):
+def test_the_last_seen_step_keeps_each_users_last_seen(store_url, caplog):
     from simzmq.store import postgres as postgres_store, sqlite as sqlite_store
 
     _write_schema_before(store_url, sqlite_store._last_seen_v6, postgres_store._SCHEMA_V7, (
         "INSERT INTO users (id, pw_hash, created_ms, max_seq, delivered, last_seen_ms)"
         " VALUES ('ann', 'h', 0, 0, 0, 5), ('bob', 'h', 0, 0, 0, 0)",))
-    s = open_store(store_url)
+    with caplog.at_level("INFO", logger="simzmq.store"):
+        s = open_store(store_url)
+    # The upgrade says so, once, in the worker's log.
+    steps = len(postgres_store.MIGRATIONS if store_url.startswith("postgres") else sqlite_store.MIGRATIONS)
+    assert [r.getMessage().split(": ")[-1] for r in caplog.records if "schema" in r.getMessage()] == [
+        f"schema version {steps - 1} -> {steps}"]
     try:
         assert s.last_seen(["ann", "bob", "cat"]) == {"ann": 5, "bob": 0}
         with s.transaction():
