@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from pathlib import Path
 
 from simzmq import supervise
@@ -49,19 +50,31 @@ def bindable(port: int) -> bool:
         s.close()
 
 
-def gate_ports(gates: int) -> tuple[int, int]:
-    """A client port and an HTTP port, each with the ``gates - 1`` ports above
-    it free too (gate-N listens on port + N - 1). Chosen below the kernel's
-    ephemeral range, so that no outgoing connection of this busy machine can
-    take one while a killed gate is being restarted on it."""
-    found: list[int] = []
+# The ports quiet_ports handed out lately: regions a test creates before it
+# starts any (federated ones name each other's ports) must not get the same.
+_handed_out: deque[int] = deque(maxlen=4000)
+
+
+def quiet_ports(widths: list[int]) -> list[int]:
+    """For each width w a port p with p .. p + w - 1 free, none overlapping
+    (gate-N listens on port + N - 1) nor handed out lately. Chosen below the
+    kernel's ephemeral range, so that no outgoing connection of this busy
+    machine can take one between the pick and the bind: while a killed gate
+    is being restarted on it, or while the processes of a region started
+    first connect (a region that then starts again on new ports leaves the
+    peers given its old ones listening to nothing)."""
+    found: list[range] = []
     rng = random.Random()
-    while len(found) < 2:
-        base = rng.randrange(20000, 32000 - gates)
-        span = range(base, base + gates)
-        if all(bindable(p) for p in span) and not any(p in range(f, f + gates) for f in found for p in span):
-            found.append(base)
-    return found[0], found[1]
+    while len(found) < len(widths):
+        width = widths[len(found)]
+        base = rng.randrange(20000, 32000 - width)
+        span = range(base, base + width)
+        if (all(bindable(p) for p in span) and not any(p in f for f in found for p in span)
+                and not any(p in _handed_out for p in span)):
+            found.append(span)
+    for span in found:
+        _handed_out.extend(span)
+    return [span.start for span in found]
 
 
 class RegionFailed(RuntimeError):
@@ -131,10 +144,10 @@ class Region:
         self.preexec = None
 
     def _pick_ports(self) -> None:
-        ports = free_ports(16)
         # gate-N listens on the client and HTTP ports + N - 1: with more than
         # one gate, ports whose neighbours are free too.
-        self.gate_port, self.http_port = gate_ports(self.gates) if self.gates > 1 else (ports[0], ports[1])
+        ports = quiet_ports([self.gates, self.gates] + [1] * 14)
+        self.gate_port, self.http_port = ports[0], ports[1]
         env = self.env
         names = ["FRONTEND", "BACKEND", "NOTIFY_IN", "NOTIFY_OUT", "STATE"]
         for i, name in enumerate(names):

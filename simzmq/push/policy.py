@@ -320,3 +320,30 @@ class Presence:
 
     def count(self) -> int:
         return len({u for users in self.gates.values() for u in users})
+
+
+class Heard:
+    """When each peer region's presence was last heard (any report of its
+    gates), so that the service says once when one has been silent for
+    `silent_s` (its users then count as offline here, even those online
+    there) and once when it is heard again. A region never heard counts as
+    heard at the start."""
+
+    def __init__(self, regions, silent_s: float, now: float):
+        self.silent_s = silent_s
+        self.last = {region: now for region in regions}
+        self.silent: set[str] = set()
+
+    def hear(self, region: str, now: float) -> bool:
+        """A report came from `region`; True if it had been silent."""
+        self.last[region] = now
+        if region in self.silent:
+            self.silent.discard(region)
+            return True
+        return False
+
+    def fallen_silent(self, now: float) -> list[str]:
+        """The regions silent for silent_s since the last call said so."""
+        fallen = [r for r, t in self.last.items() if r not in self.silent and now - t > self.silent_s]
+        self.silent.update(fallen)
+        return fallen

@@ -33,7 +33,7 @@ from simzmq.config import Config
 from simzmq.limits import LogThrottle
 from simzmq.push import PRESENCE_TOPIC, WAKE_TOPIC
 from simzmq.push import webhook
-from simzmq.push.policy import (BadReport, Dead, Presence, PushTiming, Verdict, after_failure, call_body,
+from simzmq.push.policy import (BadReport, Dead, Heard, Presence, PushTiming, Verdict, after_failure, call_body,
                                 delivery_id, failure_kind, parse_report, plan, verdict)
 from simzmq.store import StoreBusy, open_store
 
@@ -88,6 +88,7 @@ class PushService:
         self.instance = f"{name}/{os.urandom(4).hex()}"
         self.tokens = itertools.count(1)
         self.presence = Presence(3 * cfg.presence_interval_s, cfg.presence_interval_s + 1.0, time.monotonic())
+        self.peers_heard = Heard([link.region for link in self.peers], self.presence.expire_s, time.monotonic())
         self.throttle = LogThrottle(1, 60.0)
         self.random = random.Random()
         self.inflight: dict[str, asyncio.Task] = {}
@@ -141,7 +142,8 @@ class PushService:
 
     # -- the bus: wake-ups and presence -------------------------------------------------
 
-    async def listen(self, sub) -> None:
+    async def listen(self, sub, region: str | None = None) -> None:
+        """`region`: the peer region whose brokers `sub` listens to (None: ours)."""
         while True:
             frames = await sub.recv_multipart()
             # Through a broker: topic, stamp, payload (simzmq/notify.py).
@@ -154,6 +156,8 @@ class PushService:
             elif topic == PRESENCE_TOPIC:
                 try:
                     self.presence.report(parse_report(payload), time.monotonic())
+                    if region is not None and self.peers_heard.hear(region, time.monotonic()):
+                        log.info("presence: region %s heard again", region)
                 except BadReport as exc:
                     BAD_REPORTS.inc()
                     self.log_throttled("report", "ignoring a presence report: %s", exc)
@@ -176,6 +180,10 @@ class PushService:
             for gate in self.presence.expire(now):
                 log.info("presence: gate %s silent for %.0f s, its users count as offline", gate,
                          self.presence.expire_s)
+            for region in self.peers_heard.fallen_silent(now):
+                log.warning("presence: nothing heard from region %s for %.0f s (at %s): users online only there "
+                            "count as offline here", region, self.peers_heard.silent_s,
+                            ",".join(link.endpoint for link in self.peers if link.region == region))
             if not self.presence.warm(now):
                 continue  # a user we have not heard of yet may be online
             free = self.cfg.concurrency - len(self.inflight)
@@ -303,10 +311,12 @@ class PushService:
         own = self.configure_socket
         subs = [subscriber(self.notify_outs, (WAKE_TOPIC, PRESENCE_TOPIC),
                            (lambda sock: own(sock, "notify_out")) if own else None)]
+        regions: list[str | None] = [None]
         for link in self.peers:
             peer = self.configure_peer
             subs.append(subscriber([link.endpoint], (PRESENCE_TOPIC,),
                                    (lambda sock, link=link: peer(sock, link)) if peer else None))
+            regions.append(link.region)
         self.http = AsyncHTTPClient(force_instance=True, max_clients=self.cfg.concurrency)
         if self.metrics_port:
             start_http_server(self.metrics_port, self.metrics_host)
@@ -320,7 +330,7 @@ class PushService:
         log.info("push service %s: jobs due %d ms after their message (coalescing %d ms), retried up to %d s; "
                  "first calls after %.1f s of presence reports", self.name, c.delay_ms, c.coalesce_ms,
                  c.max_age_s, self.presence.warm_s)
-        listeners = [asyncio.ensure_future(self.listen(sub)) for sub in subs]
+        listeners = [asyncio.ensure_future(self.listen(sub, region)) for sub, region in zip(subs, regions)]
         stats = asyncio.ensure_future(self.stats_loop())
         try:
             await self.scan_loop()

@@ -552,6 +552,10 @@ def test_two_regions_on_one_store_push_only_users_online_in_neither(tmp_path, pg
 
         async def go():
             bob_in_b = await client(b, bob)
+            # a's push service hears b's gates through b's brokers (the peer
+            # link): until it has heard bob there, it would call for him.
+            await asyncio.to_thread(wait_for, lambda: metric(a.push_metrics_port, "simzmq_push_online_users") >= 1,
+                                    60, "a's push service to hear bob online in b")
             alice_in_a = await client(a, alice)
             online = [(await alice_in_a.send(bob, b"you are in b, %d" % i)).msg_id for i in range(3)]
             await asyncio.to_thread(wait_for, lambda: not outbox_holds(a, online), 60, "the decisions")

@@ -139,3 +139,38 @@ def test_each_members_job_is_settled_on_its_own(store, service):
     with store.transaction():
         assert store.requeue_dead_push_jobs([sent.msg_id], T0 + 7000) == 1
     assert [(j.user, j.msg_id, j.attempts) for j in claim_all(store, "t3", T0 + 7000)] == [("bob", sent.msg_id, 0)]
+
+
+def test_two_claimants_on_one_postgres_never_hold_one_users_jobs_together(pg_cluster):
+    """Two push services (two regions on one store): while one holds a
+    user's claim, open or committed, the other gets none of that user's
+    jobs, not even one queued meanwhile; the user's next job goes to the
+    other only after the first has settled and released."""
+    url = pg_cluster.create_database()
+    one, two = open_store(url), open_store(url)
+    try:
+        with one.transaction():
+            for name in ("ann", "bob"):
+                assert one.create_user(name, f"hash-{name}", T0)
+        service = IMService(one, 10**9, 1 << 20, push_delay_ms=DELAY_MS)
+        first = do(service, "ann", m.Send(to="bob", cmid=b"c1", kind=0, body=b"one"))
+        due, lease = T0 + DELAY_MS, T0 + DELAY_MS + 5000
+        with one.transaction():
+            assert [j.msg_id for j in one.claim_push_jobs("one", due, lease, 10, 10)] == [first.msg_id]
+            with two.transaction():  # the first claim not committed yet: skipped, not waited for
+                assert two.claim_push_jobs("two", due, lease, 10, 10) == []
+        with two.transaction():
+            assert two.claim_push_jobs("two", due, lease, 10, 10) == []
+        second = do(service, "ann", m.Send(to="bob", cmid=b"c2", kind=0, body=b"two"), ts=T0 + 10)
+        with two.transaction():  # due, but behind the job the first holds
+            assert two.claim_push_jobs("two", due + 10, lease, 10, 10) == []
+        with one.transaction():
+            one.finish_push_jobs("bob", [first.msg_id])
+            one.release_push_jobs("one", "bob")
+        with two.transaction():
+            assert [j.msg_id for j in two.claim_push_jobs("two", due + 10, lease, 10, 10)] == [second.msg_id]
+        with one.transaction():
+            assert one.claim_push_jobs("one", due + 10, lease, 10, 10) == []
+    finally:
+        one.close()
+        two.close()

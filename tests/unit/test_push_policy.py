@@ -6,7 +6,7 @@ import pytest
 
 from simzmq.push import webhook
 from simzmq.push.policy import (
-    BadReport, Dead, Presence, PushTiming, Retry, Verdict, after_failure, backoff_ms, call_body,
+    BadReport, Dead, Heard, Presence, PushTiming, Retry, Verdict, after_failure, backoff_ms, call_body,
     delivery_id, parse_report, plan, preview, verdict)
 from simzmq.store.base import PushJob
 
@@ -160,3 +160,17 @@ def test_presence_ignores_copies_and_overtaken_reports():
 def test_bad_presence_reports_are_refused(payload):
     with pytest.raises(BadReport):
         parse_report(payload)
+
+
+def test_a_peer_region_is_said_silent_once_and_heard_again_once():
+    heard = Heard(["b", "c"], 3.0, now=100.0)
+    assert heard.fallen_silent(103.0) == []
+    assert heard.hear("c", 102.0) is False
+    # b never heard since the start: silent after 3 s, said once
+    assert heard.fallen_silent(103.5) == ["b"]
+    assert heard.fallen_silent(104.0) == []
+    assert heard.fallen_silent(105.5) == ["c"]
+    assert heard.hear("b", 106.0) is True
+    assert heard.hear("b", 106.5) is False
+    assert heard.fallen_silent(109.0) == []
+    assert heard.fallen_silent(109.6) == ["b"]
