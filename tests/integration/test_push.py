@@ -530,9 +530,7 @@ def test_two_regions_on_one_store_push_only_users_online_in_neither(tmp_path, pg
     dsn = pg_cluster.create_database()
     receiver = Receiver().start()
     # Reports every 3 s, so a gate counts as gone only after 9 s of silence:
-    # this test is about who is online, not about a gate going silent, and a
-    # busy machine can hold a report back for more than the 3 s that the
-    # other tests' 1 s interval allows.
+    # this test is about who is online where, not about a gate going silent.
     a, b = (Region(tmp_path / name, store=dsn, extra_env=dict(push_env(receiver, presence_interval_s=3),
                                                               SIMZMQ_REGION_NAME=name))
             for name in ("a", "b"))
