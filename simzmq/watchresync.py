@@ -20,6 +20,7 @@ takes again, and logs the end when finished() says so.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Callable, Collection, Hashable
 
 # Resync Watch requests unanswered at a time, per gate: enough to keep a
@@ -31,7 +32,10 @@ IN_FLIGHT = 32
 class WatchResync:
     def __init__(self, in_flight: int = IN_FLIGHT) -> None:
         self.max_in_flight = in_flight
-        self.queue: dict[Hashable, list[str]] = {}  # connection -> users still to ask for, in order
+        # connection -> users still to ask for, in order. An OrderedDict: its
+        # first entry is found at once, where a dict's is found past every
+        # entry deleted before it (quadratic over a resync of many connections).
+        self.queue: OrderedDict[Hashable, list[str]] = OrderedDict()
         self.in_flight = 0
         self.running = False  # a resync started and finished() has not said it ended
         # For the resync under way (from idle to idle):
