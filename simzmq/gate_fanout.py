@@ -28,6 +28,7 @@ One-to-one ReadNotices are not thinned either.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 from prometheus_client import Counter, Gauge
 
@@ -71,8 +72,9 @@ class Fanout:
         self.pushlogs: dict[str, PushLog] = {}
         self.catching_up: dict[str, bool] = {}  # user -> go again when the one under way ends
         # Catch-ups waiting for a place (at most CATCHUPS_IN_FLIGHT under way):
-        # after a failover every online user is caught up.
-        self.catchups_waiting: dict[str, None] = {}
+        # after a failover every online user is caught up. An OrderedDict, so
+        # the next in turn is found at once (a dict scans past the ones taken).
+        self.catchups_waiting: OrderedDict[str, None] = OrderedDict()
         # Logins under way per user: they count towards max_sessions_per_user.
         self.logins_pending: dict[str, int] = {}
         self._hole_timer = None

@@ -20,6 +20,7 @@ takes again, and logs the end when finished() says so.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Callable, Collection, Hashable
 
 # Resync Watch requests unanswered at a time, per gate: enough to keep a
@@ -31,7 +32,12 @@ IN_FLIGHT = 32
 class WatchResync:
     def __init__(self, in_flight: int = IN_FLIGHT) -> None:
         self.max_in_flight = in_flight
-        self.queue: dict[Hashable, list[str]] = {}  # connection -> users still to ask for, in order
+        # connection -> users still to ask for, in order (a dict as an
+        # ordered set: adding one user to a long queue costs one lookup). An
+        # OrderedDict: its first entry is found at once, where a dict's is
+        # found past every entry deleted before it (quadratic over a resync
+        # of many connections).
+        self.queue: OrderedDict[Hashable, dict[str, None]] = OrderedDict()
         self.in_flight = 0
         self.running = False  # a resync started and finished() has not said it ended
         # For the resync under way (from idle to idle):
@@ -53,11 +59,10 @@ class WatchResync:
             self.connections = self.requests = self.skipped = 0
         queued = self.queue.get(conn)
         if queued is None:
-            self.queue[conn] = list(dict.fromkeys(users))
+            self.queue[conn] = dict.fromkeys(users)
             self.connections += 1
         else:
-            known = set(queued)
-            queued.extend(u for u in dict.fromkeys(users) if u not in known)
+            queued.update(dict.fromkeys(users))  # the ones already queued keep their place
         return started
 
     def take(self, per_request: int,
@@ -66,15 +71,16 @@ class WatchResync:
         flight until done(). `watched(conn)`: the users `conn` watches now."""
         out = []
         while self.queue and self.in_flight < self.max_in_flight:
-            conn, users = next(iter(self.queue.items()))
+            conn, queued = next(iter(self.queue.items()))
             now_watched = watched(conn)
             if not now_watched:
                 del self.queue[conn]
                 self.skipped += 1
                 continue
+            users = list(queued)
             chunk, rest = users[:per_request], users[per_request:]
             if rest:
-                self.queue[conn] = rest
+                self.queue[conn] = dict.fromkeys(rest)
             else:
                 del self.queue[conn]
             chunk = [u for u in chunk if u in now_watched]

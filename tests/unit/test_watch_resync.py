@@ -82,6 +82,42 @@ def test_queued_again_before_its_turn_a_connection_keeps_its_place_and_gets_the_
     assert pacer.add("c0", ["a"]) is True and pacer.connections == 1
 
 
+
+class CountedId(str):
+    """A user id that counts how often it is hashed (each set or dict
+    insertion and lookup of it): the pacer's work, without a clock."""
+
+    hashed = 0
+
+    def __hash__(self):
+        CountedId.hashed += 1
+        return str.__hash__(self)
+
+
+def test_users_queued_one_resync_at_a_time_cost_each_the_same_not_the_queue_length():
+    """A gap in a group's topic resyncs its members one by one
+    (gatelink.py: on_resync(user) per member), and each adds that one user
+    to every connection watching it while the connections wait their turn:
+    adding one must not go over the users already queued."""
+    pacer = WatchResync(in_flight=1)
+    pacer.add("c0", ["x"])
+    assert pacer.take(256, watching({"c0": ["x"]})) == [("c0", ["x"])]  # the one place taken
+    users = [CountedId(f"u{i:04d}") for i in range(1000)]
+    CountedId.hashed = 0
+    for user in users:
+        pacer.add("c1", [user])
+        assert pacer.take(256, watching({})) == []  # still waiting its turn
+    assert CountedId.hashed <= 10 * len(users)  # a few per user, not one per user queued
+    pacer.done()
+    table = {"c1": set(users)}
+    asked = []
+    for _ in range(4):  # 1000 users, 256 a request
+        (conn, chunk), = pacer.take(256, watching(table))
+        asked.extend(chunk)
+        pacer.done()
+    assert asked == users and pacer.finished()
+
+
 # -- the gate -------------------------------------------------------------------------------
 
 
