@@ -41,6 +41,11 @@ SYNC_LIMIT_MAX = 500
 HISTORY_LIMIT_MAX = 100
 
 
+
+# Inbox entries a retried group Send looks back through per member for its
+# copies, to publish them again (Store.group_copies).
+RECENT_COPIES = 1024
+
 class SentRecord(NamedTuple):
     """What a Send stored, for answering its retry with the first SendOk."""
 
@@ -326,9 +331,13 @@ class Store:
         """How many groups each of `users` is in now (absent: none)."""
         raise NotImplementedError
 
-    def group_copies(self, group: str, msg_id: int) -> dict[str, int]:
-        """The inbox seq of each copy of the group message `msg_id`, by the
-        user (a member then, maybe not now) whose inbox holds it."""
+    def group_copies(self, group: str, msg_id: int, within: int = RECENT_COPIES) -> dict[str, int]:
+        """The inbox seq of each copy of the group message `msg_id` among the
+        last `within` entries of its inbox, by the user (a member then, maybe
+        not now) whose inbox holds it. Bounded, as it runs under the locks of
+        the group and every member: a retry long after its message finds
+        fewer copies (or none), and whoever missed the push then has since
+        caught up by the next push's hole or its next Sync."""
         raise NotImplementedError
 
     def written_to(self, actor: str, users: Iterable[str]) -> set[str]:

@@ -37,6 +37,7 @@ from .base import (
     Msg,
     NewMessage,
     PushJob,
+    RECENT_COPIES,
     PushJobRow,
     PushStats,
     SentRecord,
@@ -732,15 +733,17 @@ class SQLStore(Store):
         )
         self._executemany(_UPSERT_CONVERSATIONS, [(*pair, last, unread) for pair, (last, unread) in convs.items()])
 
-    def group_copies(self, group: str, msg_id: int) -> dict[str, int]:
+    def group_copies(self, group: str, msg_id: int, within: int = RECENT_COPIES) -> dict[str, int]:
         # In every inbox seq order and msg_id order agree: a user's copy, if
         # any, is the newest entry at or below msg_id, found by a scan back
-        # from the inbox's end (short for a recent message).
+        # from the inbox's end, over at most `within` entries.
         return dict(self._execute(
-            "SELECT g.user_id, i.seq FROM group_members g JOIN inbox i ON i.user_id = g.user_id AND i.seq = ("
-            "SELECT j.seq FROM inbox j WHERE j.user_id = g.user_id AND j.msg_id <= ? ORDER BY j.seq DESC LIMIT 1)"
+            "SELECT g.user_id, i.seq FROM group_members g JOIN users u ON u.id = g.user_id"
+            " JOIN inbox i ON i.user_id = g.user_id AND i.seq = ("
+            "SELECT j.seq FROM inbox j WHERE j.user_id = g.user_id AND j.seq > u.max_seq - ? AND j.msg_id <= ?"
+            " ORDER BY j.seq DESC LIMIT 1)"
             " WHERE g.group_id = ? AND i.msg_id = ? ORDER BY g.joined",
-            (msg_id, group, msg_id)).fetchall())
+            (within, msg_id, group, msg_id)).fetchall())
 
     def start_group_marks(self, group: str, users: Iterable[str], msg_id: int) -> None:
         self._executemany(

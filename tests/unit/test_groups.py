@@ -163,6 +163,25 @@ def test_a_retried_group_message_is_published_again_like_a_one_to_one_one(svc):
                                            for n in first.notices)
 
 
+def test_a_retry_looks_for_its_copies_only_among_each_inboxs_recent_entries(svc):
+    """The look-up runs under the locks of the group and every member: it
+    reads at most `within` entries per inbox, so a retry long after its
+    message publishes only the copies still that recent."""
+    create(svc)
+    first = send(svc, "bob", G, b"x", cmid=b"old")
+    msg_id = first.reply.msg_id
+    for i in range(3):
+        send(svc, "alice", G, b"newer %d" % i)
+    # One more in alice's inbox and in carol's (the sender keeps a copy): 4
+    # newer entries there, 3 in bob's.
+    send(svc, "carol", "alice", b"and one more for alice")
+    store = svc.store
+    everyone = {n.user: n.msg.msg.seq for n in first.notices}
+    assert store.group_copies(G, msg_id) == everyone
+    assert store.group_copies(G, msg_id, within=4) == {"bob": everyone["bob"]}
+    assert store.group_copies(G, msg_id, within=3) == {}
+
+
 def test_changes_are_idempotent_on_their_cmid(svc):
     create(svc)
     add = m.GroupAdd(group=G, users=["dave"], cmid=b"a1")
