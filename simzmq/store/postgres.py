@@ -40,7 +40,8 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from .base import StoreBusy, StoreError, clamp_id
-from .sql import FROZEN_CONVS_SCHEMA, GROUPS_SCHEMA, LAST_SEEN_MOVE, PRESENCE_SCHEMA, SQLStore
+from .sql import (FROZEN_CONVS_SCHEMA, GROUPS_SCHEMA, LAST_SEEN_MOVE, PRESENCE_SCHEMA, PRESENCE_SPAN_INDEX,
+                  SQLStore)
 
 log = logging.getLogger("simzmq.store")
 
@@ -217,7 +218,9 @@ _SCHEMA_V7 = (
     + ";\n".join(LAST_SEEN_MOVE)
 )
 
-MIGRATIONS = [_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6, _SCHEMA_V7]
+_SCHEMA_V8 = ";\n".join(statement.format(byte_order=' COLLATE "C"') for statement in PRESENCE_SPAN_INDEX)
+
+MIGRATIONS = [_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6, _SCHEMA_V7, _SCHEMA_V8]
 
 # SQLSTATEs of transient conflicts: deadlock, serialization failure, lock
 # timeout, cancelled statement (statement_timeout).

@@ -160,6 +160,15 @@ PRESENCE_SCHEMA = (
     "CREATE INDEX presence_gate ON presence (gate)",
 )
 
+# A snapshot part of a gate's presence reads the gate's rows within its span
+# of names (gate_presence low/high): an index on both, names in byte order
+# ({byte_order}: the back end's), so a part reads its own rows and not
+# every row of the gate. It serves the gate-only look-ups too.
+PRESENCE_SPAN_INDEX = (
+    "CREATE INDEX presence_gate_user ON presence (gate, user_id{byte_order})",
+    "DROP INDEX presence_gate",
+)
+
 # last_seen_ms moves out of the users row into a table of its own (each back
 # end creates it, keyed by user_id as its other per-user tables are, then
 # runs these): written only under the user's presence lock, so a presence

@@ -34,7 +34,7 @@ from typing import Iterator, Sequence
 import sqlite_utils
 
 from .base import StoreBusy, StoreError, clamp_id
-from .sql import FROZEN_CONVS_SCHEMA, GROUPS_SCHEMA, LAST_SEEN_MOVE, PRESENCE_SCHEMA, SQLStore
+from .sql import FROZEN_CONVS_SCHEMA, GROUPS_SCHEMA, LAST_SEEN_MOVE, PRESENCE_SCHEMA, PRESENCE_SPAN_INDEX, SQLStore
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 # Long enough to ride out another worker's group commit (one fsync plus a
@@ -151,8 +151,14 @@ def _last_seen_v6(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
+def _presence_span_v7(db: sqlite_utils.Database) -> None:
+    # Snapshot parts read their span of a gate's rows (PRESENCE_SPAN_INDEX).
+    for statement in PRESENCE_SPAN_INDEX:
+        db.execute(statement.format(byte_order=""))
+
+
 # PRAGMA user_version N means MIGRATIONS[:N] have run.
-MIGRATIONS = [_create_v1, _groups_v2, _push_v3, _presence_v4, _frozen_convs_v5, _last_seen_v6]
+MIGRATIONS = [_create_v1, _groups_v2, _push_v3, _presence_v4, _frozen_convs_v5, _last_seen_v6, _presence_span_v7]
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:

@@ -1040,9 +1040,12 @@ def test_the_last_seen_step_keeps_each_users_last_seen(store_url, caplog):
     with caplog.at_level("INFO", logger="simzmq.store"):
         s = open_store(store_url)
     # The upgrade says so, once, in the worker's log.
-    steps = len(postgres_store.MIGRATIONS if store_url.startswith("postgres") else sqlite_store.MIGRATIONS)
+    if store_url.startswith("postgres"):
+        before, steps = postgres_store.MIGRATIONS.index(postgres_store._SCHEMA_V7), len(postgres_store.MIGRATIONS)
+    else:
+        before, steps = sqlite_store.MIGRATIONS.index(sqlite_store._last_seen_v6), len(sqlite_store.MIGRATIONS)
     assert [r.getMessage().split(": ")[-1] for r in caplog.records if "schema" in r.getMessage()] == [
-        f"schema version {steps - 1} -> {steps}"]
+        f"schema version {before} -> {steps}"]
     try:
         assert s.last_seen(["ann", "bob", "cat"]) == {"ann": 5, "bob": 0}
         with s.transaction():
@@ -1052,3 +1055,37 @@ def test_the_last_seen_step_keeps_each_users_last_seen(store_url, caplog):
         assert s.last_seen(["cat"]) == {"cat": 0}
     finally:
         s.close()
+
+
+def test_a_snapshot_part_reads_its_span_of_the_gates_rows_through_an_index(store, store_url):
+    """A big gate's snapshot comes in parts of a span of names each
+    (gate_presence low/high): each part's read is an index range over its
+    span, not a scan of every row of the gate."""
+    with store.transaction():
+        for gate in ("g1", "g2"):
+            store.save_presence(gate, {f"user{i:05d}": 2 for i in range(3000)})
+    postgres = store_url.startswith("postgres")
+    if postgres:
+        store._execute("ANALYZE presence")
+    seen = []
+    run = store._execute
+
+    def recording(sql, args=()):
+        seen.append((sql, list(args)))
+        return run(sql, args)
+    store._execute = recording
+    try:
+        with store.transaction():
+            part = store.gate_presence("g1", low="user01000", high="user02000")
+    finally:
+        store._execute = run
+    assert len(part) == 1000 and min(part) == "user01000" and max(part) == "user01999"
+    ((sql, args),) = seen
+    with store.transaction():
+        plan = " ".join(str(row) for row in store._execute(
+            ("EXPLAIN " if postgres else "EXPLAIN QUERY PLAN ") + sql, args).fetchall())
+    assert "presence_gate_user" in plan, plan
+    if postgres:
+        assert "Index Cond" in plan and "user_id" in plan.split("Index Cond", 1)[1], plan
+    else:
+        assert "user_id>?" in plan.replace(" ", "") and "user_id<?" in plan.replace(" ", ""), plan
