@@ -338,9 +338,13 @@ def read_password(user: str, confirm: bool = False) -> str:
     return password
 
 
-def failure(exc: BaseException, host: str, port: int) -> str:
-    """The line a person reads when logging in failed with ``exc``."""
+def failure(exc: BaseException, host: str, port: int, suggest_register: bool = False) -> str:
+    """The line a person reads when logging in failed with ``exc``;
+    `suggest_register`: say that a new user needs --register."""
     if isinstance(exc, RequestError):
+        if exc.code == ErrorCode.AUTH_FAILED and suggest_register:
+            # The gate does not say which (protocol: no user enumeration).
+            return f"login refused: {exc} (a wrong password, or no such user: a new one needs --register)"
         return f"login refused: {exc}"
     if isinstance(exc, ProtocolError):
         return (f"the gate at {host}:{port} failed the handshake ({exc}); is the gate key "
@@ -382,7 +386,7 @@ async def run_chat(
         try:
             ok = await log_in(client, register, out)
         except (RequestError, ProtocolError, OSError, ConnectionError, asyncio.TimeoutError) as exc:
-            out(f"! {failure(exc, host, port)}")
+            out(f"! {failure(exc, host, port, suggest_register=not register)}")
             return 1
         out(f"logged in as {ok.user} ({ok.max_seq} messages in the inbox). {HELP}")
         session = ChatSession(client, out)

@@ -717,7 +717,14 @@ def chat(ctx, data, host, port, gate_key, user_id, device, register):
     from simzmq.chat import run_chat
     _, gate = client_gate(ctx, data, host, port, None, gate_key)
     password = client_password(user_id, confirm=register)
-    sys.exit(asyncio.run(run_chat(gate.host, gate.port, gate.gate_pk, user_id, password, device, register)))
+    try:
+        status = asyncio.run(run_chat(gate.host, gate.port, gate.gate_pk, user_id, password, device, register))
+    except KeyboardInterrupt:
+        # Ctrl-C is a way to leave, like /quit: the session was closed on the
+        # way out; the status says it was interrupted.
+        click.echo()
+        status = 130
+    sys.exit(status)
 
 
 @main.command()

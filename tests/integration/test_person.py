@@ -136,11 +136,14 @@ def test_the_readme_walkthrough_in_two_terminals(tmp_path):
             alice.type("/convs")
             alice.expect("bob")
             alice.type("/quit")
-            bob.type("/quit")
-            assert alice.wait() == 0 and bob.wait() == 0
+            # bob leaves with Ctrl-C: the terminal's interrupt, a quiet exit
+            # with the status of an interrupted program.
+            os.write(bob.fd, b"\x03")
+            assert alice.wait() == 0 and bob.wait() == 130
         finally:
             alice.close()
             bob.close()
+        assert "Aborted" not in bob.transcript and "Traceback" not in bob.transcript, bob.transcript
         for line in ("-> bob: hello bob", "-> bob: are you there?", "<- bob: hi alice"):
             assert alice.count(line) == 1, alice.transcript
         # The password never showed on the screen.
@@ -181,6 +184,9 @@ def test_chat_says_why_it_cannot_start_and_exits_non_zero(tmp_path):
         assert made.returncode == 0 and "registered alice" in made.stdout, made.stdout + made.stderr
         wrong = simzmq("chat", "--data", data, "--user", "alice", input_text="wrong\n/quit\n")
         assert wrong.returncode == 1 and "login refused: auth_failed" in wrong.stdout
+        # The gate does not say whether the user exists; the chat says what may be wrong.
+        nobody = simzmq("chat", "--data", data, "--user", "nobody", input_text="pw\n/quit\n")
+        assert nobody.returncode == 1 and "no such user: a new one needs --register" in nobody.stdout
         for password_input in (None, "\n"):  # stdin empty, or an empty line
             empty = simzmq("chat", "--data", data, "--user", "carol", "--register", input_text=password_input)
             assert empty.returncode != 0 and "empty password" in empty.stderr
