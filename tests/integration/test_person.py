@@ -28,6 +28,10 @@ class Terminal:
         pid, fd = pty.fork()
         if pid == 0:  # the child: become the command, never return into pytest
             try:
+                # As a shell starts a foreground job: Ctrl-C interrupts it
+                # (a test run started in the background has SIGINT ignored,
+                # and exec keeps that).
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
                 os.chdir(ROOT)
                 os.execv(sys.executable, [sys.executable, "-m", "simzmq", *args])
             finally:
