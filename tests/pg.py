@@ -258,3 +258,12 @@ def pg_cluster():
         yield shared_server()
     except ClusterUnavailable as exc:
         pytest.skip(f"!!! POSTGRES TESTS SKIPPED: cannot start a throwaway cluster: {exc}")
+
+
+def fresh_store_url(request, tmp_path, kind: str) -> str:
+    """A fresh store for a test parametrized over the back ends: an SQLite
+    file in tmp_path ("sqlite"), else a new database on the shared throwaway
+    Postgres (the pg_cluster fixture, so Postgres tests skip as it says)."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path}/im.db"
+    return request.getfixturevalue("pg_cluster").create_database()

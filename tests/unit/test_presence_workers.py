@@ -17,6 +17,7 @@ from simzmq.presence import NONE, OFFLINE, ONLINE
 from simzmq.service import IMService, Request
 from simzmq.store import open_store
 from simzmq.wire import messages as m
+from tests.pg import fresh_store_url
 
 T0 = 1_764_000_000_000
 LEASE_MS = 30_000
@@ -26,9 +27,7 @@ USERS = [f"u{i}" for i in range(6)]
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/im.db"
-    return request.getfixturevalue("pg_cluster").create_database()
+    return fresh_store_url(request, tmp_path, request.param)
 
 
 class Gate:

@@ -12,6 +12,7 @@ from simzmq.push.policy import call_body, plan
 from simzmq.service import IMService
 from simzmq.store import open_store
 from simzmq.wire import messages as m
+from tests.pg import fresh_store_url
 
 T0 = 1_700_000_000_000
 GROUP = "#crew"
@@ -22,11 +23,7 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def store(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/im.db"
-    else:
-        url = request.getfixturevalue("pg_cluster").create_database()
-    s = open_store(url)
+    s = open_store(fresh_store_url(request, tmp_path, request.param))
     yield s
     s.close()
 

@@ -22,6 +22,7 @@ from simzmq.store import open_store
 from simzmq.wire import messages as m
 from simzmq.wire.codec import BIN
 from simzmq.wire.messages import ErrorCode
+from tests.pg import fresh_store_url
 
 T0 = 1_764_000_000_000
 LEASE_MS = 30_000
@@ -202,10 +203,7 @@ def test_states_outside_the_range_are_refused_by_the_worker():
 
 @pytest.fixture(params=["sqlite", "postgres", "postgres-icu"])
 def service(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/im.db"
-    else:
-        url = request.getfixturevalue("pg_cluster").create_database()
+    url = fresh_store_url(request, tmp_path, "sqlite" if request.param == "sqlite" else "postgres")
     store = open_store(url)
     if request.param == "postgres-icu":
         natural_language_order(url)

@@ -23,6 +23,7 @@ from simzmq.store import (  # noqa: E402
     open_store,
 )
 from simzmq.wire import messages as m
+from tests.pg import fresh_store_url
 
 T0 = 1_700_000_000_000
 BIG = 10**9
@@ -34,10 +35,7 @@ class Boom(Exception):
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/im.db"
-    cluster = request.getfixturevalue("pg_cluster")
-    return cluster.create_database()
+    return fresh_store_url(request, tmp_path, request.param)
 
 
 @pytest.fixture
