@@ -344,7 +344,7 @@ def failure(exc: BaseException, host: str, port: int, suggest_register: bool = F
     if isinstance(exc, RequestError):
         if exc.code == ErrorCode.AUTH_FAILED and suggest_register:
             # The gate does not say which (protocol: no user enumeration).
-            return f"login refused: {exc} (a wrong password, or no such user: a new one needs --register)"
+            return f"login refused: {exc} (a new user needs --register)"
         return f"login refused: {exc}"
     if isinstance(exc, ProtocolError):
         return (f"the gate at {host}:{port} failed the handshake ({exc}); is the gate key "
